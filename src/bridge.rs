@@ -1,0 +1,388 @@
+//! The pubsub-bridge actor: this replica's one Redis pub/sub connection. It listens to exactly the channels
+//! that have local subscribers (SUBSCRIBE on the first, UNSUBSCRIBE after the last), relays what arrives to
+//! the local registries, and keeps the connection alive: reconnect with backoff and jitter forever,
+//! resubscribe everything, and a probe through its own channel to catch a connection that is open but deaf.
+//!
+//! Publishing goes through the pooled publish script (`store::redis`), so a message reaches this replica's
+//! subscribers the same way it reaches every other replica's: as the echo from Redis, in Redis's order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use deadpool_redis::redis::{self, Msg};
+use deadpool_redis::redis::aio::PubSubSink;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+
+use crate::hub::Hub;
+use crate::keys::Keys;
+use crate::messages::{Unwatch, Watch};
+use crate::stats::Stats;
+use crate::store::redis::decode_payload;
+
+/// First reconnect delay; doubles per failed attempt up to `MAX_BACKOFF`, with jitter.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Probes that may go unanswered before the connection is declared dead.
+const PROBE_MISSES: u32 = 3;
+
+/// Something from one pub/sub connection, tagged with the connection it came from.
+enum Event {
+    Message(u64, Msg),
+    Ended(u64),
+}
+
+impl actix::Message for Event {
+    type Result = ();
+}
+
+struct Watched {
+    /// Registries (one per worker) with subscribers of this channel.
+    refs: usize,
+    /// Redis has confirmed the SUBSCRIBE on the current connection.
+    confirmed: bool,
+    /// Registries waiting for the confirmation.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+pub struct Bridge {
+    hub: Hub,
+    client: redis::Client,
+    keys: Keys,
+    probe_channel: String,
+    probe_interval: Duration,
+    connect_timeout: Duration,
+    /// Sends SUBSCRIBE/UNSUBSCRIBE on the live connection; `None` while disconnected.
+    sink: Option<PubSubSink>,
+    /// Number of the current connection; events of older ones are ignored.
+    generation: u64,
+    channels: HashMap<Arc<str>, Watched>,
+    /// Failed connection attempts in a row.
+    attempts: u32,
+    last_probe_seen: Instant,
+    /// Whether any connection has succeeded yet (the first one is not a "reconnect").
+    connected_once: bool,
+    /// Rate limit for logging rejected messages.
+    last_reject_log: Option<Instant>,
+}
+
+impl Bridge {
+    pub fn new(hub: Hub, client: redis::Client) -> Bridge {
+        let config = &hub.config().redis;
+        let keys = Keys::new(&config.prefix);
+        Bridge {
+            probe_channel: keys.probe(hub.instance_id()),
+            probe_interval: config.probe_interval,
+            connect_timeout: config.connect_timeout,
+            keys,
+            client,
+            sink: None,
+            generation: 0,
+            channels: HashMap::new(),
+            attempts: 0,
+            last_probe_seen: Instant::now(),
+            connected_once: false,
+            last_reject_log: None,
+            hub,
+        }
+    }
+
+    fn set_active(&self, active: bool) {
+        self.hub.stats().pubsub_active.store(active, Ordering::Relaxed);
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let client = self.client.clone();
+        let probe = self.probe_channel.clone();
+        let wanted: Vec<Arc<str>> = self.channels.keys().cloned().collect();
+        let names: Vec<String> = wanted.iter().map(|c| self.keys.pubsub_channel(c)).collect();
+        let timeout = self.connect_timeout;
+        let fut = async move {
+            let work = async {
+                let (mut sink, stream) = client.get_async_pubsub().await?.split();
+                sink.subscribe(&probe).await?;
+                if !names.is_empty() {
+                    sink.subscribe(&names).await?;
+                }
+                Ok::<_, redis::RedisError>((sink, stream))
+            };
+            match tokio::time::timeout(timeout * 2, work).await {
+                Ok(Ok(pair)) => Ok(pair),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            if generation != act.generation {
+                return;
+            }
+            match result {
+                Ok((sink, stream)) => act.connected(generation, sink, stream, wanted, ctx),
+                Err(e) => {
+                    act.attempts += 1;
+                    let delay = backoff(act.attempts);
+                    log::warn!(
+                        "redis pub/sub connection failed ({e}); retrying in {} ms",
+                        delay.as_millis()
+                    );
+                    ctx.run_later(delay, |act, ctx| act.connect(ctx));
+                }
+            }
+        }));
+    }
+
+    fn connected(
+        &mut self,
+        generation: u64,
+        sink: PubSubSink,
+        stream: redis::aio::PubSubStream,
+        subscribed: Vec<Arc<str>>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.connected_once {
+            Stats::add(&self.hub.stats().redis_reconnects, 1);
+            log::info!(
+                "redis pub/sub connection restored; resubscribed to {} channels",
+                subscribed.len()
+            );
+        } else {
+            log::info!("redis pub/sub connection is live");
+        }
+        self.connected_once = true;
+        self.attempts = 0;
+        self.last_probe_seen = Instant::now();
+        let subscribed: HashSet<Arc<str>> = subscribed.into_iter().collect();
+        // Channels watched or dropped while the connection was being made.
+        let late: Vec<Arc<str>> = self
+            .channels
+            .keys()
+            .filter(|c| !subscribed.contains(*c))
+            .cloned()
+            .collect();
+        let gone: Vec<Arc<str>> = subscribed
+            .iter()
+            .filter(|c| !self.channels.contains_key(*c))
+            .cloned()
+            .collect();
+        for (channel, watched) in self.channels.iter_mut() {
+            if subscribed.contains(channel) {
+                watched.confirmed = true;
+                for waiter in watched.waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+        }
+        self.sink = Some(sink);
+        for channel in late {
+            self.send_subscribe(channel, ctx);
+        }
+        for channel in gone {
+            self.send_unsubscribe(&channel, ctx);
+        }
+        ctx.add_stream(
+            stream
+                .map(move |msg| Event::Message(generation, msg))
+                .chain(futures_util::stream::once(async move { Event::Ended(generation) })),
+        );
+        self.set_active(true);
+    }
+
+    fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
+        log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
+        self.sink = None;
+        self.generation += 1;
+        self.set_active(false);
+        for watched in self.channels.values_mut() {
+            watched.confirmed = false;
+        }
+        self.attempts += 1;
+        let delay = backoff(self.attempts);
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    fn send_subscribe(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(mut sink) = self.sink.clone() else {
+            return;
+        };
+        let name = self.keys.pubsub_channel(&channel);
+        let generation = self.generation;
+        let fut = async move { sink.subscribe(name).await };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+            if generation != act.generation {
+                return;
+            }
+            if let Err(e) = result {
+                // The connection is failing; its end triggers a reconnect that resubscribes everything.
+                log::warn!("SUBSCRIBE for `{channel}` failed: {e}");
+            }
+            if let Some(watched) = act.channels.get_mut(&channel) {
+                watched.confirmed = true;
+                for waiter in watched.waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+        }));
+    }
+
+    fn send_unsubscribe(&mut self, channel: &str, ctx: &mut Context<Self>) {
+        let Some(mut sink) = self.sink.clone() else {
+            return;
+        };
+        let name = self.keys.pubsub_channel(channel);
+        ctx.spawn(
+            async move {
+                let _ = sink.unsubscribe(name).await;
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn probe(&mut self, ctx: &mut Context<Self>) {
+        if self.sink.is_none() {
+            return;
+        }
+        if self.last_probe_seen.elapsed() > self.probe_interval * PROBE_MISSES {
+            self.disconnected("probe not received: connection open but silent", ctx);
+            return;
+        }
+        let hub = self.hub.clone();
+        let channel = self.probe_channel.clone();
+        actix::spawn(async move {
+            if let Some(redis) = hub.store().redis() {
+                let _ = redis
+                    .with_conn(|mut c| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(channel)
+                            .arg("probe")
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+            }
+        });
+    }
+
+    fn relay(&mut self, msg: Msg) {
+        let name = msg.get_channel_name();
+        if name == self.probe_channel {
+            self.last_probe_seen = Instant::now();
+            return;
+        }
+        let Some(channel) = self.keys.channel_of(name) else {
+            return;
+        };
+        let stats = self.hub.stats();
+        match decode_payload(channel.into(), msg.get_payload_bytes()) {
+            Ok(publication) => {
+                Stats::add(&stats.relayed_in, 1);
+                self.hub.dispatch_local(Arc::new(publication));
+            }
+            Err(why) => {
+                Stats::add(&stats.rejected_messages, 1);
+                let now = Instant::now();
+                if self
+                    .last_reject_log
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                {
+                    self.last_reject_log = Some(now);
+                    log::warn!("dropped a message on redis channel `{name}`: {why} (logged at most every 10 s)");
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: between half and all of `MIN_BACKOFF * 2^attempts`, capped.
+fn backoff(attempts: u32) -> Duration {
+    let ceiling = MIN_BACKOFF
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(MAX_BACKOFF);
+    let half = ceiling / 2;
+    half + half.mul_f64(crate::random_fraction())
+}
+
+impl Actor for Bridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.set_active(false);
+        self.connect(ctx);
+        ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));
+    }
+}
+
+impl StreamHandler<Event> for Bridge {
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
+        match event {
+            Event::Message(generation, msg) if generation == self.generation => self.relay(msg),
+            Event::Ended(generation) if generation == self.generation => {
+                self.disconnected("connection closed", ctx)
+            }
+            _ => {}
+        }
+    }
+
+    /// A finished stream is one dead connection, never the end of the bridge.
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Watch> for Bridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) -> Self::Result {
+        let connected = self.sink.is_some();
+        let watched = self.channels.entry(msg.channel.clone()).or_insert(Watched {
+            refs: 0,
+            confirmed: false,
+            waiters: Vec::new(),
+        });
+        watched.refs += 1;
+        if !connected || watched.confirmed {
+            // Without a connection nothing waits on Redis; the reconnect resubscribes this channel.
+            return Box::pin(async {});
+        }
+        let (tx, rx) = oneshot::channel();
+        watched.waiters.push(tx);
+        if watched.refs == 1 {
+            self.send_subscribe(msg.channel, ctx);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<Unwatch> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unwatch, ctx: &mut Self::Context) {
+        let Some(watched) = self.channels.get_mut(&msg.channel) else {
+            return;
+        };
+        watched.refs -= 1;
+        if watched.refs == 0 {
+            self.channels.remove(&msg.channel);
+            self.send_unsubscribe(&msg.channel, ctx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempts in 0..40 {
+            let d = backoff(attempts);
+            assert!(d <= MAX_BACKOFF, "{d:?}");
+            assert!(d >= MIN_BACKOFF / 2, "{d:?}");
+        }
+        assert!(backoff(10) >= MAX_BACKOFF / 2);
+    }
+}

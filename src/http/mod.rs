@@ -1,0 +1,151 @@
+//! The HTTP edge: routes, the JSON error shape, origin checks and CORS. One file per route group.
+
+pub mod channels;
+pub mod health;
+pub mod publish;
+pub mod stats;
+pub mod static_files;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, StatusCode, header};
+use actix_web::middleware::Next;
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::config::Config;
+use crate::hub::Hub;
+
+/// `{"error":{"code":"...","message":"..."}}` with a status: every API error looks like this.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({
+        "error": { "code": code, "message": message }
+    }))
+}
+
+/// Registers every route. `/api` gets CORS for the allowed origins.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(crate::session::ws_route))
+        .route("/health", web::get().to(health::health))
+        .route("/ready", web::get().to(health::ready))
+        .service(
+            web::scope("/api")
+                .wrap(actix_web::middleware::from_fn(cors))
+                .route("/publish", web::post().to(publish::publish))
+                .route("/stats", web::get().to(stats::stats))
+                .route("/channels/{channel}", web::get().to(channels::latest))
+                .route("/channels/{channel}/history", web::get().to(channels::history))
+                .default_service(web::to(not_found)),
+        );
+}
+
+/// The dashboard and client library; registered last so every other route wins.
+pub fn static_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(static_files::index))
+        .route("/{name}", web::get().to(static_files::file));
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    if req.method() == Method::OPTIONS {
+        return HttpResponse::NoContent().finish();
+    }
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Whether the request's `Origin` (if any) may use this hub. Requests without one are not from a browser.
+pub fn origin_allowed(req: &HttpRequest, config: &Config) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = req.connection_info().host().to_string();
+    config
+        .server
+        .allowed_origins
+        .iter()
+        .any(|allowed| origin_matches(allowed, origin, &host))
+}
+
+fn origin_matches(allowed: &str, origin: &str, own_host: &str) -> bool {
+    match allowed {
+        "*" => true,
+        "self" => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(own_host)),
+        _ => match allowed.strip_suffix(":*") {
+            Some(base) => origin
+                .strip_prefix(base)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())),
+            None => allowed.eq_ignore_ascii_case(origin),
+        },
+    }
+}
+
+/// CORS for the allowed origins: preflights answered here, responses tagged with the origin.
+async fn cors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let hub = req.app_data::<web::Data<Hub>>().cloned();
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let allowed = match (&hub, &origin) {
+        (Some(hub), Some(_)) => origin_allowed(req.request(), hub.config()),
+        _ => false,
+    };
+    if req.method() == Method::OPTIONS {
+        let (http_req, _) = req.into_parts();
+        let mut response = HttpResponse::NoContent();
+        if allowed && let Some(origin) = origin {
+            response
+                .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
+                .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"))
+                .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type"))
+                .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+                .insert_header((header::VARY, "Origin"));
+        }
+        return Ok(ServiceResponse::new(http_req, response.finish()));
+    }
+    let mut response = next.call(req).await?.map_into_boxed_body();
+    if allowed && let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
+    Ok(response)
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert!(origin_matches("http://localhost:*", "http://localhost:3000", "x"));
+        assert!(!origin_matches("http://localhost:*", "http://localhost.evil.com:3000", "x"));
+        assert!(!origin_matches("http://localhost:*", "http://localhost", "x"));
+        assert!(origin_matches("self", "https://hub.example.com", "hub.example.com"));
+        assert!(!origin_matches("self", "https://evil.com", "hub.example.com"));
+        assert!(origin_matches("https://app.example.com", "https://app.example.com", "x"));
+        assert!(origin_matches("*", "https://anything", "x"));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,77 @@
+//! `POST /api/publish`: the HTTP way in for producers. Same validation, limits and publish path as a
+//! WebSocket client's publish, plus the API key.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+
+use crate::http::{bearer_token, constant_time_eq, error_response};
+use crate::hub::{Hub, PublishError};
+use crate::protocol::validate_channel;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// Reads a request body up to `limit` bytes; `Err` is the response to send (413 past the limit).
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, HttpResponse> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("body larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub async fn publish(req: HttpRequest, payload: web::Payload, hub: web::Data<Hub>) -> HttpResponse {
+    let config = hub.config();
+    if !config.server.api_key.is_empty() {
+        let ok = bearer_token(&req).is_some_and(|t| constant_time_eq(t.as_bytes(), config.server.api_key.as_bytes()));
+        if !ok {
+            return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+        }
+    }
+    let body = match read_body(payload, config.websocket.max_message_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let parsed: PublishBody = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("body must be {{\"channel\": string, \"data\": any JSON}}: {e}"),
+            );
+        }
+    };
+    if let Err(e) = validate_channel(&parsed.channel) {
+        return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+    }
+    if config.policy(&parsed.channel).is_none() {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_channel", "unknown namespace");
+    }
+    match hub.publish(&parsed.channel, parsed.data.get()).await {
+        Ok(outcome) => HttpResponse::Ok().json(serde_json::json!({
+            "channel": parsed.channel,
+            "seq": outcome.seq,
+            "delivered": outcome.delivered,
+            "relayed": outcome.relayed,
+        })),
+        Err(PublishError::Unavailable(message)) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message)
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! `GET /api/stats`: this replica's counters (each replica reports only itself).
+
+use actix_web::{HttpResponse, web};
+use serde_json::{Map, Value, json};
+
+use crate::hub::Hub;
+use crate::stats::Stats;
+
+pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
+    let s = hub.stats();
+    let (channels, patterns) = hub.subscriber_counts();
+    let subscriptions: usize = channels.iter().map(|(_, n)| n).sum();
+    let pattern_subscriptions: usize = patterns.iter().map(|(_, n)| n).sum();
+    let subscribers: Map<String, Value> = channels.into_iter().map(|(c, n)| (c, json!(n))).collect();
+    let pattern_subscribers: Map<String, Value> = patterns.into_iter().map(|(c, n)| (c, json!(n))).collect();
+    HttpResponse::Ok().json(json!({
+        "instance_id": hub.instance_id(),
+        "mode": hub.store().mode(),
+        "pubsub_active": s.pubsub_active.load(std::sync::atomic::Ordering::Relaxed),
+        "ready": hub.readiness().is_ok(),
+        "uptime_seconds": hub.uptime().as_secs(),
+        "connections": Stats::get(&s.connections),
+        "channels": subscribers.len(),
+        "subscriptions": subscriptions,
+        "subscribers": subscribers,
+        "pattern_subscriptions": pattern_subscriptions,
+        "pattern_subscribers": pattern_subscribers,
+        "messages_published": Stats::get(&s.messages_published),
+        "messages_delivered": Stats::get(&s.messages_delivered),
+        "slow_consumer_drops": Stats::get(&s.slow_consumer_drops),
+        "slow_consumer_disconnects": Stats::get(&s.slow_consumer_disconnects),
+        "relayed_in": Stats::get(&s.relayed_in),
+        "relayed_out": Stats::get(&s.relayed_out),
+        "redis_reconnects": Stats::get(&s.redis_reconnects),
+        "cache_hits": Stats::get(&s.cache_hits),
+        "cache_misses": Stats::get(&s.cache_misses),
+        "rejected_messages": Stats::get(&s.rejected_messages),
+    }))
+}

@@ -1,0 +1,368 @@
+//! The hub: the cheap-to-clone handle every part of relayhub holds. It owns the backend (memory or Redis),
+//! the registries of the worker threads, the bridge's address and the counters, and it is the one publish
+//! path: HTTP, client publishes and the poller all call `Hub::publish`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::bridge::Bridge;
+use crate::config::Config;
+use crate::messages::{CloseAll, Dispatch, SessionId, Unwatch, Watch};
+use crate::publication::Publication;
+use crate::registry::Registry;
+use crate::session::SessionLimits;
+use crate::stats::Stats;
+use crate::store::Store;
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishOutcome {
+    /// The channel's sequence number for this message; `None` when it could only be delivered locally.
+    pub seq: Option<u64>,
+    /// Memory mode: subscribers on this instance. Redis mode: replicas that received it from Redis.
+    pub delivered: u64,
+    /// Whether the message went through the shared backend (false: Redis was down, local subscribers only).
+    pub relayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum PublishError {
+    /// Nothing could take the message.
+    Unavailable(String),
+}
+
+/// Told about channels gaining and losing their last local subscriber, and asked to fill empty caches.
+/// The poller implements it (auto-start, auto-stop, fetch on subscribe).
+pub trait ChannelObserver: Send + Sync {
+    /// A channel's local subscriber count changed to `count`.
+    fn subscribers_changed(&self, channel: &str, count: usize);
+    /// Subscribers are waiting on a channel with no cached value. Returns true when a value is being fetched
+    /// and will be published shortly.
+    fn request_fill(&self, channel: &str) -> bool;
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    instance_id: String,
+    stats: Stats,
+    store: Store,
+    /// One registry per HTTP worker thread, added as the workers start.
+    registries: RwLock<Vec<Addr<Registry>>>,
+    bridge: OnceLock<Addr<Bridge>>,
+    observer: OnceLock<Arc<dyn ChannelObserver>>,
+    /// Local subscribers per exact channel, across all registries.
+    subscribers: Mutex<HashMap<Arc<str>, usize>>,
+    /// Local subscribers per pattern prefix.
+    pattern_subscribers: Mutex<HashMap<Arc<str>, usize>>,
+    shutting_down: AtomicBool,
+    next_session: AtomicU64,
+    started: Instant,
+}
+
+impl Hub {
+    pub fn new(config: Arc<Config>, store: Store, instance_id: String) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                config,
+                instance_id,
+                stats: Stats::default(),
+                store,
+                registries: RwLock::new(Vec::new()),
+                bridge: OnceLock::new(),
+                observer: OnceLock::new(),
+                subscribers: Mutex::new(HashMap::new()),
+                pattern_subscribers: Mutex::new(HashMap::new()),
+                shutting_down: AtomicBool::new(false),
+                next_session: AtomicU64::new(1),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        self.inner.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        let ws = &self.inner.config.websocket;
+        SessionLimits {
+            heartbeat_interval: ws.heartbeat_interval,
+            client_timeout: ws.client_timeout,
+            max_message_bytes: ws.max_message_bytes,
+            max_subscriptions: ws.max_subscriptions_per_connection,
+            mailbox_size: ws.mailbox_size,
+        }
+    }
+
+    /// Starts a registry on the calling (worker) thread and adds it to the fan-out list.
+    pub fn start_registry(&self) -> Addr<Registry> {
+        let addr = Registry::new(self.clone()).start();
+        self.inner
+            .registries
+            .write()
+            .expect("registry list lock poisoned")
+            .push(addr.clone());
+        addr
+    }
+
+    pub fn set_bridge(&self, bridge: Addr<Bridge>) {
+        let _ = self.inner.bridge.set(bridge);
+    }
+
+    pub fn set_observer(&self, observer: Arc<dyn ChannelObserver>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Whether a load balancer should send clients here, and if not, why.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.is_shutting_down() {
+            return Err("shutting down");
+        }
+        if self.inner.store.redis().is_some() && !self.inner.stats.pubsub_active.load(Ordering::Relaxed) {
+            return Err("redis pub/sub connection is down");
+        }
+        Ok(())
+    }
+
+    /// Turns `/ready` to 503 and closes every WebSocket with 1001.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        for registry in self.registries().iter() {
+            registry.do_send(CloseAll);
+        }
+    }
+
+    fn registries(&self) -> std::sync::RwLockReadGuard<'_, Vec<Addr<Registry>>> {
+        self.inner.registries.read().expect("registry list lock poisoned")
+    }
+
+    /// Hands a message to every local registry: one mailbox push per worker, not per subscriber.
+    pub fn dispatch_local(&self, publication: Arc<Publication>) {
+        for registry in self.registries().iter() {
+            registry.do_send(Dispatch(publication.clone()));
+        }
+    }
+
+    /// Publishes `data` (valid JSON) to `channel` (a valid name): records it as the latest value and snapshot,
+    /// assigns its sequence number and delivers it to every subscriber of every replica exactly once.
+    pub async fn publish(&self, channel: &str, data: &str) -> Result<PublishOutcome, PublishError> {
+        let policy = self
+            .config()
+            .policy(channel)
+            .unwrap_or_else(|| self.config().default_policy());
+        Stats::add(&self.inner.stats.messages_published, 1);
+        match &self.inner.store {
+            Store::Memory(memory) => {
+                let publication = memory.publish(channel, data, policy, |p| self.dispatch_local(p.clone()));
+                Ok(PublishOutcome {
+                    seq: publication.seq,
+                    delivered: self.local_subscribers(channel) as u64,
+                    relayed: true,
+                })
+            }
+            Store::Redis(redis) => {
+                let ts = crate::protocol::now_ts();
+                match redis.publish(channel, data, &ts, policy).await {
+                    Ok(published) => {
+                        Stats::add(&self.inner.stats.relayed_out, 1);
+                        if !self.inner.stats.pubsub_active.load(Ordering::Relaxed) {
+                            // No echo will come back while our pub/sub connection is down: deliver here.
+                            let publication = Publication::new(channel.into(), data, Some(published.seq), Some(&ts));
+                            self.dispatch_local(Arc::new(publication));
+                        }
+                        Ok(PublishOutcome {
+                            seq: Some(published.seq),
+                            delivered: published.receivers,
+                            relayed: true,
+                        })
+                    }
+                    Err(e) => {
+                        log::warn!("publish to `{channel}` through redis failed ({e}); delivering locally only");
+                        let publication = Publication::new(channel.into(), data, None, Some(&ts));
+                        self.dispatch_local(Arc::new(publication));
+                        Ok(PublishOutcome {
+                            seq: None,
+                            delivered: self.local_subscribers(channel) as u64,
+                            relayed: false,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// The latest value of a channel from the backend (cache-aside source of snapshots and the REST view).
+    pub async fn cached_latest(&self, channel: &str) -> Option<Arc<Publication>> {
+        match &self.inner.store {
+            Store::Memory(memory) => memory.latest(channel),
+            Store::Redis(redis) => match redis.latest(channel).await {
+                Ok(p) => p.map(Arc::new),
+                Err(e) => {
+                    log::warn!("reading the cached value of `{channel}` failed: {e}");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Latest values of channels under a pattern prefix, bounded by `channels.max_pattern_snapshots`.
+    pub async fn pattern_snapshots(&self, prefix: &str) -> Vec<Arc<Publication>> {
+        let limit = self.config().channels.max_pattern_snapshots;
+        match &self.inner.store {
+            Store::Memory(memory) => memory.latest_matching(prefix, limit),
+            Store::Redis(redis) => match redis.latest_matching(prefix, limit).await {
+                Ok(found) => found.into_iter().map(Arc::new).collect(),
+                Err(e) => {
+                    log::warn!("reading cached values under `{prefix}*` failed: {e}");
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    /// Waits until the bridge listens to `channel` in Redis (immediately in memory mode or while Redis is down).
+    pub async fn watch(&self, channel: Arc<str>) {
+        if let Some(bridge) = self.inner.bridge.get() {
+            let timeout = self.config().redis.command_timeout;
+            let _ = tokio::time::timeout(timeout, bridge.send(Watch { channel })).await;
+        }
+    }
+
+    pub fn unwatch(&self, channel: Arc<str>) {
+        if let Some(bridge) = self.inner.bridge.get() {
+            bridge.do_send(Unwatch { channel });
+        }
+    }
+
+    pub fn request_fill(&self, channel: &str) -> bool {
+        self.inner
+            .observer
+            .get()
+            .is_some_and(|observer| observer.request_fill(channel))
+    }
+
+    pub fn subscriber_joined(&self, channel: &Arc<str>) {
+        let count = {
+            let mut map = self.inner.subscribers.lock().expect("subscriber index poisoned");
+            let count = map.entry(channel.clone()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if count == 1
+            && let Some(observer) = self.inner.observer.get()
+        {
+            observer.subscribers_changed(channel, count);
+        }
+    }
+
+    pub fn subscriber_left(&self, channel: &Arc<str>) {
+        let count = {
+            let mut map = self.inner.subscribers.lock().expect("subscriber index poisoned");
+            let Some(count) = map.get_mut(channel) else {
+                return;
+            };
+            *count -= 1;
+            let count = *count;
+            if count == 0 {
+                map.remove(channel);
+            }
+            count
+        };
+        if count == 0
+            && let Some(observer) = self.inner.observer.get()
+        {
+            observer.subscribers_changed(channel, 0);
+        }
+    }
+
+    pub fn pattern_subscriber_joined(&self, prefix: &Arc<str>) {
+        let mut map = self.inner.pattern_subscribers.lock().expect("pattern index poisoned");
+        *map.entry(prefix.clone()).or_insert(0) += 1;
+    }
+
+    pub fn pattern_subscriber_left(&self, prefix: &Arc<str>) {
+        let mut map = self.inner.pattern_subscribers.lock().expect("pattern index poisoned");
+        if let Some(count) = map.get_mut(prefix) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(prefix);
+            }
+        }
+    }
+
+    /// Local subscribers of a channel: exact subscriptions plus patterns that match it.
+    pub fn local_subscribers(&self, channel: &str) -> usize {
+        let exact = self
+            .inner
+            .subscribers
+            .lock()
+            .expect("subscriber index poisoned")
+            .get(channel)
+            .copied()
+            .unwrap_or(0);
+        let patterns: usize = self
+            .inner
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned")
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(&***prefix))
+            .map(|(_, n)| *n)
+            .sum();
+        exact + patterns
+    }
+
+    /// Subscriber counts per channel, and per pattern (`prices:*`), for stats.
+    pub fn subscriber_counts(&self) -> (Vec<(String, usize)>, Vec<(String, usize)>) {
+        let exact = self
+            .inner
+            .subscribers
+            .lock()
+            .expect("subscriber index poisoned")
+            .iter()
+            .map(|(c, n)| (c.to_string(), *n))
+            .collect();
+        let patterns = self
+            .inner
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned")
+            .iter()
+            .map(|(p, n)| (format!("{p}*"), *n))
+            .collect();
+        (exact, patterns)
+    }
+}

@@ -1,0 +1,241 @@
+//! relayhub: a realtime hub. Browsers subscribe to channels over one WebSocket and get the latest value at
+//! once, then every update; Redis stays the shared source of truth between replicas.
+//!
+//! # Layout
+//! - `config`: typed configuration (file, environment, defaults, validation).
+//! - `protocol`: client frames in, server frames out, error and close codes.
+//! - `publication`: one message encoded once, shared by every subscriber.
+//! - `messages`: the actix messages between actors.
+//! - `session`: the session actor, one per WebSocket (the only code touching the transport).
+//! - `registry`: the channel-registry actor, one per worker thread: subscriptions, fan-out, latest values.
+//! - `hub`: the handle everything holds: the publish path, registries, backend, counters.
+//! - `store`: latest values and snapshots, in memory or in Redis (`keys` names every Redis key).
+//! - `bridge`: the pubsub-bridge actor, relaying Redis pub/sub to the registries.
+//! - `poller`: the poller actor and its jobs (upstream fetches, leases, transforms).
+//! - `http`: the HTTP API and static files. `demo`: the built-in synthetic upstream.
+//!
+//! `start` builds and runs everything; the binary in `main.rs` only parses arguments and waits for a signal,
+//! and tests call `start` with a config on port 0.
+
+pub mod bridge;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod keys;
+pub mod messages;
+pub mod protocol;
+pub mod publication;
+pub mod registry;
+pub mod session;
+pub mod stats;
+pub mod store;
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{App, HttpServer, web};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::{MemoryStore, RedisStore, Store};
+
+/// Why the hub could not start. The binary exits with `exit_code()`.
+#[derive(Debug)]
+pub enum StartError {
+    /// `redis.required = true` and Redis could not be reached.
+    RedisRequired(String),
+    /// The listen address could not be bound.
+    Bind(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::RedisRequired(e) => write!(
+                f,
+                "redis.required is true but Redis is unreachable: {e}. Start Redis, fix redis.url (or REDIS_URL), or set redis.required = false to run in memory mode"
+            ),
+            StartError::Bind(e) => write!(f, "cannot listen: {e}"),
+        }
+    }
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::RedisRequired(_) => 3,
+            StartError::Bind(_) => 4,
+        }
+    }
+}
+
+/// A started hub: its address, its handle, and how to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    server: actix_web::dev::ServerHandle,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Graceful stop: `/ready` turns 503, clients get 1001, the server drains, all within `shutdown_timeout`.
+    pub async fn shutdown(self) {
+        let timeout = self.hub.config().server.shutdown_timeout;
+        log::info!("shutting down: closing connections with 1001");
+        self.hub.begin_shutdown();
+        let hub = self.hub.clone();
+        let drain = async move {
+            // Give sessions a moment to write their close frames before the workers stop.
+            let deadline = tokio::time::Instant::now() + timeout / 2;
+            while stats::Stats::get(&hub.stats().connections) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.server.stop(true).await;
+        };
+        if tokio::time::timeout(timeout, drain).await.is_err() {
+            log::warn!("shutdown took longer than server.shutdown_timeout; stopping anyway");
+        }
+        let _ = self.server_task.await;
+    }
+
+    /// Stops at once without closing clients properly: what a crash looks like to the rest of the fleet.
+    pub async fn kill(self) {
+        self.server.stop(false).await;
+        let _ = self.server_task.await;
+    }
+}
+
+/// A random number from the standard library's per-process hasher keys (no `rand` dependency needed for
+/// jitter and instance ids).
+pub fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
+}
+
+/// A random number in [0, 1).
+pub fn random_fraction() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn instance_id(config: &Config) -> String {
+    if !config.server.instance_id.is_empty() {
+        return config.server.instance_id.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relayhub".into());
+    format!("{host}-{}-{:04x}", std::process::id(), random_u64() & 0xffff)
+}
+
+async fn open_store(config: &Config) -> Result<Store, StartError> {
+    let memory = || Store::Memory(MemoryStore::new(config.channels.max_channels));
+    if config.redis.url.is_empty() {
+        if config.redis.required {
+            return Err(StartError::RedisRequired("redis.url is empty".into()));
+        }
+        log::warn!("==========================================================================");
+        log::warn!("MEMORY MODE: no Redis configured (redis.url / REDIS_URL). This instance keeps");
+        log::warn!("values in memory and cannot share messages with other replicas: run ONE.");
+        log::warn!("==========================================================================");
+        return Ok(memory());
+    }
+    match RedisStore::connect(&config.redis).await {
+        Ok(store) => {
+            log::info!("redis mode: connected to {}", redact(&config.redis.url));
+            Ok(Store::Redis(store))
+        }
+        Err(e) if config.redis.required => Err(StartError::RedisRequired(e.0)),
+        Err(e) => {
+            log::warn!("==========================================================================");
+            log::warn!("MEMORY MODE: Redis at {} is unreachable ({e}).", redact(&config.redis.url));
+            log::warn!("redis.required = false, so this instance runs alone with values in memory;");
+            log::warn!("it will not see other replicas. Restart it once Redis is up.");
+            log::warn!("==========================================================================");
+            Ok(memory())
+        }
+    }
+}
+
+/// Hides a password in a Redis URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn warn_about_open_doors(config: &Config) {
+    if config.server.api_key.is_empty() {
+        log::warn!("server.api_key is not set: POST /api/publish is open to anyone who can reach this port");
+    }
+    if config.server.allowed_origins.iter().any(|o| o == "*") {
+        log::warn!("server.allowed_origins contains \"*\": any web page may connect to this hub");
+    }
+}
+
+/// Starts the hub inside the current actix system and returns once it listens.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    warn_about_open_doors(&config);
+    let store = open_store(&config).await?;
+    let redis_url = store.redis().map(|r| r.url().to_string());
+    let hub = Hub::new(config.clone(), store, instance_id(&config));
+    log::info!("instance {} starting in {} mode", hub.instance_id(), hub.store().mode());
+
+    if let Some(url) = redis_url {
+        let client = deadpool_redis::redis::Client::open(url.as_str())
+            .map_err(|e| StartError::RedisRequired(e.to_string()))?;
+        let bridge = bridge::Bridge::new(hub.clone(), client).start();
+        hub.set_bridge(bridge);
+    }
+
+    let factory_hub = hub.clone();
+    let max_body = config.websocket.max_message_bytes;
+    let mut server = HttpServer::new(move || {
+        // Called once per worker thread: each worker gets its own registry, so fan-out stays on-thread.
+        let registry = factory_hub.start_registry();
+        App::new()
+            .app_data(web::Data::new(factory_hub.clone()))
+            .app_data(web::Data::new(registry))
+            .app_data(web::PayloadConfig::new(max_body))
+            .configure(http::routes)
+            .configure(http::static_routes)
+    })
+    .disable_signals()
+    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let server = server
+        .bind((config.server.host.as_str(), config.server.port))
+        .map_err(|e| StartError::Bind(format!("{}:{}: {e}", config.server.host, config.server.port)))?;
+    let addr = *server
+        .addrs()
+        .first()
+        .ok_or_else(|| StartError::Bind("no address bound".into()))?;
+    let server = server.run();
+    let handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    log::info!("listening on http://{addr}");
+    Ok(Running {
+        addr,
+        hub,
+        server: handle,
+        server_task,
+    })
+}

@@ -1,0 +1,83 @@
+//! The actix messages that cross actors: sessions <-> registry, hub -> registry, registry -> bridge.
+//! Named for intent; the registry stores `Recipient`s, so it depends on no session type.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+
+use crate::protocol::Target;
+use crate::publication::Publication;
+
+/// Identifies one WebSocket connection for the lifetime of the process.
+pub type SessionId = u64;
+
+/// One encoded frame for a session to write to its socket. Sent with `try_send` into a bounded mailbox.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Deliver(pub ByteString);
+
+/// Tells a session to close its socket with a code (shutdown, slow consumer).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Kick {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// A session announces itself to its registry.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connect {
+    pub id: SessionId,
+    pub deliver: Recipient<Deliver>,
+    pub kick: Recipient<Kick>,
+}
+
+/// A session is gone: drop its subscriptions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub id: SessionId,
+}
+
+/// Add a subscription. The session has already answered `subscribed`; the registry follows with the snapshot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub id: SessionId,
+    pub target: Target,
+}
+
+/// Remove a subscription.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub id: SessionId,
+    pub target: Target,
+}
+
+/// A message to fan out to this registry's subscribers of its channel.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Dispatch(pub Arc<Publication>);
+
+/// Close every connection with 1001 (graceful shutdown).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct CloseAll;
+
+/// This replica needs messages of a channel from Redis; answered once the subscription is confirmed (or at
+/// once when Redis is unreachable: local delivery never waits on Redis).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub channel: Arc<str>,
+}
+
+/// This registry no longer has subscribers of the channel.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    pub channel: Arc<str>,
+}

@@ -1,0 +1,334 @@
+//! The client protocol: parsing of client frames, building of server frames, error and close codes.
+//! This is a public contract documented in the README; sessions and the HTTP API both speak it through here.
+
+use std::fmt::Write as _;
+
+use bytestring::ByteString;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Longest channel name accepted.
+pub const MAX_CHANNEL_LEN: usize = 200;
+
+/// Close codes sent to clients.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is going away (shutdown): reconnect, possibly to another replica.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Policy violation (heartbeat timeout, slow consumer, bad origin).
+    pub const POLICY: u16 = 1008;
+    /// A frame was larger than `websocket.max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// Error codes of `{"type":"error"}` frames and of HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, or a missing or mistyped field.
+    BadRequest,
+    /// `op` names no operation.
+    UnknownOp,
+    /// The channel name is malformed, or its namespace is not configured (strict namespaces).
+    InvalidChannel,
+    /// Unsubscribe from a channel the connection is not subscribed to.
+    NotSubscribed,
+    /// The namespace does not allow this (client publish, patterns).
+    Forbidden,
+    /// The connection already holds `max_subscriptions_per_connection` subscriptions.
+    TooManySubscriptions,
+    /// The backend could not take the request now (Redis down); retry later.
+    Unavailable,
+    /// Something failed on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error answered to one client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The `id` a client attached to a request, echoed in the reply. Any JSON number or string is accepted.
+pub type RequestId = Option<Box<RawValue>>;
+
+/// One parsed client frame.
+#[derive(Debug)]
+pub enum ClientFrame {
+    Subscribe { channel: String },
+    Unsubscribe { channel: String },
+    Publish { channel: String, data: Box<RawValue> },
+    Ping,
+}
+
+/// A client frame with its request id; when parsing fails, the id (if it could be read) is kept for the error.
+pub struct ParsedFrame {
+    pub id: RequestId,
+    pub frame: Result<ClientFrame, ProtocolError>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawFrame<'a> {
+    #[serde(borrow)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Parses a text frame. Never fails as a whole: a bad frame yields a `ProtocolError` to send back.
+pub fn parse_client_frame(text: &str) -> ParsedFrame {
+    let bad = |m: &str| ParsedFrame {
+        id: None,
+        frame: Err(ProtocolError::new(ErrorCode::BadRequest, m)),
+    };
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        return match serde_json::from_str::<&RawValue>(text) {
+            Ok(_) => bad("frame must be a JSON object"),
+            Err(e) => bad(&format!("frame is not valid JSON: {e}")),
+        };
+    }
+    let raw: RawFrame = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return bad(&format!("frame is not valid JSON: {e}")),
+    };
+    let id = match raw.id {
+        None => None,
+        Some(id) if id.get() == "null" => None,
+        Some(id) if id.get().starts_with('"') || id.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) => {
+            Some(id.to_owned())
+        }
+        Some(_) => return bad("`id` must be a number or a string"),
+    };
+    let frame = parse_fields(&raw);
+    ParsedFrame { id, frame }
+}
+
+fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
+    let bad = |m: String| ProtocolError::new(ErrorCode::BadRequest, m);
+    let op: String = match raw.op {
+        None => return Err(bad("missing field `op`".into())),
+        Some(op) => serde_json::from_str(op.get()).map_err(|_| bad("`op` must be a string".into()))?,
+    };
+    let channel = || -> Result<String, ProtocolError> {
+        match raw.channel {
+            None => Err(bad(format!("`{op}` needs a `channel`"))),
+            Some(c) => serde_json::from_str(c.get()).map_err(|_| bad("`channel` must be a string".into())),
+        }
+    };
+    match op.as_str() {
+        "subscribe" => Ok(ClientFrame::Subscribe { channel: channel()? }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe { channel: channel()? }),
+        "publish" => {
+            let channel = channel()?;
+            let data = raw
+                .data
+                .ok_or_else(|| bad("`publish` needs `data`".into()))?
+                .to_owned();
+            Ok(ClientFrame::Publish { channel, data })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        _ => Err(ProtocolError::new(ErrorCode::UnknownOp, format!("unknown op `{op}`"))),
+    }
+}
+
+/// Whether a byte may appear in a channel name: `[A-Za-z0-9_.:@-]`.
+pub fn is_channel_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+}
+
+/// Checks a concrete channel name.
+pub fn validate_channel(channel: &str) -> Result<(), ProtocolError> {
+    if channel.is_empty() || channel.len() > MAX_CHANNEL_LEN {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidChannel,
+            format!("channel names are 1 to {MAX_CHANNEL_LEN} characters"),
+        ));
+    }
+    if !channel.bytes().all(is_channel_byte) {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidChannel,
+            "channel names use only A-Z a-z 0-9 _ . : @ -",
+        ));
+    }
+    Ok(())
+}
+
+/// A subscription target: one channel, or a pattern whose last `:`-separated segment is `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Channel(String),
+    /// The prefix every matching channel starts with, ending in `:` (from `prices:*`, `prices:`).
+    Pattern(String),
+}
+
+/// Parses a subscribe target: a channel name, or a pattern `ns:...:*`.
+pub fn parse_target(name: &str) -> Result<Target, ProtocolError> {
+    if let Some(prefix) = name.strip_suffix('*') {
+        if !prefix.ends_with(':') || prefix.len() < 2 {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidChannel,
+                "a pattern ends with `*` as a whole segment, e.g. `prices:*`",
+            ));
+        }
+        validate_channel(prefix)?;
+        return Ok(Target::Pattern(prefix.to_string()));
+    }
+    validate_channel(name)?;
+    Ok(Target::Channel(name.to_string()))
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn write_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping is the reference; writing into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).expect("a str always serializes"));
+}
+
+fn write_id(out: &mut String, id: &RequestId) {
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(id.get());
+    }
+}
+
+fn reply(kind: &str, id: &RequestId, channel: Option<&str>, extra: &str) -> ByteString {
+    let mut out = String::with_capacity(64);
+    out.push_str("{\"type\":\"");
+    out.push_str(kind);
+    out.push('"');
+    write_id(&mut out, id);
+    if let Some(channel) = channel {
+        out.push_str(",\"channel\":");
+        write_json_str(&mut out, channel);
+    }
+    out.push_str(extra);
+    out.push('}');
+    out.into()
+}
+
+pub fn subscribed_frame(id: &RequestId, channel: &str) -> ByteString {
+    reply("subscribed", id, Some(channel), "")
+}
+
+pub fn unsubscribed_frame(id: &RequestId, channel: &str) -> ByteString {
+    reply("unsubscribed", id, Some(channel), "")
+}
+
+pub fn published_frame(id: &RequestId, channel: &str, seq: Option<u64>) -> ByteString {
+    let extra = match seq {
+        Some(seq) => format!(",\"seq\":{seq}"),
+        None => String::new(),
+    };
+    reply("published", id, Some(channel), &extra)
+}
+
+pub fn pong_frame(id: &RequestId) -> ByteString {
+    reply("pong", id, None, "")
+}
+
+pub fn error_frame(id: &RequestId, error: &ProtocolError) -> ByteString {
+    let mut extra = String::with_capacity(48 + error.message.len());
+    let _ = write!(extra, ",\"code\":\"{}\",\"message\":", error.code.as_str());
+    write_json_str(&mut extra, &error.message);
+    reply("error", id, None, &extra)
+}
+
+/// The current time as the protocol writes it: RFC 3339, UTC, milliseconds.
+pub fn now_ts() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ProtocolError {
+        parse_client_frame(text).frame.unwrap_err()
+    }
+
+    #[test]
+    fn parses_every_op() {
+        let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
+        assert_eq!(p.id.unwrap().get(), "1");
+        assert!(matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel } if channel == "prices:BTC"));
+        let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
+        assert!(p.id.is_none());
+        match p.frame.unwrap() {
+            ClientFrame::Publish { data, .. } => assert_eq!(data.get(), r#"{"a":[1, 2]}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_client_frame(r#"{"op":"ping","id":"x"}"#).frame, Ok(ClientFrame::Ping)));
+    }
+
+    #[test]
+    fn bad_frames_get_codes() {
+        assert_eq!(err("not json").code, ErrorCode::BadRequest);
+        assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"channel":"a"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":5}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":"subscribe","channel":7}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":"publish","channel":"a"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":"dance"}"#).code, ErrorCode::UnknownOp);
+        // The id survives a bad op so the error can echo it.
+        assert_eq!(parse_client_frame(r#"{"op":"dance","id":9}"#).id.unwrap().get(), "9");
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(validate_channel("option-chain:NIFTY:2025-11-28").is_ok());
+        assert!(validate_channel("user@host.x_y").is_ok());
+        assert!(validate_channel("").is_err());
+        assert!(validate_channel("a b").is_err());
+        assert!(validate_channel("a/b").is_err());
+        assert!(validate_channel(&"x".repeat(201)).is_err());
+        assert!(validate_channel(&"x".repeat(200)).is_ok());
+        assert_eq!(parse_target("prices:*").unwrap(), Target::Pattern("prices:".into()));
+        assert!(parse_target("prices*").is_err());
+        assert!(parse_target("*").is_err());
+    }
+
+    #[test]
+    fn frames_are_valid_json() {
+        let id: RequestId = Some(RawValue::from_string("3".into()).unwrap());
+        let f = error_frame(&id, &ProtocolError::new(ErrorCode::Forbidden, "no \"quotes\""));
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["code"], "forbidden");
+        assert_eq!(v["message"], "no \"quotes\"");
+        let v: serde_json::Value = serde_json::from_str(&subscribed_frame(&None, "a:b")).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"subscribed","channel":"a:b"}));
+    }
+}

@@ -1,0 +1,430 @@
+//! The channel-registry actor: which local session listens to which channel, the fan-out of each message, and
+//! the latest value of every subscribed channel (for snapshots without a Redis round trip).
+//!
+//! One registry runs on each HTTP worker thread and owns the sessions of that worker, so a delivery is a
+//! same-thread mailbox push; the hub sends each message once per registry, not once per subscriber. A new
+//! channel first asks the pubsub bridge to listen for it, then reads the cached value, and only then lets its
+//! subscribers in: a message published in between is never lost, it becomes the snapshot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+
+use crate::hub::Hub;
+use crate::messages::{
+    CloseAll, Connect, Deliver, Disconnect, Dispatch, Kick, SessionId, Subscribe, Unsubscribe,
+};
+use crate::protocol::{Target, close};
+use crate::publication::Publication;
+use crate::stats::Stats;
+
+/// How long subscribers of an uncached job channel wait for the poller's first value before they are let in
+/// without a snapshot.
+const FILL_WAIT: Duration = Duration::from_secs(10);
+
+/// A local session as the registry sees it.
+struct SessionEntry {
+    /// Hot path: frames go here with `try_send` (bounded mailbox).
+    deliver: Recipient<Deliver>,
+    /// Control path: close requests, sent past the mailbox bound.
+    kick: Recipient<Kick>,
+    /// Exact channels this session is subscribed to here (also kept by the session; needed to clean up).
+    channels: Vec<Arc<str>>,
+    /// Pattern prefixes this session is subscribed to.
+    patterns: Vec<Arc<str>>,
+}
+
+/// Local state of one channel with at least one subscriber.
+struct ChannelEntry {
+    /// Subscribers receiving messages.
+    active: HashMap<SessionId, Recipient<Deliver>>,
+    /// Subscribers waiting for the channel's snapshot before they receive anything.
+    pending: Vec<SessionId>,
+    /// The newest message seen on this channel while it had subscribers here.
+    latest: Option<Arc<Publication>>,
+    /// Whether the bridge has been asked to listen to this channel.
+    watched: bool,
+    /// A cache read is in flight.
+    filling: bool,
+    /// The cache was empty and the poller promised a value: pending subscribers wait for the next message.
+    awaiting_publish: bool,
+    /// Distinguishes this entry from an earlier one of the same name when an old fill completes late.
+    epoch: u64,
+}
+
+/// Subscribers of one pattern prefix (`prices:` for `prices:*`).
+#[derive(Default)]
+struct PatternEntry {
+    subscribers: HashMap<SessionId, Recipient<Deliver>>,
+}
+
+pub struct Registry {
+    hub: Hub,
+    sessions: HashMap<SessionId, SessionEntry>,
+    channels: HashMap<Arc<str>, ChannelEntry>,
+    patterns: HashMap<Arc<str>, PatternEntry>,
+    next_epoch: u64,
+    /// Reused buffer of sessions found slow during one fan-out.
+    slow: Vec<SessionId>,
+}
+
+impl Registry {
+    pub fn new(hub: Hub) -> Registry {
+        Registry {
+            hub,
+            sessions: HashMap::new(),
+            channels: HashMap::new(),
+            patterns: HashMap::new(),
+            next_epoch: 0,
+            slow: Vec::new(),
+        }
+    }
+
+    /// Hands `frame` to one subscriber; a full mailbox marks it slow.
+    fn offer(stats: &Stats, slow: &mut Vec<SessionId>, id: SessionId, to: &Recipient<Deliver>, frame: &ByteString) {
+        match to.try_send(Deliver(frame.clone())) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                Stats::add(&stats.slow_consumer_drops, 1);
+                slow.push(id);
+            }
+            // The session is stopping; its Disconnect is on its way.
+            Err(SendError::Closed(_)) => {}
+        }
+    }
+
+    fn dispatch(&mut self, publication: Arc<Publication>) {
+        let stats = self.hub.stats();
+        let frame = publication.frame();
+        let mut delivered = 0u64;
+        let mut slow = std::mem::take(&mut self.slow);
+        let exact = self.channels.get_mut(&publication.channel);
+        let mut exact_subscribers = None;
+        if let Some(entry) = exact {
+            entry.latest = Some(publication.clone());
+            if entry.awaiting_publish {
+                // The first value of a freshly filled job channel: pending subscribers get it as their snapshot.
+                entry.awaiting_publish = false;
+                let snapshot = publication.snapshot_frame();
+                for id in std::mem::take(&mut entry.pending) {
+                    if let Some(session) = self.sessions.get(&id) {
+                        Self::offer(stats, &mut slow, id, &session.deliver, &snapshot);
+                        entry.active.insert(id, session.deliver.clone());
+                    }
+                }
+            }
+            for (id, to) in &entry.active {
+                Self::offer(stats, &mut slow, *id, to, &frame);
+            }
+            delivered += entry.active.len() as u64;
+            exact_subscribers = Some(&entry.active);
+        }
+        if !self.patterns.is_empty() {
+            for (prefix, entry) in &self.patterns {
+                if !publication.channel.starts_with(&**prefix) {
+                    continue;
+                }
+                for (id, to) in &entry.subscribers {
+                    // A session subscribed to the channel itself already got it.
+                    if exact_subscribers.is_some_and(|exact| exact.contains_key(id)) {
+                        continue;
+                    }
+                    Self::offer(stats, &mut slow, *id, to, &frame);
+                    delivered += 1;
+                }
+            }
+        }
+        Stats::add(&stats.messages_delivered, delivered);
+        for id in slow.drain(..) {
+            self.drop_slow(id);
+        }
+        self.slow = slow;
+    }
+
+    /// A subscriber whose queue is full: it has stopped reading. It loses its subscriptions and is told to
+    /// close (1008); reconnecting gives it a fresh snapshot, which is the honest recovery for a latest-value feed.
+    fn drop_slow(&mut self, id: SessionId) {
+        if let Some(session) = self.sessions.get(&id) {
+            Stats::add(&self.hub.stats().slow_consumer_disconnects, 1);
+            // do_send goes past the mailbox bound on purpose: the close must be queued.
+            session.kick.do_send(Kick {
+                code: close::POLICY,
+                reason: "slow consumer: messages were not read in time",
+            });
+        }
+        self.remove_session(id);
+    }
+
+    fn remove_session(&mut self, id: SessionId) {
+        let Some(session) = self.sessions.remove(&id) else {
+            return;
+        };
+        for channel in session.channels {
+            self.remove_from_channel(id, &channel);
+        }
+        for prefix in session.patterns {
+            self.remove_from_pattern(id, &prefix);
+        }
+    }
+
+    fn remove_from_channel(&mut self, id: SessionId, channel: &Arc<str>) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let was_active = entry.active.remove(&id).is_some();
+        let before = entry.pending.len();
+        entry.pending.retain(|p| *p != id);
+        if !was_active && before == entry.pending.len() {
+            return;
+        }
+        self.hub.subscriber_left(channel);
+        if entry.active.is_empty() && entry.pending.is_empty() {
+            let entry = self.channels.remove(channel).expect("looked up above");
+            if entry.watched {
+                self.hub.unwatch(channel.clone());
+            }
+        }
+    }
+
+    fn remove_from_pattern(&mut self, id: SessionId, prefix: &Arc<str>) {
+        if let Some(entry) = self.patterns.get_mut(prefix) {
+            if entry.subscribers.remove(&id).is_some() {
+                self.hub.pattern_subscriber_left(prefix);
+            }
+            if entry.subscribers.is_empty() {
+                self.patterns.remove(prefix);
+            }
+        }
+    }
+
+    fn subscribe_channel(&mut self, id: SessionId, channel: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.channels.contains(&channel) {
+            return;
+        }
+        session.channels.push(channel.clone());
+        let deliver = session.deliver.clone();
+        self.hub.subscriber_joined(&channel);
+        let stats = self.hub.stats();
+        let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
+            self.next_epoch += 1;
+            ChannelEntry {
+                active: HashMap::new(),
+                pending: Vec::new(),
+                latest: None,
+                watched: false,
+                filling: false,
+                awaiting_publish: false,
+                epoch: self.next_epoch,
+            }
+        });
+        if let Some(latest) = &entry.latest {
+            // The local latest value is current: this registry has been receiving the channel all along.
+            Stats::add(&stats.cache_hits, 1);
+            let _ = deliver.try_send(Deliver(latest.snapshot_frame()));
+            entry.active.insert(id, deliver);
+            return;
+        }
+        entry.pending.push(id);
+        if entry.filling || entry.awaiting_publish {
+            return;
+        }
+        entry.filling = true;
+        let watch = !entry.watched;
+        entry.watched = true;
+        let epoch = entry.epoch;
+        let hub = self.hub.clone();
+        let fill = async move {
+            if watch {
+                hub.watch(channel.clone()).await;
+            }
+            let latest = hub.cached_latest(&channel).await;
+            (channel, latest)
+        };
+        ctx.spawn(fill.into_actor(self).map(move |(channel, latest), act, ctx| {
+            act.filled(channel, epoch, latest, ctx);
+        }));
+    }
+
+    /// The cache read of a channel finished: let its pending subscribers in, with the newest value known.
+    fn filled(
+        &mut self,
+        channel: Arc<str>,
+        epoch: u64,
+        cached: Option<Arc<Publication>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        if entry.epoch != epoch {
+            return;
+        }
+        entry.filling = false;
+        let stats = self.hub.stats();
+        // A message that arrived while reading is at least as new as the cached value.
+        if entry.latest.is_none() {
+            entry.latest = cached;
+        }
+        match &entry.latest {
+            Some(latest) => {
+                Stats::add(&stats.cache_hits, entry.pending.len() as u64);
+                let snapshot = latest.snapshot_frame();
+                for id in std::mem::take(&mut entry.pending) {
+                    if let Some(session) = self.sessions.get(&id) {
+                        let _ = session.deliver.try_send(Deliver(snapshot.clone()));
+                        entry.active.insert(id, session.deliver.clone());
+                    }
+                }
+            }
+            None => {
+                Stats::add(&stats.cache_misses, entry.pending.len() as u64);
+                if self.hub.request_fill(&channel) {
+                    // The poller fetches the value now; subscribers get it as their snapshot.
+                    entry.awaiting_publish = true;
+                    ctx.run_later(FILL_WAIT, move |act, _| act.stop_waiting(&channel, epoch));
+                } else {
+                    for id in std::mem::take(&mut entry.pending) {
+                        if let Some(session) = self.sessions.get(&id) {
+                            entry.active.insert(id, session.deliver.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn stop_waiting(&mut self, channel: &Arc<str>, epoch: u64) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if entry.epoch != epoch || !entry.awaiting_publish {
+            return;
+        }
+        entry.awaiting_publish = false;
+        for id in std::mem::take(&mut entry.pending) {
+            if let Some(session) = self.sessions.get(&id) {
+                entry.active.insert(id, session.deliver.clone());
+            }
+        }
+    }
+
+    fn subscribe_pattern(&mut self, id: SessionId, prefix: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.patterns.contains(&prefix) {
+            return;
+        }
+        session.patterns.push(prefix.clone());
+        let deliver = session.deliver.clone();
+        self.patterns
+            .entry(prefix.clone())
+            .or_default()
+            .subscribers
+            .insert(id, deliver.clone());
+        self.hub.pattern_subscriber_joined(&prefix);
+        // Snapshots of matching channels that have a value, bounded by configuration.
+        let hub = self.hub.clone();
+        let fut = async move { hub.pattern_snapshots(&prefix).await };
+        ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
+            if !act.sessions.contains_key(&id) {
+                return;
+            }
+            for publication in snapshots {
+                let _ = deliver.try_send(Deliver(publication.snapshot_frame()));
+            }
+        }));
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+impl Handler<Connect> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) {
+        self.sessions.insert(
+            msg.id,
+            SessionEntry {
+                deliver: msg.deliver,
+                kick: msg.kick,
+                channels: Vec::new(),
+                patterns: Vec::new(),
+            },
+        );
+    }
+}
+
+impl Handler<Disconnect> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        self.remove_session(msg.id);
+    }
+}
+
+impl Handler<Subscribe> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        match msg.target {
+            Target::Channel(channel) => self.subscribe_channel(msg.id, channel.into(), ctx),
+            Target::Pattern(prefix) => self.subscribe_pattern(msg.id, prefix.into(), ctx),
+        }
+    }
+}
+
+impl Handler<Unsubscribe> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
+        let Some(session) = self.sessions.get_mut(&msg.id) else {
+            return;
+        };
+        match msg.target {
+            Target::Channel(channel) => {
+                let Some(pos) = session.channels.iter().position(|c| **c == *channel) else {
+                    return;
+                };
+                let channel = session.channels.swap_remove(pos);
+                self.remove_from_channel(msg.id, &channel);
+            }
+            Target::Pattern(prefix) => {
+                let Some(pos) = session.patterns.iter().position(|p| **p == *prefix) else {
+                    return;
+                };
+                let prefix = session.patterns.swap_remove(pos);
+                self.remove_from_pattern(msg.id, &prefix);
+            }
+        }
+    }
+}
+
+impl Handler<Dispatch> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
+        self.dispatch(msg.0);
+    }
+}
+
+impl Handler<CloseAll> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
+        for session in self.sessions.values() {
+            session.kick.do_send(Kick {
+                code: close::GOING_AWAY,
+                reason: "server shutting down",
+            });
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Counters every component bumps and `GET /api/stats` reads. Plain relaxed atomics: each is independent and
+//! read only for reporting.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Open WebSocket connections.
+    pub connections: AtomicU64,
+    /// Messages accepted for publishing on this replica (HTTP, client publish, poller).
+    pub messages_published: AtomicU64,
+    /// Frames handed to local subscribers.
+    pub messages_delivered: AtomicU64,
+    /// Deliveries dropped because a subscriber's queue was full.
+    pub slow_consumer_drops: AtomicU64,
+    /// Connections closed for being slow consumers.
+    pub slow_consumer_disconnects: AtomicU64,
+    /// Messages received from Redis pub/sub and relayed to local subscribers.
+    pub relayed_in: AtomicU64,
+    /// Messages this replica published to Redis.
+    pub relayed_out: AtomicU64,
+    /// Times the pub/sub connection was re-established.
+    pub redis_reconnects: AtomicU64,
+    /// Subscribe snapshots served from the local latest value or the cache.
+    pub cache_hits: AtomicU64,
+    /// Subscribe snapshot look-ups that found nothing.
+    pub cache_misses: AtomicU64,
+    /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
+    pub rejected_messages: AtomicU64,
+    /// Whether the Redis pub/sub connection is live (always false in memory mode).
+    pub pubsub_active: AtomicBool,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

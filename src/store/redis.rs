@@ -1,0 +1,294 @@
+//! The Redis backend: latest values, snapshot lists and sequence numbers in Redis, written and published in
+//! one Lua script per message (one round trip, one atomic step), through a deadpool connection pool.
+//!
+//! Pub/sub payloads that relayhub publishes are envelopes: byte 0x1E, the sequence number, a space, the
+//! timestamp, a space, then the JSON. Anything else on a `ch:` channel is an outside producer's raw JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use serde_json::value::RawValue;
+
+use crate::config::{ChannelPolicy, RedisConfig};
+use crate::keys::Keys;
+use crate::publication::Publication;
+
+/// Marks a relayhub envelope on a pub/sub channel: raw JSON can never start with it.
+pub const ENVELOPE_MARK: u8 = 0x1e;
+
+/// INCR the sequence, SET the latest value with its TTL, LPUSH+LTRIM the snapshot list, PUBLISH the envelope.
+const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+
+/// Why a Redis operation failed, as text for logs and error replies.
+#[derive(Debug, Clone)]
+pub struct RedisError(pub String);
+
+impl std::fmt::Display for RedisError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<redis::RedisError> for RedisError {
+    fn from(e: redis::RedisError) -> Self {
+        RedisError(e.to_string())
+    }
+}
+
+impl From<deadpool_redis::PoolError> for RedisError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        RedisError(format!("redis pool: {e}"))
+    }
+}
+
+/// Result of one publish script run.
+pub struct Published {
+    pub seq: u64,
+    /// Redis pub/sub receivers: the replicas listening to the channel.
+    pub receivers: u64,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    script: redis::Script,
+    command_timeout: Duration,
+    url: String,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotEntry<'a> {
+    seq: Option<u64>,
+    #[serde(borrow)]
+    ts: Option<&'a str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+impl RedisStore {
+    /// Builds the pool and checks that Redis answers.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, RedisError> {
+        let mut pool_config = PoolConfig::new(config.pool_size);
+        pool_config.timeouts = Timeouts {
+            wait: Some(config.command_timeout),
+            create: Some(config.connect_timeout),
+            recycle: Some(config.command_timeout),
+        };
+        let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
+        cfg.pool = Some(pool_config);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| RedisError(format!("bad redis.url: {e}")))?;
+        let store = RedisStore {
+            pool,
+            keys: Keys::new(&config.prefix),
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            command_timeout: config.command_timeout,
+            url: config.url.clone(),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// Runs `f` on a pooled connection within the command timeout.
+    pub async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, RedisError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let work = async {
+            let conn = self.pool.get().await?;
+            f(conn).await.map_err(RedisError::from)
+        };
+        match tokio::time::timeout(self.command_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError(format!(
+                "redis did not answer within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        self.with_conn(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Records and publishes one message in a single script run.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        ts: &str,
+        policy: ChannelPolicy,
+    ) -> Result<Published, RedisError> {
+        let keys = &self.keys;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.seq(channel))
+            .key(keys.cache(channel))
+            .key(keys.snapshots(channel))
+            .arg(data)
+            .arg(ts)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(keys.pubsub_channel(channel));
+        let (seq, receivers): (u64, u64) = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(Published { seq, receivers })
+    }
+
+    /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
+    /// data; a value an outside producer SET directly has neither.
+    pub async fn latest(&self, channel: &str) -> Result<Option<Publication>, RedisError> {
+        let cache = self.keys.cache(channel);
+        let snaps = self.keys.snapshots(channel);
+        let (value, newest): (Option<String>, Option<String>) = self
+            .with_conn(|mut c| async move {
+                redis::pipe()
+                    .get(cache)
+                    .lindex(snaps, 0)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        if serde_json::from_str::<&RawValue>(&value).is_err() {
+            return Err(RedisError(format!(
+                "cached value of `{channel}` is not JSON; ignoring it"
+            )));
+        }
+        let channel: Arc<str> = channel.into();
+        if let Some(newest) = newest.as_deref()
+            && let Ok(entry) = serde_json::from_str::<SnapshotEntry>(newest)
+            && entry.data.get() == value
+        {
+            return Ok(Some(Publication::new(channel, &value, entry.seq, entry.ts)));
+        }
+        Ok(Some(Publication::new(channel, &value, None, None)))
+    }
+
+    /// Up to `limit` snapshots, newest first, as publications.
+    pub async fn history(&self, channel: &str, limit: usize) -> Result<Vec<Publication>, RedisError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.snapshots(channel);
+        let items: Vec<String> = self
+            .with_conn(|mut c| async move { c.lrange(key, 0, limit as isize - 1).await })
+            .await?;
+        let channel: Arc<str> = channel.into();
+        Ok(items
+            .iter()
+            .filter_map(|item| serde_json::from_str::<SnapshotEntry>(item).ok())
+            .map(|e| Publication::new(channel.clone(), e.data.get(), e.seq, e.ts))
+            .collect())
+    }
+
+    /// Latest values of cached channels starting with `prefix` (SCAN, bounded by `limit`).
+    pub async fn latest_matching(&self, prefix: &str, limit: usize) -> Result<Vec<Publication>, RedisError> {
+        let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
+        let keys: Vec<String> = self
+            .with_conn(|mut c| async move {
+                let mut found = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut c)
+                        .await?;
+                    found.extend(batch);
+                    cursor = next;
+                    if cursor == 0 || found.len() >= limit {
+                        break;
+                    }
+                }
+                found.truncate(limit);
+                Ok(found)
+            })
+            .await?;
+        let cache_prefix = self.keys.cache("");
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(channel) = key.strip_prefix(&cache_prefix) else {
+                continue;
+            };
+            if crate::protocol::validate_channel(channel).is_err() {
+                continue;
+            }
+            if let Some(p) = self.latest(channel).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Escapes Redis glob metacharacters so a prefix matches literally.
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Decodes a pub/sub payload on a `ch:` channel: relayhub's envelope, or an outside producer's raw JSON.
+pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, &'static str> {
+    if payload.first() == Some(&ENVELOPE_MARK) {
+        let text = std::str::from_utf8(&payload[1..]).map_err(|_| "envelope is not UTF-8")?;
+        let (seq, rest) = text.split_once(' ').ok_or("envelope without seq")?;
+        let (ts, data) = rest.split_once(' ').ok_or("envelope without ts")?;
+        let seq: u64 = seq.parse().map_err(|_| "envelope seq is not a number")?;
+        // The script published JSON that relayhub validated before; trusting it keeps the relay path cheap.
+        return Ok(Publication::new(channel, data, Some(seq), Some(ts)));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
+    serde_json::from_str::<&RawValue>(text).map_err(|_| "message is not JSON")?;
+    Ok(Publication::new(channel, text, None, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads() {
+        let p = decode_payload("a".into(), b"\x1e12 2026-01-01T00:00:00.000Z {\"x\":1}").unwrap();
+        assert_eq!((p.seq, p.ts(), p.data()), (Some(12), Some("2026-01-01T00:00:00.000Z"), "{\"x\":1}"));
+        let p = decode_payload("a".into(), b" {\"y\": 2}").unwrap();
+        assert_eq!((p.seq, p.data()), (None, " {\"y\": 2}"));
+        assert!(decode_payload("a".into(), b"{broken").is_err());
+        assert!(decode_payload("a".into(), b"\x1ex 1 2").is_err());
+        assert_eq!(escape_glob("a*b"), "a\\*b");
+    }
+}
