@@ -340,13 +340,28 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads the given file, or the embedded defaults when there is none.
+    /// Parses a TOML document laid over the embedded defaults: tables merge key by key, any other value
+    /// (including an array such as `[[sources]]`) replaces the default.
+    pub fn from_toml_over_defaults(text: &str) -> Result<Config, ConfigError> {
+        let mut base: toml::Table = EMBEDDED_DEFAULT
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("embedded default config: {e}")))?;
+        let overlay: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config is not valid TOML: {e}")))?;
+        merge(&mut base, overlay);
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(base))
+            .map_err(|e| ConfigError(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        Ok(config)
+    }
+
+    /// Reads the given file over the embedded defaults, or the embedded defaults alone when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-                Config::from_toml(&text)
+                Config::from_toml_over_defaults(&text)
                     .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
             }
             None => Config::from_toml(EMBEDDED_DEFAULT),
@@ -500,6 +515,19 @@ impl Config {
     }
 }
 
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 fn percent_encode_userinfo(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -574,10 +602,19 @@ mod tests {
 
     #[test]
     fn a_file_sets_only_what_it_changes() {
-        let config = Config::from_toml("[server]\nport = 9000\n").unwrap();
+        let config = Config::from_toml_over_defaults("[server]\nport = 9000\n[namespaces.extra]\nclient_publish = true\n").unwrap();
         assert_eq!(config.server.port, 9000);
+        assert_eq!(config.server.host, "0.0.0.0");
         assert_eq!(config.websocket.max_message_bytes, 65536);
         assert_eq!(config.websocket.heartbeat_interval, Duration::from_secs(30));
+        assert!(config.policy("chat:x").unwrap().client_publish);
+        assert!(config.policy("extra:x").unwrap().client_publish);
+        // The struct defaults agree with the embedded file.
+        let bare = Config::from_toml("").unwrap();
+        assert_eq!(bare.server.port, config.server.port);
+        assert_eq!(bare.websocket.mailbox_size, config.websocket.mailbox_size);
+        assert_eq!(bare.redis.prefix, config.redis.prefix);
+        assert_eq!(bare.channels.ttl, config.channels.ttl);
     }
 
     #[test]
