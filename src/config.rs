@@ -477,6 +477,8 @@ impl Config {
                 _ => {}
             }
         }
+        crate::poller::source::compile_sources(self, "http://127.0.0.1:0")
+            .map_err(|e| ConfigError(format!("config key {e}")))?;
         for (i, route) in self.ingest.iter().enumerate() {
             if route.redis_channel.is_empty() {
                 return err(&format!("ingest[{i}].redis_channel"), "is required");
@@ -611,6 +613,7 @@ mod tests {
         assert!(config.policy("extra:x").unwrap().client_publish);
         // The struct defaults agree with the embedded file.
         let bare = Config::from_toml("").unwrap();
+        let config = Config::load(None).unwrap();
         assert_eq!(bare.server.port, config.server.port);
         assert_eq!(bare.websocket.mailbox_size, config.websocket.mailbox_size);
         assert_eq!(bare.redis.prefix, config.redis.prefix);

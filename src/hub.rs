@@ -179,10 +179,23 @@ impl Hub {
     /// Publishes `data` (valid JSON) to `channel` (a valid name): records it as the latest value and snapshot,
     /// assigns its sequence number and delivers it to every subscriber of every replica exactly once.
     pub async fn publish(&self, channel: &str, data: &str) -> Result<PublishOutcome, PublishError> {
-        let policy = self
+        self.publish_with(channel, data, None).await
+    }
+
+    /// `publish` with the cache lifetime overridden (a polling source's `ttl`).
+    pub async fn publish_with(
+        &self,
+        channel: &str,
+        data: &str,
+        ttl: Option<Duration>,
+    ) -> Result<PublishOutcome, PublishError> {
+        let mut policy = self
             .config()
             .policy(channel)
             .unwrap_or_else(|| self.config().default_policy());
+        if let Some(ttl) = ttl {
+            policy.ttl = ttl;
+        }
         Stats::add(&self.inner.stats.messages_published, 1);
         match &self.inner.store {
             Store::Memory(memory) => {

@@ -19,10 +19,12 @@
 
 pub mod bridge;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod keys;
 pub mod messages;
+pub mod poller;
 pub mod protocol;
 pub mod publication;
 pub mod registry;
@@ -49,6 +51,8 @@ pub enum StartError {
     RedisRequired(String),
     /// The listen address could not be bound.
     Bind(String),
+    /// A polling source could not be compiled.
+    Config(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -59,6 +63,7 @@ impl std::fmt::Display for StartError {
                 "redis.required is true but Redis is unreachable: {e}. Start Redis, fix redis.url (or REDIS_URL), or set redis.required = false to run in memory mode"
             ),
             StartError::Bind(e) => write!(f, "cannot listen: {e}"),
+            StartError::Config(e) => write!(f, "config key {e}"),
         }
     }
 }
@@ -68,6 +73,7 @@ impl StartError {
         match self {
             StartError::RedisRequired(_) => 3,
             StartError::Bind(_) => 4,
+            StartError::Config(_) => 2,
         }
     }
 }
@@ -76,6 +82,7 @@ impl StartError {
 pub struct Running {
     pub addr: SocketAddr,
     pub hub: Hub,
+    poller: Addr<poller::Poller>,
     server: actix_web::dev::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -84,8 +91,9 @@ impl Running {
     /// Graceful stop: `/ready` turns 503, clients get 1001, the server drains, all within `shutdown_timeout`.
     pub async fn shutdown(self) {
         let timeout = self.hub.config().server.shutdown_timeout;
-        log::info!("shutting down: closing connections with 1001");
+        log::info!("shutting down: closing connections with 1001, releasing polling leases");
         self.hub.begin_shutdown();
+        let _ = tokio::time::timeout(timeout / 2, self.poller.send(poller::ReleaseAll)).await;
         let hub = self.hub.clone();
         let drain = async move {
             // Give sessions a moment to write their close frames before the workers stop.
@@ -101,8 +109,9 @@ impl Running {
         let _ = self.server_task.await;
     }
 
-    /// Stops at once without closing clients properly: what a crash looks like to the rest of the fleet.
+    /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
+        self.poller.do_send(poller::Halt);
         self.server.stop(false).await;
         let _ = self.server_task.await;
     }
@@ -206,14 +215,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let factory_hub = hub.clone();
     let max_body = config.websocket.max_message_bytes;
+    let poller_slot: http::polling::PollerSlot = Default::default();
+    let factory_slot = poller_slot.clone();
+    let demo_state = config.demo.enabled.then(|| web::Data::new(demo::DemoState::new()));
     let mut server = HttpServer::new(move || {
         // Called once per worker thread: each worker gets its own registry, so fan-out stays on-thread.
         let registry = factory_hub.start_registry();
+        let demo_state = demo_state.clone();
         App::new()
             .app_data(web::Data::new(factory_hub.clone()))
             .app_data(web::Data::new(registry))
+            .app_data(web::Data::new(factory_slot.clone()))
             .app_data(web::PayloadConfig::new(max_body))
             .configure(http::routes)
+            .configure(move |cfg| {
+                if let Some(state) = demo_state {
+                    demo::configure_with(cfg, state);
+                }
+            })
             .configure(http::static_routes)
     })
     .disable_signals()
@@ -228,6 +247,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .addrs()
         .first()
         .ok_or_else(|| StartError::Bind("no address bound".into()))?;
+    let self_base = format!("http://127.0.0.1:{}", addr.port());
+    let sources = poller::source::compile_sources(&config, &self_base).map_err(StartError::Config)?;
+    let descriptions = serde_json::Value::Array(sources.iter().map(|s| s.describe()).collect());
+    let poller = poller::Poller::start(hub.clone(), sources);
+    let _ = poller_slot.set((poller.clone(), descriptions));
     let server = server.run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
@@ -235,6 +259,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     Ok(Running {
         addr,
         hub,
+        poller,
         server: handle,
         server_task,
     })

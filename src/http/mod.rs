@@ -2,6 +2,7 @@
 
 pub mod channels;
 pub mod health;
+pub mod polling;
 pub mod publish;
 pub mod stats;
 pub mod static_files;
@@ -34,6 +35,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/stats", web::get().to(stats::stats))
                 .route("/channels/{channel}", web::get().to(channels::latest))
                 .route("/channels/{channel}/history", web::get().to(channels::history))
+                .route("/polling/start", web::post().to(polling::start))
+                .route("/polling/stop", web::post().to(polling::stop))
+                .route("/polling/status", web::get().to(polling::status))
+                .route("/polling/sources", web::get().to(polling::sources))
                 .default_service(web::to(not_found)),
         );
 }

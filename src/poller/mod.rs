@@ -1,0 +1,778 @@
+//! The poller actor: runs the polling jobs this replica owns. Each job fetches its upstream on its interval
+//! (HTTP JSON or a set of Redis keys), transforms the value and publishes it through the hub's one publish
+//! path, which caches it and fans it out. Every job's fetch is its own future, so a slow upstream delays
+//! nobody else. A periodic scan keeps ownership right across the fleet: it takes free jobs (leases), renews
+//! its own, drops the ones it lost or that were stopped, and stops idle `auto_stop` jobs.
+//!
+//! The actor runs on its own arbiter because awc's client is not `Send` (one client per thread).
+
+pub mod backoff;
+pub mod fetch;
+pub mod jobs;
+pub mod source;
+pub mod template;
+pub mod transform;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{Value, json};
+
+use crate::config::format_duration;
+use crate::hub::{ChannelObserver, Hub};
+use crate::poller::jobs::{JobStatus, JobStore};
+use crate::poller::source::{JobSpec, ParamError, Source};
+use crate::store::RedisError;
+
+/// How long a fill lock holds off other replicas from fetching the same empty channel.
+const FILL_LOCK: Duration = Duration::from_secs(5);
+
+/// Why a polling request failed; the HTTP API maps each to a status.
+#[derive(Debug, Clone)]
+pub enum PollError {
+    UnknownSource(String),
+    BadParams(String),
+    UnknownJob(String),
+    Backend(String),
+}
+
+impl From<RedisError> for PollError {
+    fn from(e: RedisError) -> Self {
+        PollError::Backend(e.0)
+    }
+}
+
+/// Start (or find) the job of a source with these parameters.
+#[derive(Message)]
+#[rtype(result = "Result<JobSpec, PollError>")]
+pub struct StartJob {
+    pub source: String,
+    pub params: BTreeMap<String, String>,
+}
+
+/// Stop a job fleet-wide.
+#[derive(Message)]
+#[rtype(result = "Result<(), PollError>")]
+pub struct StopJob {
+    pub id: String,
+}
+
+/// Every job of the fleet with its owner and status.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Value>, PollError>")]
+pub struct ListJobs;
+
+/// Give up every lease now (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseAll;
+
+/// Subscribers wait on an empty channel: fetch its value now.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Fill {
+    channel: String,
+}
+
+/// A channel gained its first local subscriber: start matching `auto_start` jobs.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AutoStart {
+    channel: String,
+}
+
+/// The result of one scan, applied to the actor's state when it completes.
+struct Scan {
+    jobs: Vec<JobSpec>,
+    acquired: Vec<String>,
+    lost: Vec<String>,
+    listening: HashMap<String, bool>,
+    previous: HashMap<String, Option<Value>>,
+}
+
+/// A job this replica owns and runs.
+struct OwnedJob {
+    spec: JobSpec,
+    source: Arc<Source>,
+    status: JobStatus,
+    /// A fetch is under way (single flight per job).
+    in_flight: bool,
+    /// The last published value: the `previous` of `diff`, and the comparison for `only_on_change`.
+    previous: Option<Value>,
+    timer: Option<SpawnHandle>,
+    idle_since: Option<Instant>,
+}
+
+/// The sources and the jobs last seen, shared with the hub's observer (which must answer synchronously).
+#[derive(Default)]
+struct Known {
+    jobs_by_channel: HashMap<String, JobSpec>,
+}
+
+pub struct Poller {
+    hub: Hub,
+    sources: Arc<Vec<Arc<Source>>>,
+    store: Arc<JobStore>,
+    known: Arc<Mutex<Known>>,
+    client: Option<awc::Client>,
+    lease: Duration,
+    owned: HashMap<String, OwnedJob>,
+    /// Channels being filled by a one-off fetch here.
+    filling: HashSet<String>,
+    scanning: bool,
+    /// Jobs to start when the poller starts (the demo symbols).
+    initial: Vec<(String, BTreeMap<String, String>)>,
+}
+
+/// The hub's view of the poller: answers `request_fill` from what the poller last saw, and forwards events.
+pub struct PollerObserver {
+    addr: Addr<Poller>,
+    sources: Arc<Vec<Arc<Source>>>,
+    known: Arc<Mutex<Known>>,
+}
+
+impl ChannelObserver for PollerObserver {
+    fn subscribers_changed(&self, channel: &str, count: usize) {
+        if count > 0 && self.sources.iter().any(|s| s.auto_start && s.channel.match_channel(channel).is_some()) {
+            self.addr.do_send(AutoStart {
+                channel: channel.to_string(),
+            });
+        }
+    }
+
+    fn request_fill(&self, channel: &str) -> bool {
+        let known = self
+            .known
+            .lock()
+            .expect("poller state poisoned")
+            .jobs_by_channel
+            .contains_key(channel);
+        let auto = self
+            .sources
+            .iter()
+            .any(|s| s.auto_start && s.channel.match_channel(channel).is_some());
+        if known || auto {
+            self.addr.do_send(Fill {
+                channel: channel.to_string(),
+            });
+        }
+        known || auto
+    }
+}
+
+impl Poller {
+    /// Starts the poller on its own arbiter and registers it with the hub.
+    pub fn start(hub: Hub, sources: Vec<Source>) -> Addr<Poller> {
+        let sources: Arc<Vec<Arc<Source>>> = Arc::new(sources.into_iter().map(Arc::new).collect());
+        let known = Arc::new(Mutex::new(Known::default()));
+        let config = hub.config();
+        let initial = if config.demo.enabled {
+            config
+                .demo
+                .symbols
+                .iter()
+                .map(|s| ("demo".to_string(), BTreeMap::from([("symbol".to_string(), s.clone())])))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (store, lease, actor_hub) = (Arc::new(JobStore::new(hub.clone())), config.poller.lease, hub.clone());
+        let (actor_sources, actor_known) = (sources.clone(), known.clone());
+        let arbiter = Arbiter::new();
+        // Built on the poller's own thread: the awc client it will hold is not `Send`.
+        let addr = Poller::start_in_arbiter(&arbiter.handle(), move |_| Poller {
+            store,
+            lease,
+            hub: actor_hub,
+            sources: actor_sources,
+            known: actor_known,
+            client: None,
+            owned: HashMap::new(),
+            filling: HashSet::new(),
+            scanning: false,
+            initial,
+        });
+        hub.set_observer(Arc::new(PollerObserver {
+            addr: addr.clone(),
+            sources,
+            known,
+        }));
+        addr
+    }
+
+    fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources.iter().find(|s| s.name == name).cloned()
+    }
+
+    fn make_job(&self, source: &str, params: BTreeMap<String, String>) -> Result<JobSpec, PollError> {
+        let source = self
+            .source(source)
+            .ok_or_else(|| PollError::UnknownSource(format!("no source named `{source}`")))?;
+        source.job(params).map_err(|ParamError(e)| PollError::BadParams(e))
+    }
+
+    /// The auto-start job for a channel, if a source's template matches it.
+    fn auto_job(&self, channel: &str) -> Option<JobSpec> {
+        self.sources.iter().filter(|s| s.auto_start).find_map(|s| {
+            let params = s.channel.match_channel(channel)?;
+            s.job(params).ok()
+        })
+    }
+
+    /// Records the job and tries to own it right away (rather than at the next scan).
+    fn start_job(&mut self, spec: JobSpec, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let lease = self.lease;
+        let hub = self.hub.clone();
+        let id = spec.id.clone();
+        let channel = spec.channel.clone();
+        let fut = async move {
+            store.put(&spec).await?;
+            let acquired = store.acquire(&id, lease).await?;
+            let previous = if acquired { previous_value(&hub, &channel).await } else { None };
+            Ok::<_, RedisError>((spec, acquired, previous))
+        };
+        ctx.spawn(fut.into_actor(self).map(|result, act, ctx| match result {
+            Ok((spec, true, previous)) => act.own(spec, previous, ctx),
+            Ok((spec, false, _)) => act.remember(&spec),
+            Err(e) => log::warn!("starting a polling job failed: {e}"),
+        }));
+    }
+
+    fn remember(&self, spec: &JobSpec) {
+        self.known
+            .lock()
+            .expect("poller state poisoned")
+            .jobs_by_channel
+            .insert(spec.channel.clone(), spec.clone());
+    }
+
+    /// Takes ownership of a job and fetches at once.
+    fn own(&mut self, spec: JobSpec, previous: Option<Value>, ctx: &mut Context<Self>) {
+        if self.owned.contains_key(&spec.id) {
+            return;
+        }
+        let Some(source) = self.source(&spec.source) else {
+            log::warn!("job `{}` names source `{}`, which this replica does not have", spec.id, spec.source);
+            let store = self.store.clone();
+            let id = spec.id.clone();
+            actix::spawn(async move {
+                let _ = store.release(&id).await;
+            });
+            return;
+        };
+        log::info!("polling job `{}` is now run by this replica", spec.id);
+        self.remember(&spec);
+        let id = spec.id.clone();
+        let status = JobStatus {
+            state: "running".into(),
+            interval: format_duration(source.interval),
+            ..JobStatus::default()
+        };
+        self.owned.insert(
+            id.clone(),
+            OwnedJob {
+                spec,
+                source,
+                status,
+                in_flight: false,
+                previous,
+                timer: None,
+                idle_since: None,
+            },
+        );
+        self.fetch(&id, ctx);
+    }
+
+    /// Stops running a job here (it was stopped, lost or is idle).
+    fn disown(&mut self, id: &str, ctx: &mut Context<Self>) {
+        if let Some(job) = self.owned.remove(id) {
+            if let Some(timer) = job.timer {
+                ctx.cancel_future(timer);
+            }
+            log::info!("polling job `{id}` is no longer run by this replica");
+        }
+    }
+
+    fn schedule(&mut self, id: &str, after: Duration, ctx: &mut Context<Self>) {
+        let key = id.to_string();
+        let handle = ctx.run_later(after, move |act, ctx| act.fetch(&key, ctx));
+        if let Some(job) = self.owned.get_mut(id) {
+            if let Some(old) = job.timer.replace(handle) {
+                ctx.cancel_future(old);
+            }
+            job.status.next_run = Some(rfc3339_in(after));
+        }
+    }
+
+    /// One fetch of an owned job: fetch, transform, publish, then schedule the next by the outcome.
+    fn fetch(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(job) = self.owned.get_mut(id) else {
+            return;
+        };
+        if job.in_flight {
+            return;
+        }
+        job.in_flight = true;
+        job.timer = None;
+        let client = self.client.clone().expect("the client is built when the actor starts");
+        let hub = self.hub.clone();
+        let source = job.source.clone();
+        let spec = job.spec.clone();
+        let previous = job.previous.clone();
+        let fut = async move { run_fetch(&client, &hub, &source, &spec, previous).await };
+        let id = id.to_string();
+        ctx.spawn(fut.into_actor(self).map(move |outcome, act, ctx| act.fetched(&id, outcome, ctx)));
+    }
+
+    fn fetched(&mut self, id: &str, outcome: Result<Option<Value>, String>, ctx: &mut Context<Self>) {
+        let subscribers = self.hub.local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
+        let Some(job) = self.owned.get_mut(id) else {
+            return;
+        };
+        job.in_flight = false;
+        job.status.fetches += 1;
+        job.status.subscribers = subscribers;
+        let interval = job.source.interval;
+        let delay = match outcome {
+            Ok(value) => {
+                if let Some(value) = value {
+                    job.previous = Some(value);
+                }
+                job.status.state = "running".into();
+                job.status.consecutive_failures = 0;
+                job.status.last_success = Some(crate::protocol::now_ts());
+                interval
+            }
+            Err(e) => {
+                job.status.consecutive_failures += 1;
+                job.status.state = "backoff".into();
+                log::warn!(
+                    "polling job `{id}` failed ({} in a row): {e}",
+                    job.status.consecutive_failures
+                );
+                job.status.last_error = Some(e);
+                backoff::jitter(backoff::retry_delay(interval, job.status.consecutive_failures), 0.1)
+            }
+        };
+        self.schedule(id, delay, ctx);
+        self.write_status(id);
+    }
+
+    fn write_status(&self, id: &str) {
+        let Some(job) = self.owned.get(id) else {
+            return;
+        };
+        let store = self.store.clone();
+        let status = job.status.clone();
+        let ttl = (self.lease * 3).max(Duration::from_secs(30));
+        let id = id.to_string();
+        actix::spawn(async move {
+            if let Err(e) = store.write_status(&id, &status, ttl).await {
+                log::debug!("writing the status of `{id}` failed: {e}");
+            }
+        });
+    }
+
+    /// Keeps fleet ownership right; runs every quarter lease (renewal at least every third, as required).
+    fn scan(&mut self, ctx: &mut Context<Self>) {
+        if self.scanning {
+            return;
+        }
+        self.scanning = true;
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        let lease = self.lease;
+        let owned: Vec<(String, String, bool)> = self
+            .owned
+            .values()
+            .map(|j| (j.spec.id.clone(), j.spec.channel.clone(), j.source.auto_stop))
+            .collect();
+        let fut = async move {
+            let jobs = store.list().await?;
+            let listed: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+            let mut lost = Vec::new();
+            let mut listening = HashMap::new();
+            for (id, channel, auto_stop) in &owned {
+                if !listed.contains(id.as_str()) || !store.renew(id, lease).await? {
+                    lost.push(id.clone());
+                } else if *auto_stop {
+                    listening.insert(id.clone(), store.has_listeners(channel).await?);
+                }
+            }
+            let mut acquired = Vec::new();
+            let mut previous = HashMap::new();
+            for job in &jobs {
+                if owned.iter().any(|(id, _, _)| *id == job.id) {
+                    continue;
+                }
+                if store.acquire(&job.id, lease).await? {
+                    previous.insert(job.id.clone(), previous_value(&hub, &job.channel).await);
+                    acquired.push(job.id.clone());
+                }
+            }
+            Ok::<_, RedisError>(Scan {
+                jobs,
+                acquired,
+                lost,
+                listening,
+                previous,
+            })
+        };
+        ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
+            act.scanning = false;
+            match result {
+                Ok(scan) => act.apply_scan(scan, ctx),
+                Err(e) => log::warn!("polling job scan failed: {e}"),
+            }
+        }));
+    }
+
+    fn apply_scan(&mut self, mut scan: Scan, ctx: &mut Context<Self>) {
+        {
+            let mut known = self.known.lock().expect("poller state poisoned");
+            known.jobs_by_channel = scan.jobs.iter().map(|j| (j.channel.clone(), j.clone())).collect();
+        }
+        for id in &scan.lost {
+            self.disown(id, ctx);
+        }
+        for job in scan.jobs.iter().filter(|j| scan.acquired.contains(&j.id)) {
+            let previous = scan.previous.remove(&job.id).flatten();
+            self.own(job.clone(), previous, ctx);
+        }
+        let now = Instant::now();
+        let mut idle = Vec::new();
+        for (id, listening) in scan.listening {
+            let Some(job) = self.owned.get_mut(&id) else {
+                continue;
+            };
+            if listening {
+                job.idle_since = None;
+            } else if now.duration_since(*job.idle_since.get_or_insert(now)) >= job.source.idle_grace {
+                idle.push(id);
+            }
+        }
+        for id in idle {
+            log::info!("polling job `{id}` has had no subscriber for its idle grace: stopping it");
+            self.stop(id, ctx);
+        }
+    }
+
+    fn stop(&mut self, id: String, ctx: &mut Context<Self>) {
+        self.disown(&id, ctx);
+        let store = self.store.clone();
+        actix::spawn(async move {
+            if let Err(e) = store.remove(&id).await {
+                log::warn!("removing job `{id}` failed: {e}");
+            }
+            let _ = store.release(&id).await;
+        });
+    }
+
+    /// A one-off fetch for subscribers waiting on an empty channel whose job another replica owns (or that
+    /// has no job yet): one replica fleet-wide does it, under a short lock.
+    fn fill_remote(&mut self, spec: JobSpec, ctx: &mut Context<Self>) {
+        if !self.filling.insert(spec.channel.clone()) {
+            return;
+        }
+        let Some(source) = self.source(&spec.source) else {
+            self.filling.remove(&spec.channel);
+            return;
+        };
+        let client = self.client.clone().expect("the client is built when the actor starts");
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        let fut = async move {
+            if store.fill_lock(&spec.channel, FILL_LOCK).await.unwrap_or(false) {
+                if let Err(e) = run_fetch(&client, &hub, &source, &spec, None).await {
+                    log::warn!("filling `{}` failed: {e}", spec.channel);
+                }
+            }
+            spec.channel
+        };
+        ctx.spawn(fut.into_actor(self).map(|channel, act, _| {
+            act.filling.remove(&channel);
+        }));
+    }
+}
+
+/// The value a job last published (its cached latest value), so `diff` continues across an owner change.
+async fn previous_value(hub: &Hub, channel: &str) -> Option<Value> {
+    let latest = hub.cached_latest(channel).await?;
+    serde_json::from_str(latest.data()).ok()
+}
+
+/// Fetches, transforms and publishes one value. `Ok(None)`: fetched but unchanged (`only_on_change`).
+async fn run_fetch(
+    client: &awc::Client,
+    hub: &Hub,
+    source: &Source,
+    spec: &JobSpec,
+    previous: Option<Value>,
+) -> Result<Option<Value>, String> {
+    let raw = match source.kind {
+        crate::config::SourceKind::Http => {
+            let url = source.url_for(spec).ok_or("the job's URL cannot be built")?;
+            fetch::fetch_json(client, &url, &source.headers, source.timeout, source.max_body_bytes)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        crate::config::SourceKind::Redis => read_redis_fields(hub, source).await?,
+    };
+    let value = transform::apply_all(&source.transforms, raw, previous.as_ref())?;
+    if source.kind == crate::config::SourceKind::Redis && source.only_on_change && previous.as_ref() == Some(&value) {
+        return Ok(None);
+    }
+    let text = value.to_string();
+    if text.len() > hub.config().websocket.max_message_bytes.max(source.max_body_bytes) {
+        return Err(format!("transformed value is {} bytes, over the limit", text.len()));
+    }
+    hub.publish_with(&spec.channel, &text, source.ttl)
+        .await
+        .map_err(|crate::hub::PublishError::Unavailable(e)| e)?;
+    Ok(Some(value))
+}
+
+/// Reads a `redis` source's keys in one pipeline and builds one object: numbers as numbers, missing as null.
+async fn read_redis_fields(hub: &Hub, source: &Source) -> Result<Value, String> {
+    let Some(redis) = hub.store().redis() else {
+        return Err("redis sources need Redis (the hub runs in memory mode)".into());
+    };
+    let mut pipe = deadpool_redis::redis::pipe();
+    for (_, command, key) in &source.fields {
+        pipe.cmd(command).arg(key);
+    }
+    let values: Vec<deadpool_redis::redis::Value> = redis
+        .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+        .await
+        .map_err(|e| e.0)?;
+    let mut object = serde_json::Map::new();
+    for ((name, _, _), value) in source.fields.iter().zip(values) {
+        object.insert(name.clone(), redis_to_json(value));
+    }
+    Ok(Value::Object(object))
+}
+
+fn redis_to_json(value: deadpool_redis::redis::Value) -> Value {
+    use deadpool_redis::redis::Value as R;
+    let text = |bytes: &[u8]| {
+        let s = String::from_utf8_lossy(bytes).into_owned();
+        match s.parse::<i64>() {
+            Ok(n) => json!(n),
+            Err(_) => match s.parse::<f64>() {
+                Ok(f) if f.is_finite() => json!(f),
+                _ => json!(s),
+            },
+        }
+    };
+    match value {
+        R::Nil => Value::Null,
+        R::Int(n) => json!(n),
+        R::BulkString(bytes) => text(&bytes),
+        R::SimpleString(s) => text(s.as_bytes()),
+        R::Okay => json!("OK"),
+        R::Double(f) => json!(f),
+        R::Boolean(b) => json!(b),
+        R::Map(pairs) => Value::Object(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (redis_key_text(k), redis_to_json(v)))
+                .collect(),
+        ),
+        // HGETALL over RESP2 answers a flat array of field, value, field, value.
+        R::Array(items) => {
+            let mut object = serde_json::Map::new();
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                object.insert(redis_key_text(k), redis_to_json(v));
+            }
+            Value::Object(object)
+        }
+        _ => Value::Null,
+    }
+}
+
+fn redis_key_text(value: deadpool_redis::redis::Value) -> String {
+    match value {
+        deadpool_redis::redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        deadpool_redis::redis::Value::SimpleString(s) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+fn rfc3339_in(after: Duration) -> String {
+    let at = chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Actor for Poller {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.client = Some(fetch::build_client());
+        for (source, params) in std::mem::take(&mut self.initial) {
+            match self.make_job(&source, params) {
+                Ok(spec) => self.start_job(spec, ctx),
+                Err(e) => log::warn!("demo job not started: {e:?}"),
+            }
+        }
+        self.scan(ctx);
+        ctx.run_interval(self.lease / 4, |act, ctx| act.scan(ctx));
+    }
+}
+
+impl Handler<StartJob> for Poller {
+    type Result = ResponseActFuture<Self, Result<JobSpec, PollError>>;
+
+    fn handle(&mut self, msg: StartJob, _: &mut Self::Context) -> Self::Result {
+        let spec = match self.make_job(&msg.source, msg.params) {
+            Ok(spec) => spec,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        let store = self.store.clone();
+        let lease = self.lease;
+        let hub = self.hub.clone();
+        let fut = async move {
+            store.put(&spec).await?;
+            let acquired = store.acquire(&spec.id, lease).await?;
+            let previous = if acquired { previous_value(&hub, &spec.channel).await } else { None };
+            Ok::<_, PollError>((spec, acquired, previous))
+        };
+        Box::pin(fut.into_actor(self).map(|result, act, ctx| {
+            let (spec, acquired, previous) = result?;
+            if acquired {
+                act.own(spec.clone(), previous, ctx);
+            } else {
+                act.remember(&spec);
+            }
+            Ok(spec)
+        }))
+    }
+}
+
+impl Handler<StopJob> for Poller {
+    type Result = ResponseActFuture<Self, Result<(), PollError>>;
+
+    fn handle(&mut self, msg: StopJob, ctx: &mut Self::Context) -> Self::Result {
+        self.disown(&msg.id, ctx);
+        let store = self.store.clone();
+        let id = msg.id;
+        let fut = async move {
+            let existed = store.remove(&id).await?;
+            let _ = store.release(&id).await;
+            if existed { Ok(()) } else { Err(PollError::UnknownJob(id)) }
+        };
+        Box::pin(fut.into_actor(self))
+    }
+}
+
+impl Handler<ListJobs> for Poller {
+    type Result = ResponseActFuture<Self, Result<Vec<Value>, PollError>>;
+
+    fn handle(&mut self, _: ListJobs, _: &mut Self::Context) -> Self::Result {
+        let store = self.store.clone();
+        let fut = async move {
+            let mut jobs = store.list().await?;
+            jobs.sort_by(|a, b| a.id.cmp(&b.id));
+            let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+            let states = store.owners_and_statuses(&ids).await?;
+            Ok::<_, PollError>((jobs, states))
+        };
+        Box::pin(fut.into_actor(self).map(|result, act, _| {
+            let (jobs, states) = result?;
+            Ok(jobs
+                .into_iter()
+                .zip(states)
+                .map(|(spec, (owner, status))| {
+                    let interval = act.source(&spec.source).map(|s| format_duration(s.interval));
+                    let status = status.unwrap_or_default();
+                    json!({
+                        "id": spec.id,
+                        "source": spec.source,
+                        "params": spec.params,
+                        "channel": spec.channel,
+                        "owner": owner,
+                        "state": if owner.is_some() && !status.state.is_empty() { status.state.as_str() } else { "waiting" },
+                        "interval": interval,
+                        "last_success": status.last_success,
+                        "last_error": status.last_error,
+                        "consecutive_failures": status.consecutive_failures,
+                        "fetches": status.fetches,
+                        "subscribers": act.hub.local_subscribers(&spec.channel),
+                        "next_run": status.next_run,
+                    })
+                })
+                .collect())
+        }))
+    }
+}
+
+impl Handler<ReleaseAll> for Poller {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: ReleaseAll, ctx: &mut Self::Context) -> Self::Result {
+        let ids: Vec<String> = self.owned.keys().cloned().collect();
+        for id in &ids {
+            self.disown(id, ctx);
+        }
+        let store = self.store.clone();
+        Box::pin(
+            async move {
+                for id in ids {
+                    let _ = store.release(&id).await;
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+impl Handler<Fill> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fill, ctx: &mut Self::Context) {
+        let owned = self.owned.values().find(|j| j.spec.channel == msg.channel).map(|j| j.spec.id.clone());
+        if let Some(id) = owned {
+            // Single flight: `fetch` does nothing while one is under way.
+            return self.fetch(&id, ctx);
+        }
+        let known = self
+            .known
+            .lock()
+            .expect("poller state poisoned")
+            .jobs_by_channel
+            .get(&msg.channel)
+            .cloned();
+        if let Some(spec) = known.or_else(|| self.auto_job(&msg.channel)) {
+            self.fill_remote(spec, ctx);
+        }
+    }
+}
+
+impl Handler<AutoStart> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, msg: AutoStart, ctx: &mut Self::Context) {
+        if self.owned.values().any(|j| j.spec.channel == msg.channel) {
+            return;
+        }
+        if let Some(spec) = self.auto_job(&msg.channel) {
+            self.start_job(spec, ctx);
+        }
+    }
+}
+
+/// Stop at once, keeping the leases: used to simulate a crashed replica.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Halt;
+
+impl Handler<Halt> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, _: Halt, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
