@@ -102,22 +102,20 @@ pub fn configure_with(cfg: &mut web::ServiceConfig, state: web::Data<DemoState>)
 /// "volume":1520,"bid":64011.25,"ask":64013.81,"time":"2025-11-21T10:00:00.123Z"}`; `change` is since the
 /// first quote of the symbol.
 async fn prices(state: web::Data<DemoState>, symbol: web::Path<String>) -> HttpResponse {
-    let symbol = match normalize_symbol(&symbol) {
-        Ok(symbol) => symbol,
-        Err(response) => return response,
+    let Some(symbol) = normalize_symbol(&symbol) else {
+        return invalid_symbol();
     };
     let mut markets = state.markets.lock().unwrap_or_else(PoisonError::into_inner);
     let body = markets.next_quote(&symbol);
     HttpResponse::Ok().json(body)
 }
 
-/// `GET /demo/chain/{symbol}`: `{"symbol":..,"expiry":"YYYY-MM-DD","underlying":..,"time":..,"data":[{"strike":..,
-/// "ltp":..,"oi":..,"iv":..}, ...]}` with 7 strikes around the underlying; as it moves, strikes at the edges
-/// come and go.
+/// `GET /demo/chain/{symbol}`: `{"symbol":..,"expiry":"YYYY-MM-DD","underlying":..,"time":..,
+/// "data":[{"strike":..,"ltp":..,"oi":..,"iv":..}, ...]}` with 7 strikes around the underlying; as it
+/// moves, strikes at the edges come and go.
 async fn chain(state: web::Data<DemoState>, symbol: web::Path<String>) -> HttpResponse {
-    let symbol = match normalize_symbol(&symbol) {
-        Ok(symbol) => symbol,
-        Err(response) => return response,
+    let Some(symbol) = normalize_symbol(&symbol) else {
+        return invalid_symbol();
     };
     let today = Utc::now().date_naive();
     let mut markets = state.markets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -125,17 +123,18 @@ async fn chain(state: web::Data<DemoState>, symbol: web::Path<String>) -> HttpRe
     HttpResponse::Ok().json(body)
 }
 
-/// The upper-cased symbol, or a 400 JSON error for anything but 1-12 ASCII letters and digits.
-fn normalize_symbol(symbol: &str) -> Result<String, HttpResponse> {
+/// The upper-cased symbol, or `None` for anything but 1-12 ASCII letters and digits.
+fn normalize_symbol(symbol: &str) -> Option<String> {
     let valid = (1..=MAX_SYMBOL_LEN).contains(&symbol.len())
         && symbol.bytes().all(|b| b.is_ascii_alphanumeric());
-    if valid {
-        Ok(symbol.to_ascii_uppercase())
-    } else {
-        Err(HttpResponse::BadRequest().json(json!({
-            "error": format!("invalid symbol: use 1 to {MAX_SYMBOL_LEN} letters or digits"),
-        })))
-    }
+    valid.then(|| symbol.to_ascii_uppercase())
+}
+
+/// The 400 JSON error for a symbol that [`normalize_symbol`] rejects.
+fn invalid_symbol() -> HttpResponse {
+    HttpResponse::BadRequest().json(json!({
+        "error": format!("invalid symbol: use 1 to {MAX_SYMBOL_LEN} letters or digits"),
+    }))
 }
 
 /// Every symbol's walks, behind [`DemoState`]'s mutex.
@@ -341,9 +340,14 @@ fn normal_cdf(x: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.231_641_9 * x.abs());
     let poly = t
         * (0.319_381_530
-            + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
+            + t * (-0.356_563_782
+                + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
     let upper_tail = normal_pdf(x) * poly;
-    if x >= 0.0 { 1.0 - upper_tail } else { upper_tail }
+    if x >= 0.0 {
+        1.0 - upper_tail
+    } else {
+        upper_tail
+    }
 }
 
 /// The current time as RFC 3339 in UTC with milliseconds.
@@ -373,15 +377,21 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::http::StatusCode;
     use actix_web::App;
+    use actix_web::http::StatusCode;
     use actix_web::test as actix_test;
 
     /// GETs `$uri` from the test service `$app`; gives the status and the JSON body.
     macro_rules! get_json {
         ($app:expr, $uri:expr) => {
-            read_json(actix_test::call_service($app, actix_test::TestRequest::get().uri($uri).to_request()).await)
-                .await
+            read_json(
+                actix_test::call_service(
+                    $app,
+                    actix_test::TestRequest::get().uri($uri).to_request(),
+                )
+                .await,
+            )
+            .await
         };
     }
 
@@ -398,8 +408,14 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(first["symbol"], "BTC");
         let price = first["price"].as_f64().unwrap();
-        assert!((price - 64012.53).abs() <= 64012.53 * PRICE_STEP + 0.01, "{price}");
-        let (bid, ask) = (first["bid"].as_f64().unwrap(), first["ask"].as_f64().unwrap());
+        assert!(
+            (price - 64012.53).abs() <= 64012.53 * PRICE_STEP + 0.01,
+            "{price}"
+        );
+        let (bid, ask) = (
+            first["bid"].as_f64().unwrap(),
+            first["ask"].as_f64().unwrap(),
+        );
         assert!(bid < price && price < ask, "{first}");
         assert!(first["volume"].as_u64().unwrap() >= 1);
         assert!(first["change"].is_f64());
@@ -439,7 +455,10 @@ mod tests {
         ] {
             let (status, body) = get_json!(&app, uri);
             assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
-            assert!(body["error"].as_str().unwrap().contains("invalid symbol"), "{uri}");
+            assert!(
+                body["error"].as_str().unwrap().contains("invalid symbol"),
+                "{uri}"
+            );
         }
         let (status, _) = get_json!(&app, "/demo/prices/ABCDEFGHIJKL");
         assert_eq!(status, StatusCode::OK, "12 characters are fine");
@@ -455,8 +474,8 @@ mod tests {
             let (status, body) = get_json!(&app, "/demo/chain/nifty");
             assert_eq!(status, StatusCode::OK);
             assert_eq!(body["symbol"], "NIFTY");
-            let expiry = NaiveDate::parse_from_str(body["expiry"].as_str().unwrap(), "%Y-%m-%d")
-                .unwrap();
+            let expiry =
+                NaiveDate::parse_from_str(body["expiry"].as_str().unwrap(), "%Y-%m-%d").unwrap();
             // Either today's or tomorrow's date may apply around midnight.
             let days = (expiry - today).num_days();
             assert!((0..=8).contains(&days), "{expiry}");
@@ -467,7 +486,10 @@ mod tests {
             let strikes: Vec<i64> = rows.iter().map(|r| r["strike"].as_i64().unwrap()).collect();
             let step = strikes[1] - strikes[0];
             assert_eq!(step, 100, "0.5 % of 24350 rounds down to 100");
-            assert!(strikes.windows(2).all(|w| w[1] - w[0] == step), "{strikes:?}");
+            assert!(
+                strikes.windows(2).all(|w| w[1] - w[0] == step),
+                "{strikes:?}"
+            );
             let spot = body["underlying"].as_f64().unwrap();
             assert!((spot - strikes[3] as f64).abs() <= step as f64 / 2.0 + 0.01);
             for row in rows {
@@ -496,9 +518,10 @@ mod tests {
             App::new().configure(|cfg| configure_with(cfg, state.clone())),
         )
         .await;
-        let app2 =
-            actix_test::init_service(App::new().configure(|cfg| configure_with(cfg, state.clone())))
-                .await;
+        let app2 = actix_test::init_service(
+            App::new().configure(|cfg| configure_with(cfg, state.clone())),
+        )
+        .await;
         let (_, a) = get_json!(&app1, "/demo/prices/ETH");
         let (_, b) = get_json!(&app2, "/demo/prices/ETH");
         assert!(b["volume"].as_u64().unwrap() > a["volume"].as_u64().unwrap());

@@ -108,7 +108,10 @@ mod tests {
         assert_eq!(retry_delay(Duration::MAX, 1), MAX_RETRY_DELAY);
         assert_eq!(retry_delay(Duration::MAX, 0), Duration::MAX);
         assert_eq!(retry_delay(Duration::ZERO, 5), Duration::ZERO);
-        assert_eq!(retry_delay(Duration::from_nanos(1), 40), Duration::from_nanos(10));
+        assert_eq!(
+            retry_delay(Duration::from_nanos(1), 40),
+            Duration::from_nanos(10)
+        );
     }
 
     #[test]
@@ -119,7 +122,11 @@ mod tests {
             assert!(*s >= secs(8) && *s <= secs(12), "{s:?}");
         }
         let distinct: std::collections::HashSet<_> = samples.iter().collect();
-        assert!(distinct.len() > 150, "only {} distinct values", distinct.len());
+        assert!(
+            distinct.len() > 150,
+            "only {} distinct values",
+            distinct.len()
+        );
         // Both halves of the range are used.
         assert!(samples.iter().any(|s| *s < d) && samples.iter().any(|s| *s > d));
     }

@@ -38,7 +38,9 @@ impl fmt::Display for FetchError {
         match self {
             FetchError::Connect(reason) => write!(f, "request failed: {reason}"),
             FetchError::Timeout => f.write_str("request timed out"),
-            FetchError::Status(status, body) if body.is_empty() => write!(f, "HTTP status {status}"),
+            FetchError::Status(status, body) if body.is_empty() => {
+                write!(f, "HTTP status {status}")
+            }
             FetchError::Status(status, body) => write!(f, "HTTP status {status}: {body}"),
             FetchError::TooLarge => f.write_str("response body too large"),
             FetchError::InvalidJson(reason) => write!(f, "invalid JSON: {reason}"),
@@ -230,7 +232,10 @@ mod tests {
     async fn slow_body() -> HttpResponse {
         let chunks = futures_util::stream::unfold(0, |step| async move {
             match step {
-                0 => Some((Ok::<_, actix_web::Error>(web::Bytes::from_static(b"{\"a\":")), 1)),
+                0 => Some((
+                    Ok::<_, actix_web::Error>(web::Bytes::from_static(b"{\"a\":")),
+                    1,
+                )),
                 1 => {
                     actix_web::rt::time::sleep(Duration::from_secs(10)).await;
                     Some((Ok(web::Bytes::from_static(b"1}")), 2))
@@ -309,7 +314,10 @@ mod tests {
             .unwrap();
         assert_eq!(value, json!({"ok": true, "key": "k-123", "path": "/ok"}));
         // The client is reused for a second request.
-        assert_eq!(get(&client, &format!("{base}/ok")).await.unwrap()["ok"], true);
+        assert_eq!(
+            get(&client, &format!("{base}/ok")).await.unwrap()["ok"],
+            true
+        );
         server.stop(false).await;
     }
 
@@ -325,7 +333,9 @@ mod tests {
         assert!(body.starts_with("boom xxx"));
         assert!(err.to_string().starts_with("HTTP status 500: boom x"));
 
-        let err = get(&client, &format!("{base}/not-found")).await.unwrap_err();
+        let err = get(&client, &format!("{base}/not-found"))
+            .await
+            .unwrap_err();
         assert_eq!(err, FetchError::Status(404, String::new()));
         assert_eq!(err.to_string(), "HTTP status 404");
         // An unknown route is actix's 404 too.
@@ -342,7 +352,10 @@ mod tests {
         let err = get(&build_client(), &format!("{base}/bad-json"))
             .await
             .unwrap_err();
-        assert!(matches!(&err, FetchError::InvalidJson(msg) if msg.contains("EOF")), "{err:?}");
+        assert!(
+            matches!(&err, FetchError::InvalidJson(msg) if msg.contains("EOF")),
+            "{err:?}"
+        );
         assert!(err.to_string().starts_with("invalid JSON: "));
         server.stop(false).await;
     }
@@ -356,7 +369,10 @@ mod tests {
             let err = get(&client, &format!("{base}{path}")).await.unwrap_err();
             assert_eq!(err, FetchError::Timeout, "{path}");
             let took = started.elapsed();
-            assert!(took >= TIMEOUT && took < Duration::from_secs(5), "{path}: {took:?}");
+            assert!(
+                took >= TIMEOUT && took < Duration::from_secs(5),
+                "{path}: {took:?}"
+            );
         }
         server.stop(false).await;
     }

@@ -122,6 +122,8 @@ pub struct Poller {
     /// Channels being filled by a one-off fetch here.
     filling: HashSet<String>,
     scanning: bool,
+    /// Shutting down: take no job any more.
+    stopping: bool,
     /// Jobs to start when the poller starts (the demo symbols).
     initial: Vec<(String, BTreeMap<String, String>)>,
 }
@@ -192,6 +194,7 @@ impl Poller {
             owned: HashMap::new(),
             filling: HashSet::new(),
             scanning: false,
+            stopping: false,
             initial,
         });
         hub.set_observer(Arc::new(PollerObserver {
@@ -254,8 +257,11 @@ impl Poller {
         if self.owned.contains_key(&spec.id) {
             return;
         }
-        let Some(source) = self.source(&spec.source) else {
-            log::warn!("job `{}` names source `{}`, which this replica does not have", spec.id, spec.source);
+        let source = self.source(&spec.source).filter(|_| !self.stopping);
+        let Some(source) = source else {
+            if !self.stopping {
+                log::warn!("job `{}` names source `{}`, which this replica does not have", spec.id, spec.source);
+            }
             let store = self.store.clone();
             let id = spec.id.clone();
             actix::spawn(async move {
@@ -378,7 +384,7 @@ impl Poller {
 
     /// Keeps fleet ownership right; runs every quarter lease (renewal at least every third, as required).
     fn scan(&mut self, ctx: &mut Context<Self>) {
-        if self.scanning {
+        if self.scanning || self.stopping {
             return;
         }
         self.scanning = true;
@@ -471,8 +477,8 @@ impl Poller {
         });
     }
 
-    /// A one-off fetch for subscribers waiting on an empty channel whose job another replica owns (or that
-    /// has no job yet): one replica fleet-wide does it, under a short lock.
+    /// A one-off fetch for subscribers waiting on an empty channel (its cached value expired) whose job another
+    /// replica owns: one replica fleet-wide does it, under a short lock.
     fn fill_remote(&mut self, spec: JobSpec, ctx: &mut Context<Self>) {
         if !self.filling.insert(spec.channel.clone()) {
             return;
@@ -712,11 +718,14 @@ impl Handler<ListJobs> for Poller {
 impl Handler<ReleaseAll> for Poller {
     type Result = ResponseActFuture<Self, ()>;
 
+    /// Graceful shutdown: stop every job, give every lease back, then stop the actor so no later scan takes
+    /// a job again.
     fn handle(&mut self, _: ReleaseAll, ctx: &mut Self::Context) -> Self::Result {
         let ids: Vec<String> = self.owned.keys().cloned().collect();
         for id in &ids {
             self.disown(id, ctx);
         }
+        self.stopping = true;
         let store = self.store.clone();
         Box::pin(
             async move {
@@ -724,7 +733,8 @@ impl Handler<ReleaseAll> for Poller {
                     let _ = store.release(&id).await;
                 }
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(|_, _, ctx| ctx.stop()),
         )
     }
 }
@@ -738,6 +748,7 @@ impl Handler<Fill> for Poller {
             // Single flight: `fetch` does nothing while one is under way.
             return self.fetch(&id, ctx);
         }
+        // An auto-start channel needs nothing more: whichever replica wins the job's lease fetches at once.
         let known = self
             .known
             .lock()
@@ -745,7 +756,7 @@ impl Handler<Fill> for Poller {
             .jobs_by_channel
             .get(&msg.channel)
             .cloned();
-        if let Some(spec) = known.or_else(|| self.auto_job(&msg.channel)) {
+        if let Some(spec) = known {
             self.fill_remote(spec, ctx);
         }
     }

@@ -203,9 +203,7 @@ fn match_from(segments: &[Segment], input: &str, bound: &mut BTreeMap<String, St
             }
             // A value stops at the first ':' at the latest.
             let limit = input.find(':').unwrap_or(input.len());
-            let candidates = input[..limit]
-                .char_indices()
-                .map(|(i, c)| i + c.len_utf8());
+            let candidates = input[..limit].char_indices().map(|(i, c)| i + c.len_utf8());
             for end in candidates {
                 bound.insert(name.clone(), input[..end].to_owned());
                 if match_from(rest, &input[end..], bound) {
@@ -313,7 +311,10 @@ mod tests {
             "https://api.example.com/chain?symbol=S%26P%20500%2F%C3%A9&expiry=2025-11-28"
         );
         let kept = t
-            .render(&map(&[("symbol", "aZ09-_.~"), ("expiry", "")]), Encoding::Url)
+            .render(
+                &map(&[("symbol", "aZ09-_.~"), ("expiry", "")]),
+                Encoding::Url,
+            )
             .unwrap();
         assert!(kept.ends_with("symbol=aZ09-_.~&expiry="));
     }
@@ -372,14 +373,14 @@ mod tests {
     fn channel_mismatches() {
         let t = Template::parse("option-chain:{symbol}:{expiry}").unwrap();
         for channel in [
-            "option-chain:NIFTY",               // too few parts
-            "option-chain:NIFTY:2025:11",       // a value cannot hold ':'
-            "option-chain::2025-11-28",         // empty value
-            "option-chain:NIFTY:",              // empty value at the end
-            "Option-chain:NIFTY:2025-11-28",    // literal is case-sensitive
-            "xoption-chain:NIFTY:2025-11-28",   // literal must start the channel
-            "option-chain:NIFTY:2025-11-28:",   // trailing text
-            "prices:NIFTY:2025-11-28",          // other literal
+            "option-chain:NIFTY",             // too few parts
+            "option-chain:NIFTY:2025:11",     // a value cannot hold ':'
+            "option-chain::2025-11-28",       // empty value
+            "option-chain:NIFTY:",            // empty value at the end
+            "Option-chain:NIFTY:2025-11-28",  // literal is case-sensitive
+            "xoption-chain:NIFTY:2025-11-28", // literal must start the channel
+            "option-chain:NIFTY:2025-11-28:", // trailing text
+            "prices:NIFTY:2025-11-28",        // other literal
         ] {
             assert_eq!(t.match_channel(channel), None, "{channel}");
         }
@@ -417,7 +418,10 @@ mod tests {
     #[test]
     fn adjacent_params_first_takes_shortest() {
         let t = Template::parse("{a}{b}").unwrap();
-        assert_eq!(t.match_channel("xyz"), Some(map(&[("a", "x"), ("b", "yz")])));
+        assert_eq!(
+            t.match_channel("xyz"),
+            Some(map(&[("a", "x"), ("b", "yz")]))
+        );
         assert_eq!(t.match_channel("x"), None);
         // Multi-byte characters are split on character boundaries.
         assert_eq!(t.match_channel("éà"), Some(map(&[("a", "é"), ("b", "à")])));
@@ -470,7 +474,10 @@ mod tests {
         let path = std::env::var("PATH").expect("PATH is set");
         assert_eq!(expand_env("p=${PATH}").unwrap(), format!("p={path}"));
         let err = expand_env("${RELAYHUB_TEST_VARIABLE_THAT_IS_NEVER_SET}").unwrap_err();
-        assert!(err.contains("RELAYHUB_TEST_VARIABLE_THAT_IS_NEVER_SET"), "{err}");
+        assert!(
+            err.contains("RELAYHUB_TEST_VARIABLE_THAT_IS_NEVER_SET"),
+            "{err}"
+        );
         assert_eq!(expand_env("plain").unwrap(), "plain");
     }
 }

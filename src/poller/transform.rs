@@ -245,8 +245,8 @@ fn diff_array(items: Vec<Value>, previous: Option<&Value>, key: Option<&str>) ->
 fn key_identity(value: &Value) -> String {
     match value {
         Value::Number(n) => match n.as_f64() {
-            Some(f) if f == 0.0 => "n:0".to_owned(),
-            Some(f) => format!("n:{f}"),
+            // `+ 0.0` turns -0.0 into 0.0.
+            Some(f) => format!("n:{}", f + 0.0),
             None => format!("n:{n}"),
         },
         Value::String(s) => format!("s:{s}"),
@@ -382,7 +382,10 @@ mod tests {
             {"strike": 24200, "ltp": 50.0, "oi": 700, "iv": 0.16},
         ]});
         let out1 = apply_all(&transforms, first, None).unwrap();
-        assert_eq!(out1[0], json!({"strike": 24000, "ltp": 120.5, "oi": 1000, "iv": 0.18}));
+        assert_eq!(
+            out1[0],
+            json!({"strike": 24000, "ltp": 120.5, "oi": 1000, "iv": 0.18})
+        );
 
         // 24000 dropped, 24300 appeared, rows reordered.
         let second = json!({"symbol": "NIFTY", "data": [
@@ -488,7 +491,10 @@ mod tests {
     fn left_alone_cases() {
         let diff = [Transform::Diff { key: None }];
         // Bare numbers at the root and in arrays of numbers.
-        assert_eq!(apply_all(&diff, json!(5), Some(&json!(3))).unwrap(), json!(5));
+        assert_eq!(
+            apply_all(&diff, json!(5), Some(&json!(3))).unwrap(),
+            json!(5)
+        );
         assert_eq!(
             apply_all(&diff, json!({"xs": [1, 2]}), Some(&json!({"xs": [0, 0]}))).unwrap(),
             json!({"xs": [1, 2]})
@@ -503,10 +509,7 @@ mod tests {
         // Type changes and non-numbers: nothing added.
         let prev = json!({"a": "1", "b": 2, "c": {"d": 1}, "e": true});
         let now = json!({"a": 1, "b": "2", "c": 3, "e": false});
-        assert_eq!(
-            apply_all(&diff, now.clone(), Some(&prev)).unwrap(),
-            now
-        );
+        assert_eq!(apply_all(&diff, now.clone(), Some(&prev)).unwrap(), now);
         // Previous of another shape entirely.
         assert_eq!(
             apply_all(&diff, json!({"a": 1}), Some(&json!([1]))).unwrap(),
@@ -517,7 +520,8 @@ mod tests {
     #[test]
     fn key_matching_details() {
         let diff = diff_key("k");
-        // 100 and 100.0 are the same key; the first duplicate wins; keyless rows pair by index with keyless rows.
+        // 100 and 100.0 are the same key; the first duplicate wins; keyless rows pair by index with
+        // keyless rows.
         let prev = json!([{"k": 100, "v": 1}, {"k": 100, "v": 50}, {"v": 7}, {"k": "s", "v": 2}]);
         let now = json!([{"k": 100.0, "v": 2}, {"k": 3, "v": 1}, {"v": 8}, {"v": 9}]);
         assert_eq!(

@@ -377,3 +377,72 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One HTTP exchange with everything a test may look at: status, headers and the raw body.
+pub struct Reply {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Any request (`GET`, `OPTIONS`, `POST` ...) with extra headers and an optional body.
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Reply {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+    let mut request = http_client().request(method, url);
+    for (k, v) in headers {
+        request = request.insert_header((*k, *v));
+    }
+    let mut response = match body {
+        Some(body) => request.send_body(body).await,
+        None => request.send().await,
+    }
+    .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let body = response.body().limit(16 << 20).await.expect("body").to_vec();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    Reply {
+        status: response.status().as_u16(),
+        headers,
+        body,
+    }
+}
+
+/// Waits until the hub answers `/ready` with 200 (in Redis mode: its pub/sub connection is live).
+pub async fn wait_ready(hub: &TestHub) {
+    let url = hub.http("/ready");
+    eventually(Duration::from_secs(30), &format!("{url} answers 200"), || async {
+        get_json(&url).await.0 == 200
+    })
+    .await;
+}
+
+/// Waits until `/api/stats` of `hub` counts `expected` subscribers of `channel`.
+pub async fn wait_subscribers(hub: &TestHub, channel: &str, expected: u64) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{} counts {expected} subscribers of {channel}", hub.addr),
+        || async { hub.stats().await["subscribers"][channel].as_u64().unwrap_or(0) == expected },
+    )
+    .await;
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the browser tests (tests/browser) against an already built hub: installs Chromium and the node packages
+# when missing (scripts/browser-deps.sh), then runs node's test runner. Builds nothing.
+#   RELAYHUB_BIN   hub binary to test (default: target/debug/relayhub)
+#   CHROMIUM_BIN   browser (default: /usr/bin/chromium)
+# Exits non-zero when a test fails or something is missing. Screenshots land in target/dashboard*.png.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+bash "$repo/scripts/browser-deps.sh"
+
+bin="${RELAYHUB_BIN:-$repo/target/debug/relayhub}"
+case "$bin" in
+    /*) ;;
+    *) bin="$PWD/$bin" ;;
+esac
+if [[ ! -x "$bin" ]]; then
+    echo "test-browser: error: relayhub binary not found or not executable: $bin" >&2
+    echo "test-browser: build it first (cargo build), or set RELAYHUB_BIN to its path" >&2
+    exit 1
+fi
+export RELAYHUB_BIN="$bin"
+
+cd "$repo/tests/browser"
+exec node --test --test-reporter=tap dashboard.test.mjs

@@ -1,0 +1,279 @@
+//! The poller against real upstream HTTP servers started in the test, and a real Redis for fleet behaviour.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::upstream::{Mode, Upstream};
+use common::{RedisServer, TestHub, eventually, get_json, post_json};
+
+fn source_config(upstream: &Upstream, extra: &str) -> String {
+    format!(
+        r#"
+[poller]
+lease = "2s"
+
+[[sources]]
+name = "ticker"
+url = "{}"
+channel = "ticker:{{symbol}}"
+interval = "1s"
+timeout = "500ms"
+{extra}
+"#,
+        upstream.url("/ticker/{symbol}")
+    )
+}
+
+fn redis_config(redis: &RedisServer) -> String {
+    format!("[redis]\nurl = \"{}\"\nrequired = true\n", redis.url())
+}
+
+async fn start_job(hub: &TestHub, source: &str, params: Value) -> Value {
+    let (status, body) = post_json(&hub.http("/api/polling/start"), &json!({"source": source, "params": params}), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn job_status(hub: &TestHub, id: &str) -> Value {
+    let (status, body) = get_json(&hub.http("/api/polling/status")).await;
+    assert_eq!(status, 200, "{body}");
+    body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[actix_web::test]
+async fn three_replicas_fetch_each_interval_once_and_every_client_gets_every_update() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let config = format!("{}{}", redis_config(&redis), source_config(&upstream, ""));
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        eventually(Duration::from_secs(10), "replica ready", || async { get_json(&hub.http("/ready")).await.0 == 200 }).await;
+    }
+    let mut clients = Vec::new();
+    for hub in &hubs {
+        for _ in 0..3 {
+            let mut ws = hub.connect().await;
+            ws.subscribe("ticker:ACME").await;
+            clients.push(ws);
+        }
+    }
+    // Any replica may start it; the same id comes back from every replica.
+    let started = start_job(&hubs[1], "ticker", json!({"symbol": "ACME"})).await;
+    assert_eq!(started["channel"], "ticker:ACME");
+    let again = start_job(&hubs[2], "ticker", json!({"symbol": "ACME"})).await;
+    assert_eq!(again["job"], started["job"]);
+    let window_start = upstream.requests("/ticker/ACME");
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let fetched = upstream.requests("/ticker/ACME") - window_start;
+    let seconds = began.elapsed().as_secs_f64();
+    // One fetch per 1 s interval fleet-wide (three replicas polling would triple it).
+    assert!(
+        (seconds - 2.0..=seconds + 1.0).contains(&(fetched as f64)),
+        "{fetched} upstream requests in {seconds:.1} s"
+    );
+    let id = started["job"].as_str().unwrap();
+    let (status, _) = post_json(&hubs[0].http("/api/polling/stop"), &json!({"job": id}), &[]).await;
+    assert_eq!(status, 200);
+    let last = get_json(&hubs[0].http("/api/channels/ticker:ACME")).await.1["seq"].as_u64().unwrap();
+    assert!(last >= 18, "last seq {last}");
+    for ws in &mut clients {
+        let mut seen = Vec::new();
+        while seen.last() != Some(&last) {
+            let frame = ws.recv().await;
+            assert!(frame["type"] == "message" || frame["type"] == "snapshot", "{frame}");
+            seen.push(frame["seq"].as_u64().unwrap());
+        }
+        // Every update, once, in order: consecutive sequence numbers from the first one received.
+        let expected: Vec<u64> = (seen[0]..=last).collect();
+        assert_eq!(seen, expected);
+    }
+}
+
+#[actix_web::test]
+async fn a_dead_owner_is_replaced_within_the_lease_and_a_graceful_stop_hands_over_at_once() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let config = format!("{}{}", redis_config(&redis), source_config(&upstream, "").replace("lease = \"2s\"", "lease = \"4s\""));
+    let mut hubs = vec![TestHub::start(&config).await, TestHub::start(&config).await, TestHub::start(&config).await];
+    let started = start_job(&hubs[0], "ticker", json!({"symbol": "X"})).await;
+    let id = started["job"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "job owned", || async { job_status(&hubs[0], &id).await["owner"].is_string() }).await;
+    let owner_of = |status: &Value| status["owner"].as_str().map(str::to_string);
+    let instance = |hub: &TestHub| hub.hub().instance_id().to_string();
+
+    // Kill the owner: no release, its lease must expire (4 s) before another replica takes over.
+    let owner = owner_of(&job_status(&hubs[0], &id).await).unwrap();
+    let index = hubs.iter().position(|h| instance(h) == owner).unwrap();
+    let mut dead = hubs.remove(index);
+    dead.kill().await;
+    let killed_at = Instant::now();
+    eventually(Duration::from_secs(10), "takeover after a crash", || async {
+        owner_of(&job_status(&hubs[0], &id).await).is_some_and(|o| o != owner)
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    assert!(takeover <= Duration::from_millis(4000 + 1000 + 1500), "takeover took {takeover:?}");
+    let before = upstream.requests("/ticker/X");
+    eventually(Duration::from_secs(5), "fetching resumes", || async { upstream.requests("/ticker/X") > before }).await;
+
+    // Graceful stop of the new owner releases the lease: the last replica takes over well within the lease.
+    let owner = owner_of(&job_status(&hubs[0], &id).await).unwrap();
+    let index = hubs.iter().position(|h| instance(h) == owner).unwrap();
+    let mut leaving = hubs.remove(index);
+    leaving.shutdown().await;
+    let stopped_at = Instant::now();
+    let survivor = instance(&hubs[0]);
+    eventually(Duration::from_secs(10), "takeover after a graceful stop", || async {
+        owner_of(&job_status(&hubs[0], &id).await).as_deref() == Some(survivor.as_str())
+    })
+    .await;
+    let handover = stopped_at.elapsed();
+    assert!(handover < Duration::from_millis(3500), "graceful handover took {handover:?}, the lease is 4 s");
+}
+
+#[actix_web::test]
+async fn upstream_failures_keep_the_last_good_value_and_back_off() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"price": 10})));
+    let hub = TestHub::start(&source_config(&upstream, "")).await;
+    let mut ws = hub.connect().await;
+    ws.subscribe("ticker:F").await;
+    let started = start_job(&hub, "ticker", json!({"symbol": "F"})).await;
+    let id = started["job"].as_str().unwrap().to_string();
+    let first = ws.recv_type("message").await;
+    assert_eq!(first["data"]["price"], 10);
+
+    for (mode, expected) in [
+        (Mode::Status(500), "500"),
+        (Mode::Hang, "timed out"),
+        (Mode::BadJson, "invalid JSON"),
+    ] {
+        upstream.set_mode(mode);
+        eventually(Duration::from_secs(15), expected, || async {
+            let s = job_status(&hub, &id).await;
+            s["last_error"].as_str().is_some_and(|e| e.contains(expected)) && s["state"] == "backoff"
+        })
+        .await;
+        let status = job_status(&hub, &id).await;
+        assert!(status["consecutive_failures"].as_u64() >= Some(1), "{status}");
+        assert!(status["next_run"].is_string());
+    }
+    // Nothing was published while failing: the cached value is still the last good one.
+    let (_, latest) = get_json(&hub.http("/api/channels/ticker:F")).await;
+    let good_seq = latest["seq"].as_u64().unwrap();
+    assert_eq!(latest["data"]["price"], 10);
+    let failures = job_status(&hub, &id).await["consecutive_failures"].as_u64().unwrap();
+    assert!(failures >= 3, "three kinds of failure in a row, got {failures}");
+
+    // Recovery: the next fetch publishes again and the failure count resets.
+    upstream.set_mode(Mode::Ok(json!({"price": 11})));
+    let mut recovered = ws.recv_type("message").await;
+    while recovered["data"]["price"] != 11 {
+        recovered = ws.recv_type("message").await;
+    }
+    assert_eq!(recovered["seq"], good_seq + 1, "no message was published during the failures");
+    eventually(Duration::from_secs(10), "failures reset", || async {
+        let s = job_status(&hub, &id).await;
+        s["consecutive_failures"] == 0 && s["state"] == "running"
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn fifty_subscribers_to_an_uncached_channel_share_one_fetch() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": "fresh"})));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "auto_start = true").replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        eventually(Duration::from_secs(10), "replica ready", || async { get_json(&hub.http("/ready")).await.0 == 200 }).await;
+    }
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        clients.push(hubs[i % 2].connect().await);
+    }
+    // All subscribe at once.
+    for ws in &mut clients {
+        ws.send(json!({"op": "subscribe", "channel": "ticker:SOLO"})).await;
+    }
+    for ws in &mut clients {
+        ws.recv_type("subscribed").await;
+        let snapshot = ws.recv_type("snapshot").await;
+        assert_eq!(snapshot["data"]["v"], "fresh");
+    }
+    assert_eq!(upstream.requests("/ticker/SOLO"), 1);
+}
+
+#[actix_web::test]
+async fn pointer_and_diff_transforms_run_on_fetched_data() {
+    let upstream = Upstream::start();
+    let chain = |ltp_a: f64, oi_a: i64, ltp_b: f64| {
+        json!({"data": [{"strike": 100, "ltp": ltp_a, "oi": oi_a}, {"strike": 110, "ltp": ltp_b, "oi": 5}], "meta": "x"})
+    };
+    upstream.set_mode(Mode::Ok(chain(5.5, 1000, 2.0)));
+    let extra = "transform = [\"/data\", \"diff:strike\"]";
+    let hub = TestHub::start(&source_config(&upstream, extra).replace("interval = \"1s\"", "interval = \"300ms\"")).await;
+    let mut ws = hub.connect().await;
+    ws.subscribe("ticker:CH").await;
+    start_job(&hub, "ticker", json!({"symbol": "CH"})).await;
+    let first = ws.recv_type("message").await;
+    assert_eq!(first["data"], json!([{"strike": 100, "ltp": 5.5, "oi": 1000}, {"strike": 110, "ltp": 2.0, "oi": 5}]));
+    upstream.set_mode(Mode::Ok(chain(7.0, 990, 1.25)));
+    let mut next = ws.recv_type("message").await;
+    while next["data"][0]["ltp"] != 7.0 {
+        next = ws.recv_type("message").await;
+    }
+    assert_eq!(
+        next["data"],
+        json!([
+            {"strike": 100, "ltp": 7.0, "ltp_change": 1.5, "oi": 990, "oi_change": -10},
+            {"strike": 110, "ltp": 1.25, "ltp_change": -0.75, "oi": 5, "oi_change": 0}
+        ])
+    );
+}
+
+#[actix_web::test]
+async fn polling_api_validates_parameters_and_requires_the_admin_token() {
+    let upstream = Upstream::start();
+    let hub = TestHub::start(&format!("[server]\nadmin_token = \"s3cret\"\n{}", source_config(&upstream, ""))).await;
+    let url = hub.http("/api/polling/start");
+    let body = json!({"source": "ticker", "params": {"symbol": "A"}});
+    assert_eq!(post_json(&url, &body, &[]).await.0, 401);
+    assert_eq!(post_json(&url, &body, &[("Authorization", "Bearer nope")]).await.0, 401);
+    assert_eq!(get_json(&hub.http("/api/polling/status")).await.0, 401);
+    assert_eq!(post_json(&hub.http("/api/polling/stop"), &json!({"job": "x"}), &[]).await.0, 401);
+    let auth = [("Authorization", "Bearer s3cret")];
+    let cases = [
+        (json!({"source": "ticker", "params": {}}), 400, "symbol"),
+        (json!({"source": "ticker", "params": {"symbol": "A", "extra": "1"}}), 400, "extra"),
+        (json!({"source": "nope", "params": {}}), 400, "nope"),
+        (json!({"source": "ticker", "params": {"symbol": "A B"}}), 400, "invalid"),
+        (json!({"params": {}}), 400, "source"),
+    ];
+    for (body, status, mentions) in cases {
+        let (got, reply) = post_json(&url, &body, &auth).await;
+        assert_eq!(got, status, "{body} -> {reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().contains(mentions), "{reply}");
+    }
+    let (status, started) = post_json(&url, &body, &auth).await;
+    assert_eq!(status, 200);
+    let (status, stopped) = post_json(&hub.http("/api/polling/stop"), &json!({"job": started["job"]}), &auth).await;
+    assert_eq!((status, stopped["stopped"].clone()), (200, json!(true)));
+    let (status, _) = post_json(&hub.http("/api/polling/stop"), &json!({"job": started["job"]}), &auth).await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,753 @@
+// relayhub.js: the browser client of a relayhub server. One WebSocket to `/ws`, many channel subscriptions over
+// it; reconnects with backoff, resubscribes, queues calls made while offline, keeps a heartbeat, and falls back
+// to polling the REST API while the socket is down. An ES module with no dependencies and no build step.
+//
+// Layout of this file:
+//   constants and functions    defaults, channel-name check, URL derivation, backoff
+//   class RelayHub             public API (subscribe, publish, on, close, connect, status, latency)
+//     connection               _open, _onOpen, _onFrame, _onClose, _scheduleReconnect
+//     outgoing                 _enqueue, _resubscribeAndFlush, _send
+//     heartbeat                _tick, _sendPing, _onPong
+//     REST fallback            _startFallback, _stopFallback, _poll
+
+/** Defaults of every option of {@link RelayHub}. */
+export const DEFAULTS = Object.freeze({
+  backoffBase: 500,
+  backoffMax: 10_000,
+  maxAttempts: 10,
+  heartbeatInterval: 10_000,
+  heartbeatTimeout: 25_000,
+  connectTimeout: 10_000,
+  fallback: true,
+  fallbackInterval: 3_000,
+  restBase: null,
+});
+
+/** What a channel name may look like (the server rejects anything else with `invalid_channel`). */
+const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,200}$/;
+
+/** A pattern: a channel-name prefix ending in `:`, then `*` (e.g. `prices:*`). */
+const PATTERN_RE = /^[A-Za-z0-9_.:@-]{1,200}(?<=:)\*$/;
+
+/** Close code the server sends when it is going away (restart, deploy): reconnect at once. */
+const CLOSE_GOING_AWAY = 1001;
+
+/** Error codes after which a subscription is dropped instead of retried on every reconnect. */
+const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "invalid_channel", "too_many_subscriptions", "bad_request"]);
+
+/**
+ * Whether `name` is a valid channel name: 1-200 characters of `[A-Za-z0-9_.:@-]`.
+ * @param {string} name
+ * @returns {boolean}
+ */
+export function isValidChannel(name) {
+  return typeof name === "string" && CHANNEL_RE.test(name);
+}
+
+/**
+ * Whether `name` is a pattern such as `prices:*`: a channel-name prefix ending in `:`, then `*`. Patterns are
+ * accepted only in namespaces where the hub allows them.
+ * @param {string} name
+ * @returns {boolean}
+ */
+export function isPattern(name) {
+  return typeof name === "string" && name.length >= 3 && PATTERN_RE.test(name);
+}
+
+/**
+ * The namespace of a channel: the part before the first `:` (the whole name when there is none).
+ * @param {string} channel
+ * @returns {string}
+ */
+export function namespaceOf(channel) {
+  const i = channel.indexOf(":");
+  return i < 0 ? channel : channel.slice(0, i);
+}
+
+/**
+ * Delay before reconnect attempt `attempt` (0-based): exponential backoff with full jitter, a random value in
+ * [0, min(max, base * 2^attempt)).
+ * @param {number} attempt
+ * @param {number} base
+ * @param {number} max
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, base, max) {
+  const cap = Math.min(max, base * 2 ** Math.min(attempt, 30));
+  return Math.floor(Math.random() * cap);
+}
+
+/** Resolves `url` (absolute, or a path like "/ws" relative to the page) into a ws:// or wss:// URL. */
+function resolveSocketUrl(url) {
+  const base = typeof location !== "undefined" ? location.href : undefined;
+  const u = new URL(url ?? "/ws", base);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") {
+    throw new TypeError(`RelayHub: unsupported URL scheme in ${u.href}`);
+  }
+  return u.href;
+}
+
+/** The HTTP base of the REST API for a socket URL: same host, http(s), the path before the trailing "/ws". */
+function restBaseFor(socketUrl) {
+  const u = new URL(socketUrl);
+  u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  const path = u.pathname.replace(/\/ws\/?$/, "").replace(/\/$/, "");
+  return `${u.origin}${path}`;
+}
+
+/** Calls `fn` and reports (never rethrows) what it throws, so one bad callback cannot stop the others. */
+function safeCall(fn, ...args) {
+  try {
+    fn(...args);
+  } catch (err) {
+    if (typeof reportError === "function") reportError(err);
+    else console.error(err);
+  }
+}
+
+/**
+ * Metadata handed to a subscription callback with every value.
+ * @typedef {object} MessageMeta
+ * @property {string} channel  the channel the value belongs to
+ * @property {number|null} seq  the hub's sequence number of the value (null for values written by outside producers)
+ * @property {string|null} ts  ISO-8601 time the hub stored the value, when known
+ * @property {boolean} snapshot  true for the latest value sent on subscribe (or read through the REST fallback),
+ *   false for a live message
+ * @property {"socket"|"rest"} source  how the value arrived: over the WebSocket, or by the REST fallback
+ */
+
+/**
+ * Options of {@link RelayHub}; every one is optional.
+ * @typedef {object} RelayHubOptions
+ * @property {number} [backoffBase=500]  first reconnect delay cap in ms (doubles per attempt, full jitter)
+ * @property {number} [backoffMax=10000]  largest reconnect delay cap in ms
+ * @property {number} [maxAttempts=10]  failed reconnect attempts in a row before giving up (status `closed`);
+ *   `Infinity` never gives up
+ * @property {number} [heartbeatInterval=10000]  ms between application-level `ping` frames
+ * @property {number} [heartbeatTimeout=25000]  ms without any frame from the server (while a ping waits for its
+ *   answer) after which the link is considered dead and is replaced
+ * @property {number} [connectTimeout=10000]  ms a connection attempt may take before it is abandoned
+ * @property {boolean} [fallback=true]  poll the REST API for subscribed channels while the socket is down
+ * @property {number} [fallbackInterval=3000]  ms between two REST fallback rounds
+ * @property {string} [restBase]  base URL of the REST API (default: derived from the socket URL, e.g.
+ *   `ws://host:8080/ws` gives `http://host:8080`)
+ * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (default: the global one)
+ * @property {typeof fetch} [fetch]  fetch implementation for the REST fallback (default: the global one)
+ */
+
+/**
+ * A connection to a relayhub server.
+ *
+ * ```js
+ * import { RelayHub } from "./relayhub.js";
+ * const hub = new RelayHub("/ws");
+ * const off = hub.subscribe("prices:BTC", (data, meta) => console.log(meta.channel, meta.seq, data));
+ * hub.on("status", (state) => console.log("hub is", state));
+ * await hub.publish("chat:lobby", { text: "hi" });
+ * off();          // unsubscribe
+ * hub.close();
+ * ```
+ *
+ * Status values: `connecting` (first attempt), `open`, `reconnecting` (lost, retrying with backoff; the REST
+ * fallback runs meanwhile), `closed` (after {@link RelayHub#close}, or after `maxAttempts` failed attempts;
+ * in the latter case the REST fallback keeps polling until `close()`, and {@link RelayHub#connect} tries again).
+ *
+ * Events (see {@link RelayHub#on}): `status` (state, detail), `latency` (ms), `error` ({code, message, channel,
+ * op, dropped}), `fallback` (active: boolean). `dropped` is true when the hub refused a subscription for good
+ * (forbidden, invalid_channel, too_many_subscriptions, bad_request): the channel is then forgotten.
+ */
+export class RelayHub {
+  /**
+   * Creates the client and starts connecting at once.
+   * @param {string} [url="/ws"]  socket URL: `ws://`, `wss://`, `http(s)://` or a path relative to the page
+   * @param {RelayHubOptions} [options]
+   */
+  constructor(url = "/ws", options = {}) {
+    /** @type {Required<RelayHubOptions>} */
+    this.options = { ...DEFAULTS, ...options };
+    /** The WebSocket URL this client connects to. */
+    this.url = resolveSocketUrl(url);
+    /** Base URL of the REST API (publish over HTTP is not used; the fallback reads channels from here). */
+    this.restBase = (this.options.restBase ?? restBaseFor(this.url)).replace(/\/$/, "");
+
+    this._WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    this._fetch = this.options.fetch ?? globalThis.fetch?.bind(globalThis);
+    if (typeof this._WebSocket !== "function") throw new TypeError("RelayHub: no WebSocket implementation");
+
+    /** channel -> { handlers: Set<Function>, last: {seq, data} | null } : what the user wants, on or offline. */
+    this._subs = new Map();
+    /** Frames waiting for an open socket, in call order. */
+    this._queue = [];
+    /** id -> { op, channel, resolve, reject } for frames sent and not yet answered. */
+    this._pending = new Map();
+    /** event name -> Set of listeners. */
+    this._listeners = new Map();
+    this._nextId = 1;
+    /** How many entries of `_subs` are patterns (delivery skips the pattern scan when none). */
+    this._patternCount = 0;
+
+    this._ws = null;
+    this._status = "closed";
+    this._attempt = 0;
+    this._reconnectTimer = null;
+    this._connectTimer = null;
+    this._heartbeatTimer = null;
+    this._lastFrameAt = 0;
+    this._lastPingAt = 0;
+    /** When the oldest ping sent since the last frame from the server went out; null when none is waiting. */
+    this._unansweredSince = null;
+    /** ping id -> time sent (performance.now()). */
+    this._pings = new Map();
+    this._latency = null;
+    this._fallbackTimer = null;
+    this._fallbackRunning = false;
+    this._gaveUp = false;
+
+    this.connect();
+  }
+
+  // --- public API --------------------------------------------------------------------------------------------
+
+  /**
+   * The connection state: `connecting`, `open`, `reconnecting` or `closed`.
+   * @type {string}
+   */
+  get status() {
+    return this._status;
+  }
+
+  /**
+   * Round-trip time of the last `ping`/`pong` exchange, in ms; null until the first `pong`.
+   * @type {number|null}
+   */
+  get latency() {
+    return this._latency;
+  }
+
+  /**
+   * Whether the REST fallback is polling right now.
+   * @type {boolean}
+   */
+  get fallbackActive() {
+    return this._fallbackTimer !== null;
+  }
+
+  /**
+   * The channels (and patterns) subscribed to, whatever the connection state.
+   * @returns {string[]}
+   */
+  channels() {
+    return [...this._subs.keys()];
+  }
+
+  /**
+   * Subscribes `onMessage` to `channel`. The callback gets the channel's latest value first (a snapshot, when
+   * the hub has one) and then every message. Several callbacks may share a channel: the hub is asked once.
+   * Works offline too: the subscription is sent when the socket opens, and renewed after every reconnect.
+   * `channel` may also be a pattern such as `prices:*` (where the hub allows patterns): the callback then gets
+   * the values of every matching channel, `meta.channel` telling which; the REST fallback skips patterns.
+   * @param {string} channel  1-200 characters of `[A-Za-z0-9_.:@-]`, or a pattern `prefix:*`
+   * @param {(data: any, meta: MessageMeta) => void} onMessage
+   * @returns {() => void} a function that removes this callback (and unsubscribes when it was the last one)
+   * @throws {TypeError} when the channel name is invalid or `onMessage` is not a function
+   */
+  subscribe(channel, onMessage) {
+    if (!isValidChannel(channel) && !isPattern(channel)) {
+      throw new TypeError(`RelayHub: invalid channel name ${JSON.stringify(channel)}`);
+    }
+    if (typeof onMessage !== "function") throw new TypeError("RelayHub: onMessage must be a function");
+
+    let sub = this._subs.get(channel);
+    if (sub) {
+      sub.handlers.add(onMessage);
+      // A late callback on a live channel gets the value the others already have.
+      const last = sub.prefix === null ? sub.last : null;
+      if (last) {
+        queueMicrotask(() => {
+          if (this._subs.get(channel) === sub && sub.handlers.has(onMessage)) {
+            safeCall(onMessage, last.data, { ...last.meta, snapshot: true });
+          }
+        });
+      }
+    } else {
+      sub = { handlers: new Set([onMessage]), last: null, prefix: isPattern(channel) ? channel.slice(0, -1) : null };
+      if (sub.prefix !== null) this._patternCount += 1;
+      this._subs.set(channel, sub);
+      this._enqueue({ op: "subscribe", channel });
+      if (this._fallbackTimer !== null) this._poll();
+    }
+
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      this._removeHandler(channel, sub, onMessage);
+    };
+  }
+
+  /**
+   * Publishes `data` on `channel` (only namespaces the hub opens to clients, e.g. `chat`). Sent at once when
+   * the socket is open, otherwise queued and sent in order after (re)connecting.
+   * @param {string} channel
+   * @param {any} data  any JSON value
+   * @returns {Promise<{channel: string, seq: number}>} resolves on the hub's `published` reply; rejects with an
+   *   Error carrying `code` when the hub refuses, or when the connection drops before the reply
+   */
+  publish(channel, data) {
+    if (!isValidChannel(channel)) {
+      return Promise.reject(new TypeError(`RelayHub: invalid channel name ${JSON.stringify(channel)}`));
+    }
+    if (this._status === "closed" && !this._gaveUp) {
+      return Promise.reject(new Error("RelayHub: closed; call connect() first"));
+    }
+    const promise = new Promise((resolve, reject) => {
+      this._enqueue({ op: "publish", channel, data }, { resolve, reject });
+    });
+    // Callers that ignore the result must not get "unhandled rejection" noise; those that await still see it.
+    promise.catch(() => {});
+    return promise;
+  }
+
+  /**
+   * Adds a listener. Events: `status` (state, {code, reason, attempt, delay}), `latency` (ms),
+   * `error` ({code, message, channel, op, dropped}), `fallback` (active).
+   * @param {"status"|"latency"|"error"|"fallback"} event
+   * @param {Function} fn
+   * @returns {() => void} a function that removes the listener
+   */
+  on(event, fn) {
+    if (typeof fn !== "function") throw new TypeError("RelayHub: listener must be a function");
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(fn);
+    return () => this.off(event, fn);
+  }
+
+  /**
+   * Removes a listener added with {@link RelayHub#on}.
+   * @param {string} event
+   * @param {Function} fn
+   */
+  off(event, fn) {
+    this._listeners.get(event)?.delete(fn);
+  }
+
+  /**
+   * Connects again after {@link RelayHub#close} or after giving up; does nothing while connected or connecting.
+   * Subscriptions are kept across `close()`/`connect()`.
+   */
+  connect() {
+    if (this._ws !== null || this._reconnectTimer !== null) return;
+    this._gaveUp = false;
+    this._attempt = 0;
+    this._open("connecting");
+  }
+
+  /**
+   * Closes the connection (code 1000) and stops reconnecting, the heartbeat and the REST fallback. Pending
+   * publishes are rejected. Subscriptions are kept, so {@link RelayHub#connect} resumes them.
+   */
+  close() {
+    this._gaveUp = false;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._stopFallback();
+    this._dropSocket(1000, "client closed");
+    this._failPending(new Error("RelayHub: closed"));
+    this._rejectQueued(new Error("RelayHub: closed"));
+    this._setStatus("closed", { code: 1000, reason: "client closed" });
+  }
+
+  // --- events ------------------------------------------------------------------------------------------------
+
+  _emit(event, ...args) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) safeCall(fn, ...args);
+  }
+
+  _setStatus(state, detail = {}) {
+    if (this._status === state) return;
+    this._status = state;
+    this._emit("status", state, detail);
+  }
+
+  // --- connection --------------------------------------------------------------------------------------------
+
+  /** Opens a new socket; `state` is the status shown while it connects. */
+  _open(state) {
+    this._reconnectTimer = null;
+    this._setStatus(state, { attempt: this._attempt });
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (err) {
+      // A malformed URL or a blocked port throws synchronously; treat it like a failed attempt.
+      this._emit("error", { code: "connect_failed", message: String(err?.message ?? err), channel: null, op: null });
+      this._scheduleReconnect({ code: 1006, reason: "connect failed" });
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onFrame(ws, ev.data);
+    ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
+    // Browsers follow `error` with `close`; some WebSocket implementations never close a socket that failed to
+    // connect, so a failed attempt is handled here already (the later `close`, if any, finds it detached).
+    ws.onerror = () => {
+      if (this._ws === ws && ws.readyState !== 1) this._lose(ws, 1006, "connect failed");
+    };
+    clearTimeout(this._connectTimer);
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws && ws.readyState !== 1) this._lose(ws, 4000, "connect timeout");
+    }, this.options.connectTimeout);
+  }
+
+  _onOpen(ws) {
+    if (this._ws !== ws) return;
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
+    this._lastFrameAt = Date.now();
+    this._unansweredSince = null;
+    this._pings.clear();
+    this._stopFallback();
+    this._setStatus("open", {});
+    this._resubscribeAndFlush();
+    this._sendPing();
+    clearInterval(this._heartbeatTimer);
+    this._heartbeatTimer = setInterval(() => this._tick(), Math.min(1000, this.options.heartbeatInterval));
+  }
+
+  _onFrame(ws, raw) {
+    if (this._ws !== ws) return;
+    this._lastFrameAt = Date.now();
+    this._unansweredSince = null;
+    // A server that answers proves the link works: the next outage starts a fresh backoff series.
+    this._attempt = 0;
+    if (typeof raw !== "string") return; // the protocol is text frames only
+    let frame;
+    try {
+      frame = JSON.parse(raw);
+    } catch {
+      this._emit("error", { code: "bad_frame", message: "unparsable frame from server", channel: null, op: null });
+      return;
+    }
+    if (frame === null || typeof frame !== "object") return;
+
+    switch (frame.type) {
+      case "message":
+      case "snapshot":
+        this._deliver(frame.channel, frame.data, {
+          channel: frame.channel,
+          seq: frame.seq ?? null,
+          ts: frame.ts ?? null,
+          snapshot: frame.type === "snapshot",
+          source: "socket",
+        });
+        break;
+      case "pong":
+        this._onPong(frame.id);
+        break;
+      case "published": {
+        const p = this._takePending(frame.id);
+        p?.resolve({ channel: frame.channel, seq: frame.seq ?? null });
+        break;
+      }
+      case "subscribed":
+      case "unsubscribed":
+        this._takePending(frame.id);
+        break;
+      case "error":
+        this._onErrorFrame(frame);
+        break;
+      default:
+        break; // frame types added later by the server are ignored
+    }
+  }
+
+  _onErrorFrame(frame) {
+    const p = this._takePending(frame.id);
+    const info = {
+      code: frame.code ?? "unknown",
+      message: frame.message ?? "",
+      channel: p?.channel ?? frame.channel ?? null,
+      op: p?.op ?? null,
+    };
+    if (p?.op === "publish") {
+      const err = new Error(`RelayHub: publish refused: ${info.code}: ${info.message}`);
+      err.code = info.code;
+      p.reject(err);
+    }
+    if (p?.op === "subscribe" && FINAL_SUBSCRIBE_ERRORS.has(info.code)) {
+      // Retrying on every reconnect would fail the same way: forget the channel.
+      this._forget(p.channel);
+      info.dropped = true;
+    }
+    if (p?.op === "unsubscribe" && info.code === "not_subscribed") return; // already gone: nothing to report
+    this._emit("error", info);
+  }
+
+  _onClose(ws, code, reason) {
+    if (this._ws !== ws) return;
+    this._lose(ws, code, reason);
+  }
+
+  /** Forgets the current socket (closing it if needed) and plans the next attempt. */
+  _lose(ws, code, reason) {
+    if (this._ws !== ws) return;
+    this._dropSocket(4000, "replaced");
+    this._failPending(new Error(`RelayHub: connection lost (${code})`));
+    this._scheduleReconnect({ code, reason });
+  }
+
+  /** Detaches and closes the current socket; stops the heartbeat. */
+  _dropSocket(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    clearTimeout(this._connectTimer);
+    clearInterval(this._heartbeatTimer);
+    this._connectTimer = null;
+    this._heartbeatTimer = null;
+    this._pings.clear();
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    if (ws.readyState === 0 || ws.readyState === 1) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close();
+      }
+    }
+  }
+
+  _scheduleReconnect({ code, reason }) {
+    if (this._attempt >= this.options.maxAttempts) {
+      this._gaveUp = true;
+      this._setStatus("closed", { code, reason, attempt: this._attempt, gaveUp: true });
+      // The socket is given up on; the REST fallback keeps subscribed channels fresh until close().
+      this._startFallback();
+      return;
+    }
+    const delay =
+      code === CLOSE_GOING_AWAY && this._attempt === 0
+        ? 0
+        : backoffDelay(this._attempt, this.options.backoffBase, this.options.backoffMax);
+    this._attempt += 1;
+    this._setStatus("reconnecting", { code, reason, attempt: this._attempt, delay });
+    this._startFallback();
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
+  }
+
+  // --- outgoing frames ---------------------------------------------------------------------------------------
+
+  /**
+   * Sends `frame` now when the socket is open, else queues it. While offline a subscribe and a later
+   * unsubscribe of the same channel cancel out; an unsubscribe of a channel subscribed before the outage needs
+   * no frame at all (the next connection starts empty).
+   */
+  _enqueue(frame, promise = null) {
+    if (this._isOpen()) {
+      this._send(frame, promise);
+      return;
+    }
+    if (frame.op === "unsubscribe") {
+      const i = this._queue.findIndex((q) => q.frame.op === "subscribe" && q.frame.channel === frame.channel);
+      if (i >= 0) this._queue.splice(i, 1);
+      return;
+    }
+    this._queue.push({ frame, promise });
+  }
+
+  _isOpen() {
+    return this._ws !== null && this._ws.readyState === 1;
+  }
+
+  /** On open: renew subscriptions from before the outage, then send what was queued, in call order. */
+  _resubscribeAndFlush() {
+    const queuedSubs = new Set(this._queue.filter((q) => q.frame.op === "subscribe").map((q) => q.frame.channel));
+    for (const channel of this._subs.keys()) {
+      if (!queuedSubs.has(channel)) this._send({ op: "subscribe", channel }, null);
+    }
+    const queue = this._queue;
+    this._queue = [];
+    for (const { frame, promise } of queue) {
+      if (frame.op === "subscribe" && !this._subs.has(frame.channel)) continue;
+      this._send(frame, promise);
+    }
+  }
+
+  _send(frame, promise) {
+    const id = this._nextId++;
+    const out = { ...frame, id };
+    this._pending.set(id, { op: frame.op, channel: frame.channel, ...(promise ?? {}) });
+    try {
+      this._ws.send(JSON.stringify(out));
+    } catch (err) {
+      this._pending.delete(id);
+      promise?.reject(err);
+    }
+  }
+
+  _takePending(id) {
+    if (id === undefined || id === null) return undefined;
+    const p = this._pending.get(id);
+    this._pending.delete(id);
+    return p;
+  }
+
+  /** Rejects publishes sent on a lost connection: whether the hub got them is unknown, so they are not resent. */
+  _failPending(err) {
+    for (const p of this._pending.values()) p.reject?.(err);
+    this._pending.clear();
+  }
+
+  /** Rejects publishes still waiting in the queue (used by close()). */
+  _rejectQueued(err) {
+    const keep = [];
+    for (const q of this._queue) {
+      if (q.frame.op === "publish") q.promise?.reject(err);
+      else keep.push(q);
+    }
+    this._queue = keep;
+  }
+
+  _removeHandler(channel, sub, fn) {
+    if (this._subs.get(channel) !== sub) return;
+    sub.handlers.delete(fn);
+    if (sub.handlers.size > 0) return;
+    this._forget(channel);
+    this._enqueue({ op: "unsubscribe", channel });
+  }
+
+  // --- delivery ----------------------------------------------------------------------------------------------
+
+  /** Removes a channel or pattern from the wanted set. */
+  _forget(target) {
+    const sub = this._subs.get(target);
+    if (!sub) return;
+    this._subs.delete(target);
+    if (sub.prefix !== null) this._patternCount -= 1;
+  }
+
+  _deliver(channel, data, meta) {
+    if (typeof channel !== "string") return;
+    const sub = this._subs.get(channel);
+    if (sub && sub.prefix === null) {
+      sub.last = { seq: meta.seq, data, text: null, meta };
+      for (const fn of [...sub.handlers]) safeCall(fn, data, meta);
+    }
+    if (this._patternCount === 0) return;
+    for (const p of this._subs.values()) {
+      if (p.prefix === null || !channel.startsWith(p.prefix)) continue;
+      for (const fn of [...p.handlers]) safeCall(fn, data, meta);
+    }
+  }
+
+  // --- heartbeat ---------------------------------------------------------------------------------------------
+
+  _tick() {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return;
+    const { heartbeatInterval, heartbeatTimeout } = this.options;
+    const now = Date.now();
+    // Dead: nothing at all for heartbeatTimeout, although a ping has been waiting long enough for its answer.
+    // The second condition keeps a background tab, whose timers the browser slows to one a minute, from
+    // judging the link by a ping it could not send on time.
+    const since = this._unansweredSince;
+    const waiting = since !== null && now - since > heartbeatTimeout - heartbeatInterval;
+    if (waiting && now - this._lastFrameAt > heartbeatTimeout) {
+      this._lose(ws, 4001, "heartbeat timeout");
+      return;
+    }
+    if (now - this._lastPingAt >= heartbeatInterval) this._sendPing();
+  }
+
+  _sendPing() {
+    if (!this._isOpen()) return;
+    const id = this._nextId++;
+    this._lastPingAt = Date.now();
+    this._unansweredSince ??= this._lastPingAt;
+    this._pings.set(id, performance.now());
+    // Only the latest few pings matter; an unanswered ping must not grow the map for ever.
+    if (this._pings.size > 8) this._pings.delete(this._pings.keys().next().value);
+    this._ws.send(JSON.stringify({ op: "ping", id }));
+  }
+
+  _onPong(id) {
+    const sent = this._pings.get(id);
+    if (sent === undefined) return;
+    this._pings.delete(id);
+    this._latency = Math.round((performance.now() - sent) * 10) / 10;
+    this._emit("latency", this._latency);
+  }
+
+  // --- REST fallback -----------------------------------------------------------------------------------------
+
+  _startFallback() {
+    if (!this.options.fallback || !this._fetch || this._fallbackTimer !== null) return;
+    this._fallbackTimer = setInterval(() => this._poll(), this.options.fallbackInterval);
+    this._emit("fallback", true);
+    this._poll();
+  }
+
+  _stopFallback() {
+    if (this._fallbackTimer === null) return;
+    clearInterval(this._fallbackTimer);
+    this._fallbackTimer = null;
+    this._emit("fallback", false);
+  }
+
+  /** One fallback round: reads every subscribed channel and hands changed values to the callbacks. */
+  async _poll() {
+    if (this._fallbackRunning) return;
+    this._fallbackRunning = true;
+    try {
+      const channels = this.channels().filter((c) => !isPattern(c));
+      await Promise.all(channels.map((channel) => this._pollChannel(channel)));
+    } finally {
+      this._fallbackRunning = false;
+    }
+  }
+
+  async _pollChannel(channel) {
+    const ctl = typeof AbortController === "function" ? new AbortController() : null;
+    const timer = ctl ? setTimeout(() => ctl.abort(), Math.max(1000, this.options.fallbackInterval)) : null;
+    let body;
+    try {
+      // Channel names hold only URL-path-safe characters, so they go into the path as they are.
+      const res = await this._fetch(`${this.restBase}/api/channels/${channel}`, {
+        headers: { Accept: "application/json" },
+        cache: "no-store",
+        signal: ctl?.signal,
+      });
+      if (!res.ok) return; // 404: no value yet; anything else: try again next round
+      body = await res.json();
+    } catch {
+      return; // the hub is unreachable over HTTP too
+    } finally {
+      clearTimeout(timer);
+    }
+    // The socket may have come back while the request was in flight: it is the source of truth then.
+    if (this._fallbackTimer === null || body === null || typeof body !== "object") return;
+    const sub = this._subs.get(channel);
+    if (!sub || sub.prefix !== null) return;
+    const seq = body.seq ?? null;
+    if (!changed(sub.last, seq, body.data)) return;
+    this._deliver(channel, body.data, {
+      channel,
+      seq,
+      ts: body.ts ?? null,
+      snapshot: true,
+      source: "rest",
+    });
+  }
+}
+
+/** Whether a value read over REST differs from the last one delivered: by seq, or by JSON text without seq. */
+function changed(last, seq, data) {
+  if (!last) return true;
+  if (seq !== null || last.seq !== null) return seq !== last.seq;
+  if (last.text === null) last.text = JSON.stringify(last.data);
+  return JSON.stringify(data) !== last.text;
+}
