@@ -21,6 +21,10 @@ use crate::protocol::{Target, close};
 use crate::publication::Publication;
 use crate::stats::Stats;
 
+/// Messages kept for subscribers whose snapshot is still being read; past this the oldest are dropped (the
+/// snapshot still brings the latest value).
+const BACKLOG_MAX: usize = 256;
+
 /// How long subscribers of an uncached job channel wait for the poller's first value before they are let in
 /// without a snapshot.
 const FILL_WAIT: Duration = Duration::from_secs(10);
@@ -45,6 +49,8 @@ struct ChannelEntry {
     pending: Vec<SessionId>,
     /// The newest message seen on this channel while it had subscribers here.
     latest: Option<Arc<Publication>>,
+    /// Messages that arrived while the cache was being read, delivered after the snapshot.
+    backlog: Vec<Arc<Publication>>,
     /// Whether the bridge has been asked to listen to this channel.
     watched: bool,
     /// A cache read is in flight.
@@ -115,6 +121,12 @@ impl Registry {
                         entry.active.insert(id, session.deliver.clone());
                     }
                 }
+            }
+            if entry.filling && !entry.pending.is_empty() {
+                if entry.backlog.len() == BACKLOG_MAX {
+                    entry.backlog.remove(0);
+                }
+                entry.backlog.push(publication.clone());
             }
             for (id, to) in &entry.active {
                 Self::offer(stats, &mut slow, *id, to, &frame);
@@ -217,6 +229,7 @@ impl Registry {
                 active: HashMap::new(),
                 pending: Vec::new(),
                 latest: None,
+                backlog: Vec::new(),
                 watched: false,
                 filling: false,
                 awaiting_publish: false,
@@ -267,34 +280,44 @@ impl Registry {
         }
         entry.filling = false;
         let stats = self.hub.stats();
-        // A message that arrived while reading is at least as new as the cached value.
+        let backlog = std::mem::take(&mut entry.backlog);
         if entry.latest.is_none() {
-            entry.latest = cached;
+            entry.latest = cached.clone();
         }
-        match &entry.latest {
-            Some(latest) => {
-                Stats::add(&stats.cache_hits, entry.pending.len() as u64);
-                let snapshot = latest.snapshot_frame();
+        if cached.is_none() && backlog.is_empty() {
+            Stats::add(&stats.cache_misses, entry.pending.len() as u64);
+            if self.hub.request_fill(&channel) {
+                // The poller fetches the value now; subscribers get it as their snapshot.
+                entry.awaiting_publish = true;
+                ctx.run_later(FILL_WAIT, move |act, _| act.stop_waiting(&channel, epoch));
+            } else {
                 for id in std::mem::take(&mut entry.pending) {
                     if let Some(session) = self.sessions.get(&id) {
-                        let _ = session.deliver.try_send(Deliver(snapshot.clone()));
                         entry.active.insert(id, session.deliver.clone());
                     }
                 }
             }
-            None => {
-                Stats::add(&stats.cache_misses, entry.pending.len() as u64);
-                if self.hub.request_fill(&channel) {
-                    // The poller fetches the value now; subscribers get it as their snapshot.
-                    entry.awaiting_publish = true;
-                    ctx.run_later(FILL_WAIT, move |act, _| act.stop_waiting(&channel, epoch));
-                } else {
-                    for id in std::mem::take(&mut entry.pending) {
-                        if let Some(session) = self.sessions.get(&id) {
-                            entry.active.insert(id, session.deliver.clone());
-                        }
-                    }
+            return;
+        }
+        // The cached value as the snapshot, then every message that arrived while it was read and is newer.
+        let counter = if cached.is_some() { &stats.cache_hits } else { &stats.cache_misses };
+        Stats::add(counter, entry.pending.len() as u64);
+        let snapshot = cached.as_ref().map(|c| c.snapshot_frame());
+        let snapshot_seq = cached.as_ref().and_then(|c| c.seq);
+        let newer: Vec<_> = backlog
+            .iter()
+            .filter(|m| match (snapshot_seq, m.seq) {
+                (Some(s), Some(m)) => m > s,
+                _ => true,
+            })
+            .map(|m| m.frame())
+            .collect();
+        for id in std::mem::take(&mut entry.pending) {
+            if let Some(session) = self.sessions.get(&id) {
+                for frame in snapshot.iter().chain(&newer) {
+                    let _ = session.deliver.try_send(Deliver(frame.clone()));
                 }
+                entry.active.insert(id, session.deliver.clone());
             }
         }
     }

@@ -263,3 +263,27 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     // When the stuck client finally reads, it finds a policy close after what was queued.
     assert_eq!(close_code(&mut stuck).await, 1008);
 }
+
+#[actix_web::test]
+async fn messages_published_while_a_subscription_starts_are_not_lost() {
+    let hub = TestHub::start("").await;
+    for round in 0..20 {
+        let channel = format!("chat:race{round}");
+        let mut ws = hub.connect().await;
+        // Subscribe and publish back to back, without waiting for the acknowledgement.
+        ws.send(json!({"op": "subscribe", "channel": channel})).await;
+        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 1}})).await;
+        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 2}})).await;
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&2) {
+            let frame = ws.recv().await;
+            match frame["type"].as_str() {
+                Some("message" | "snapshot") => seqs.push(frame["seq"].as_u64().unwrap()),
+                Some("subscribed" | "published") => {}
+                _ => panic!("unexpected {frame}"),
+            }
+        }
+        // Each message exactly once, in order, whether it came as the snapshot or as a message.
+        assert_eq!(seqs, [1, 2], "round {round}");
+    }
+}

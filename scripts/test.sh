@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The test command: every test of relayhub, against real parts.
+#   1. makes sure redis-server is on PATH (installs Debian's redis-server when missing and possible),
+#   2. builds and runs the Rust tests (unit and integration: real hubs on port 0, private redis-servers,
+#      real upstream HTTP servers, real WebSocket and HTTP clients),
+#   3. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
+#   4. runs a short smoke run of the load generator (it works and prints numbers; no speed is asserted).
+# Ends with one line "tests: N passed, M failed"; exits non-zero when anything failed.
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+mkdir -p target
+log="target/test-output.log"
+: > "$log"
+
+need_redis() {
+    command -v redis-server >/dev/null 2>&1 && return 0
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: redis-server not found; installing Debian's redis-server" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >&2 || true
+    fi
+    command -v redis-server >/dev/null 2>&1 && return 0
+    echo "test.sh: error: redis-server is required by the tests (they start private ones on free ports)." >&2
+    echo "test.sh: install it: apt-get install redis-server (Debian/Ubuntu) or brew install redis (macOS)." >&2
+    exit 1
+}
+need_redis
+
+failed_steps=()
+step() { # step NAME COMMAND...: runs a step, teeing its output into the log
+    local name="$1"; shift
+    echo "==> $name"
+    if ! "$@" 2>&1 | tee -a "$log"; then
+        failed_steps+=("$name")
+    fi
+}
+
+step "cargo build" cargo build --bins
+step "cargo test" cargo test --no-fail-fast
+step "browser tests" bash scripts/test-browser.sh
+step "load generator smoke run" env RELAYHUB_BIN=target/debug/relayhub BENCH_BIN=target/debug/relayhub-bench \
+    bash scripts/bench.sh smoke
+
+# Totals over every runner: cargo's "test result:" lines and node's "# pass / # fail".
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+node_pass=$(grep -E '^# pass [0-9]+' "$log" | awk '{s+=$3} END {print s+0}')
+node_fail=$(grep -E '^# fail [0-9]+' "$log" | awk '{s+=$3} END {print s+0}')
+passed=$((passed + node_pass))
+failed=$((failed + node_fail))
+if ((${#failed_steps[@]} > 0)); then
+    echo "test.sh: failed steps: ${failed_steps[*]}"
+    ((failed == 0)) && failed=1
+fi
+echo "tests: $passed passed, $failed failed"
+((failed == 0))
