@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use deadpool_redis::redis::{self, Msg};
 use deadpool_redis::redis::aio::PubSubSink;
+use deadpool_redis::redis::{self, Msg};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
@@ -59,6 +59,9 @@ pub struct Bridge {
     sink: Option<PubSubSink>,
     /// Number of the current connection; events of older ones are ignored.
     generation: u64,
+    /// The current connection's message stream in this actor's context. Cancelled when the connection is given
+    /// up: dropping the stream is what closes the socket, and a deaf connection never ends by itself.
+    stream: Option<SpawnHandle>,
     channels: HashMap<Arc<str>, Watched>,
     /// Failed connection attempts in a row.
     attempts: u32,
@@ -81,6 +84,7 @@ impl Bridge {
             client,
             sink: None,
             generation: 0,
+            stream: None,
             channels: HashMap::new(),
             attempts: 0,
             last_probe_seen: Instant::now(),
@@ -91,7 +95,10 @@ impl Bridge {
     }
 
     fn set_active(&self, active: bool) {
-        self.hub.stats().pubsub_active.store(active, Ordering::Relaxed);
+        self.hub
+            .stats()
+            .pubsub_active
+            .store(active, Ordering::Relaxed);
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
@@ -184,10 +191,15 @@ impl Bridge {
         for channel in gone {
             self.send_unsubscribe(&channel, ctx);
         }
-        ctx.add_stream(
-            stream
-                .map(move |msg| Event::Message(generation, msg))
-                .chain(futures_util::stream::once(async move { Event::Ended(generation) })),
+        self.drop_stream(ctx);
+        self.stream = Some(
+            ctx.add_stream(
+                stream
+                    .map(move |msg| Event::Message(generation, msg))
+                    .chain(futures_util::stream::once(async move {
+                        Event::Ended(generation)
+                    })),
+            ),
         );
         self.set_active(true);
     }
@@ -195,6 +207,7 @@ impl Bridge {
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
+        self.drop_stream(ctx);
         self.generation += 1;
         self.set_active(false);
         for watched in self.channels.values_mut() {
@@ -203,6 +216,13 @@ impl Bridge {
         self.attempts += 1;
         let delay = backoff(self.attempts);
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    /// Closes the current connection's stream, if any (and with it the connection).
+    fn drop_stream(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.stream.take() {
+            ctx.cancel_future(handle);
+        }
     }
 
     fn send_subscribe(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
@@ -290,7 +310,9 @@ impl Bridge {
                     .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
                 {
                     self.last_reject_log = Some(now);
-                    log::warn!("dropped a message on redis channel `{name}`: {why} (logged at most every 10 s)");
+                    log::warn!(
+                        "dropped a message on redis channel `{name}`: {why} (logged at most every 10 s)"
+                    );
                 }
             }
         }

@@ -359,8 +359,9 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config {}: {e}", path.display()))
+                })?;
                 Config::from_toml_over_defaults(&text)
                     .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
             }
@@ -371,10 +372,11 @@ impl Config {
     /// Applies environment overrides from `vars` (the process environment in production, a map in tests).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(port) = var("PORT") {
-            self.server.port = port
-                .trim()
-                .parse()
-                .map_err(|_| ConfigError(format!("environment variable PORT: `{port}` is not a port number")))?;
+            self.server.port = port.trim().parse().map_err(|_| {
+                ConfigError(format!(
+                    "environment variable PORT: `{port}` is not a port number"
+                ))
+            })?;
         }
         if let Some(host) = var("HOST") {
             self.server.host = host;
@@ -393,11 +395,16 @@ impl Config {
         } else if let Some(host) = var("REDIS_HOST") {
             let port = var("REDIS_PORT").unwrap_or_else(|| "6379".into());
             port.parse::<u16>().map_err(|_| {
-                ConfigError(format!("environment variable REDIS_PORT: `{port}` is not a port number"))
+                ConfigError(format!(
+                    "environment variable REDIS_PORT: `{port}` is not a port number"
+                ))
             })?;
             self.redis.url = match var("REDIS_PASSWORD") {
                 Some(password) if !password.is_empty() => {
-                    format!("redis://:{}@{host}:{port}", percent_encode_userinfo(&password))
+                    format!(
+                        "redis://:{}@{host}:{port}",
+                        percent_encode_userinfo(&password)
+                    )
                 }
                 _ => format!("redis://{host}:{port}"),
             };
@@ -412,7 +419,10 @@ impl Config {
             return err("websocket.max_message_bytes", "must be at least 64");
         }
         if self.websocket.max_subscriptions_per_connection == 0 {
-            return err("websocket.max_subscriptions_per_connection", "must be at least 1");
+            return err(
+                "websocket.max_subscriptions_per_connection",
+                "must be at least 1",
+            );
         }
         if self.websocket.mailbox_size < 2 {
             return err("websocket.mailbox_size", "must be at least 2");
@@ -432,19 +442,25 @@ impl Config {
         if self.redis.pool_size == 0 {
             return err("redis.pool_size", "must be at least 1");
         }
-        if !self.redis.url.is_empty()
-            && !(self.redis.url.starts_with("redis://")
-                || self.redis.url.starts_with("rediss://")
-                || self.redis.url.starts_with("unix://"))
-        {
-            return err("redis.url", "must start with redis://, rediss:// or unix://");
+        let schemes = ["redis://", "rediss://", "unix://"];
+        if !self.redis.url.is_empty() && !schemes.iter().any(|s| self.redis.url.starts_with(s)) {
+            return err(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            );
         }
         if self.poller.lease < Duration::from_millis(300) {
             return err("poller.lease", "must be at least 300ms");
         }
-        for (name, _) in &self.namespaces {
-            if name.is_empty() || !name.bytes().all(crate::protocol::is_channel_byte) || name.contains(':') {
-                return err(&format!("namespaces.{name}"), "is not a valid namespace name");
+        for name in self.namespaces.keys() {
+            if name.is_empty()
+                || !name.bytes().all(crate::protocol::is_channel_byte)
+                || name.contains(':')
+            {
+                return err(
+                    &format!("namespaces.{name}"),
+                    "is not a valid namespace name",
+                );
             }
         }
         for origin in &self.server.allowed_origins {
@@ -459,7 +475,10 @@ impl Config {
                 return err(&format!("{key}.name"), "is required");
             }
             if !names.insert(source.name.as_str()) {
-                return err(&format!("{key}.name"), &format!("`{}` is defined twice", source.name));
+                return err(
+                    &format!("{key}.name"),
+                    &format!("`{}` is defined twice", source.name),
+                );
             }
             if source.channel.is_empty() {
                 return err(&format!("{key}.channel"), "is required");
@@ -558,9 +577,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => value * 60e3,
         "h" => value * 3600e3,
         "d" => value * 86_400e3,
-        _ => return Err(format!("`{text}` has an unknown unit `{unit}` (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
+            ));
+        }
     };
-    if !millis.is_finite() || millis < 0.0 || millis > 1e13 {
+    if !millis.is_finite() || !(0.0..=1e13).contains(&millis) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_micros((millis * 1e3) as u64))
@@ -569,11 +592,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way config writes it (`"1500ms"`, `"30s"`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms % 3_600_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)
@@ -604,7 +627,10 @@ mod tests {
 
     #[test]
     fn a_file_sets_only_what_it_changes() {
-        let config = Config::from_toml_over_defaults("[server]\nport = 9000\n[namespaces.extra]\nclient_publish = true\n").unwrap();
+        let config = Config::from_toml_over_defaults(
+            "[server]\nport = 9000\n[namespaces.extra]\nclient_publish = true\n",
+        )
+        .unwrap();
         assert_eq!(config.server.port, 9000);
         assert_eq!(config.server.host, "0.0.0.0");
         assert_eq!(config.websocket.max_message_bytes, 65536);
@@ -626,9 +652,13 @@ mod tests {
         assert!(e.contains("server") && e.contains("prot"), "{e}");
         let e = Config::from_toml("[server]\nport = \"x\"\n").unwrap_err().0;
         assert!(e.contains("server.port"), "{e}");
-        let e = Config::from_toml("[websocket]\nclient_timeout = \"10 parsecs\"\n").unwrap_err().0;
+        let e = Config::from_toml("[websocket]\nclient_timeout = \"10 parsecs\"\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("websocket.client_timeout"), "{e}");
-        let e = Config::from_toml("[namespaces.chat]\nclient_publish = \"yes\"\n").unwrap_err().0;
+        let e = Config::from_toml("[namespaces.chat]\nclient_publish = \"yes\"\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("namespaces.chat.client_publish"), "{e}");
     }
 
@@ -636,7 +666,12 @@ mod tests {
     fn validation_names_the_key() {
         let mut c = Config::default();
         c.websocket.client_timeout = Duration::from_secs(1);
-        assert!(c.validate().unwrap_err().0.contains("websocket.client_timeout"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .0
+                .contains("websocket.client_timeout")
+        );
     }
 
     #[test]
@@ -665,7 +700,9 @@ mod tests {
         c.apply_env(env).unwrap();
         assert_eq!(c.server.port, 9100);
         assert_eq!(c.redis.url, "redis://:p%40ss@redis.internal:6379");
-        let e = c.apply_env(|k| (k == "PORT").then(|| "http".to_string())).unwrap_err();
+        let e = c
+            .apply_env(|k| (k == "PORT").then(|| "http".to_string()))
+            .unwrap_err();
         assert!(e.0.contains("PORT"));
     }
 }

@@ -18,6 +18,9 @@ use crate::session::SessionLimits;
 use crate::stats::Stats;
 use crate::store::Store;
 
+/// Subscriber counts by channel (or pattern).
+pub type Counts = Vec<(String, usize)>;
+
 /// What a publish did.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishOutcome {
@@ -151,7 +154,9 @@ impl Hub {
         if self.is_shutting_down() {
             return Err("shutting down");
         }
-        if self.inner.store.redis().is_some() && !self.inner.stats.pubsub_active.load(Ordering::Relaxed) {
+        if self.inner.store.redis().is_some()
+            && !self.inner.stats.pubsub_active.load(Ordering::Relaxed)
+        {
             return Err("redis pub/sub connection is down");
         }
         Ok(())
@@ -166,7 +171,10 @@ impl Hub {
     }
 
     fn registries(&self) -> std::sync::RwLockReadGuard<'_, Vec<Addr<Registry>>> {
-        self.inner.registries.read().expect("registry list lock poisoned")
+        self.inner
+            .registries
+            .read()
+            .expect("registry list lock poisoned")
     }
 
     /// Hands a message to every local registry: one mailbox push per worker, not per subscriber.
@@ -199,7 +207,8 @@ impl Hub {
         Stats::add(&self.inner.stats.messages_published, 1);
         match &self.inner.store {
             Store::Memory(memory) => {
-                let publication = memory.publish(channel, data, policy, |p| self.dispatch_local(p.clone()));
+                let publication =
+                    memory.publish(channel, data, policy, |p| self.dispatch_local(p.clone()));
                 Ok(PublishOutcome {
                     seq: publication.seq,
                     delivered: self.local_subscribers(channel) as u64,
@@ -213,7 +222,12 @@ impl Hub {
                         Stats::add(&self.inner.stats.relayed_out, 1);
                         if !self.inner.stats.pubsub_active.load(Ordering::Relaxed) {
                             // No echo will come back while our pub/sub connection is down: deliver here.
-                            let publication = Publication::new(channel.into(), data, Some(published.seq), Some(&ts));
+                            let publication = Publication::new(
+                                channel.into(),
+                                data,
+                                Some(published.seq),
+                                Some(&ts),
+                            );
                             self.dispatch_local(Arc::new(publication));
                         }
                         Ok(PublishOutcome {
@@ -223,7 +237,9 @@ impl Hub {
                         })
                     }
                     Err(e) => {
-                        log::warn!("publish to `{channel}` through redis failed ({e}); delivering locally only");
+                        log::warn!(
+                            "publish to `{channel}` through redis failed ({e}); delivering locally only"
+                        );
                         let publication = Publication::new(channel.into(), data, None, Some(&ts));
                         self.dispatch_local(Arc::new(publication));
                         Ok(PublishOutcome {
@@ -289,7 +305,11 @@ impl Hub {
 
     pub fn subscriber_joined(&self, channel: &Arc<str>) {
         let count = {
-            let mut map = self.inner.subscribers.lock().expect("subscriber index poisoned");
+            let mut map = self
+                .inner
+                .subscribers
+                .lock()
+                .expect("subscriber index poisoned");
             let count = map.entry(channel.clone()).or_insert(0);
             *count += 1;
             *count
@@ -303,7 +323,11 @@ impl Hub {
 
     pub fn subscriber_left(&self, channel: &Arc<str>) {
         let count = {
-            let mut map = self.inner.subscribers.lock().expect("subscriber index poisoned");
+            let mut map = self
+                .inner
+                .subscribers
+                .lock()
+                .expect("subscriber index poisoned");
             let Some(count) = map.get_mut(channel) else {
                 return;
             };
@@ -322,12 +346,20 @@ impl Hub {
     }
 
     pub fn pattern_subscriber_joined(&self, prefix: &Arc<str>) {
-        let mut map = self.inner.pattern_subscribers.lock().expect("pattern index poisoned");
+        let mut map = self
+            .inner
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned");
         *map.entry(prefix.clone()).or_insert(0) += 1;
     }
 
     pub fn pattern_subscriber_left(&self, prefix: &Arc<str>) {
-        let mut map = self.inner.pattern_subscribers.lock().expect("pattern index poisoned");
+        let mut map = self
+            .inner
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned");
         if let Some(count) = map.get_mut(prefix) {
             *count -= 1;
             if *count == 0 {
@@ -359,7 +391,7 @@ impl Hub {
     }
 
     /// Subscriber counts per channel, and per pattern (`prices:*`), for stats.
-    pub fn subscriber_counts(&self) -> (Vec<(String, usize)>, Vec<(String, usize)>) {
+    pub fn subscriber_counts(&self) -> (Counts, Counts) {
         let exact = self
             .inner
             .subscribers

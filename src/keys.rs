@@ -25,7 +25,9 @@ impl Keys {
 
     /// The relayhub channel a pub/sub channel name carries, if it is one of ours.
     pub fn channel_of<'a>(&self, pubsub_channel: &'a str) -> Option<&'a str> {
-        pubsub_channel.strip_prefix(&self.prefix)?.strip_prefix("ch:")
+        pubsub_channel
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("ch:")
     }
 
     /// Latest value (raw JSON string, with a TTL): `<prefix>cache:<channel>`.

@@ -98,7 +98,9 @@ impl Running {
         let drain = async move {
             // Give sessions a moment to write their close frames before the workers stop.
             let deadline = tokio::time::Instant::now() + timeout / 2;
-            while stats::Stats::get(&hub.stats().connections) > 0 && tokio::time::Instant::now() < deadline {
+            while stats::Stats::get(&hub.stats().connections) > 0
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             self.server.stop(true).await;
@@ -148,7 +150,11 @@ fn instance_id(config: &Config) -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relayhub".into());
-    format!("{host}-{}-{:04x}", std::process::id(), random_u64() & 0xffff)
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        random_u64() & 0xffff
+    )
 }
 
 async fn open_store(config: &Config) -> Result<Store, StartError> {
@@ -170,11 +176,20 @@ async fn open_store(config: &Config) -> Result<Store, StartError> {
         }
         Err(e) if config.redis.required => Err(StartError::RedisRequired(e.0)),
         Err(e) => {
-            log::warn!("==========================================================================");
-            log::warn!("MEMORY MODE: Redis at {} is unreachable ({e}).", redact(&config.redis.url));
-            log::warn!("redis.required = false, so this instance runs alone with values in memory;");
+            log::warn!(
+                "=========================================================================="
+            );
+            log::warn!(
+                "MEMORY MODE: Redis at {} is unreachable ({e}).",
+                redact(&config.redis.url)
+            );
+            log::warn!(
+                "redis.required = false, so this instance runs alone with values in memory;"
+            );
             log::warn!("it will not see other replicas. Restart it once Redis is up.");
-            log::warn!("==========================================================================");
+            log::warn!(
+                "=========================================================================="
+            );
             Ok(memory())
         }
     }
@@ -183,14 +198,18 @@ async fn open_store(config: &Config) -> Result<Store, StartError> {
 /// Hides a password in a Redis URL for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_string(),
     }
 }
 
 fn warn_about_open_doors(config: &Config) {
     if config.server.api_key.is_empty() {
-        log::warn!("server.api_key is not set: POST /api/publish is open to anyone who can reach this port");
+        log::warn!(
+            "server.api_key is not set: POST /api/publish is open to anyone who can reach this port"
+        );
     }
     if config.server.allowed_origins.iter().any(|o| o == "*") {
         log::warn!("server.allowed_origins contains \"*\": any web page may connect to this hub");
@@ -204,7 +223,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let store = open_store(&config).await?;
     let redis_url = store.redis().map(|r| r.url().to_string());
     let hub = Hub::new(config.clone(), store, instance_id(&config));
-    log::info!("instance {} starting in {} mode", hub.instance_id(), hub.store().mode());
+    log::info!(
+        "instance {} starting in {} mode",
+        hub.instance_id(),
+        hub.store().mode()
+    );
 
     if let Some(url) = redis_url {
         let client = deadpool_redis::redis::Client::open(url.as_str())
@@ -217,7 +240,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let max_body = config.websocket.max_message_bytes;
     let poller_slot: http::polling::PollerSlot = Default::default();
     let factory_slot = poller_slot.clone();
-    let demo_state = config.demo.enabled.then(|| web::Data::new(demo::DemoState::new()));
+    let demo_state = config
+        .demo
+        .enabled
+        .then(|| web::Data::new(demo::DemoState::new()));
     let mut server = HttpServer::new(move || {
         // Called once per worker thread: each worker gets its own registry, so fan-out stays on-thread.
         let registry = factory_hub.start_registry();
@@ -242,13 +268,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let server = server
         .bind((config.server.host.as_str(), config.server.port))
-        .map_err(|e| StartError::Bind(format!("{}:{}: {e}", config.server.host, config.server.port)))?;
+        .map_err(|e| {
+            StartError::Bind(format!(
+                "{}:{}: {e}",
+                config.server.host, config.server.port
+            ))
+        })?;
     let addr = *server
         .addrs()
         .first()
         .ok_or_else(|| StartError::Bind("no address bound".into()))?;
     let self_base = format!("http://127.0.0.1:{}", addr.port());
-    let sources = poller::source::compile_sources(&config, &self_base).map_err(StartError::Config)?;
+    let sources =
+        poller::source::compile_sources(&config, &self_base).map_err(StartError::Config)?;
     let descriptions = serde_json::Value::Array(sources.iter().map(|s| s.describe()).collect());
     let poller = poller::Poller::start(hub.clone(), sources);
     let _ = poller_slot.set((poller.clone(), descriptions));

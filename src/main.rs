@@ -44,7 +44,9 @@ fn parse_args() -> Result<(Option<PathBuf>, bool), String> {
 fn load_config() -> Result<(Config, bool), String> {
     let (path, check) = parse_args()?;
     let mut config = Config::load(path.as_deref()).map_err(|e| e.to_string())?;
-    config.apply_env(|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;
+    config
+        .apply_env(|name| std::env::var(name).ok())
+        .map_err(|e| e.to_string())?;
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, check))
 }

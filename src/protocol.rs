@@ -83,9 +83,16 @@ pub type RequestId = Option<Box<RawValue>>;
 /// One parsed client frame.
 #[derive(Debug)]
 pub enum ClientFrame {
-    Subscribe { channel: String },
-    Unsubscribe { channel: String },
-    Publish { channel: String, data: Box<RawValue> },
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: Box<RawValue>,
+    },
     Ping,
 }
 
@@ -127,7 +134,12 @@ pub fn parse_client_frame(text: &str) -> ParsedFrame {
     let id = match raw.id {
         None => None,
         Some(id) if id.get() == "null" => None,
-        Some(id) if id.get().starts_with('"') || id.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) => {
+        Some(id)
+            if id.get().starts_with('"')
+                || id
+                    .get()
+                    .starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) =>
+        {
             Some(id.to_owned())
         }
         Some(_) => return bad("`id` must be a number or a string"),
@@ -140,17 +152,25 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
     let bad = |m: String| ProtocolError::new(ErrorCode::BadRequest, m);
     let op: String = match raw.op {
         None => return Err(bad("missing field `op`".into())),
-        Some(op) => serde_json::from_str(op.get()).map_err(|_| bad("`op` must be a string".into()))?,
+        Some(op) => {
+            serde_json::from_str(op.get()).map_err(|_| bad("`op` must be a string".into()))?
+        }
     };
     let channel = || -> Result<String, ProtocolError> {
         match raw.channel {
             None => Err(bad(format!("`{op}` needs a `channel`"))),
-            Some(c) => serde_json::from_str(c.get()).map_err(|_| bad("`channel` must be a string".into())),
+            Some(c) => {
+                serde_json::from_str(c.get()).map_err(|_| bad("`channel` must be a string".into()))
+            }
         }
     };
     match op.as_str() {
-        "subscribe" => Ok(ClientFrame::Subscribe { channel: channel()? }),
-        "unsubscribe" => Ok(ClientFrame::Unsubscribe { channel: channel()? }),
+        "subscribe" => Ok(ClientFrame::Subscribe {
+            channel: channel()?,
+        }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            channel: channel()?,
+        }),
         "publish" => {
             let channel = channel()?;
             let data = raw
@@ -160,7 +180,10 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
             Ok(ClientFrame::Publish { channel, data })
         }
         "ping" => Ok(ClientFrame::Ping),
-        _ => Err(ProtocolError::new(ErrorCode::UnknownOp, format!("unknown op `{op}`"))),
+        _ => Err(ProtocolError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op `{op}`"),
+        )),
     }
 }
 
@@ -282,14 +305,19 @@ mod tests {
     fn parses_every_op() {
         let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
-        assert!(matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel } if channel == "prices:BTC"));
+        assert!(
+            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel } if channel == "prices:BTC")
+        );
         let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
         assert!(p.id.is_none());
         match p.frame.unwrap() {
             ClientFrame::Publish { data, .. } => assert_eq!(data.get(), r#"{"a":[1, 2]}"#),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_client_frame(r#"{"op":"ping","id":"x"}"#).frame, Ok(ClientFrame::Ping)));
+        assert!(matches!(
+            parse_client_frame(r#"{"op":"ping","id":"x"}"#).frame,
+            Ok(ClientFrame::Ping)
+        ));
     }
 
     #[test]
@@ -298,11 +326,23 @@ mod tests {
         assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
         assert_eq!(err(r#"{"channel":"a"}"#).code, ErrorCode::BadRequest);
         assert_eq!(err(r#"{"op":5}"#).code, ErrorCode::BadRequest);
-        assert_eq!(err(r#"{"op":"subscribe","channel":7}"#).code, ErrorCode::BadRequest);
-        assert_eq!(err(r#"{"op":"publish","channel":"a"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(
+            err(r#"{"op":"subscribe","channel":7}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","channel":"a"}"#).code,
+            ErrorCode::BadRequest
+        );
         assert_eq!(err(r#"{"op":"dance"}"#).code, ErrorCode::UnknownOp);
         // The id survives a bad op so the error can echo it.
-        assert_eq!(parse_client_frame(r#"{"op":"dance","id":9}"#).id.unwrap().get(), "9");
+        assert_eq!(
+            parse_client_frame(r#"{"op":"dance","id":9}"#)
+                .id
+                .unwrap()
+                .get(),
+            "9"
+        );
     }
 
     #[test]
@@ -314,7 +354,10 @@ mod tests {
         assert!(validate_channel("a/b").is_err());
         assert!(validate_channel(&"x".repeat(201)).is_err());
         assert!(validate_channel(&"x".repeat(200)).is_ok());
-        assert_eq!(parse_target("prices:*").unwrap(), Target::Pattern("prices:".into()));
+        assert_eq!(
+            parse_target("prices:*").unwrap(),
+            Target::Pattern("prices:".into())
+        );
         assert!(parse_target("prices*").is_err());
         assert!(parse_target("*").is_err());
     }
@@ -322,7 +365,10 @@ mod tests {
     #[test]
     fn frames_are_valid_json() {
         let id: RequestId = Some(RawValue::from_string("3".into()).unwrap());
-        let f = error_frame(&id, &ProtocolError::new(ErrorCode::Forbidden, "no \"quotes\""));
+        let f = error_frame(
+            &id,
+            &ProtocolError::new(ErrorCode::Forbidden, "no \"quotes\""),
+        );
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["id"], 3);

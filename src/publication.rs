@@ -149,7 +149,12 @@ mod tests {
 
     #[test]
     fn frames_are_the_protocol() {
-        let p = Publication::new("prices:BTC".into(), r#"{"p": 1.5}"#, Some(42), Some("2026-01-01T00:00:00.000Z"));
+        let p = Publication::new(
+            "prices:BTC".into(),
+            r#"{"p": 1.5}"#,
+            Some(42),
+            Some("2026-01-01T00:00:00.000Z"),
+        );
         let v: Value = serde_json::from_str(&p.frame()).unwrap();
         assert_eq!(
             v,
@@ -161,7 +166,10 @@ mod tests {
         assert_eq!(s["type"], "snapshot");
         assert_eq!(s["seq"], 42);
         let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
-        assert_eq!(r, json!({"channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"}));
+        assert_eq!(
+            r,
+            json!({"channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"})
+        );
     }
 
     #[test]

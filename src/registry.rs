@@ -90,7 +90,13 @@ impl Registry {
     }
 
     /// Hands `frame` to one subscriber; a full mailbox marks it slow.
-    fn offer(stats: &Stats, slow: &mut Vec<SessionId>, id: SessionId, to: &Recipient<Deliver>, frame: &ByteString) {
+    fn offer(
+        stats: &Stats,
+        slow: &mut Vec<SessionId>,
+        id: SessionId,
+        to: &Recipient<Deliver>,
+        frame: &ByteString,
+    ) {
         match to.try_send(Deliver(frame.clone())) {
             Ok(()) => {}
             Err(SendError::Full(_)) => {
@@ -259,9 +265,12 @@ impl Registry {
             let latest = hub.cached_latest(&channel).await;
             (channel, latest)
         };
-        ctx.spawn(fill.into_actor(self).map(move |(channel, latest), act, ctx| {
-            act.filled(channel, epoch, latest, ctx);
-        }));
+        ctx.spawn(
+            fill.into_actor(self)
+                .map(move |(channel, latest), act, ctx| {
+                    act.filled(channel, epoch, latest, ctx);
+                }),
+        );
     }
 
     /// The cache read of a channel finished: let its pending subscribers in, with the newest value known.
@@ -300,7 +309,11 @@ impl Registry {
             return;
         }
         // The cached value as the snapshot, then every message that arrived while it was read and is newer.
-        let counter = if cached.is_some() { &stats.cache_hits } else { &stats.cache_misses };
+        let counter = if cached.is_some() {
+            &stats.cache_hits
+        } else {
+            &stats.cache_misses
+        };
         Stats::add(counter, entry.pending.len() as u64);
         let snapshot = cached.as_ref().map(|c| c.snapshot_frame());
         let snapshot_seq = cached.as_ref().and_then(|c| c.seq);

@@ -14,7 +14,8 @@ use actix_web_actors::ws;
 use crate::hub::{Hub, PublishError};
 use crate::messages::{Connect, Deliver, Disconnect, Kick, SessionId, Subscribe, Unsubscribe};
 use crate::protocol::{
-    self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, parse_client_frame, parse_target,
+    self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, parse_client_frame,
+    parse_target,
 };
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -106,9 +107,10 @@ impl Session {
             Target::Channel(c) => c.as_str(),
             Target::Pattern(p) => p.as_str(),
         };
-        let policy = self.hub.config().policy(policy_channel).ok_or_else(|| {
-            ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
-        })?;
+        let policy =
+            self.hub.config().policy(policy_channel).ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
+            })?;
         if matches!(target, Target::Pattern(_)) && !policy.patterns {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
@@ -123,7 +125,10 @@ impl Session {
         if self.subscriptions.len() >= self.limits.max_subscriptions {
             return Err(ProtocolError::new(
                 ErrorCode::TooManySubscriptions,
-                format!("at most {} subscriptions per connection", self.limits.max_subscriptions),
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.max_subscriptions
+                ),
             ));
         }
         ctx.text(protocol::subscribed_frame(id, &name));
@@ -164,11 +169,10 @@ impl Session {
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(), ProtocolError> {
         protocol::validate_channel(&channel)?;
-        let policy = self
-            .hub
-            .config()
-            .policy(&channel)
-            .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace"))?;
+        let policy =
+            self.hub.config().policy(&channel).ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
+            })?;
         if !policy.client_publish {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
@@ -181,12 +185,17 @@ impl Session {
             (channel, result)
         };
         // `wait` keeps this connection's publishes in order: the next frame is read once this one is sent.
-        ctx.wait(fut.into_actor(self).map(move |(channel, result), _, ctx| match result {
-            Ok(outcome) => ctx.text(protocol::published_frame(&id, &channel, outcome.seq)),
-            Err(PublishError::Unavailable(message)) => {
-                Self::send_error(ctx, &id, &ProtocolError::new(ErrorCode::Unavailable, message))
-            }
-        }));
+        ctx.wait(
+            fut.into_actor(self)
+                .map(move |(channel, result), _, ctx| match result {
+                    Ok(outcome) => ctx.text(protocol::published_frame(&id, &channel, outcome.seq)),
+                    Err(PublishError::Unavailable(message)) => Self::send_error(
+                        ctx,
+                        &id,
+                        &ProtocolError::new(ErrorCode::Unavailable, message),
+                    ),
+                }),
+        );
         Ok(())
     }
 }
@@ -244,7 +253,10 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             Ok(ws::Message::Binary(_)) => Self::send_error(
                 ctx,
                 &None,
-                &ProtocolError::new(ErrorCode::BadRequest, "binary frames are not supported; send JSON text"),
+                &ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                ),
             ),
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}

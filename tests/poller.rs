@@ -32,7 +32,12 @@ fn redis_config(redis: &RedisServer) -> String {
 }
 
 async fn start_job(hub: &TestHub, source: &str, params: Value) -> Value {
-    let (status, body) = post_json(&hub.http("/api/polling/start"), &json!({"source": source, "params": params}), &[]).await;
+    let (status, body) = post_json(
+        &hub.http("/api/polling/start"),
+        &json!({"source": source, "params": params}),
+        &[],
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -54,9 +59,16 @@ async fn three_replicas_fetch_each_interval_once_and_every_client_gets_every_upd
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let config = format!("{}{}", redis_config(&redis), source_config(&upstream, ""));
-    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await, TestHub::start(&config).await];
+    let hubs = [
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+    ];
     for hub in &hubs {
-        eventually(Duration::from_secs(10), "replica ready", || async { get_json(&hub.http("/ready")).await.0 == 200 }).await;
+        eventually(Duration::from_secs(10), "replica ready", || async {
+            get_json(&hub.http("/ready")).await.0 == 200
+        })
+        .await;
     }
     let mut clients = Vec::new();
     for hub in &hubs {
@@ -84,13 +96,18 @@ async fn three_replicas_fetch_each_interval_once_and_every_client_gets_every_upd
     let id = started["job"].as_str().unwrap();
     let (status, _) = post_json(&hubs[0].http("/api/polling/stop"), &json!({"job": id}), &[]).await;
     assert_eq!(status, 200);
-    let last = get_json(&hubs[0].http("/api/channels/ticker:ACME")).await.1["seq"].as_u64().unwrap();
+    let last = get_json(&hubs[0].http("/api/channels/ticker:ACME")).await.1["seq"]
+        .as_u64()
+        .unwrap();
     assert!(last >= 18, "last seq {last}");
     for ws in &mut clients {
         let mut seen = Vec::new();
         while seen.last() != Some(&last) {
             let frame = ws.recv().await;
-            assert!(frame["type"] == "message" || frame["type"] == "snapshot", "{frame}");
+            assert!(
+                frame["type"] == "message" || frame["type"] == "snapshot",
+                "{frame}"
+            );
             seen.push(frame["seq"].as_u64().unwrap());
         }
         // Every update, once, in order: consecutive sequence numbers from the first one received.
@@ -103,11 +120,22 @@ async fn three_replicas_fetch_each_interval_once_and_every_client_gets_every_upd
 async fn a_dead_owner_is_replaced_within_the_lease_and_a_graceful_stop_hands_over_at_once() {
     let redis = RedisServer::start();
     let upstream = Upstream::start();
-    let config = format!("{}{}", redis_config(&redis), source_config(&upstream, "").replace("lease = \"2s\"", "lease = \"4s\""));
-    let mut hubs = vec![TestHub::start(&config).await, TestHub::start(&config).await, TestHub::start(&config).await];
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "").replace("lease = \"2s\"", "lease = \"4s\"")
+    );
+    let mut hubs = vec![
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+    ];
     let started = start_job(&hubs[0], "ticker", json!({"symbol": "X"})).await;
     let id = started["job"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(10), "job owned", || async { job_status(&hubs[0], &id).await["owner"].is_string() }).await;
+    eventually(Duration::from_secs(10), "job owned", || async {
+        job_status(&hubs[0], &id).await["owner"].is_string()
+    })
+    .await;
     let owner_of = |status: &Value| status["owner"].as_str().map(str::to_string);
     let instance = |hub: &TestHub| hub.hub().instance_id().to_string();
 
@@ -117,14 +145,22 @@ async fn a_dead_owner_is_replaced_within_the_lease_and_a_graceful_stop_hands_ove
     let mut dead = hubs.remove(index);
     dead.kill().await;
     let killed_at = Instant::now();
-    eventually(Duration::from_secs(10), "takeover after a crash", || async {
-        owner_of(&job_status(&hubs[0], &id).await).is_some_and(|o| o != owner)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "takeover after a crash",
+        || async { owner_of(&job_status(&hubs[0], &id).await).is_some_and(|o| o != owner) },
+    )
     .await;
     let takeover = killed_at.elapsed();
-    assert!(takeover <= Duration::from_millis(4000 + 1000 + 1500), "takeover took {takeover:?}");
+    assert!(
+        takeover <= Duration::from_millis(4000 + 1000 + 1500),
+        "takeover took {takeover:?}"
+    );
     let before = upstream.requests("/ticker/X");
-    eventually(Duration::from_secs(5), "fetching resumes", || async { upstream.requests("/ticker/X") > before }).await;
+    eventually(Duration::from_secs(5), "fetching resumes", || async {
+        upstream.requests("/ticker/X") > before
+    })
+    .await;
 
     // Graceful stop of the new owner releases the lease: the last replica takes over well within the lease.
     let owner = owner_of(&job_status(&hubs[0], &id).await).unwrap();
@@ -133,12 +169,19 @@ async fn a_dead_owner_is_replaced_within_the_lease_and_a_graceful_stop_hands_ove
     leaving.shutdown().await;
     let stopped_at = Instant::now();
     let survivor = instance(&hubs[0]);
-    eventually(Duration::from_secs(10), "takeover after a graceful stop", || async {
-        owner_of(&job_status(&hubs[0], &id).await).as_deref() == Some(survivor.as_str())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "takeover after a graceful stop",
+        || async {
+            owner_of(&job_status(&hubs[0], &id).await).as_deref() == Some(survivor.as_str())
+        },
+    )
     .await;
     let handover = stopped_at.elapsed();
-    assert!(handover < Duration::from_millis(3500), "graceful handover took {handover:?}, the lease is 4 s");
+    assert!(
+        handover < Duration::from_millis(3500),
+        "graceful handover took {handover:?}, the lease is 4 s"
+    );
 }
 
 #[actix_web::test]
@@ -161,19 +204,30 @@ async fn upstream_failures_keep_the_last_good_value_and_back_off() {
         upstream.set_mode(mode);
         eventually(Duration::from_secs(15), expected, || async {
             let s = job_status(&hub, &id).await;
-            s["last_error"].as_str().is_some_and(|e| e.contains(expected)) && s["state"] == "backoff"
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(expected))
+                && s["state"] == "backoff"
         })
         .await;
         let status = job_status(&hub, &id).await;
-        assert!(status["consecutive_failures"].as_u64() >= Some(1), "{status}");
+        assert!(
+            status["consecutive_failures"].as_u64() >= Some(1),
+            "{status}"
+        );
         assert!(status["next_run"].is_string());
     }
     // Nothing was published while failing: the cached value is still the last good one.
     let (_, latest) = get_json(&hub.http("/api/channels/ticker:F")).await;
     let good_seq = latest["seq"].as_u64().unwrap();
     assert_eq!(latest["data"]["price"], 10);
-    let failures = job_status(&hub, &id).await["consecutive_failures"].as_u64().unwrap();
-    assert!(failures >= 3, "three kinds of failure in a row, got {failures}");
+    let failures = job_status(&hub, &id).await["consecutive_failures"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        failures >= 3,
+        "three kinds of failure in a row, got {failures}"
+    );
 
     // Recovery: the next fetch publishes again and the failure count resets.
     upstream.set_mode(Mode::Ok(json!({"price": 11})));
@@ -181,7 +235,11 @@ async fn upstream_failures_keep_the_last_good_value_and_back_off() {
     while recovered["data"]["price"] != 11 {
         recovered = ws.recv_type("message").await;
     }
-    assert_eq!(recovered["seq"], good_seq + 1, "no message was published during the failures");
+    assert_eq!(
+        recovered["seq"],
+        good_seq + 1,
+        "no message was published during the failures"
+    );
     eventually(Duration::from_secs(10), "failures reset", || async {
         let s = job_status(&hub, &id).await;
         s["consecutive_failures"] == 0 && s["state"] == "running"
@@ -197,11 +255,15 @@ async fn fifty_subscribers_to_an_uncached_channel_share_one_fetch() {
     let config = format!(
         "{}{}",
         redis_config(&redis),
-        source_config(&upstream, "auto_start = true").replace("interval = \"1s\"", "interval = \"1h\"")
+        source_config(&upstream, "auto_start = true")
+            .replace("interval = \"1s\"", "interval = \"1h\"")
     );
     let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
     for hub in &hubs {
-        eventually(Duration::from_secs(10), "replica ready", || async { get_json(&hub.http("/ready")).await.0 == 200 }).await;
+        eventually(Duration::from_secs(10), "replica ready", || async {
+            get_json(&hub.http("/ready")).await.0 == 200
+        })
+        .await;
     }
     let mut clients = Vec::new();
     for i in 0..50 {
@@ -209,7 +271,8 @@ async fn fifty_subscribers_to_an_uncached_channel_share_one_fetch() {
     }
     // All subscribe at once.
     for ws in &mut clients {
-        ws.send(json!({"op": "subscribe", "channel": "ticker:SOLO"})).await;
+        ws.send(json!({"op": "subscribe", "channel": "ticker:SOLO"}))
+            .await;
     }
     for ws in &mut clients {
         ws.recv_type("subscribed").await;
@@ -222,17 +285,21 @@ async fn fifty_subscribers_to_an_uncached_channel_share_one_fetch() {
 #[actix_web::test]
 async fn pointer_and_diff_transforms_run_on_fetched_data() {
     let upstream = Upstream::start();
-    let chain = |ltp_a: f64, oi_a: i64, ltp_b: f64| {
-        json!({"data": [{"strike": 100, "ltp": ltp_a, "oi": oi_a}, {"strike": 110, "ltp": ltp_b, "oi": 5}], "meta": "x"})
-    };
+    let chain = |ltp_a: f64, oi_a: i64, ltp_b: f64| json!({"data": [{"strike": 100, "ltp": ltp_a, "oi": oi_a}, {"strike": 110, "ltp": ltp_b, "oi": 5}], "meta": "x"});
     upstream.set_mode(Mode::Ok(chain(5.5, 1000, 2.0)));
     let extra = "transform = [\"/data\", \"diff:strike\"]";
-    let hub = TestHub::start(&source_config(&upstream, extra).replace("interval = \"1s\"", "interval = \"300ms\"")).await;
+    let hub = TestHub::start(
+        &source_config(&upstream, extra).replace("interval = \"1s\"", "interval = \"300ms\""),
+    )
+    .await;
     let mut ws = hub.connect().await;
     ws.subscribe("ticker:CH").await;
     start_job(&hub, "ticker", json!({"symbol": "CH"})).await;
     let first = ws.recv_type("message").await;
-    assert_eq!(first["data"], json!([{"strike": 100, "ltp": 5.5, "oi": 1000}, {"strike": 110, "ltp": 2.0, "oi": 5}]));
+    assert_eq!(
+        first["data"],
+        json!([{"strike": 100, "ltp": 5.5, "oi": 1000}, {"strike": 110, "ltp": 2.0, "oi": 5}])
+    );
     upstream.set_mode(Mode::Ok(chain(7.0, 990, 1.25)));
     let mut next = ws.recv_type("message").await;
     while next["data"][0]["ltp"] != 7.0 {
@@ -250,30 +317,68 @@ async fn pointer_and_diff_transforms_run_on_fetched_data() {
 #[actix_web::test]
 async fn polling_api_validates_parameters_and_requires_the_admin_token() {
     let upstream = Upstream::start();
-    let hub = TestHub::start(&format!("[server]\nadmin_token = \"s3cret\"\n{}", source_config(&upstream, ""))).await;
+    let hub = TestHub::start(&format!(
+        "[server]\nadmin_token = \"s3cret\"\n{}",
+        source_config(&upstream, "")
+    ))
+    .await;
     let url = hub.http("/api/polling/start");
     let body = json!({"source": "ticker", "params": {"symbol": "A"}});
     assert_eq!(post_json(&url, &body, &[]).await.0, 401);
-    assert_eq!(post_json(&url, &body, &[("Authorization", "Bearer nope")]).await.0, 401);
+    assert_eq!(
+        post_json(&url, &body, &[("Authorization", "Bearer nope")])
+            .await
+            .0,
+        401
+    );
     assert_eq!(get_json(&hub.http("/api/polling/status")).await.0, 401);
-    assert_eq!(post_json(&hub.http("/api/polling/stop"), &json!({"job": "x"}), &[]).await.0, 401);
+    assert_eq!(
+        post_json(&hub.http("/api/polling/stop"), &json!({"job": "x"}), &[])
+            .await
+            .0,
+        401
+    );
     let auth = [("Authorization", "Bearer s3cret")];
     let cases = [
         (json!({"source": "ticker", "params": {}}), 400, "symbol"),
-        (json!({"source": "ticker", "params": {"symbol": "A", "extra": "1"}}), 400, "extra"),
+        (
+            json!({"source": "ticker", "params": {"symbol": "A", "extra": "1"}}),
+            400,
+            "extra",
+        ),
         (json!({"source": "nope", "params": {}}), 400, "nope"),
-        (json!({"source": "ticker", "params": {"symbol": "A B"}}), 400, "invalid"),
+        (
+            json!({"source": "ticker", "params": {"symbol": "A B"}}),
+            400,
+            "invalid",
+        ),
         (json!({"params": {}}), 400, "source"),
     ];
     for (body, status, mentions) in cases {
         let (got, reply) = post_json(&url, &body, &auth).await;
         assert_eq!(got, status, "{body} -> {reply}");
-        assert!(reply["error"]["message"].as_str().unwrap().contains(mentions), "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(mentions),
+            "{reply}"
+        );
     }
     let (status, started) = post_json(&url, &body, &auth).await;
     assert_eq!(status, 200);
-    let (status, stopped) = post_json(&hub.http("/api/polling/stop"), &json!({"job": started["job"]}), &auth).await;
+    let (status, stopped) = post_json(
+        &hub.http("/api/polling/stop"),
+        &json!({"job": started["job"]}),
+        &auth,
+    )
+    .await;
     assert_eq!((status, stopped["stopped"].clone()), (200, json!(true)));
-    let (status, _) = post_json(&hub.http("/api/polling/stop"), &json!({"job": started["job"]}), &auth).await;
+    let (status, _) = post_json(
+        &hub.http("/api/polling/stop"),
+        &json!({"job": started["job"]}),
+        &auth,
+    )
+    .await;
     assert_eq!(status, 404);
 }

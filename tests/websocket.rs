@@ -14,10 +14,16 @@ use common::{TestHub, Ws, close_code, eventually};
 async fn subscribe_receive_unsubscribe() {
     let hub = TestHub::start("").await;
     let mut ws = hub.connect().await;
-    ws.send(json!({"op": "subscribe", "channel": "prices:BTC", "id": 1})).await;
-    assert_eq!(ws.recv().await, json!({"type": "subscribed", "id": 1, "channel": "prices:BTC"}));
+    ws.send(json!({"op": "subscribe", "channel": "prices:BTC", "id": 1}))
+        .await;
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "subscribed", "id": 1, "channel": "prices:BTC"})
+    );
 
-    let published = hub.publish("prices:BTC", json!({"price": 64000.5, "tags": ["a", null]})).await;
+    let published = hub
+        .publish("prices:BTC", json!({"price": 64000.5, "tags": ["a", null]}))
+        .await;
     assert_eq!(published["seq"], 1);
     let msg = ws.recv_type("message").await;
     assert_eq!(msg["channel"], "prices:BTC");
@@ -25,8 +31,12 @@ async fn subscribe_receive_unsubscribe() {
     assert_eq!(msg["seq"], 1);
     assert!(chrono::DateTime::parse_from_rfc3339(msg["ts"].as_str().unwrap()).is_ok());
 
-    ws.send(json!({"op": "unsubscribe", "channel": "prices:BTC", "id": "u"})).await;
-    assert_eq!(ws.recv().await, json!({"type": "unsubscribed", "id": "u", "channel": "prices:BTC"}));
+    ws.send(json!({"op": "unsubscribe", "channel": "prices:BTC", "id": "u"}))
+        .await;
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "unsubscribed", "id": "u", "channel": "prices:BTC"})
+    );
     // After unsubscribing, a BTC publish must not arrive: the next frame is the barrier channel's message.
     ws.subscribe("prices:ETH").await;
     hub.publish("prices:BTC", json!(2)).await;
@@ -44,9 +54,11 @@ async fn one_publish_reaches_500_clients_exactly_once() {
         ws.subscribe("fanout:one").await;
         clients.push(ws);
     }
-    eventually(Duration::from_secs(10), "500 subscribers registered", || async {
-        hub.stats().await["subscribers"]["fanout:one"] == 500
-    })
+    eventually(
+        Duration::from_secs(10),
+        "500 subscribers registered",
+        || async { hub.stats().await["subscribers"]["fanout:one"] == 500 },
+    )
     .await;
     let out = hub.publish("fanout:one", json!({"n": 1})).await;
     assert_eq!(out["delivered"], 500);
@@ -66,14 +78,18 @@ async fn snapshot_follows_subscribed() {
     hub.publish("prices:SOL", json!({"p": 1})).await;
     hub.publish("prices:SOL", json!({"p": 2})).await;
     let mut ws = hub.connect().await;
-    ws.send(json!({"op": "subscribe", "channel": "prices:SOL", "id": 7})).await;
+    ws.send(json!({"op": "subscribe", "channel": "prices:SOL", "id": 7}))
+        .await;
     ws.recv_type("subscribed").await;
     let snapshot = ws.recv_type("snapshot").await;
     assert_eq!(snapshot["data"], json!({"p": 2}));
     assert_eq!(snapshot["seq"], 2);
     hub.publish("prices:SOL", json!({"p": 3})).await;
     let msg = ws.recv_type("message").await;
-    assert_eq!((msg["seq"].clone(), msg["data"]["p"].clone()), (json!(3), json!(3)));
+    assert_eq!(
+        (msg["seq"].clone(), msg["data"]["p"].clone()),
+        (json!(3), json!(3))
+    );
     // A second client on the same worker's registry gets the snapshot from the local latest value.
     let mut other = hub.connect().await;
     other.subscribe("prices:SOL").await;
@@ -86,14 +102,27 @@ async fn client_publish_follows_the_namespace() {
     let mut reader = hub.connect().await;
     reader.subscribe("chat:lobby").await;
     let mut writer = hub.connect().await;
-    writer.send(json!({"op": "publish", "channel": "chat:lobby", "data": {"text": "hi"}, "id": 3})).await;
+    writer
+        .send(json!({"op": "publish", "channel": "chat:lobby", "data": {"text": "hi"}, "id": 3}))
+        .await;
     let ack = writer.recv_type("published").await;
-    assert_eq!((ack["id"].clone(), ack["seq"].clone()), (json!(3), json!(1)));
-    assert_eq!(reader.recv_type("message").await["data"], json!({"text": "hi"}));
+    assert_eq!(
+        (ack["id"].clone(), ack["seq"].clone()),
+        (json!(3), json!(1))
+    );
+    assert_eq!(
+        reader.recv_type("message").await["data"],
+        json!({"text": "hi"})
+    );
 
-    writer.send(json!({"op": "publish", "channel": "prices:BTC", "data": 1, "id": 4})).await;
+    writer
+        .send(json!({"op": "publish", "channel": "prices:BTC", "data": 1, "id": 4}))
+        .await;
     let err = writer.recv_type("error").await;
-    assert_eq!((err["code"].clone(), err["id"].clone()), (json!("forbidden"), json!(4)));
+    assert_eq!(
+        (err["code"].clone(), err["id"].clone()),
+        (json!("forbidden"), json!(4))
+    );
     writer.ping().await;
 }
 
@@ -110,13 +139,25 @@ async fn bad_input_gets_an_error_and_the_connection_survives() {
         (r#"{"op":"subscribe"}"#, "bad_request"),
         (r#"{"op":"subscribe","channel":["x"]}"#, "bad_request"),
         (r#"{"op":"publish","channel":"ok:a"}"#, "bad_request"),
-        (r#"{"op":"subscribe","channel":"ok:a","id":{"nested":1}}"#, "bad_request"),
+        (
+            r#"{"op":"subscribe","channel":"ok:a","id":{"nested":1}}"#,
+            "bad_request",
+        ),
         (r#"{"op":"teleport","id":5}"#, "unknown_op"),
-        (r#"{"op":"subscribe","channel":"has space"}"#, "invalid_channel"),
+        (
+            r#"{"op":"subscribe","channel":"has space"}"#,
+            "invalid_channel",
+        ),
         (r#"{"op":"subscribe","channel":""}"#, "invalid_channel"),
-        (r#"{"op":"subscribe","channel":"nope:a"}"#, "invalid_channel"),
+        (
+            r#"{"op":"subscribe","channel":"nope:a"}"#,
+            "invalid_channel",
+        ),
         (r#"{"op":"subscribe","channel":"ok:*"}"#, "forbidden"),
-        (r#"{"op":"unsubscribe","channel":"ok:never"}"#, "not_subscribed"),
+        (
+            r#"{"op":"unsubscribe","channel":"ok:never"}"#,
+            "not_subscribed",
+        ),
     ];
     for (frame, code) in cases {
         ws.send_text(frame).await;
@@ -130,15 +171,22 @@ async fn bad_input_gets_an_error_and_the_connection_survives() {
     assert_eq!(ws.recv_type("error").await["code"], "invalid_channel");
 
     // Binary frames are refused with bad_request, not a disconnect.
-    ws.stream.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    ws.stream
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
     assert_eq!(ws.recv_type("error").await["code"], "bad_request");
     ws.ping().await;
 
     ws.subscribe("ok:1").await;
     ws.subscribe("ok:2").await;
-    ws.send(json!({"op": "subscribe", "channel": "ok:3", "id": 9})).await;
+    ws.send(json!({"op": "subscribe", "channel": "ok:3", "id": 9}))
+        .await;
     let err = ws.recv_type("error").await;
-    assert_eq!((err["code"].clone(), err["id"].clone()), (json!("too_many_subscriptions"), json!(9)));
+    assert_eq!(
+        (err["code"].clone(), err["id"].clone()),
+        (json!("too_many_subscriptions"), json!(9))
+    );
     // The refused subscription was not half-made: publishing to it reaches nobody here.
     hub.publish("ok:3", json!(1)).await;
     hub.publish("ok:1", json!(2)).await;
@@ -150,7 +198,10 @@ async fn oversized_frame_closes_with_1009() {
     let hub = TestHub::start("[websocket]\nmax_message_bytes = 1024\n").await;
     let mut ws = hub.connect().await;
     ws.ping().await;
-    let big = format!(r#"{{"op":"publish","channel":"chat:x","data":"{}"}}"#, "a".repeat(2000));
+    let big = format!(
+        r#"{{"op":"publish","channel":"chat:x","data":"{}"}}"#,
+        "a".repeat(2000)
+    );
     ws.send_text(&big).await;
     assert_eq!(close_code(&mut ws).await, 1009);
     // Nothing of it was published.
@@ -192,7 +243,9 @@ async fn silent_client_close_code(addr: std::net::SocketAddr, silence: Duration)
 
 #[actix_web::test]
 async fn silent_client_is_closed_by_the_heartbeat() {
-    let hub = TestHub::start("[websocket]\nheartbeat_interval = \"100ms\"\nclient_timeout = \"400ms\"\n").await;
+    let hub =
+        TestHub::start("[websocket]\nheartbeat_interval = \"100ms\"\nclient_timeout = \"400ms\"\n")
+            .await;
     let addr = hub.addr;
     let silent = tokio::spawn(silent_client_close_code(addr, Duration::from_millis(1200)));
     // A client that keeps reading (tungstenite answers the server's pings) outlives the timeout.
@@ -208,15 +261,29 @@ async fn silent_client_is_closed_by_the_heartbeat() {
 
 #[actix_web::test]
 async fn origins_are_checked() {
-    let hub = TestHub::start("[server]\nallowed_origins = [\"https://app.example.com\", \"http://localhost:*\"]\n").await;
+    let hub = TestHub::start(
+        "[server]\nallowed_origins = [\"https://app.example.com\", \"http://localhost:*\"]\n",
+    )
+    .await;
     let url = hub.ws_url();
-    let err = Ws::connect_with_origin(&url, "https://evil.example.com").await.err().expect("refused");
+    let err = Ws::connect_with_origin(&url, "https://evil.example.com")
+        .await
+        .err()
+        .expect("refused");
     match err {
         tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 403),
         other => panic!("expected HTTP 403, got {other:?}"),
     }
-    Ws::connect_with_origin(&url, "https://app.example.com").await.unwrap().ping().await;
-    Ws::connect_with_origin(&url, "http://localhost:5173").await.unwrap().ping().await;
+    Ws::connect_with_origin(&url, "https://app.example.com")
+        .await
+        .unwrap()
+        .ping()
+        .await;
+    Ws::connect_with_origin(&url, "http://localhost:5173")
+        .await
+        .unwrap()
+        .ping()
+        .await;
     hub.connect().await.ping().await; // no Origin: not a browser, allowed
 }
 
@@ -234,7 +301,10 @@ async fn shutdown_sends_1001_and_ready_turns_503() {
     assert_eq!(close_code(&mut ws).await, 1001);
     let started = std::time::Instant::now();
     running.shutdown().await;
-    assert!(started.elapsed() < Duration::from_secs(3), "shutdown within shutdown_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown within shutdown_timeout"
+    );
 }
 
 #[actix_web::test]
@@ -253,9 +323,11 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
         handle.publish("feed:x", &data).await.unwrap();
         assert_eq!(healthy.recv_type("message").await["seq"], i);
     }
-    eventually(Duration::from_secs(10), "the slow consumer is dropped", || async {
-        hub.stats().await["slow_consumer_disconnects"].as_u64() >= Some(1)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the slow consumer is dropped",
+        || async { hub.stats().await["slow_consumer_disconnects"].as_u64() >= Some(1) },
+    )
     .await;
     let stats = hub.stats().await;
     assert_eq!(stats["subscribers"]["feed:x"], 1, "{stats}");
@@ -271,9 +343,12 @@ async fn messages_published_while_a_subscription_starts_are_not_lost() {
         let channel = format!("chat:race{round}");
         let mut ws = hub.connect().await;
         // Subscribe and publish back to back, without waiting for the acknowledgement.
-        ws.send(json!({"op": "subscribe", "channel": channel})).await;
-        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 1}})).await;
-        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 2}})).await;
+        ws.send(json!({"op": "subscribe", "channel": channel}))
+            .await;
+        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 1}}))
+            .await;
+        ws.send(json!({"op": "publish", "channel": channel, "data": {"n": 2}}))
+            .await;
         let mut seqs = Vec::new();
         while seqs.last() != Some(&2) {
             let frame = ws.recv().await;

@@ -18,7 +18,11 @@ pub async fn latest(hub: web::Data<Hub>, channel: web::Path<String>) -> HttpResp
             .content_type("application/json")
             .insert_header(("Cache-Control", "no-store"))
             .body(p.to_rest_json()),
-        None => error_response(StatusCode::NOT_FOUND, "not_found", "no value for this channel"),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no value for this channel",
+        ),
     }
 }
 
@@ -42,7 +46,11 @@ pub async fn history(
         .history_size;
     let limit = query.limit.unwrap_or(kept).min(kept.max(1)).min(1000);
     let items = match hub.store() {
-        Store::Memory(memory) => memory.history(&channel, limit).iter().map(|p| item(p)).collect(),
+        Store::Memory(memory) => memory
+            .history(&channel, limit)
+            .iter()
+            .map(|p| item(p))
+            .collect(),
         Store::Redis(redis) => match redis.history(&channel, limit).await {
             Ok(found) => found.iter().map(item).collect::<Vec<_>>(),
             Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),

@@ -12,7 +12,8 @@ pub async fn health() -> HttpResponse {
 
 pub async fn ready(hub: web::Data<Hub>) -> HttpResponse {
     match hub.readiness() {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "mode": hub.store().mode() })),
+        Ok(()) => HttpResponse::Ok()
+            .json(serde_json::json!({ "status": "ready", "mode": hub.store().mode() })),
         Err(reason) => HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE)
             .json(serde_json::json!({ "status": "unavailable", "reason": reason })),
     }

@@ -4,8 +4,8 @@ pub mod channels;
 pub mod health;
 pub mod polling;
 pub mod publish;
-pub mod stats;
 pub mod static_files;
+pub mod stats;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -23,6 +23,40 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> HttpResp
     }))
 }
 
+/// An error answered by the API: status, code and message, rendered as the JSON error shape.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        error_response(self.status, self.code, &self.message)
+    }
+}
+
 /// Registers every route. `/api` gets CORS for the allowed origins.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(crate::session::ws_route))
@@ -34,7 +68,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/publish", web::post().to(publish::publish))
                 .route("/stats", web::get().to(stats::stats))
                 .route("/channels/{channel}", web::get().to(channels::latest))
-                .route("/channels/{channel}/history", web::get().to(channels::history))
+                .route(
+                    "/channels/{channel}/history",
+                    web::get().to(channels::history),
+                )
                 .route("/polling/start", web::post().to(polling::start))
                 .route("/polling/stop", web::post().to(polling::stop))
                 .route("/polling/status", web::get().to(polling::status))
@@ -58,7 +95,11 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 
 /// Whether the request's `Origin` (if any) may use this hub. Requests without one are not from a browser.
 pub fn origin_allowed(req: &HttpRequest, config: &Config) -> bool {
-    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    else {
         return true;
     };
     let host = req.connection_info().host().to_string();
@@ -103,7 +144,10 @@ async fn cors(
             response
                 .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
                 .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"))
-                .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type"))
+                .insert_header((
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    "authorization, content-type",
+                ))
                 .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
                 .insert_header((header::VARY, "Origin"));
         }
@@ -142,12 +186,36 @@ mod tests {
 
     #[test]
     fn origins() {
-        assert!(origin_matches("http://localhost:*", "http://localhost:3000", "x"));
-        assert!(!origin_matches("http://localhost:*", "http://localhost.evil.com:3000", "x"));
-        assert!(!origin_matches("http://localhost:*", "http://localhost", "x"));
-        assert!(origin_matches("self", "https://hub.example.com", "hub.example.com"));
-        assert!(!origin_matches("self", "https://evil.com", "hub.example.com"));
-        assert!(origin_matches("https://app.example.com", "https://app.example.com", "x"));
+        assert!(origin_matches(
+            "http://localhost:*",
+            "http://localhost:3000",
+            "x"
+        ));
+        assert!(!origin_matches(
+            "http://localhost:*",
+            "http://localhost.evil.com:3000",
+            "x"
+        ));
+        assert!(!origin_matches(
+            "http://localhost:*",
+            "http://localhost",
+            "x"
+        ));
+        assert!(origin_matches(
+            "self",
+            "https://hub.example.com",
+            "hub.example.com"
+        ));
+        assert!(!origin_matches(
+            "self",
+            "https://evil.com",
+            "hub.example.com"
+        ));
+        assert!(origin_matches(
+            "https://app.example.com",
+            "https://app.example.com",
+            "x"
+        ));
         assert!(origin_matches("*", "https://anything", "x"));
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));

@@ -19,10 +19,14 @@ struct PublishBody<'a> {
 }
 
 /// Reads a request body up to `limit` bytes; `Err` is the response to send (413 past the limit).
-pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, HttpResponse> {
+pub async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, HttpResponse> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()))?;
+        let chunk = chunk
+            .map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()))?;
         if body.len() + chunk.len() > limit {
             return Err(error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -38,9 +42,14 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::B
 pub async fn publish(req: HttpRequest, payload: web::Payload, hub: web::Data<Hub>) -> HttpResponse {
     let config = hub.config();
     if !config.server.api_key.is_empty() {
-        let ok = bearer_token(&req).is_some_and(|t| constant_time_eq(t.as_bytes(), config.server.api_key.as_bytes()));
+        let ok = bearer_token(&req)
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), config.server.api_key.as_bytes()));
         if !ok {
-            return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key",
+            );
         }
     }
     let body = match read_body(payload, config.websocket.max_message_bytes).await {
@@ -61,7 +70,11 @@ pub async fn publish(req: HttpRequest, payload: web::Payload, hub: web::Data<Hub
         return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
     }
     if config.policy(&parsed.channel).is_none() {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_channel", "unknown namespace");
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            "unknown namespace",
+        );
     }
     match hub.publish(&parsed.channel, parsed.data.get()).await {
         Ok(outcome) => HttpResponse::Ok().json(serde_json::json!({

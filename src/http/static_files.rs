@@ -20,7 +20,9 @@ pub async fn file(hub: web::Data<Hub>, name: web::Path<String>) -> HttpResponse 
 async fn serve(hub: &Hub, name: &str) -> HttpResponse {
     let valid = !name.is_empty()
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if !valid {
         return error_response(StatusCode::NOT_FOUND, "not_found", "no such file");
     }

@@ -11,8 +11,10 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
     let (channels, patterns) = hub.subscriber_counts();
     let subscriptions: usize = channels.iter().map(|(_, n)| n).sum();
     let pattern_subscriptions: usize = patterns.iter().map(|(_, n)| n).sum();
-    let subscribers: Map<String, Value> = channels.into_iter().map(|(c, n)| (c, json!(n))).collect();
-    let pattern_subscribers: Map<String, Value> = patterns.into_iter().map(|(c, n)| (c, json!(n))).collect();
+    let subscribers: Map<String, Value> =
+        channels.into_iter().map(|(c, n)| (c, json!(n))).collect();
+    let pattern_subscribers: Map<String, Value> =
+        patterns.into_iter().map(|(c, n)| (c, json!(n))).collect();
     HttpResponse::Ok().json(json!({
         "instance_id": hub.instance_id(),
         "mode": hub.store().mode(),

@@ -66,7 +66,10 @@ impl JobStore {
     pub async fn put(&self, spec: &JobSpec) -> Result<(), RedisError> {
         match self.hub.store() {
             Store::Memory(_) => {
-                self.memory().specs.entry(spec.id.clone()).or_insert_with(|| spec.clone());
+                self.memory()
+                    .specs
+                    .entry(spec.id.clone())
+                    .or_insert_with(|| spec.clone());
                 Ok(())
             }
             Store::Redis(r) => {
@@ -74,7 +77,12 @@ impl JobStore {
                 let json = serde_json::to_string(spec).expect("a job spec serializes");
                 let id = spec.id.clone();
                 r.with_conn(|mut c| async move {
-                    redis::cmd("HSETNX").arg(key).arg(id).arg(json).query_async::<i64>(&mut c).await
+                    redis::cmd("HSETNX")
+                        .arg(key)
+                        .arg(id)
+                        .arg(json)
+                        .query_async::<i64>(&mut c)
+                        .await
                 })
                 .await
                 .map(|_| ())
@@ -95,7 +103,11 @@ impl JobStore {
                 let id = id.to_string();
                 let (removed, _): (i64, i64) = r
                     .with_conn(|mut c| async move {
-                        redis::pipe().hdel(jobs, id).del(status).query_async(&mut c).await
+                        redis::pipe()
+                            .hdel(jobs, id)
+                            .del(status)
+                            .query_async(&mut c)
+                            .await
                     })
                     .await?;
                 Ok(removed > 0)
@@ -110,9 +122,14 @@ impl JobStore {
             Store::Redis(r) => {
                 let key = r.keys().jobs();
                 let all: HashMap<String, String> = r
-                    .with_conn(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+                    .with_conn(|mut c| async move {
+                        redis::cmd("HGETALL").arg(key).query_async(&mut c).await
+                    })
                     .await?;
-                Ok(all.values().filter_map(|json| serde_json::from_str(json).ok()).collect())
+                Ok(all
+                    .values()
+                    .filter_map(|json| serde_json::from_str(json).ok())
+                    .collect())
             }
         }
     }
@@ -147,8 +164,12 @@ impl JobStore {
             Store::Memory(_) => Ok(self.memory().specs.contains_key(id)),
             Store::Redis(r) => {
                 let mut call = self.renew.prepare_invoke();
-                call.key(r.keys().lease(id)).arg(&self.me).arg(lease.as_millis() as u64);
-                let renewed: i64 = r.with_conn(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+                call.key(r.keys().lease(id))
+                    .arg(&self.me)
+                    .arg(lease.as_millis() as u64);
+                let renewed: i64 = r
+                    .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+                    .await?;
                 Ok(renewed == 1)
             }
         }
@@ -161,7 +182,9 @@ impl JobStore {
             Store::Redis(r) => {
                 let mut call = self.release.prepare_invoke();
                 call.key(r.keys().lease(id)).arg(&self.me);
-                let _: i64 = r.with_conn(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+                let _: i64 = r
+                    .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+                    .await?;
                 Ok(())
             }
         }
@@ -188,12 +211,15 @@ impl JobStore {
                 for id in ids {
                     pipe.get(r.keys().lease(id)).get(r.keys().job_status(id));
                 }
-                let flat: Vec<Option<String>> =
-                    r.with_conn(|mut c| async move { pipe.query_async(&mut c).await }).await?;
+                let flat: Vec<Option<String>> = r
+                    .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await?;
                 Ok(flat
                     .chunks(2)
                     .map(|pair| {
-                        let status = pair[1].as_deref().and_then(|s| serde_json::from_str(s).ok());
+                        let status = pair[1]
+                            .as_deref()
+                            .and_then(|s| serde_json::from_str(s).ok());
                         (pair[0].clone(), status)
                     })
                     .collect())
@@ -202,7 +228,12 @@ impl JobStore {
     }
 
     /// Publishes the owner's view of a job, kept for `ttl` (a dead owner's status fades).
-    pub async fn write_status(&self, id: &str, status: &JobStatus, ttl: Duration) -> Result<(), RedisError> {
+    pub async fn write_status(
+        &self,
+        id: &str,
+        status: &JobStatus,
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
         match self.hub.store() {
             Store::Memory(_) => {
                 let mut m = self.memory();
@@ -260,8 +291,11 @@ impl JobStore {
                 let name = r.keys().pubsub_channel(channel);
                 let (_, count): (String, i64) = r
                     .with_conn(|mut c| async move {
-                        let reply: Vec<redis::Value> =
-                            redis::cmd("PUBSUB").arg("NUMSUB").arg(&name).query_async(&mut c).await?;
+                        let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
+                            .arg("NUMSUB")
+                            .arg(&name)
+                            .query_async(&mut c)
+                            .await?;
                         let count = match reply.get(1) {
                             Some(redis::Value::Int(n)) => *n,
                             _ => 0,

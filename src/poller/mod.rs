@@ -137,7 +137,12 @@ pub struct PollerObserver {
 
 impl ChannelObserver for PollerObserver {
     fn subscribers_changed(&self, channel: &str, count: usize) {
-        if count > 0 && self.sources.iter().any(|s| s.auto_start && s.channel.match_channel(channel).is_some()) {
+        if count > 0
+            && self
+                .sources
+                .iter()
+                .any(|s| s.auto_start && s.channel.match_channel(channel).is_some())
+        {
             self.addr.do_send(AutoStart {
                 channel: channel.to_string(),
             });
@@ -175,12 +180,21 @@ impl Poller {
                 .demo
                 .symbols
                 .iter()
-                .map(|s| ("demo".to_string(), BTreeMap::from([("symbol".to_string(), s.clone())])))
+                .map(|s| {
+                    (
+                        "demo".to_string(),
+                        BTreeMap::from([("symbol".to_string(), s.clone())]),
+                    )
+                })
                 .collect()
         } else {
             Vec::new()
         };
-        let (store, lease, actor_hub) = (Arc::new(JobStore::new(hub.clone())), config.poller.lease, hub.clone());
+        let (store, lease, actor_hub) = (
+            Arc::new(JobStore::new(hub.clone())),
+            config.poller.lease,
+            hub.clone(),
+        );
         let (actor_sources, actor_known) = (sources.clone(), known.clone());
         let arbiter = Arbiter::new();
         // Built on the poller's own thread: the awc client it will hold is not `Send`.
@@ -209,11 +223,17 @@ impl Poller {
         self.sources.iter().find(|s| s.name == name).cloned()
     }
 
-    fn make_job(&self, source: &str, params: BTreeMap<String, String>) -> Result<JobSpec, PollError> {
+    fn make_job(
+        &self,
+        source: &str,
+        params: BTreeMap<String, String>,
+    ) -> Result<JobSpec, PollError> {
         let source = self
             .source(source)
             .ok_or_else(|| PollError::UnknownSource(format!("no source named `{source}`")))?;
-        source.job(params).map_err(|ParamError(e)| PollError::BadParams(e))
+        source
+            .job(params)
+            .map_err(|ParamError(e)| PollError::BadParams(e))
     }
 
     /// The auto-start job for a channel, if a source's template matches it.
@@ -234,7 +254,11 @@ impl Poller {
         let fut = async move {
             store.put(&spec).await?;
             let acquired = store.acquire(&id, lease).await?;
-            let previous = if acquired { previous_value(&hub, &channel).await } else { None };
+            let previous = if acquired {
+                previous_value(&hub, &channel).await
+            } else {
+                None
+            };
             Ok::<_, RedisError>((spec, acquired, previous))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| match result {
@@ -260,7 +284,11 @@ impl Poller {
         let source = self.source(&spec.source).filter(|_| !self.stopping);
         let Some(source) = source else {
             if !self.stopping {
-                log::warn!("job `{}` names source `{}`, which this replica does not have", spec.id, spec.source);
+                log::warn!(
+                    "job `{}` names source `{}`, which this replica does not have",
+                    spec.id,
+                    spec.source
+                );
             }
             let store = self.store.clone();
             let id = spec.id.clone();
@@ -323,18 +351,31 @@ impl Poller {
         }
         job.in_flight = true;
         job.timer = None;
-        let client = self.client.clone().expect("the client is built when the actor starts");
+        let client = self
+            .client
+            .clone()
+            .expect("the client is built when the actor starts");
         let hub = self.hub.clone();
         let source = job.source.clone();
         let spec = job.spec.clone();
         let previous = job.previous.clone();
         let fut = async move { run_fetch(&client, &hub, &source, &spec, previous).await };
         let id = id.to_string();
-        ctx.spawn(fut.into_actor(self).map(move |outcome, act, ctx| act.fetched(&id, outcome, ctx)));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |outcome, act, ctx| act.fetched(&id, outcome, ctx)),
+        );
     }
 
-    fn fetched(&mut self, id: &str, outcome: Result<Option<Value>, String>, ctx: &mut Context<Self>) {
-        let subscribers = self.hub.local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
+    fn fetched(
+        &mut self,
+        id: &str,
+        outcome: Result<Option<Value>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let subscribers = self
+            .hub
+            .local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
         let Some(job) = self.owned.get_mut(id) else {
             return;
         };
@@ -360,7 +401,10 @@ impl Poller {
                     job.status.consecutive_failures
                 );
                 job.status.last_error = Some(e);
-                backoff::jitter(backoff::retry_delay(interval, job.status.consecutive_failures), 0.1)
+                backoff::jitter(
+                    backoff::retry_delay(interval, job.status.consecutive_failures),
+                    0.1,
+                )
             }
         };
         self.schedule(id, delay, ctx);
@@ -394,7 +438,13 @@ impl Poller {
         let owned: Vec<(String, String, bool)> = self
             .owned
             .values()
-            .map(|j| (j.spec.id.clone(), j.spec.channel.clone(), j.source.auto_stop))
+            .map(|j| {
+                (
+                    j.spec.id.clone(),
+                    j.spec.channel.clone(),
+                    j.source.auto_stop,
+                )
+            })
             .collect();
         let fut = async move {
             let jobs = store.list().await?;
@@ -439,7 +489,11 @@ impl Poller {
     fn apply_scan(&mut self, mut scan: Scan, ctx: &mut Context<Self>) {
         {
             let mut known = self.known.lock().expect("poller state poisoned");
-            known.jobs_by_channel = scan.jobs.iter().map(|j| (j.channel.clone(), j.clone())).collect();
+            known.jobs_by_channel = scan
+                .jobs
+                .iter()
+                .map(|j| (j.channel.clone(), j.clone()))
+                .collect();
         }
         for id in &scan.lost {
             self.disown(id, ctx);
@@ -456,7 +510,9 @@ impl Poller {
             };
             if listening {
                 job.idle_since = None;
-            } else if now.duration_since(*job.idle_since.get_or_insert(now)) >= job.source.idle_grace {
+            } else if now.duration_since(*job.idle_since.get_or_insert(now))
+                >= job.source.idle_grace
+            {
                 idle.push(id);
             }
         }
@@ -487,14 +543,19 @@ impl Poller {
             self.filling.remove(&spec.channel);
             return;
         };
-        let client = self.client.clone().expect("the client is built when the actor starts");
+        let client = self
+            .client
+            .clone()
+            .expect("the client is built when the actor starts");
         let store = self.store.clone();
         let hub = self.hub.clone();
         let fut = async move {
-            if store.fill_lock(&spec.channel, FILL_LOCK).await.unwrap_or(false) {
-                if let Err(e) = run_fetch(&client, &hub, &source, &spec, None).await {
-                    log::warn!("filling `{}` failed: {e}", spec.channel);
-                }
+            let locked = store
+                .fill_lock(&spec.channel, FILL_LOCK)
+                .await
+                .unwrap_or(false);
+            if locked && let Err(e) = run_fetch(&client, &hub, &source, &spec, None).await {
+                log::warn!("filling `{}` failed: {e}", spec.channel);
             }
             spec.channel
         };
@@ -520,20 +581,40 @@ async fn run_fetch(
 ) -> Result<Option<Value>, String> {
     let raw = match source.kind {
         crate::config::SourceKind::Http => {
-            let url = source.url_for(spec).ok_or("the job's URL cannot be built")?;
-            fetch::fetch_json(client, &url, &source.headers, source.timeout, source.max_body_bytes)
-                .await
-                .map_err(|e| e.to_string())?
+            let url = source
+                .url_for(spec)
+                .ok_or("the job's URL cannot be built")?;
+            fetch::fetch_json(
+                client,
+                &url,
+                &source.headers,
+                source.timeout,
+                source.max_body_bytes,
+            )
+            .await
+            .map_err(|e| e.to_string())?
         }
         crate::config::SourceKind::Redis => read_redis_fields(hub, source).await?,
     };
     let value = transform::apply_all(&source.transforms, raw, previous.as_ref())?;
-    if source.kind == crate::config::SourceKind::Redis && source.only_on_change && previous.as_ref() == Some(&value) {
+    if source.kind == crate::config::SourceKind::Redis
+        && source.only_on_change
+        && previous.as_ref() == Some(&value)
+    {
         return Ok(None);
     }
     let text = value.to_string();
-    if text.len() > hub.config().websocket.max_message_bytes.max(source.max_body_bytes) {
-        return Err(format!("transformed value is {} bytes, over the limit", text.len()));
+    if text.len()
+        > hub
+            .config()
+            .websocket
+            .max_message_bytes
+            .max(source.max_body_bytes)
+    {
+        return Err(format!(
+            "transformed value is {} bytes, over the limit",
+            text.len()
+        ));
     }
     hub.publish_with(&spec.channel, &text, source.ttl)
         .await
@@ -643,7 +724,11 @@ impl Handler<StartJob> for Poller {
         let fut = async move {
             store.put(&spec).await?;
             let acquired = store.acquire(&spec.id, lease).await?;
-            let previous = if acquired { previous_value(&hub, &spec.channel).await } else { None };
+            let previous = if acquired {
+                previous_value(&hub, &spec.channel).await
+            } else {
+                None
+            };
             Ok::<_, PollError>((spec, acquired, previous))
         };
         Box::pin(fut.into_actor(self).map(|result, act, ctx| {
@@ -668,7 +753,11 @@ impl Handler<StopJob> for Poller {
         let fut = async move {
             let existed = store.remove(&id).await?;
             let _ = store.release(&id).await;
-            if existed { Ok(()) } else { Err(PollError::UnknownJob(id)) }
+            if existed {
+                Ok(())
+            } else {
+                Err(PollError::UnknownJob(id))
+            }
         };
         Box::pin(fut.into_actor(self))
     }
@@ -743,7 +832,11 @@ impl Handler<Fill> for Poller {
     type Result = ();
 
     fn handle(&mut self, msg: Fill, ctx: &mut Self::Context) {
-        let owned = self.owned.values().find(|j| j.spec.channel == msg.channel).map(|j| j.spec.id.clone());
+        let owned = self
+            .owned
+            .values()
+            .find(|j| j.spec.channel == msg.channel)
+            .map(|j| j.spec.id.clone());
         if let Some(id) = owned {
             // Single flight: `fetch` does nothing while one is under way.
             return self.fetch(&id, ctx);

@@ -47,7 +47,8 @@ impl Source {
     /// Compiles one source; `self_base` (`http://127.0.0.1:<port>`) replaces `{self}` in its URL.
     pub fn compile(index: usize, config: &SourceConfig, self_base: &str) -> Result<Source, String> {
         let key = |field: &str| format!("sources[{index}].{field}");
-        let channel = Template::parse(&config.channel).map_err(|e| format!("{}: {e}", key("channel")))?;
+        let channel =
+            Template::parse(&config.channel).map_err(|e| format!("{}: {e}", key("channel")))?;
         let url = match config.kind {
             SourceKind::Http => {
                 let url = config.url.replace("{self}", self_base);
@@ -75,12 +76,17 @@ impl Source {
                     .map_err(|e| format!("{}: {e}", key(&format!("headers.{name}"))))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let transforms = parse_all(&config.transform).map_err(|e| format!("{}: {e}", key("transform")))?;
+        let transforms =
+            parse_all(&config.transform).map_err(|e| format!("{}: {e}", key("transform")))?;
         let mut fields = Vec::new();
         for (name, command) in &config.fields {
             let mut words = command.split_whitespace();
-            let (Some(cmd), Some(redis_key), None) = (words.next(), words.next(), words.next()) else {
-                return Err(format!("{}: `{command}` must be `<COMMAND> <key>`", key(&format!("fields.{name}"))));
+            let (Some(cmd), Some(redis_key), None) = (words.next(), words.next(), words.next())
+            else {
+                return Err(format!(
+                    "{}: `{command}` must be `<COMMAND> <key>`",
+                    key(&format!("fields.{name}"))
+                ));
             };
             let cmd = cmd.to_ascii_uppercase();
             if !REDIS_READS.contains(&cmd.as_str()) {
@@ -117,10 +123,15 @@ impl Source {
             .channel
             .render(&params, Encoding::Raw)
             .map_err(|e| ParamError(e.to_string()))?;
-        crate::protocol::validate_channel(&channel)
-            .map_err(|e| ParamError(format!("the job's channel `{channel}` is invalid: {}", e.message)))?;
+        crate::protocol::validate_channel(&channel).map_err(|e| {
+            ParamError(format!(
+                "the job's channel `{channel}` is invalid: {}",
+                e.message
+            ))
+        })?;
         if let Some(url) = &self.url {
-            url.render(&params, Encoding::Url).map_err(|e| ParamError(e.to_string()))?;
+            url.render(&params, Encoding::Url)
+                .map_err(|e| ParamError(e.to_string()))?;
         }
         Ok(JobSpec {
             id: format!("{}@{channel}", self.name),
@@ -132,7 +143,9 @@ impl Source {
 
     /// The URL of a job (its parameters were validated when it was made).
     pub fn url_for(&self, job: &JobSpec) -> Option<String> {
-        self.url.as_ref().and_then(|u| u.render(&job.params, Encoding::Url).ok())
+        self.url
+            .as_ref()
+            .and_then(|u| u.render(&job.params, Encoding::Url).ok())
     }
 
     /// For the sources listing: name, parameters, channel template, interval.
@@ -187,9 +200,16 @@ mod tests {
 
     #[test]
     fn jobs_from_parameters() {
-        let s = source("{self}/chain?symbol={symbol}&expiry={expiry}", "option-chain:{symbol}:{expiry}").unwrap();
-        let params: BTreeMap<String, String> =
-            [("symbol".to_string(), "NIFTY 50".to_string()), ("expiry".to_string(), "2025-11-28".to_string())].into();
+        let s = source(
+            "{self}/chain?symbol={symbol}&expiry={expiry}",
+            "option-chain:{symbol}:{expiry}",
+        )
+        .unwrap();
+        let params: BTreeMap<String, String> = [
+            ("symbol".to_string(), "NIFTY 50".to_string()),
+            ("expiry".to_string(), "2025-11-28".to_string()),
+        ]
+        .into();
         let e = s.job(params.clone()).unwrap_err();
         assert!(e.0.contains("invalid"), "{e:?}");
         let mut ok = params.clone();

@@ -60,7 +60,10 @@ impl MemoryStore {
                 }
                 entry.seq += 1;
                 let publication = Arc::new(Publication::new(
-                    entry.history.front().map_or_else(|| channel.into(), |p| p.channel.clone()),
+                    entry
+                        .history
+                        .front()
+                        .map_or_else(|| channel.into(), |p| p.channel.clone()),
                     data,
                     Some(entry.seq),
                     Some(&crate::protocol::now_ts()),
@@ -142,7 +145,11 @@ impl MemoryStore {
 
     /// Channels with a value.
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("memory store lock poisoned").channels.len()
+        self.inner
+            .lock()
+            .expect("memory store lock poisoned")
+            .channels
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -173,7 +180,11 @@ mod tests {
         }
         let latest = store.latest("a").unwrap();
         assert_eq!((latest.seq, latest.data()), (Some(3), "2"));
-        let h: Vec<_> = store.history("a", 10).iter().map(|p| p.data().to_string()).collect();
+        let h: Vec<_> = store
+            .history("a", 10)
+            .iter()
+            .map(|p| p.data().to_string())
+            .collect();
         assert_eq!(h, ["2", "1"]);
         store.publish("b", "1", p, |_| {});
         store.publish("a", "3", p, |_| {}); // a is now the most recent

@@ -128,9 +128,11 @@ impl RedisStore {
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
-        self.with_conn(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(|_| ())
+        self.with_conn(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Records and publishes one message in a single script run.
@@ -191,7 +193,11 @@ impl RedisStore {
     }
 
     /// Up to `limit` snapshots, newest first, as publications.
-    pub async fn history(&self, channel: &str, limit: usize) -> Result<Vec<Publication>, RedisError> {
+    pub async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<Publication>, RedisError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -208,7 +214,11 @@ impl RedisStore {
     }
 
     /// Latest values of cached channels starting with `prefix` (SCAN, bounded by `limit`).
-    pub async fn latest_matching(&self, prefix: &str, limit: usize) -> Result<Vec<Publication>, RedisError> {
+    pub async fn latest_matching(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<Publication>, RedisError> {
         let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
         let keys: Vec<String> = self
             .with_conn(|mut c| async move {
@@ -284,7 +294,10 @@ mod tests {
     #[test]
     fn payloads() {
         let p = decode_payload("a".into(), b"\x1e12 2026-01-01T00:00:00.000Z {\"x\":1}").unwrap();
-        assert_eq!((p.seq, p.ts(), p.data()), (Some(12), Some("2026-01-01T00:00:00.000Z"), "{\"x\":1}"));
+        assert_eq!(
+            (p.seq, p.ts(), p.data()),
+            (Some(12), Some("2026-01-01T00:00:00.000Z"), "{\"x\":1}")
+        );
         let p = decode_payload("a".into(), b" {\"y\": 2}").unwrap();
         assert_eq!((p.seq, p.data()), (None, " {\"y\": 2}"));
         assert!(decode_payload("a".into(), b"{broken").is_err());

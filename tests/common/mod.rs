@@ -32,7 +32,8 @@ pub fn init_logging() {
 /// the repository's web root.
 pub fn test_config(toml: &str) -> Config {
     let toml = format!("[demo]\nenabled = false\n{toml}");
-    let mut config = Config::from_toml_over_defaults(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
+    let mut config =
+        Config::from_toml_over_defaults(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
     config.server.host = "127.0.0.1".into();
     config.server.port = 0;
     if config.server.workers == 0 {
@@ -40,7 +41,9 @@ pub fn test_config(toml: &str) -> Config {
     }
     config.server.web_root = format!("{}/web", env!("CARGO_MANIFEST_DIR"));
     config.server.shutdown_timeout = Duration::from_secs(3);
-    config.validate().unwrap_or_else(|e| panic!("test config: {e}"));
+    config
+        .validate()
+        .unwrap_or_else(|e| panic!("test config: {e}"));
     config
 }
 
@@ -94,7 +97,12 @@ impl TestHub {
 
     /// Publishes through the HTTP API and returns the response body.
     pub async fn publish(&self, channel: &str, data: Value) -> Value {
-        let (status, body) = post_json(&self.http("/api/publish"), &serde_json::json!({"channel": channel, "data": data}), &[]).await;
+        let (status, body) = post_json(
+            &self.http("/api/publish"),
+            &serde_json::json!({"channel": channel, "data": data}),
+            &[],
+        )
+        .await;
         assert_eq!(status, 200, "publish failed: {body}");
         body
     }
@@ -111,14 +119,18 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(url: &str) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
         Ws { stream }
     }
 
     /// Connects with an `Origin` header; the handshake error (e.g. 403) is returned as is.
     pub async fn connect_with_origin(url: &str, origin: &str) -> Result<Ws, tungstenite::Error> {
         let mut request = url.into_client_request()?;
-        request.headers_mut().insert("Origin", origin.parse().expect("valid header"));
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().expect("valid header"));
         let (stream, _) = tokio_tungstenite::connect_async(request).await?;
         Ok(Ws { stream })
     }
@@ -141,7 +153,8 @@ impl Ws {
                 .expect("timed out waiting for a frame");
             match next {
                 Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(&text).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"));
+                    return serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
@@ -158,14 +171,16 @@ impl Ws {
 
     /// Subscribes and waits for the acknowledgement.
     pub async fn subscribe(&mut self, channel: &str) {
-        self.send(serde_json::json!({"op": "subscribe", "channel": channel})).await;
+        self.send(serde_json::json!({"op": "subscribe", "channel": channel}))
+            .await;
         let ack = self.recv_type("subscribed").await;
         assert_eq!(ack["channel"], channel);
     }
 
     /// Round trip proving the connection is open and answering.
     pub async fn ping(&mut self) {
-        self.send(serde_json::json!({"op": "ping", "id": "alive"})).await;
+        self.send(serde_json::json!({"op": "ping", "id": "alive"}))
+            .await;
         let pong = self.recv_type("pong").await;
         assert_eq!(pong["id"], "alive");
     }
@@ -175,7 +190,10 @@ impl Ws {
         let deadline = Instant::now() + FRAME_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.stream.next()).await.expect("timed out waiting for close") {
+            match tokio::time::timeout(left, self.stream.next())
+                .await
+                .expect("timed out waiting for close")
+            {
                 Some(Ok(Message::Close(frame))) => return frame,
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,
@@ -194,13 +212,18 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
 }
 
 fn http_client() -> awc::Client {
-    awc::Client::builder().timeout(Duration::from_secs(10)).finish()
+    awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .finish()
 }
 
 pub async fn get_json(url: &str) -> (u16, Value) {
     let mut response = http_client().get(url).send().await.expect("GET");
     let body = response.body().limit(16 << 20).await.expect("body");
-    (response.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
+    (
+        response.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
 }
 
 pub async fn post_json(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
@@ -214,7 +237,10 @@ pub async fn post_raw(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u1
     }
     let mut response = request.send_body(body).await.expect("POST");
     let body = response.body().limit(16 << 20).await.expect("body");
-    (response.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
+    (
+        response.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
 }
 
 /// Waits until `check` holds, polling; fails with `what` after `timeout`.
@@ -252,22 +278,40 @@ fn redis_server_binary() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("relayhub-test-redis-{port}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("relayhub-test-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = RedisServer { port, child: None, dir };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir,
+        };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
         let child = Command::new(redis_server_binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -280,7 +324,11 @@ impl RedisServer {
             if self.cmd(&["PING"]).is_ok_and(|r| r.contains("PONG")) {
                 return;
             }
-            assert!(Instant::now() < deadline, "redis-server on port {} did not answer", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -390,7 +438,10 @@ impl Reply {
     /// The first value of a header, by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as JSON (`Null` when it is not JSON).
@@ -404,7 +455,12 @@ impl Reply {
 }
 
 /// Any request (`GET`, `OPTIONS`, `POST` ...) with extra headers and an optional body.
-pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Reply {
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Reply {
     let method = awc::http::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
     let mut request = http_client().request(method, url);
     for (k, v) in headers {
@@ -415,11 +471,21 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Op
         None => request.send().await,
     }
     .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let body = response.body().limit(16 << 20).await.expect("body").to_vec();
+    let body = response
+        .body()
+        .limit(16 << 20)
+        .await
+        .expect("body")
+        .to_vec();
     let headers = response
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v.to_str().unwrap_or("").to_string()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                v.to_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     Reply {
         status: response.status().as_u16(),
@@ -431,9 +497,11 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Op
 /// Waits until the hub answers `/ready` with 200 (in Redis mode: its pub/sub connection is live).
 pub async fn wait_ready(hub: &TestHub) {
     let url = hub.http("/ready");
-    eventually(Duration::from_secs(30), &format!("{url} answers 200"), || async {
-        get_json(&url).await.0 == 200
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("{url} answers 200"),
+        || async { get_json(&url).await.0 == 200 },
+    )
     .await;
 }
 
@@ -442,7 +510,12 @@ pub async fn wait_subscribers(hub: &TestHub, channel: &str, expected: u64) {
     eventually(
         Duration::from_secs(20),
         &format!("{} counts {expected} subscribers of {channel}", hub.addr),
-        || async { hub.stats().await["subscribers"][channel].as_u64().unwrap_or(0) == expected },
+        || async {
+            hub.stats().await["subscribers"][channel]
+                .as_u64()
+                .unwrap_or(0)
+                == expected
+        },
     )
     .await;
 }

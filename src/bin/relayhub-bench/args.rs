@@ -31,6 +31,9 @@ Publishing
   --http URL                hub HTTP base for --publish http     [derived from --url]
   --header 'Name: value'    extra header on every HTTP publish (repeatable)
 
+Other
+  --calibrate               measure this machine's cost of one loopback TCP write and read, then exit
+
 Reporting
   --server-pid PID          hub process to sample (RSS, CPU seconds) over the measured window
   --scenario NAME           label copied into the report
@@ -155,6 +158,8 @@ impl Default for Args {
 pub enum ParseOutcome {
     /// `--help` was asked for.
     Help,
+    /// `--calibrate` was asked for.
+    Calibrate,
     /// A flag or value was wrong; the message says which.
     Invalid(String),
 }
@@ -166,6 +171,9 @@ impl Args {
         while let Some(flag) = flags.next() {
             if flag == "--help" || flag == "-h" {
                 return Err(ParseOutcome::Help);
+            }
+            if flag == "--calibrate" {
+                return Err(ParseOutcome::Calibrate);
             }
             if !FLAGS.contains(&flag.as_str()) {
                 return Err(ParseOutcome::Invalid(format!(

@@ -10,8 +10,10 @@
 //! - `publisher`: the paced publisher thread and its Redis and HTTP sinks.
 //! - `proc_stats`: CPU seconds and RSS from /proc, and the open-file limit.
 //! - `report`: the figures, as a table and as one JSON line.
+//! - `calibrate`: the kernel's cost of one loopback write and read, the floor under every delivery.
 
 mod args;
+mod calibrate;
 mod connections;
 mod frames;
 mod proc_stats;
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
+        Err(ParseOutcome::Calibrate) => return calibrate(),
         Err(ParseOutcome::Invalid(message)) => {
             eprintln!("relayhub-bench: {message}");
             return ExitCode::from(1);
@@ -51,6 +54,27 @@ fn main() -> ExitCode {
             let failure =
                 serde_json::json!({ "scenario": args.scenario, "ok": false, "error": error });
             println!("{failure}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn calibrate() -> ExitCode {
+    match calibrate::run() {
+        Ok(floor) => {
+            println!(
+                "loopback TCP, {} socket pairs, {}-byte messages: write {:.2} us, read {:.2} us of CPU per message",
+                floor.pairs, floor.message_bytes, floor.write_us, floor.read_us
+            );
+            println!(
+                "a hub doing nothing but one write per delivery would reach {:.0} deliveries per CPU-second",
+                floor.write_bound_per_cpu_second
+            );
+            println!("{}", serde_json::json!(floor));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("relayhub-bench: calibration failed: {error}");
             ExitCode::from(1)
         }
     }

@@ -51,6 +51,12 @@ pub struct ConnectFigures {
     pub seconds: f64,
     /// Connections accepted per second over that time.
     pub per_second: f64,
+    /// The hub's CPU over the connect phase.
+    pub server_cpu_seconds: Option<f64>,
+    /// Connections accepted per hub CPU-second: steadier than `per_second` on a shared machine.
+    pub per_server_cpu_second: Option<f64>,
+    /// The bench's CPU over the connect phase / its length (near 1.0: the bench limited the rate).
+    pub bench_cpu_share: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -142,8 +148,13 @@ impl Report {
         row(
             "connect",
             format!(
-                "{:.3} s  ({:.0} connections/s)",
-                self.connect.seconds, self.connect.per_second
+                "{:.3} s  ({:.0} connections/s; {} per hub CPU-s; bench {:.0} % of a core)",
+                self.connect.seconds,
+                self.connect.per_second,
+                self.connect
+                    .per_server_cpu_second
+                    .map_or("-".to_string(), |rate| format!("{rate:.0}")),
+                self.connect.bench_cpu_share * 100.0
             ),
         );
         row("subscribe", format!("{:.3} s", self.subscribe_s));

@@ -26,6 +26,16 @@ const BENCH_BOTTLENECK_SHARE: f64 = 0.9;
 /// A publisher this far behind schedule at any time has not held the asked rate.
 const BEHIND: Duration = Duration::from_millis(10);
 
+/// The hub's and the bench's CPU over the connect phase.
+struct ConnectCost {
+    elapsed: Duration,
+    /// Before the first connection (also the idle run's RSS baseline).
+    server_before: Option<ProcSample>,
+    server_after: Option<ProcSample>,
+    bench_before: ProcSample,
+    bench_after: ProcSample,
+}
+
 /// What the measured window saw, before it is turned into a report.
 struct Window {
     /// Unix nanoseconds when the window opened.
@@ -67,6 +77,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
     // Open the publish path first: a wrong Redis URL or HTTP address fails before thousands of connections.
     let sink = publisher::open_sink(args)?;
 
+    let bench_before_connect = sample_self()?;
     let fleet = Fleet::start(plan.clone())
         .map_err(|error| format!("starting receiver threads: {error}"))?;
     let deadline = Instant::now() + Duration::from_secs_f64(args.setup_timeout);
@@ -83,6 +94,13 @@ pub fn run(args: &Args) -> Result<Report, String> {
             >= plan.connections
     });
     let connect_elapsed = connecting.elapsed();
+    let connect_cost = ConnectCost {
+        elapsed: connect_elapsed,
+        server_before: server_before_connect,
+        server_after: sample_server(args.server_pid)?,
+        bench_before: bench_before_connect,
+        bench_after: sample_self()?,
+    };
     let failed = fleet.progress.connect_failed.load(Ordering::Relaxed);
     if !connected || failed > 0 {
         let done = fleet.progress.connected.load(Ordering::Relaxed);
@@ -146,9 +164,8 @@ pub fn run(args: &Args) -> Result<Report, String> {
     Ok(report(
         args,
         &plan,
-        connect_elapsed,
+        &connect_cost,
         subscribe_elapsed,
-        server_before_connect,
         window,
         tally,
         dropped,
@@ -239,9 +256,8 @@ fn publish(
 fn report(
     args: &Args,
     plan: &Plan,
-    connect_elapsed: Duration,
+    connect: &ConnectCost,
     subscribe_elapsed: Duration,
-    server_before_connect: Option<ProcSample>,
     window: Window,
     tally: Tally,
     dropped: usize,
@@ -344,7 +360,7 @@ fn report(
 
     let server = match (
         args.server_pid,
-        server_before_connect,
+        connect.server_before,
         window.server_start,
         window.server_end,
     ) {
@@ -391,10 +407,7 @@ fn report(
         duration_s: args.duration,
         warmup_s: if publishing { args.warmup } else { 0.0 },
         payload_bytes: args.payload,
-        connect: ConnectFigures {
-            seconds: connect_elapsed.as_secs_f64(),
-            per_second: plan.connections as f64 / connect_elapsed.as_secs_f64(),
-        },
+        connect: connect_figures(plan.connections, connect),
         subscribe_s: subscribe_elapsed.as_secs_f64(),
         window_s,
         publisher,
@@ -407,6 +420,24 @@ fn report(
         first_error,
         warnings,
         ok,
+    }
+}
+
+fn connect_figures(connections: usize, cost: &ConnectCost) -> ConnectFigures {
+    let seconds = cost.elapsed.as_secs_f64();
+    let server_cpu_seconds = match (cost.server_before, cost.server_after) {
+        (Some(before), Some(after)) => Some(after.cpu_seconds - before.cpu_seconds),
+        _ => None,
+    };
+    let bench_cpu = cost.bench_after.cpu_seconds - cost.bench_before.cpu_seconds;
+    ConnectFigures {
+        seconds,
+        per_second: connections as f64 / seconds,
+        server_cpu_seconds,
+        per_server_cpu_second: server_cpu_seconds
+            .filter(|cpu| *cpu > 0.0)
+            .map(|cpu| connections as f64 / cpu),
+        bench_cpu_share: bench_cpu / seconds,
     }
 }
 
