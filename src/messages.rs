@@ -41,12 +41,14 @@ pub struct Disconnect {
     pub id: SessionId,
 }
 
-/// Add a subscription. The session has already answered `subscribed`; the registry follows with the snapshot.
+/// Add a subscription. The registry sends `ack` (the `subscribed` frame) once the subscription is live, then
+/// the snapshot: after the acknowledgement, every message arrives as a `message`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribe {
     pub id: SessionId,
     pub target: Target,
+    pub ack: ByteString,
 }
 
 /// Remove a subscription.

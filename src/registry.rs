@@ -47,6 +47,8 @@ struct ChannelEntry {
     active: HashMap<SessionId, Recipient<Deliver>>,
     /// Subscribers waiting for the channel's snapshot before they receive anything.
     pending: Vec<SessionId>,
+    /// `subscribed` frames not sent yet, by pending subscriber.
+    acks: HashMap<SessionId, ByteString>,
     /// The newest message seen on this channel while it had subscribers here.
     latest: Option<Arc<Publication>>,
     /// Messages that arrived while the cache was being read, delivered after the snapshot.
@@ -195,6 +197,7 @@ impl Registry {
         let was_active = entry.active.remove(&id).is_some();
         let before = entry.pending.len();
         entry.pending.retain(|p| *p != id);
+        entry.acks.remove(&id);
         if !was_active && before == entry.pending.len() {
             return;
         }
@@ -218,7 +221,13 @@ impl Registry {
         }
     }
 
-    fn subscribe_channel(&mut self, id: SessionId, channel: Arc<str>, ctx: &mut Context<Self>) {
+    fn subscribe_channel(
+        &mut self,
+        id: SessionId,
+        channel: Arc<str>,
+        ack: ByteString,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -234,6 +243,7 @@ impl Registry {
             ChannelEntry {
                 active: HashMap::new(),
                 pending: Vec::new(),
+                acks: HashMap::new(),
                 latest: None,
                 backlog: Vec::new(),
                 watched: false,
@@ -245,12 +255,19 @@ impl Registry {
         if let Some(latest) = &entry.latest {
             // The local latest value is current: this registry has been receiving the channel all along.
             Stats::add(&stats.cache_hits, 1);
+            let _ = deliver.try_send(Deliver(ack));
             let _ = deliver.try_send(Deliver(latest.snapshot_frame()));
             entry.active.insert(id, deliver);
             return;
         }
         entry.pending.push(id);
-        if entry.filling || entry.awaiting_publish {
+        if entry.awaiting_publish {
+            // Acknowledged now; the job's first value follows as the snapshot.
+            let _ = deliver.try_send(Deliver(ack));
+            return;
+        }
+        entry.acks.insert(id, ack);
+        if entry.filling {
             return;
         }
         entry.filling = true;
@@ -293,9 +310,16 @@ impl Registry {
         if entry.latest.is_none() {
             entry.latest = cached.clone();
         }
+        let mut acks = std::mem::take(&mut entry.acks);
         if cached.is_none() && backlog.is_empty() {
             Stats::add(&stats.cache_misses, entry.pending.len() as u64);
-            if self.hub.request_fill(&channel) {
+            let awaiting = self.hub.request_fill(&channel);
+            for id in &entry.pending {
+                if let (Some(session), Some(ack)) = (self.sessions.get(id), acks.remove(id)) {
+                    let _ = session.deliver.try_send(Deliver(ack));
+                }
+            }
+            if awaiting {
                 // The poller fetches the value now; subscribers get it as their snapshot.
                 entry.awaiting_publish = true;
                 ctx.run_later(FILL_WAIT, move |act, _| act.stop_waiting(&channel, epoch));
@@ -327,7 +351,7 @@ impl Registry {
             .collect();
         for id in std::mem::take(&mut entry.pending) {
             if let Some(session) = self.sessions.get(&id) {
-                for frame in snapshot.iter().chain(&newer) {
+                for frame in acks.remove(&id).iter().chain(&snapshot).chain(&newer) {
                     let _ = session.deliver.try_send(Deliver(frame.clone()));
                 }
                 entry.active.insert(id, session.deliver.clone());
@@ -350,7 +374,13 @@ impl Registry {
         }
     }
 
-    fn subscribe_pattern(&mut self, id: SessionId, prefix: Arc<str>, ctx: &mut Context<Self>) {
+    fn subscribe_pattern(
+        &mut self,
+        id: SessionId,
+        prefix: Arc<str>,
+        ack: ByteString,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -359,6 +389,7 @@ impl Registry {
         }
         session.patterns.push(prefix.clone());
         let deliver = session.deliver.clone();
+        let _ = deliver.try_send(Deliver(ack));
         self.patterns
             .entry(prefix.clone())
             .or_default()
@@ -412,8 +443,10 @@ impl Handler<Subscribe> for Registry {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
         match msg.target {
-            Target::Channel(channel) => self.subscribe_channel(msg.id, channel.into(), ctx),
-            Target::Pattern(prefix) => self.subscribe_pattern(msg.id, prefix.into(), ctx),
+            Target::Channel(channel) => {
+                self.subscribe_channel(msg.id, channel.into(), msg.ack, ctx)
+            }
+            Target::Pattern(prefix) => self.subscribe_pattern(msg.id, prefix.into(), msg.ack, ctx),
         }
     }
 }

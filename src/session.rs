@@ -131,11 +131,12 @@ impl Session {
                 ),
             ));
         }
-        ctx.text(protocol::subscribed_frame(id, &name));
+        let ack = protocol::subscribed_frame(id, &name);
         self.subscriptions.insert(name);
         self.registry.do_send(Subscribe {
             id: self.id,
             target,
+            ack,
         });
         Ok(())
     }

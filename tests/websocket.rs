@@ -321,6 +321,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     // socket buffers fill, its session stops being polled and its bounded mailbox overflows.
     for i in 1..=600 {
         handle.publish("feed:x", &data).await.unwrap();
+        // Subscribed means live: even the first one arrives as a message, not as a snapshot.
         assert_eq!(healthy.recv_type("message").await["seq"], i);
     }
     eventually(

@@ -3,10 +3,12 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
+use serde_json::value::RawValue;
 
 use crate::http::error_response;
 use crate::hub::Hub;
 use crate::protocol::validate_channel;
+use crate::publication::Publication;
 use crate::store::Store;
 
 pub async fn latest(hub: web::Data<Hub>, channel: web::Path<String>) -> HttpResponse {
@@ -31,36 +33,66 @@ pub struct HistoryQuery {
     limit: Option<usize>,
 }
 
+/// One history item. `data` is the published JSON as is (re-parsing it would reorder keys and round numbers).
+#[derive(serde::Serialize)]
+struct Item<'a> {
+    data: &'a RawValue,
+    seq: Option<u64>,
+    ts: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct History<'a> {
+    channel: &'a str,
+    items: Vec<Item<'a>>,
+}
+
 pub async fn history(
     hub: web::Data<Hub>,
     channel: web::Path<String>,
-    query: web::Query<HistoryQuery>,
+    // Taken as a `Result` so a bad `limit` gets the API's error shape, not actix's plain-text reply.
+    query: Result<web::Query<HistoryQuery>, actix_web::Error>,
 ) -> HttpResponse {
     if let Err(e) = validate_channel(&channel) {
         return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
     }
+    let query = match query {
+        Ok(query) => query,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("limit must be a whole number: {e}"),
+            );
+        }
+    };
     let kept = hub
         .config()
         .policy(&channel)
         .unwrap_or_else(|| hub.config().default_policy())
         .history_size;
     let limit = query.limit.unwrap_or(kept).min(kept.max(1)).min(1000);
-    let items = match hub.store() {
-        Store::Memory(memory) => memory
-            .history(&channel, limit)
-            .iter()
-            .map(|p| item(p))
-            .collect(),
+    match hub.store() {
+        Store::Memory(memory) => render(&channel, &memory.history(&channel, limit)),
         Store::Redis(redis) => match redis.history(&channel, limit).await {
-            Ok(found) => found.iter().map(item).collect::<Vec<_>>(),
-            Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
+            Ok(found) => render(&channel, &found),
+            Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
         },
-    };
-    HttpResponse::Ok().json(serde_json::json!({ "channel": channel.as_str(), "items": items }))
+    }
 }
 
-fn item(p: &crate::publication::Publication) -> serde_json::Value {
-    // The data is valid JSON by construction; parsing it here keeps the response one JSON document.
-    let data: serde_json::Value = serde_json::from_str(p.data()).unwrap_or(serde_json::Value::Null);
-    serde_json::json!({ "data": data, "seq": p.seq, "ts": p.ts() })
+fn render<P: std::borrow::Borrow<Publication>>(channel: &str, found: &[P]) -> HttpResponse {
+    let items = found
+        .iter()
+        .map(|p| {
+            let p = p.borrow();
+            Item {
+                // Valid JSON by construction (validated on publish or on arrival from Redis).
+                data: serde_json::from_str(p.data()).unwrap_or(RawValue::NULL),
+                seq: p.seq,
+                ts: p.ts(),
+            }
+        })
+        .collect();
+    HttpResponse::Ok().json(History { channel, items })
 }

@@ -74,6 +74,8 @@ pub struct ReleaseAll;
 #[rtype(result = "()")]
 struct Fill {
     channel: String,
+    /// When the registry asked: a value published after this reaches the waiting subscribers anyway.
+    at: Instant,
 }
 
 /// A channel gained its first local subscriber: start matching `auto_start` jobs.
@@ -103,6 +105,8 @@ struct OwnedJob {
     previous: Option<Value>,
     timer: Option<SpawnHandle>,
     idle_since: Option<Instant>,
+    /// When the job last published a value.
+    published_at: Option<Instant>,
 }
 
 /// The sources and the jobs last seen, shared with the hub's observer (which must answer synchronously).
@@ -163,6 +167,7 @@ impl ChannelObserver for PollerObserver {
         if known || auto {
             self.addr.do_send(Fill {
                 channel: channel.to_string(),
+                at: Instant::now(),
             });
         }
         known || auto
@@ -315,6 +320,7 @@ impl Poller {
                 previous,
                 timer: None,
                 idle_since: None,
+                published_at: None,
             },
         );
         self.fetch(&id, ctx);
@@ -387,6 +393,7 @@ impl Poller {
             Ok(value) => {
                 if let Some(value) = value {
                     job.previous = Some(value);
+                    job.published_at = Some(Instant::now());
                 }
                 job.status.state = "running".into();
                 job.status.consecutive_failures = 0;
@@ -836,10 +843,19 @@ impl Handler<Fill> for Poller {
             .owned
             .values()
             .find(|j| j.spec.channel == msg.channel)
-            .map(|j| j.spec.id.clone());
-        if let Some(id) = owned {
-            // Single flight: `fetch` does nothing while one is under way.
-            return self.fetch(&id, ctx);
+            .map(|j| {
+                (
+                    j.spec.id.clone(),
+                    j.published_at.is_some_and(|t| t >= msg.at),
+                )
+            });
+        if let Some((id, published_since)) = owned {
+            // A value published since the request is already on its way to the waiting subscribers; else
+            // fetch now (single flight: `fetch` does nothing while one is under way).
+            if !published_since {
+                self.fetch(&id, ctx);
+            }
+            return;
         }
         // An auto-start channel needs nothing more: whichever replica wins the job's lease fetches at once.
         let known = self

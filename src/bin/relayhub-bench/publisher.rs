@@ -1,11 +1,18 @@
 //! The paced publisher: a dedicated std thread that publishes at a fixed total rate on an absolute schedule
 //! (publish `n` is due at `start + n / rate`, so no drift accumulates) through Redis or the hub's HTTP API.
-//! `run` starts it with [`spawn`] and learns from [`Event`]s when the measured window opens and closes.
+//! `run` starts it with [`spawn`] and learns from [`Event`]s when the measured window opens and when
+//! everything is sent; joining the thread gives the path's [`Answers`].
+//!
+//! The load is open loop: the HTTP sink pipelines requests on one keep-alive connection and a reader thread
+//! counts the responses, so a slow answer never delays the next publish (a closed loop would let the hub
+//! slow the load down and hide its queueing from the latency figures).
 
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,15 +21,43 @@ use crate::connections::unix_nanos;
 
 /// A publish sent later than this behind its due time counts as late.
 const LATE: Duration = Duration::from_millis(1);
-/// When this many publishes in a row fail from the start, the publisher gives up: the path is broken.
+/// When this many publishes failed and none succeeded, the publisher gives up: the path is broken.
 const GIVE_UP_AFTER: u64 = 10;
-/// Connect and read limit of the HTTP publisher.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect limit of the HTTP publisher.
+const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the publisher waiting for its last answers looks again.
+const ANSWER_POLL: Duration = Duration::from_millis(2);
+
+/// How the publish path answered.
+#[derive(Clone, Debug, Default)]
+pub struct Answers {
+    /// Publishes the path accepted.
+    pub succeeded: u64,
+    /// Publishes refused, failed, or not answered in time.
+    pub failed: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// Publishes Redis reported as reaching no subscriber (`PUBLISH` returned 0).
+    pub no_receivers: u64,
+}
+
+impl Answers {
+    fn fail(&mut self, count: u64, error: impl FnOnce() -> String) {
+        if count > 0 {
+            self.failed += count;
+            self.first_error.get_or_insert_with(error);
+        }
+    }
+}
 
 /// Where a publish goes.
 pub trait Sink: Send {
-    /// Publishes `data` (a JSON document) on `channel`; `Ok(Some(k))` when the path reports `k` receivers.
-    fn publish(&mut self, channel: &str, data: &str) -> Result<Option<u64>, String>;
+    /// Sends one publish (`data` is a JSON document) without waiting longer than the path needs to take it.
+    fn send(&mut self, channel: &str, data: &str);
+    /// Answers so far.
+    fn answers(&self) -> Answers;
+    /// Waits up to `wait` for answers still outstanding; what is unanswered then counts as failed.
+    fn finish(&mut self, wait: Duration) -> Answers;
 }
 
 /// Opens the sink the flags ask for; `None` for `--publish none`.
@@ -52,48 +87,49 @@ pub struct Schedule {
     pub payload: usize,
 }
 
-/// What the publisher tells `run`.
+/// What the publisher tells `run` while it works.
 #[derive(Debug)]
 pub enum Event {
     /// The first measured publish is about to be sent.
     Measuring,
-    /// All publishes are done.
-    Finished(PublishTally),
+    /// Every publish has been sent; answers may still be on their way.
+    Sent(PublishTally),
     /// The publish path does not work at all; the message says why.
     GaveUp(String),
 }
 
-/// The publisher's own figures.
+/// The publisher's own timing.
 #[derive(Clone, Debug, Default)]
 pub struct PublishTally {
-    /// Publishes attempted, warmup included.
+    /// Publishes sent, warmup included.
     pub published: u64,
-    /// Publishes that failed.
-    pub errors: u64,
-    /// The first failure.
-    pub first_error: Option<String>,
     /// Publishes sent more than 1 ms after their due time.
     pub late: u64,
     /// The worst delay behind schedule.
     pub max_lag: Duration,
-    /// Publishes the path reported as reaching no subscriber (Redis `PUBLISH` returning 0).
-    pub no_receivers: u64,
-    /// From the first measured publish to the end of the last one.
+    /// From the first measured publish to the last one sent.
     pub measured_elapsed: Duration,
 }
 
-/// Starts the publisher thread.
+/// Starts the publisher thread; it waits up to `answer_wait` for the last answers before returning them.
 pub fn spawn(
     mut sink: Box<dyn Sink>,
     schedule: Schedule,
+    answer_wait: Duration,
     events: Sender<Event>,
-) -> io::Result<JoinHandle<()>> {
+) -> io::Result<JoinHandle<Answers>> {
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            // The receiver side lives as long as the run waits for it; a closed channel just means nobody listens.
-            let outcome = publish_all(sink.as_mut(), &schedule, &events);
-            let _ = events.send(outcome);
+            let last = publish_all(sink.as_mut(), &schedule, &events);
+            let gave_up = matches!(last, Event::GaveUp(_));
+            // A closed channel only means `run` stopped listening; the answers are still returned.
+            let _ = events.send(last);
+            if gave_up {
+                sink.answers()
+            } else {
+                sink.finish(answer_wait)
+            }
         })
 }
 
@@ -122,24 +158,21 @@ fn publish_all(sink: &mut dyn Sink, schedule: &Schedule, events: &Sender<Event>)
             measuring_since = Some(Instant::now());
         }
         payload(&mut data, unix_nanos(), n, schedule.payload);
+        sink.send(&channels[(n % schedule.channels as u64) as usize], &data);
         tally.published += 1;
-        match sink.publish(&channels[(n % schedule.channels as u64) as usize], &data) {
-            Ok(Some(0)) => tally.no_receivers += 1,
-            Ok(_) => {}
-            Err(error) => {
-                tally.errors += 1;
-                tally.first_error.get_or_insert(error);
-                if tally.errors == tally.published && tally.errors >= GIVE_UP_AFTER {
-                    let error = tally.first_error.take().unwrap_or_default();
-                    return Event::GaveUp(format!(
-                        "the first {GIVE_UP_AFTER} publishes all failed: {error}"
-                    ));
-                }
+        if tally.published % GIVE_UP_AFTER == 0 {
+            let answers = sink.answers();
+            if answers.succeeded == 0 && answers.failed >= GIVE_UP_AFTER {
+                let error = answers.first_error.unwrap_or_default();
+                return Event::GaveUp(format!(
+                    "{} publishes failed, none succeeded: {error}",
+                    answers.failed
+                ));
             }
         }
     }
     tally.measured_elapsed = measuring_since.map_or(Duration::ZERO, |since| since.elapsed());
-    Event::Finished(tally)
+    Event::Sent(tally)
 }
 
 /// Writes `{"t":<unix ns>,"n":<number>,"pad":"xx.."}`, padded to about `size` bytes (no pad when 0).
@@ -157,13 +190,15 @@ fn payload(out: &mut String, t: u64, n: u64, size: usize) {
     out.push('}');
 }
 
-/// `PUBLISH <prefix>ch:<channel> <data>` over one synchronous connection (request, reply, next).
+/// `PUBLISH <prefix>ch:<channel> <data>` over one synchronous connection. Redis answers in microseconds
+/// whatever the hub does (the hub reads its pub/sub link on its own), so request-reply keeps the schedule.
 struct RedisSink {
     client: redis::Client,
     /// Open connection; dropped on error and reopened by the next publish.
     conn: Option<redis::Connection>,
     /// The hub's key prefix followed by `ch:`.
     channel_prefix: String,
+    answers: Answers,
 }
 
 impl RedisSink {
@@ -177,33 +212,49 @@ impl RedisSink {
             client,
             conn: Some(conn),
             channel_prefix: format!("{prefix}ch:"),
+            answers: Answers::default(),
         })
     }
 }
 
 impl Sink for RedisSink {
-    fn publish(&mut self, channel: &str, data: &str) -> Result<Option<u64>, String> {
+    fn send(&mut self, channel: &str, data: &str) {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self.conn.insert(
-                self.client
-                    .get_connection()
-                    .map_err(|error| format!("Redis: {error}"))?,
-            ),
+            None => match self.client.get_connection() {
+                Ok(conn) => self.conn.insert(conn),
+                Err(error) => return self.answers.fail(1, || format!("Redis: {error}")),
+            },
         };
-        let receivers = redis::cmd("PUBLISH")
+        let published = redis::cmd("PUBLISH")
             .arg(format!("{}{channel}", self.channel_prefix))
             .arg(data)
-            .query::<u64>(conn)
-            .map_err(|error| {
+            .query::<u64>(conn);
+        match published {
+            Ok(receivers) => {
+                self.answers.succeeded += 1;
+                if receivers == 0 {
+                    self.answers.no_receivers += 1;
+                }
+            }
+            Err(error) => {
                 self.conn = None;
-                format!("Redis PUBLISH: {error}")
-            })?;
-        Ok(Some(receivers))
+                self.answers.fail(1, || format!("Redis PUBLISH: {error}"));
+            }
+        }
+    }
+
+    fn answers(&self) -> Answers {
+        self.answers.clone()
+    }
+
+    fn finish(&mut self, _wait: Duration) -> Answers {
+        self.answers.clone()
     }
 }
 
-/// `POST /api/publish` over one HTTP/1.1 keep-alive connection, written by hand: request, response, next.
+/// `POST /api/publish` pipelined on one HTTP/1.1 keep-alive connection, written by hand: this thread writes
+/// requests on schedule, a reader thread counts the responses in order.
 struct HttpSink {
     addr: SocketAddr,
     /// `Host` header value.
@@ -212,8 +263,22 @@ struct HttpSink {
     path: String,
     /// Extra header lines, each ending in CRLF.
     headers: String,
-    /// Open connection; `None` after an error or `Connection: close`.
-    conn: Option<BufReader<TcpStream>>,
+    /// Requests written, over all connections.
+    sent: u64,
+    /// The open connection; replaced when it breaks.
+    link: Option<Link>,
+    /// Counted by the reader threads.
+    answers: Arc<Mutex<Answers>>,
+}
+
+/// One pipelined connection.
+struct Link {
+    writer: TcpStream,
+    /// Requests written on this connection.
+    written: u64,
+    /// Responses read on this connection.
+    answered: Arc<AtomicU64>,
+    reader: JoinHandle<()>,
 }
 
 impl HttpSink {
@@ -221,9 +286,7 @@ impl HttpSink {
         let rest = base
             .strip_prefix("http://")
             .ok_or_else(|| format!("--http {base}: expected http://"))?;
-        let (host, base_path) = rest
-            .split_once('/')
-            .map_or((rest, ""), |(host, path)| (host, path));
+        let (host, base_path) = rest.split_once('/').unwrap_or((rest, ""));
         let with_port = if host.contains(':') {
             host.to_string()
         } else {
@@ -247,95 +310,54 @@ impl HttpSink {
                 .iter()
                 .map(|header| format!("{header}\r\n"))
                 .collect(),
-            conn: None,
+            sent: 0,
+            link: None,
+            answers: Arc::new(Mutex::new(Answers::default())),
         };
         sink.connect()
             .map_err(|error| format!("connecting to {addr} for HTTP publishes: {error}"))?;
         Ok(sink)
     }
 
-    fn connect(&mut self) -> io::Result<&mut BufReader<TcpStream>> {
-        let stream = TcpStream::connect_timeout(&self.addr, HTTP_TIMEOUT)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-        Ok(self.conn.insert(BufReader::new(stream)))
+    fn connect(&mut self) -> io::Result<&mut Link> {
+        let writer = TcpStream::connect_timeout(&self.addr, HTTP_CONNECT_TIMEOUT)?;
+        writer.set_nodelay(true)?;
+        let reading = writer.try_clone()?;
+        let answered = Arc::new(AtomicU64::new(0));
+        let (counter, answers, path) = (answered.clone(), self.answers.clone(), self.path.clone());
+        let reader = std::thread::Builder::new()
+            .name("publish-answers".into())
+            .spawn(move || read_answers(reading, &path, &counter, &answers))?;
+        Ok(self.link.insert(Link {
+            writer,
+            written: 0,
+            answered,
+            reader,
+        }))
     }
 
-    /// One request and its response on the open connection: status, body, and whether the server closes.
-    fn exchange(
-        conn: &mut BufReader<TcpStream>,
-        request: &[u8],
-    ) -> io::Result<(u16, String, bool)> {
-        conn.get_mut().write_all(request)?;
-        let mut line = String::new();
-        if conn.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before the response",
-            ));
-        }
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad status line {line:?}"),
-                )
-            })?;
-        let (mut length, mut chunked, mut closes) = (None, false, false);
-        loop {
-            line.clear();
-            conn.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let Some((name, value)) = header.split_once(':') else {
-                continue;
-            };
-            let (name, value) = (
-                name.trim().to_ascii_lowercase(),
-                value.trim().to_ascii_lowercase(),
-            );
-            match name.as_str() {
-                "content-length" => length = value.parse::<usize>().ok(),
-                "transfer-encoding" => chunked = value.contains("chunked"),
-                "connection" => closes = value.contains("close"),
-                _ => {}
-            }
-        }
-        let mut body = Vec::new();
-        if chunked {
-            loop {
-                line.clear();
-                conn.read_line(&mut line)?;
-                let size =
-                    usize::from_str_radix(line.trim().split(';').next().unwrap_or_default(), 16)
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::InvalidData, "bad chunk size")
-                        })?;
-                let mut chunk = vec![0; size + 2];
-                conn.read_exact(&mut chunk)?;
-                body.extend_from_slice(&chunk[..size]);
-                if size == 0 {
-                    break;
-                }
-            }
-        } else if let Some(length) = length {
-            body.resize(length, 0);
-            conn.read_exact(&mut body)?;
-        } else {
-            conn.read_to_end(&mut body)?;
-            closes = true;
-        }
-        Ok((status, String::from_utf8_lossy(&body).into_owned(), closes))
+    /// Closes the current connection; its requests that got no response count as failed.
+    fn drop_link(&mut self, why: &str) {
+        let Some(link) = self.link.take() else { return };
+        let _ = link.writer.shutdown(Shutdown::Both);
+        // The reader ends on the shutdown; a panic there only loses its count, which is booked below.
+        let _ = link.reader.join();
+        let unanswered = link
+            .written
+            .saturating_sub(link.answered.load(Ordering::Acquire));
+        lock(&self.answers).fail(unanswered, || {
+            format!("POST {}: {unanswered} requests {why}", self.path)
+        });
+    }
+
+    fn answered(&self) -> u64 {
+        let answers = lock(&self.answers);
+        answers.succeeded + answers.failed
     }
 }
 
 impl Sink for HttpSink {
-    fn publish(&mut self, channel: &str, data: &str) -> Result<Option<u64>, String> {
+    fn send(&mut self, channel: &str, data: &str) {
         let body = format!(r#"{{"channel":"{channel}","data":{data}}}"#);
         let request = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
@@ -344,44 +366,162 @@ impl Sink for HttpSink {
             body.len(),
             self.headers
         );
-        // A kept-alive connection may have been closed by the server meanwhile: one fresh retry.
+        self.sent += 1;
+        // A connection the server closed (reader ended) or that breaks on write is replaced once.
         for attempt in 0..2 {
-            let reused = self.conn.is_some();
-            let addr = self.addr;
-            let conn = match self.conn.as_mut() {
-                Some(conn) => conn,
-                None => self
-                    .connect()
-                    .map_err(|error| format!("HTTP connect to {addr}: {error}"))?,
+            if self
+                .link
+                .as_ref()
+                .is_some_and(|link| link.reader.is_finished())
+            {
+                self.drop_link("lost when the server closed the connection");
+            }
+            let link = match self.link.as_mut() {
+                Some(link) => link,
+                None => match self.connect() {
+                    Ok(link) => link,
+                    Err(error) => {
+                        let addr = self.addr;
+                        return lock(&self.answers)
+                            .fail(1, || format!("HTTP connect to {addr}: {error}"));
+                    }
+                },
             };
-            match Self::exchange(conn, request.as_bytes()) {
-                Ok((status, response, closes)) => {
-                    if closes {
-                        self.conn = None;
-                    }
-                    if !(200..300).contains(&status) {
-                        return Err(format!(
-                            "POST {} answered {status}: {}",
-                            self.path,
-                            response.trim()
-                        ));
-                    }
-                    return Ok(None);
+            match link.writer.write_all(request.as_bytes()) {
+                Ok(()) => {
+                    link.written += 1;
+                    return;
                 }
                 Err(error) => {
-                    self.conn = None;
-                    if !reused || attempt == 1 {
-                        return Err(format!("POST {}: {error}", self.path));
+                    self.drop_link("lost with a broken connection");
+                    if attempt == 1 {
+                        return lock(&self.answers)
+                            .fail(1, || format!("POST {}: {error}", self.path));
                     }
                 }
             }
         }
-        unreachable!("the second attempt always returns")
     }
+
+    fn answers(&self) -> Answers {
+        lock(&self.answers).clone()
+    }
+
+    fn finish(&mut self, wait: Duration) -> Answers {
+        let deadline = Instant::now() + wait;
+        while self.answered() < self.sent && Instant::now() < deadline {
+            std::thread::sleep(ANSWER_POLL);
+        }
+        self.drop_link(&format!(
+            "had no response within {:.1} s of the last publish",
+            wait.as_secs_f64()
+        ));
+        self.answers()
+    }
+}
+
+/// The reader thread: counts responses in order until the connection ends.
+fn read_answers(stream: TcpStream, path: &str, answered: &AtomicU64, answers: &Mutex<Answers>) {
+    let mut reader = BufReader::new(stream);
+    while let Ok((status, body, closes)) = read_response(&mut reader) {
+        {
+            let mut answers = lock(answers);
+            if (200..300).contains(&status) {
+                answers.succeeded += 1;
+            } else {
+                answers.fail(1, || {
+                    format!("POST {path} answered {status}: {}", body.trim())
+                });
+            }
+        }
+        answered.fetch_add(1, Ordering::Release);
+        if closes {
+            break;
+        }
+    }
+}
+
+/// One HTTP/1.1 response: status, body, and whether the server closes the connection after it.
+fn read_response(conn: &mut impl BufRead) -> io::Result<(u16, String, bool)> {
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
+    let (mut length, mut chunked, mut closes) = (None, false, false);
+    loop {
+        line.clear();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the headers",
+            ));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (
+            name.trim().to_ascii_lowercase(),
+            value.trim().to_ascii_lowercase(),
+        );
+        match name.as_str() {
+            "content-length" => length = value.parse::<usize>().ok(),
+            "transfer-encoding" => chunked = value.contains("chunked"),
+            "connection" => closes = value.contains("close"),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            conn.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or_default(), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            let mut chunk = vec![0; size + 2];
+            conn.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..size]);
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(length) = length {
+        body.resize(length, 0);
+        conn.read_exact(&mut body)?;
+    } else {
+        conn.read_to_end(&mut body)?;
+        closes = true;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), closes))
+}
+
+/// Locks the shared answers; a poisoned lock (a reader panicked) still holds usable counts.
+fn lock(answers: &Mutex<Answers>) -> std::sync::MutexGuard<'_, Answers> {
+    answers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
 
     #[test]
@@ -396,27 +536,57 @@ mod tests {
     }
 
     #[test]
-    fn http_exchange_reads_length_and_chunked_bodies() {
+    fn pipelined_answers_are_counted_in_order() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let server = std::thread::spawn(move || {
-            let (mut socket, _) = listener.accept().expect("accept");
-            let mut request = [0; 1024];
+            let (socket, _) = listener.accept().expect("accept");
+            let mut requests = BufReader::new(socket.try_clone().expect("clone"));
+            let mut socket = socket;
             for response in [
                 "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}".as_bytes(),
                 b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n0\r\n\r\n",
             ] {
-                let _ = socket.read(&mut request).expect("read request");
+                let length = skip_headers(&mut requests);
+                let mut body = vec![0; length];
+                requests.read_exact(&mut body).expect("read body");
                 socket.write_all(response).expect("write response");
             }
         });
         let mut sink = HttpSink::open(&format!("http://{addr}"), &[]).expect("open");
-        assert_eq!(sink.publish("bench:0", "{}"), Ok(None));
-        let refused = sink.publish("bench:0", "{}").expect_err("400 is an error");
-        assert!(
-            refused.contains("400") && refused.contains("bad"),
-            "{refused}"
-        );
+        sink.send("bench:0", "{}");
+        sink.send("bench:0", "{}");
+        let answers = sink.finish(Duration::from_secs(5));
         server.join().expect("server thread");
+        assert_eq!((answers.succeeded, answers.failed), (1, 1));
+        let error = answers.first_error.expect("the 400 is kept");
+        assert!(error.contains("400") && error.contains("bad"), "{error}");
+    }
+
+    #[test]
+    fn unanswered_requests_count_as_failed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let server = std::thread::spawn(move || listener.accept().expect("accept"));
+        let mut sink = HttpSink::open(&format!("http://{addr}"), &[]).expect("open");
+        sink.send("bench:0", "{}");
+        let answers = sink.finish(Duration::from_millis(50));
+        drop(server.join());
+        assert_eq!((answers.succeeded, answers.failed), (0, 1));
+    }
+
+    /// Reads one request's headers; returns its Content-Length.
+    fn skip_headers(requests: &mut impl BufRead) -> usize {
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            requests.read_line(&mut line).expect("read request");
+            if line.trim().is_empty() {
+                return length;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().expect("a length");
+            }
+        }
     }
 }

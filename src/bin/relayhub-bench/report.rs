@@ -61,7 +61,11 @@ pub struct ConnectFigures {
 
 #[derive(Debug, Default, Serialize)]
 pub struct PublisherFigures {
+    /// Publishes sent, warmup included.
     pub published: u64,
+    /// Publishes the path accepted (HTTP 2xx, Redis reply).
+    pub succeeded: u64,
+    /// Publishes refused, failed or unanswered.
     pub errors: u64,
     /// Sent more than 1 ms after their due time.
     pub late: u64,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::args::Args;
 use crate::connections::{Fleet, Plan, Progress, Tally, unix_nanos};
 use crate::proc_stats::{self, ProcSample};
-use crate::publisher::{self, Event, PublishTally, Schedule};
+use crate::publisher::{self, Answers, Event, PublishTally, Schedule};
 use crate::report::{
     BenchFigures, ConnectFigures, DeliveryFigures, LatencyFigures, PublisherFigures, Report,
     ServerFigures,
@@ -45,7 +45,8 @@ struct Window {
     server_end: Option<ProcSample>,
     bench_start: ProcSample,
     bench_end: ProcSample,
-    publisher: Option<PublishTally>,
+    /// The publisher's timing and the publish path's answers; `None` when idle.
+    publisher: Option<(PublishTally, Answers)>,
 }
 
 /// Runs the benchmark the flags describe.
@@ -212,7 +213,9 @@ fn publish(
         args.publish
     );
     let (events_tx, events) = mpsc::channel();
-    let publisher = publisher::spawn(sink, schedule, events_tx)
+    // Answers normally arrive long before the drain ends; past it plus a second they count as failed.
+    let answer_wait = Duration::from_secs_f64(args.drain + 1.0);
+    let publisher = publisher::spawn(sink, schedule, answer_wait, events_tx)
         .map_err(|error| format!("starting the publisher: {error}"))?;
     let mut opened = None;
     let tally = loop {
@@ -225,13 +228,11 @@ fn publish(
                     sample_self()?,
                 ));
             }
-            Ok(Event::Finished(tally)) => break tally,
+            Ok(Event::Sent(tally)) => break tally,
             Ok(Event::GaveUp(error)) => return Err(error),
             Err(_) => return Err("the publisher thread ended without a result".into()),
         }
     };
-    // The thread has sent its last event; joining only reaps it.
-    let _ = publisher.join();
     let Some((started, start_ns, server_start, bench_start)) = opened else {
         return Err("the publisher never reached the measured window".into());
     };
@@ -241,14 +242,22 @@ fn publish(
     wait_until(drain_end, || {
         progress.measured_received.load(Ordering::Relaxed) >= expected
     });
+    let (elapsed, server_end, bench_end) = (
+        started.elapsed(),
+        sample_server(args.server_pid)?,
+        sample_self()?,
+    );
+    let answers = publisher
+        .join()
+        .map_err(|_| "the publisher thread panicked".to_string())?;
     Ok(Window {
         start_ns,
-        elapsed: started.elapsed(),
+        elapsed,
         server_start,
-        server_end: sample_server(args.server_pid)?,
+        server_end,
         bench_start,
-        bench_end: sample_self()?,
-        publisher: Some(tally),
+        bench_end,
+        publisher: Some((tally, answers)),
     })
 }
 
@@ -321,7 +330,7 @@ fn report(
         }
     });
 
-    let publisher = window.publisher.as_ref().map(|publisher| {
+    let publisher = window.publisher.as_ref().map(|(publisher, answers)| {
         let achieved_rate = if publisher.measured_elapsed.is_zero() {
             0.0
         } else {
@@ -335,26 +344,27 @@ fn report(
                 publisher.late
             ));
         }
-        if publisher.no_receivers > 0 {
+        if answers.no_receivers > 0 {
             warnings.push(format!(
                 "{} publishes reached no Redis subscriber: is the hub in redis mode with prefix {:?}?",
-                publisher.no_receivers, args.prefix
+                answers.no_receivers, args.prefix
             ));
         }
-        if publisher.errors > 0 {
+        if answers.failed > 0 {
             warnings.push(format!(
                 "{} publishes failed; first: {}",
-                publisher.errors,
-                publisher.first_error.as_deref().unwrap_or("?")
+                answers.failed,
+                answers.first_error.as_deref().unwrap_or("?")
             ));
         }
         PublisherFigures {
             published: publisher.published,
-            errors: publisher.errors,
+            succeeded: answers.succeeded,
+            errors: answers.failed,
             late: publisher.late,
             max_lag_ms: publisher.max_lag.as_secs_f64() * 1e3,
             achieved_rate,
-            no_receivers: publisher.no_receivers,
+            no_receivers: answers.no_receivers,
         }
     });
 
