@@ -18,8 +18,10 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 use crate::hub::Hub;
+use crate::ingest::Route;
 use crate::keys::Keys;
-use crate::messages::{Unwatch, Watch};
+use crate::messages::{Unwatch, UnwatchPattern, Watch, WatchPattern};
+use crate::publication::Publication;
 use crate::stats::Stats;
 use crate::store::redis::decode_payload;
 
@@ -70,6 +72,13 @@ pub struct Bridge {
     connected_once: bool,
     /// Rate limit for logging rejected messages.
     last_reject_log: Option<Instant>,
+    /// Outside producers' channels relayed into relayhub channels.
+    routes: Arc<Vec<Route>>,
+    /// Pattern prefixes (`prices:`) with local subscribers, and how many registries want each.
+    patterns: HashMap<Arc<str>, usize>,
+    /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
+    /// yet: the exact copies of those messages are duplicates.
+    via_pattern: HashMap<Arc<str>, u64>,
 }
 
 impl Bridge {
@@ -90,6 +99,12 @@ impl Bridge {
             last_probe_seen: Instant::now(),
             connected_once: false,
             last_reject_log: None,
+            // Validated with the configuration at start.
+            routes: Arc::new(
+                crate::ingest::compile_routes(&hub.config().ingest).unwrap_or_default(),
+            ),
+            patterns: HashMap::new(),
+            via_pattern: HashMap::new(),
             hub,
         }
     }
@@ -109,12 +124,24 @@ impl Bridge {
         let wanted: Vec<Arc<str>> = self.channels.keys().cloned().collect();
         let names: Vec<String> = wanted.iter().map(|c| self.keys.pubsub_channel(c)).collect();
         let timeout = self.connect_timeout;
+        let routes = self.routes.clone();
+        let patterns: Vec<String> = self.patterns.keys().map(|p| self.pattern_name(p)).collect();
         let fut = async move {
             let work = async {
                 let (mut sink, stream) = client.get_async_pubsub().await?.split();
                 sink.subscribe(&probe).await?;
+                for route in routes.iter() {
+                    if route.is_pattern {
+                        sink.psubscribe(&route.redis_channel).await?;
+                    } else {
+                        sink.subscribe(&route.redis_channel).await?;
+                    }
+                }
                 if !names.is_empty() {
                     sink.subscribe(&names).await?;
+                }
+                if !patterns.is_empty() {
+                    sink.psubscribe(&patterns).await?;
                 }
                 Ok::<_, redis::RedisError>((sink, stream))
             };
@@ -162,6 +189,7 @@ impl Bridge {
         }
         self.connected_once = true;
         self.attempts = 0;
+        self.via_pattern.clear();
         self.last_probe_seen = Instant::now();
         let subscribed: HashSet<Arc<str>> = subscribed.into_iter().collect();
         // Channels watched or dropped while the connection was being made.
@@ -223,6 +251,14 @@ impl Bridge {
         if let Some(handle) = self.stream.take() {
             ctx.cancel_future(handle);
         }
+    }
+
+    /// The Redis pattern covering a relayhub pattern prefix: `<prefix>ch:prices:*`.
+    fn pattern_name(&self, prefix: &str) -> String {
+        format!(
+            "{}*",
+            crate::store::redis::escape_glob(&self.keys.pubsub_channel(prefix))
+        )
     }
 
     fn send_subscribe(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
@@ -293,11 +329,33 @@ impl Bridge {
             self.last_probe_seen = Instant::now();
             return;
         }
-        let Some(channel) = self.keys.channel_of(name) else {
-            return;
+        let from_pattern = msg.from_pattern();
+        let result = match self.keys.channel_of(name) {
+            Some(channel) => {
+                let pattern: Option<String> = if from_pattern {
+                    msg.get_pattern().ok()
+                } else {
+                    None
+                };
+                if from_pattern
+                    && !pattern
+                        .as_deref()
+                        .is_some_and(|p| self.is_relayhub_pattern(p))
+                {
+                    // An ingest pattern broad enough to match relayhub's own channels: not an ingest message.
+                    return;
+                }
+                match decode_payload(channel.into(), msg.get_payload_bytes()) {
+                    Ok(publication) if self.is_duplicate(&publication, pattern.as_deref()) => {
+                        return;
+                    }
+                    other => other.map_err(str::to_string),
+                }
+            }
+            None => self.ingest(&msg),
         };
         let stats = self.hub.stats();
-        match decode_payload(channel.into(), msg.get_payload_bytes()) {
+        match result {
             Ok(publication) => {
                 Stats::add(&stats.relayed_in, 1);
                 self.hub.dispatch_local(Arc::new(publication));
@@ -316,6 +374,89 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
+        self.patterns
+            .keys()
+            .any(|p| self.pattern_name(p) == redis_pattern)
+    }
+
+    /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
+    /// and pmessage); exactly one copy is relayed: the exact one once its SUBSCRIBE is confirmed, the pattern
+    /// one before that (remembered by `seq`, so the exact copy of the same message is then dropped).
+    fn is_duplicate(&mut self, publication: &Publication, pattern: Option<&str>) -> bool {
+        let channel = &publication.channel;
+        let exact = self.channels.get(channel).map(|w| w.confirmed);
+        if let Some(pattern) = pattern {
+            // Nested patterns (`a:*` and `a:b:*`) each send a copy: keep the copy of the longest prefix.
+            let longest = self
+                .patterns
+                .keys()
+                .filter(|p| channel.starts_with(&***p))
+                .max_by_key(|p| p.len());
+            if longest.is_some_and(|p| self.pattern_name(p) != pattern) {
+                return true;
+            }
+            match exact {
+                Some(true) => true,
+                Some(false) => {
+                    if let Some(seq) = publication.seq {
+                        self.via_pattern.insert(channel.clone(), seq);
+                    }
+                    false
+                }
+                None => false,
+            }
+        } else {
+            match (self.via_pattern.get(channel), publication.seq) {
+                (Some(&seen), Some(seq)) if seq <= seen => true,
+                (Some(_), _) => {
+                    self.via_pattern.remove(channel);
+                    false
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// Routes a message of an ingest route to its relayhub channel; caches it when the route says so.
+    fn ingest(&self, msg: &Msg) -> Result<Publication, String> {
+        let name = msg.get_channel_name();
+        let pattern: Option<String> = if msg.from_pattern() {
+            msg.get_pattern().ok()
+        } else {
+            None
+        };
+        let route = self
+            .routes
+            .iter()
+            .find(|r| match &pattern {
+                Some(p) => r.is_pattern && r.redis_channel == *p,
+                None => !r.is_pattern && r.redis_channel == name,
+            })
+            .ok_or("not a channel relayhub listens to")?;
+        let text =
+            std::str::from_utf8(msg.get_payload_bytes()).map_err(|_| "message is not UTF-8")?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|_| "message is not JSON")?;
+        let channel = route.target(&value)?;
+        if route.cache {
+            let hub = self.hub.clone();
+            let (source, channel, data) = (name.to_string(), channel.clone(), text.to_string());
+            actix::spawn(async move {
+                let policy = hub
+                    .config()
+                    .policy(&channel)
+                    .unwrap_or_else(|| hub.config().default_policy());
+                if let Some(redis) = hub.store().redis()
+                    && let Err(e) = redis.ingest_cache(&source, &channel, &data, policy).await
+                {
+                    log::warn!("caching an ingested message for `{channel}` failed: {e}");
+                }
+            });
+        }
+        Ok(Publication::new(channel.into(), text, None, None))
     }
 }
 
@@ -379,6 +520,51 @@ impl Handler<Watch> for Bridge {
     }
 }
 
+impl Handler<WatchPattern> for Bridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: WatchPattern, _: &mut Self::Context) -> Self::Result {
+        let refs = self.patterns.entry(msg.prefix.clone()).or_insert(0);
+        *refs += 1;
+        match (&self.sink, *refs) {
+            (Some(sink), 1) => {
+                let mut sink = sink.clone();
+                let name = self.pattern_name(&msg.prefix);
+                Box::pin(async move {
+                    if let Err(e) = sink.psubscribe(name).await {
+                        log::warn!("PSUBSCRIBE failed: {e}");
+                    }
+                })
+            }
+            // Already listening, or disconnected (the reconnect subscribes every pattern).
+            _ => Box::pin(async {}),
+        }
+    }
+}
+
+impl Handler<UnwatchPattern> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnwatchPattern, ctx: &mut Self::Context) {
+        let Some(refs) = self.patterns.get_mut(&msg.prefix) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            self.patterns.remove(&msg.prefix);
+            if let Some(mut sink) = self.sink.clone() {
+                let name = self.pattern_name(&msg.prefix);
+                ctx.spawn(
+                    async move {
+                        let _ = sink.punsubscribe(name).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+        }
+    }
+}
+
 impl Handler<Unwatch> for Bridge {
     type Result = ();
 
@@ -389,6 +575,7 @@ impl Handler<Unwatch> for Bridge {
         watched.refs -= 1;
         if watched.refs == 0 {
             self.channels.remove(&msg.channel);
+            self.via_pattern.remove(&msg.channel);
             self.send_unsubscribe(&msg.channel, ctx);
         }
     }

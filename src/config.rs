@@ -498,9 +498,17 @@ impl Config {
         }
         crate::poller::source::compile_sources(self, "http://127.0.0.1:0")
             .map_err(|e| ConfigError(format!("config key {e}")))?;
+        crate::ingest::compile_routes(&self.ingest)
+            .map_err(|e| ConfigError(format!("config key {e}")))?;
         for (i, route) in self.ingest.iter().enumerate() {
             if route.redis_channel.is_empty() {
                 return err(&format!("ingest[{i}].redis_channel"), "is required");
+            }
+            if route.redis_channel.starts_with(&self.redis.prefix) {
+                return err(
+                    &format!("ingest[{i}].redis_channel"),
+                    "must not be under redis.prefix (relayhub's own channels are relayed already)",
+                );
             }
             if route.channel.is_empty() {
                 return err(&format!("ingest[{i}].channel"), "is required");

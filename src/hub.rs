@@ -11,7 +11,9 @@ use actix::prelude::*;
 
 use crate::bridge::Bridge;
 use crate::config::Config;
-use crate::messages::{CloseAll, Dispatch, SessionId, Unwatch, Watch};
+use crate::messages::{
+    CloseAll, Dispatch, SessionId, Unwatch, UnwatchPattern, Watch, WatchPattern,
+};
 use crate::publication::Publication;
 use crate::registry::Registry;
 use crate::session::SessionLimits;
@@ -287,6 +289,20 @@ impl Hub {
         if let Some(bridge) = self.inner.bridge.get() {
             let timeout = self.config().redis.command_timeout;
             let _ = tokio::time::timeout(timeout, bridge.send(Watch { channel })).await;
+        }
+    }
+
+    /// Waits until the bridge listens to every channel under a pattern prefix.
+    pub async fn watch_pattern(&self, prefix: Arc<str>) {
+        if let Some(bridge) = self.inner.bridge.get() {
+            let timeout = self.config().redis.command_timeout;
+            let _ = tokio::time::timeout(timeout, bridge.send(WatchPattern { prefix })).await;
+        }
+    }
+
+    pub fn unwatch_pattern(&self, prefix: Arc<str>) {
+        if let Some(bridge) = self.inner.bridge.get() {
+            bridge.do_send(UnwatchPattern { prefix });
         }
     }
 

@@ -65,6 +65,11 @@ impl Keys {
         format!("{}jobstatus:{job}", self.prefix)
     }
 
+    /// Marks an ingested message as cached, so one replica writes it: `<prefix>ingested:<channel>:<hash>`.
+    pub fn ingested(&self, channel: &str, hash: u64) -> String {
+        format!("{}ingested:{channel}:{hash:016x}", self.prefix)
+    }
+
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
     pub fn fill_lock(&self, channel: &str) -> String {
         format!("{}fill:{channel}", self.prefix)

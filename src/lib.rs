@@ -10,7 +10,8 @@
 //! - `registry`: the channel-registry actor, one per worker thread: subscriptions, fan-out, latest values.
 //! - `hub`: the handle everything holds: the publish path, registries, backend, counters.
 //! - `store`: latest values and snapshots, in memory or in Redis (`keys` names every Redis key).
-//! - `bridge`: the pubsub-bridge actor, relaying Redis pub/sub to the registries.
+//! - `bridge`: the pubsub-bridge actor, relaying Redis pub/sub to the registries; `ingest` routes outside
+//!   producers' own Redis channels into relayhub channels.
 //! - `poller`: the poller actor and its jobs (upstream fetches, leases, transforms).
 //! - `http`: the HTTP API and static files. `demo`: the built-in synthetic upstream.
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod hub;
+pub mod ingest;
 pub mod keys;
 pub mod messages;
 pub mod poller;

@@ -77,6 +77,21 @@ pub struct Watch {
     pub channel: Arc<str>,
 }
 
+/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`);
+/// answered once Redis confirmed the PSUBSCRIBE (or at once when Redis is unreachable).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchPattern {
+    pub prefix: Arc<str>,
+}
+
+/// This registry no longer has subscribers of the pattern.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnwatchPattern {
+    pub prefix: Arc<str>,
+}
+
 /// This registry no longer has subscribers of the channel.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -217,6 +217,7 @@ impl Registry {
             }
             if entry.subscribers.is_empty() {
                 self.patterns.remove(prefix);
+                self.hub.unwatch_pattern(prefix.clone());
             }
         }
     }
@@ -390,15 +391,18 @@ impl Registry {
         session.patterns.push(prefix.clone());
         let deliver = session.deliver.clone();
         let _ = deliver.try_send(Deliver(ack));
-        self.patterns
-            .entry(prefix.clone())
-            .or_default()
-            .subscribers
-            .insert(id, deliver.clone());
+        let entry = self.patterns.entry(prefix.clone()).or_default();
+        let first = entry.subscribers.is_empty();
+        entry.subscribers.insert(id, deliver.clone());
         self.hub.pattern_subscriber_joined(&prefix);
-        // Snapshots of matching channels that have a value, bounded by configuration.
+        // Listen in Redis first, then read the snapshots of matching channels (bounded by configuration).
         let hub = self.hub.clone();
-        let fut = async move { hub.pattern_snapshots(&prefix).await };
+        let fut = async move {
+            if first {
+                hub.watch_pattern(prefix.clone()).await;
+            }
+            hub.pattern_snapshots(&prefix).await
+        };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
             if !act.sessions.contains_key(&id) {
                 return;

@@ -21,6 +21,12 @@ pub const ENVELOPE_MARK: u8 = 0x1e;
 /// INCR the sequence, SET the latest value with its TTL, LPUSH+LTRIM the snapshot list, PUBLISH the envelope.
 const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 
+/// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
+const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
+
+/// How long an ingested message is remembered so that only one replica caches it.
+const INGEST_DEDUPE_MS: u64 = 60_000;
+
 /// Why a Redis operation failed, as text for logs and error replies.
 #[derive(Debug, Clone)]
 pub struct RedisError(pub String);
@@ -54,6 +60,7 @@ pub struct RedisStore {
     pool: Pool,
     keys: Keys,
     script: redis::Script,
+    ingest_script: redis::Script,
     command_timeout: Duration,
     url: String,
 }
@@ -85,6 +92,7 @@ impl RedisStore {
             pool,
             keys: Keys::new(&config.prefix),
             script: redis::Script::new(PUBLISH_SCRIPT),
+            ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
             command_timeout: config.command_timeout,
             url: config.url.clone(),
         };
@@ -158,6 +166,35 @@ impl RedisStore {
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         Ok(Published { seq, receivers })
+    }
+
+    /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
+    /// replica receives it and calls this; a marker keyed by the message's hash lets only the first write.
+    pub async fn ingest_cache(
+        &self,
+        source_channel: &str,
+        channel: &str,
+        data: &str,
+        policy: ChannelPolicy,
+    ) -> Result<bool, RedisError> {
+        use std::hash::{Hash, Hasher};
+        // DefaultHasher::new() has fixed keys, so every replica computes the same marker for one message.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (source_channel, data).hash(&mut hasher);
+        let marker = self.keys.ingested(channel, hasher.finish());
+        let mut invocation = self.ingest_script.prepare_invoke();
+        invocation
+            .key(marker)
+            .key(self.keys.cache(channel))
+            .key(self.keys.snapshots(channel))
+            .arg(data)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(INGEST_DEDUPE_MS);
+        let wrote: i64 = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(wrote == 1)
     }
 
     /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
@@ -261,7 +298,7 @@ impl RedisStore {
 }
 
 /// Escapes Redis glob metacharacters so a prefix matches literally.
-fn escape_glob(s: &str) -> String {
+pub fn escape_glob(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
