@@ -180,6 +180,7 @@ impl Bridge {
     ) {
         if self.connected_once {
             Stats::add(&self.hub.stats().redis_reconnects, 1);
+            self.hub.pubsub_link_changed(true);
             log::info!(
                 "redis pub/sub connection restored; resubscribed to {} channels",
                 subscribed.len()
@@ -233,6 +234,8 @@ impl Bridge {
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
+        self.hub.clear_local_echoes();
+        self.hub.pubsub_link_changed(false);
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
         self.drop_stream(ctx);
@@ -346,7 +349,12 @@ impl Bridge {
                     return;
                 }
                 match decode_payload(channel.into(), msg.get_payload_bytes()) {
-                    Ok(publication) if self.is_duplicate(&publication, pattern.as_deref()) => {
+                    Ok(publication)
+                        if self.is_duplicate(&publication, pattern.as_deref())
+                            || self
+                                .hub
+                                .take_local_echo(&publication.channel, publication.seq) =>
+                    {
                         return;
                     }
                     other => other.map_err(str::to_string),

@@ -2,7 +2,7 @@
 //! the registries of the worker threads, the bridge's address and the counters, and it is the one publish
 //! path: HTTP, client publishes and the poller all call `Hub::publish`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -12,13 +12,35 @@ use actix::prelude::*;
 use crate::bridge::Bridge;
 use crate::config::Config;
 use crate::messages::{
-    CloseAll, Dispatch, SessionId, Unwatch, UnwatchPattern, Watch, WatchPattern,
+    CloseAll, Dispatch, ForgetLatest, SessionId, Unwatch, UnwatchPattern, Watch, WatchPattern,
 };
 use crate::publication::Publication;
 use crate::registry::Registry;
 use crate::session::SessionLimits;
 use crate::stats::Stats;
 use crate::store::Store;
+
+/// Most echoes tracked at once (a bound, not an expected size: entries live for one reconnect).
+const MAX_TRACKED_ECHOES: usize = 10_000;
+
+/// Publishes made while the pub/sub link was not live are delivered locally by the publisher; when the link
+/// comes back during such a publish, Redis may also echo it. This tracks both sides so each message is
+/// delivered once.
+#[derive(Default)]
+struct Echoes {
+    /// Publishes in flight that began while the link was not live, by channel.
+    intents: HashMap<Arc<str>, usize>,
+    /// Delivered locally by the publisher; the echo, if it comes, is dropped.
+    delivered_locally: HashSet<(Arc<str>, u64)>,
+    /// Relayed by the bridge while a publish of the channel was in flight; the publisher skips delivering it.
+    relayed: HashSet<(Arc<str>, u64)>,
+}
+
+impl Echoes {
+    fn is_empty(&self) -> bool {
+        self.intents.is_empty() && self.delivered_locally.is_empty() && self.relayed.is_empty()
+    }
+}
 
 /// Subscriber counts by channel (or pattern).
 pub type Counts = Vec<(String, usize)>;
@@ -68,6 +90,10 @@ struct Inner {
     subscribers: Mutex<HashMap<Arc<str>, usize>>,
     /// Local subscribers per pattern prefix.
     pattern_subscribers: Mutex<HashMap<Arc<str>, usize>>,
+    /// Exactly-once bookkeeping for publishes made while the pub/sub link is not live.
+    echoes: Mutex<Echoes>,
+    /// Whether `echoes` holds anything (read on every relayed message, so kept lock-free).
+    echoes_active: AtomicBool,
     shutting_down: AtomicBool,
     next_session: AtomicU64,
     started: Instant,
@@ -86,6 +112,8 @@ impl Hub {
                 observer: OnceLock::new(),
                 subscribers: Mutex::new(HashMap::new()),
                 pattern_subscribers: Mutex::new(HashMap::new()),
+                echoes: Mutex::new(Echoes::default()),
+                echoes_active: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
                 next_session: AtomicU64::new(1),
                 started: Instant::now(),
@@ -179,6 +207,94 @@ impl Hub {
             .expect("registry list lock poisoned")
     }
 
+    fn echoes(&self) -> std::sync::MutexGuard<'_, Echoes> {
+        self.inner.echoes.lock().expect("echo bookkeeping poisoned")
+    }
+
+    fn update_echoes_active(&self, echoes: &Echoes) {
+        self.inner
+            .echoes_active
+            .store(!echoes.is_empty(), Ordering::SeqCst);
+    }
+
+    /// A publish starts while the link is not live: its echo, if one comes, must be told apart.
+    fn begin_unlinked_publish(&self, channel: &Arc<str>) {
+        let mut echoes = self.echoes();
+        *echoes.intents.entry(channel.clone()).or_insert(0) += 1;
+        self.update_echoes_active(&echoes);
+    }
+
+    /// The script ran: deliver here unless the bridge already relayed its echo, and remember that it was
+    /// delivered so a later echo is dropped. Done under the lock the bridge checks, so the two cannot cross.
+    fn finish_unlinked_publish(&self, publication: Publication, intent: bool) {
+        let mut echoes = self.echoes();
+        let channel = publication.channel.clone();
+        if intent && let Some(open) = echoes.intents.get_mut(&channel) {
+            *open -= 1;
+            if *open == 0 {
+                echoes.intents.remove(&channel);
+            }
+        }
+        let key = (channel, publication.seq.unwrap_or(0));
+        if !echoes.relayed.remove(&key) {
+            if echoes.delivered_locally.len() < MAX_TRACKED_ECHOES {
+                echoes.delivered_locally.insert(key);
+            }
+            self.dispatch_local(Arc::new(publication));
+        }
+        self.update_echoes_active(&echoes);
+    }
+
+    fn cancel_unlinked_publish(&self, channel: &Arc<str>) {
+        let mut echoes = self.echoes();
+        if let Some(open) = echoes.intents.get_mut(channel) {
+            *open -= 1;
+            if *open == 0 {
+                echoes.intents.remove(channel);
+            }
+        }
+        self.update_echoes_active(&echoes);
+    }
+
+    /// Whether a message relayed from Redis was already delivered here by its publisher (then drop it).
+    pub fn take_local_echo(&self, channel: &Arc<str>, seq: Option<u64>) -> bool {
+        let Some(seq) = seq else {
+            return false;
+        };
+        if !self.inner.echoes_active.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut echoes = self.echoes();
+        let key = (channel.clone(), seq);
+        let duplicate = echoes.delivered_locally.remove(&key);
+        if !duplicate
+            && echoes.intents.contains_key(channel)
+            && echoes.relayed.len() < MAX_TRACKED_ECHOES
+        {
+            echoes.relayed.insert(key);
+        }
+        self.update_echoes_active(&echoes);
+        duplicate
+    }
+
+    /// The link went down again: echoes of what was delivered before can no longer come.
+    pub fn clear_local_echoes(&self) {
+        let mut echoes = self.echoes();
+        echoes.delivered_locally.clear();
+        echoes.relayed.clear();
+        self.update_echoes_active(&echoes);
+    }
+
+    /// Tells every registry the pub/sub link went down (`reconnected: false`) or came back (`true`); see
+    /// `ForgetLatest`.
+    pub fn pubsub_link_changed(&self, reconnected: bool) {
+        for registry in self.registries().iter() {
+            registry.do_send(ForgetLatest {
+                latest: reconnected,
+            });
+        }
+    }
+
     /// Hands a message to every local registry: one mailbox push per worker, not per subscriber.
     pub fn dispatch_local(&self, publication: Arc<Publication>) {
         for registry in self.registries().iter() {
@@ -219,18 +335,22 @@ impl Hub {
             }
             Store::Redis(redis) => {
                 let ts = crate::protocol::now_ts();
+                // The echo is certain only if the link was live before the script ran and still is after.
+                let live_before = self.inner.stats.pubsub_active.load(Ordering::SeqCst);
+                let name: Arc<str> = channel.into();
+                if !live_before {
+                    self.begin_unlinked_publish(&name);
+                }
                 match redis.publish(channel, data, &ts, policy).await {
                     Ok(published) => {
                         Stats::add(&self.inner.stats.relayed_out, 1);
-                        if !self.inner.stats.pubsub_active.load(Ordering::Relaxed) {
-                            // No echo will come back while our pub/sub connection is down: deliver here.
-                            let publication = Publication::new(
-                                channel.into(),
-                                data,
-                                Some(published.seq),
-                                Some(&ts),
-                            );
-                            self.dispatch_local(Arc::new(publication));
+                        let live_after = self.inner.stats.pubsub_active.load(Ordering::SeqCst);
+                        if !(live_before && live_after) {
+                            // The link is (or was) down: deliver here; the bookkeeping drops the echo if the
+                            // link comes back in time to relay it, or skips this if it already did.
+                            let publication =
+                                Publication::new(name, data, Some(published.seq), Some(&ts));
+                            self.finish_unlinked_publish(publication, !live_before);
                         }
                         Ok(PublishOutcome {
                             seq: Some(published.seq),
@@ -239,6 +359,9 @@ impl Hub {
                         })
                     }
                     Err(e) => {
+                        if !live_before {
+                            self.cancel_unlinked_publish(&name);
+                        }
                         log::warn!(
                             "publish to `{channel}` through redis failed ({e}); delivering locally only"
                         );

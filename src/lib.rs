@@ -93,24 +93,31 @@ impl Running {
     /// Graceful stop: `/ready` turns 503, clients get 1001, the server drains, all within `shutdown_timeout`.
     pub async fn shutdown(self) {
         let timeout = self.hub.config().server.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         log::info!("shutting down: closing connections with 1001, releasing polling leases");
         self.hub.begin_shutdown();
-        let _ = tokio::time::timeout(timeout / 2, self.poller.send(poller::ReleaseAll)).await;
         let hub = self.hub.clone();
+        let poller = self.poller.clone();
+        let server = self.server.clone();
         let drain = async move {
-            // Give sessions a moment to write their close frames before the workers stop.
-            let deadline = tokio::time::Instant::now() + timeout / 2;
+            // Leases first (another replica takes the jobs at once), then give sessions a moment to write
+            // their close frames before the workers stop.
+            let _ = tokio::time::timeout(timeout / 4, poller.send(poller::ReleaseAll)).await;
+            let drained = tokio::time::Instant::now() + timeout / 4;
             while stats::Stats::get(&hub.stats().connections) > 0
-                && tokio::time::Instant::now() < deadline
+                && tokio::time::Instant::now() < drained
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            self.server.stop(true).await;
+            server.stop(true).await;
         };
-        if tokio::time::timeout(timeout, drain).await.is_err() {
+        // Everything above, together, within shutdown_timeout.
+        if tokio::time::timeout_at(deadline, drain).await.is_err() {
             log::warn!("shutdown took longer than server.shutdown_timeout; stopping anyway");
+            self.server.stop(false).await;
         }
-        let _ = self.server_task.await;
+        let _ =
+            tokio::time::timeout_at(deadline + Duration::from_millis(500), self.server_task).await;
     }
 
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.

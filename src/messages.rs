@@ -64,6 +64,16 @@ pub struct Unsubscribe {
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<Publication>);
 
+/// The pub/sub connection went down (`latest: false`) or was re-established (`latest: true`). Either way the
+/// sequence floors of new subscribers go (Redis may have restarted and started its sequences over); after a
+/// reconnect the local latest values go too, as messages may have been missed (the next subscriber reads the
+/// cache).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct ForgetLatest {
+    pub latest: bool,
+}
+
 /// Close every connection with 1001 (graceful shutdown).
 #[derive(Message, Clone)]
 #[rtype(result = "()")]

@@ -15,7 +15,8 @@ use bytestring::ByteString;
 
 use crate::hub::Hub;
 use crate::messages::{
-    CloseAll, Connect, Deliver, Disconnect, Dispatch, Kick, SessionId, Subscribe, Unsubscribe,
+    CloseAll, Connect, Deliver, Disconnect, Dispatch, ForgetLatest, Kick, SessionId, Subscribe,
+    Unsubscribe,
 };
 use crate::protocol::{Target, close};
 use crate::publication::Publication;
@@ -53,6 +54,9 @@ struct ChannelEntry {
     latest: Option<Arc<Publication>>,
     /// Messages that arrived while the cache was being read, delivered after the snapshot.
     backlog: Vec<Arc<Publication>>,
+    /// Subscribers let in with a snapshot of this `seq`: the echo of that message (or an older one) may still
+    /// be on its way from Redis and must not reach them again. Cleared per session by its first newer message.
+    floors: HashMap<SessionId, u64>,
     /// Whether the bridge has been asked to listen to this channel.
     watched: bool,
     /// A cache read is in flight.
@@ -136,8 +140,21 @@ impl Registry {
                 }
                 entry.backlog.push(publication.clone());
             }
-            for (id, to) in &entry.active {
-                Self::offer(stats, &mut slow, *id, to, &frame);
+            if entry.floors.is_empty() {
+                for (id, to) in &entry.active {
+                    Self::offer(stats, &mut slow, *id, to, &frame);
+                }
+            } else {
+                let seq = publication.seq;
+                for (id, to) in &entry.active {
+                    match (entry.floors.get(id), seq) {
+                        (Some(&floor), Some(seq)) if seq <= floor => continue,
+                        _ => Self::offer(stats, &mut slow, *id, to, &frame),
+                    }
+                }
+                if let Some(seq) = seq {
+                    entry.floors.retain(|_, floor| *floor >= seq);
+                }
             }
             delivered += entry.active.len() as u64;
             exact_subscribers = Some(&entry.active);
@@ -198,6 +215,7 @@ impl Registry {
         let before = entry.pending.len();
         entry.pending.retain(|p| *p != id);
         entry.acks.remove(&id);
+        entry.floors.remove(&id);
         if !was_active && before == entry.pending.len() {
             return;
         }
@@ -247,6 +265,7 @@ impl Registry {
                 acks: HashMap::new(),
                 latest: None,
                 backlog: Vec::new(),
+                floors: HashMap::new(),
                 watched: false,
                 filling: false,
                 awaiting_publish: false,
@@ -350,7 +369,12 @@ impl Registry {
             })
             .map(|m| m.frame())
             .collect();
+        // What the new subscribers have now seen: later echoes up to it are not theirs to receive again.
+        let floor = newer_seq_max(snapshot_seq, &backlog);
         for id in std::mem::take(&mut entry.pending) {
+            if let Some(floor) = floor {
+                entry.floors.insert(id, floor);
+            }
             if let Some(session) = self.sessions.get(&id) {
                 for frame in acks.remove(&id).iter().chain(&snapshot).chain(&newer) {
                     let _ = session.deliver.try_send(Deliver(frame.clone()));
@@ -412,6 +436,11 @@ impl Registry {
             }
         }));
     }
+}
+
+/// The highest sequence number among a snapshot and the backlog delivered after it.
+fn newer_seq_max(snapshot: Option<u64>, backlog: &[Arc<Publication>]) -> Option<u64> {
+    backlog.iter().filter_map(|p| p.seq).chain(snapshot).max()
 }
 
 impl Actor for Registry {
@@ -486,6 +515,19 @@ impl Handler<Dispatch> for Registry {
 
     fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
         self.dispatch(msg.0);
+    }
+}
+
+impl Handler<ForgetLatest> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetLatest, _: &mut Context<Self>) {
+        for entry in self.channels.values_mut() {
+            if msg.latest {
+                entry.latest = None;
+            }
+            entry.floors.clear();
+        }
     }
 }
 

@@ -1,0 +1,347 @@
+//! The `relayhub` binary as an operator runs it: exit codes and messages for bad configuration and an
+//! unreachable Redis, memory mode, and a graceful stop on SIGTERM (clients get 1001, exit code 0).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::{Ws, close_code, eventually, free_port, get_json};
+
+/// Variables the binary reads; cleared so the environment running the tests cannot steer it (or point it at
+/// a real Redis).
+const ENV_VARS: &[&str] = &[
+    "PORT",
+    "HOST",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+    "RELAYHUB_CONFIG",
+    "RELAYHUB_API_KEY",
+    "RELAYHUB_ADMIN_TOKEN",
+    "RELAYHUB_INSTANCE_ID",
+    "UPSTREAM_TOKEN",
+];
+
+/// How long a process that should exit by itself may take (generous: a loaded machine).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn relayhub(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_relayhub"));
+    command.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for var in ENV_VARS {
+        command.env_remove(var);
+    }
+    command.env("RUST_LOG", "info");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
+/// A config file in the temp directory, removed on drop.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("relayhub-cli-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).expect("write config");
+        ConfigFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A running `relayhub` whose stdout and stderr are collected; killed on drop if still running.
+struct Process {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the relayhub binary runs");
+        let output = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        for pipe in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut output = output.lock().expect("output lock");
+                    output.push_str(&line);
+                    output.push('\n');
+                }
+            });
+        }
+        Process { child, output }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().expect("output lock").clone()
+    }
+
+    /// Waits for the process to exit by itself within `timeout`.
+    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn exit_code(&mut self) -> i32 {
+        let status = self
+            .wait(EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("relayhub did not exit; output:\n{}", self.output()));
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {status}\n{}", self.output()))
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs relayhub to completion: exit code and everything it printed.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut process = Process::spawn(relayhub(args, env));
+    let code = process.exit_code();
+    (code, process.output())
+}
+
+#[test]
+fn bad_config_files_exit_2_and_name_the_key() {
+    let cases = [
+        ("[server]\nprot = 1\n", "server.prot"),
+        ("[server]\nport = \"x\"\n", "server.port"),
+        ("[server]\nport = 70000\n", "server.port"),
+        (
+            "[websocket]\nclient_timeout = \"10 parsecs\"\n",
+            "websocket.client_timeout",
+        ),
+        (
+            "[websocket]\nheartbeat_interval = \"soon\"\n",
+            "websocket.heartbeat_interval",
+        ),
+        (
+            "[websocket]\nheartbeat_interval = \"30s\"\nclient_timeout = \"30s\"\n",
+            "websocket.client_timeout",
+        ),
+        (
+            "[websocket]\nclient_timeout = \"10s\"\n",
+            "websocket.client_timeout",
+        ),
+        ("[redis]\nurl = \"http://localhost\"\n", "redis.url"),
+        (
+            "[namespaces.chat]\nclient_publish = \"yes\"\n",
+            "namespaces.chat.client_publish",
+        ),
+        ("[redis\nurl = 1\n", "TOML"),
+    ];
+    for (text, key) in cases {
+        let file = ConfigFile::new(text);
+        for check in [true, false] {
+            let mut args = vec!["--config", file.path()];
+            if check {
+                args.push("--check-config");
+            }
+            let (code, output) = run(&args, &[]);
+            assert_eq!(code, 2, "{text:?} (check {check}):\n{output}");
+            assert!(
+                output.contains(key),
+                "{text:?} must name `{key}`:\n{output}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_config_file_or_a_bad_argument_exits_2() {
+    let (code, output) = run(&["--config", "/nonexistent/relayhub.toml"], &[]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("/nonexistent/relayhub.toml"), "{output}");
+    let (code, output) = run(&["--frobnicate"], &[]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("--frobnicate"), "{output}");
+}
+
+#[test]
+fn bad_environment_values_exit_2_and_name_the_variable() {
+    for (env, name) in [
+        (&[("PORT", "abc")][..], "PORT"),
+        (&[("PORT", "70000")], "PORT"),
+        (
+            &[("REDIS_HOST", "localhost"), ("REDIS_PORT", "six")],
+            "REDIS_PORT",
+        ),
+    ] {
+        for args in [&["--check-config"][..], &[]] {
+            let (code, output) = run(args, env);
+            assert_eq!(code, 2, "{env:?}:\n{output}");
+            assert!(output.contains(name), "{env:?} must name {name}:\n{output}");
+        }
+    }
+}
+
+#[test]
+fn check_config_accepts_the_shipped_files() {
+    // The production example reads its upstream's token from the environment.
+    let env = [("UPSTREAM_TOKEN", "test-token")];
+    for file in ["config/default.toml", "config/production.toml"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
+        if !path.exists() {
+            assert_ne!(
+                file, "config/default.toml",
+                "config/default.toml is missing"
+            );
+            continue;
+        }
+        let (code, output) = run(
+            &["--check-config", "--config", path.to_str().unwrap()],
+            &env,
+        );
+        assert_eq!(code, 0, "{file}:\n{output}");
+        assert!(output.contains("valid"), "{output}");
+    }
+    let (code, output) = run(&["--check-config"], &[]);
+    assert_eq!(code, 0, "the embedded defaults:\n{output}");
+}
+
+#[test]
+fn an_unreachable_required_redis_exits_3() {
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let file = ConfigFile::new(&format!(
+        "[demo]\nenabled = false\n[redis]\nurl = \"{closed}\"\nrequired = true\n"
+    ));
+    let port = free_port().to_string();
+    let env = [("PORT", port.as_str()), ("HOST", "127.0.0.1")];
+    let (code, output) = run(&["--config", file.path()], &env);
+    assert_eq!(code, 3, "{output}");
+    assert!(
+        output.contains("redis.required") && output.contains("unreachable"),
+        "{output}"
+    );
+    // The same through REDIS_URL.
+    let file = ConfigFile::new("[demo]\nenabled = false\n[redis]\nrequired = true\n");
+    let env = [
+        ("PORT", port.as_str()),
+        ("HOST", "127.0.0.1"),
+        ("REDIS_URL", closed.as_str()),
+    ];
+    let (code, output) = run(&["--config", file.path()], &env);
+    assert_eq!(code, 3, "{output}");
+}
+
+/// Starts the binary on a free loopback port with `config`; returns it once `/health` answers.
+async fn start_binary(config: &ConfigFile) -> (Process, String) {
+    let port = free_port().to_string();
+    let env = [("PORT", port.as_str()), ("HOST", "127.0.0.1")];
+    let process = Process::spawn(relayhub(&["--config", config.path()], &env));
+    let base = format!("127.0.0.1:{port}");
+    let health = format!("http://{base}/health");
+    eventually(
+        Duration::from_secs(30),
+        "the binary answers /health",
+        || async {
+            // A log line after start, so the health check cannot race the listener being set up.
+            process.output().contains("listening on")
+                && tokio::time::timeout(Duration::from_secs(2), get_json(&health))
+                    .await
+                    .is_ok_and(|(status, _)| status == 200)
+        },
+    )
+    .await;
+    (process, base)
+}
+
+#[actix_web::test]
+async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let config = ConfigFile::new(&format!(
+        "[server]\nshutdown_timeout = \"8s\"\n[redis]\nurl = \"{closed}\"\nrequired = false\n"
+    ));
+    let (mut process, base) = start_binary(&config).await;
+    assert!(
+        process.output().contains("MEMORY MODE"),
+        "{}",
+        process.output()
+    );
+    let (status, stats) = get_json(&format!("http://{base}/api/stats")).await;
+    assert_eq!((status, &stats["mode"]), (200, &json!("memory")), "{stats}");
+
+    process.terminate();
+    let status = process.wait(Duration::from_secs(8));
+    let status =
+        status.unwrap_or_else(|| panic!("no exit within shutdown_timeout:\n{}", process.output()));
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+}
+
+#[actix_web::test]
+async fn sigterm_closes_websockets_with_1001() {
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"8s\"\n");
+    let (mut process, base) = start_binary(&config).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut ws = Ws::connect(&format!("ws://{base}/ws")).await;
+        ws.subscribe("prices:BYE").await;
+        clients.push(ws);
+    }
+    for ws in &mut clients {
+        ws.ping().await;
+    }
+    process.terminate();
+    for ws in &mut clients {
+        assert_eq!(close_code(ws).await, 1001, "{}", process.output());
+    }
+    let status = process.wait(Duration::from_secs(8));
+    let status =
+        status.unwrap_or_else(|| panic!("no exit within shutdown_timeout:\n{}", process.output()));
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+}
