@@ -178,9 +178,9 @@ impl Bridge {
         subscribed: Vec<Arc<str>>,
         ctx: &mut Context<Self>,
     ) {
-        if self.connected_once {
+        let reconnected = self.connected_once;
+        if reconnected {
             Stats::add(&self.hub.stats().redis_reconnects, 1);
-            self.hub.pubsub_link_changed(true);
             log::info!(
                 "redis pub/sub connection restored; resubscribed to {} channels",
                 subscribed.len()
@@ -231,11 +231,18 @@ impl Bridge {
             ),
         );
         self.set_active(true);
+        if reconnected {
+            // Messages published during the outage never reached this replica: deliver the latest value of
+            // each channel its subscribers missed (full history recovery is not built yet).
+            let hub = self.hub.clone();
+            let channels: Vec<Arc<str>> = subscribed.into_iter().collect();
+            actix::spawn(async move { hub.catch_up(channels).await });
+        }
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
         self.hub.clear_local_echoes();
-        self.hub.pubsub_link_changed(false);
+        self.hub.pubsub_link_down();
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
         self.drop_stream(ctx);

@@ -12,7 +12,8 @@ use actix::prelude::*;
 use crate::bridge::Bridge;
 use crate::config::Config;
 use crate::messages::{
-    CloseAll, Dispatch, ForgetLatest, SessionId, Unwatch, UnwatchPattern, Watch, WatchPattern,
+    CatchUp, CloseAll, Dispatch, ForgetLatest, SessionId, Unwatch, UnwatchPattern, Watch,
+    WatchPattern,
 };
 use crate::publication::Publication;
 use crate::registry::Registry;
@@ -285,13 +286,35 @@ impl Hub {
         self.update_echoes_active(&echoes);
     }
 
-    /// Tells every registry the pub/sub link went down (`reconnected: false`) or came back (`true`); see
-    /// `ForgetLatest`.
-    pub fn pubsub_link_changed(&self, reconnected: bool) {
+    /// Tells every registry the pub/sub link went down (see `ForgetLatest`).
+    pub fn pubsub_link_down(&self) {
         for registry in self.registries().iter() {
-            registry.do_send(ForgetLatest {
-                latest: reconnected,
-            });
+            registry.do_send(ForgetLatest);
+        }
+    }
+
+    /// After a pub/sub outage: reads the cached latest values of `channels` and lets every registry deliver
+    /// the ones its subscribers have not seen.
+    pub async fn catch_up(&self, channels: Vec<Arc<str>>) {
+        let Some(redis) = self.inner.store.redis() else {
+            return;
+        };
+        let mut found = Vec::new();
+        for chunk in channels.chunks(500) {
+            match redis.latest_many(chunk).await {
+                Ok(values) => found.extend(values.into_iter().flatten().map(Arc::new)),
+                Err(e) => {
+                    log::warn!("catching up after the pub/sub outage failed: {e}");
+                    return;
+                }
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        let found = Arc::new(found);
+        for registry in self.registries().iter() {
+            registry.do_send(CatchUp(found.clone()));
         }
     }
 

@@ -64,15 +64,17 @@ pub struct Unsubscribe {
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<Publication>);
 
-/// The pub/sub connection went down (`latest: false`) or was re-established (`latest: true`). Either way the
-/// sequence floors of new subscribers go (Redis may have restarted and started its sequences over); after a
-/// reconnect the local latest values go too, as messages may have been missed (the next subscriber reads the
-/// cache).
+/// The pub/sub connection went down: the sequence floors of new subscribers go (Redis may restart and start
+/// its sequences over).
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct ForgetLatest {
-    pub latest: bool,
-}
+pub struct ForgetLatest;
+
+/// After a pub/sub outage: the cached latest values of channels this replica carries. Each one newer than what
+/// a registry delivered last is delivered now, so subscribers catch up with the latest value they missed.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct CatchUp(pub Arc<Vec<Arc<Publication>>>);
 
 /// Close every connection with 1001 (graceful shutdown).
 #[derive(Message, Clone)]

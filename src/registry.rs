@@ -15,8 +15,8 @@ use bytestring::ByteString;
 
 use crate::hub::Hub;
 use crate::messages::{
-    CloseAll, Connect, Deliver, Disconnect, Dispatch, ForgetLatest, Kick, SessionId, Subscribe,
-    Unsubscribe,
+    CatchUp, CloseAll, Connect, Deliver, Disconnect, Dispatch, ForgetLatest, Kick, SessionId,
+    Subscribe, Unsubscribe,
 };
 use crate::protocol::{Target, close};
 use crate::publication::Publication;
@@ -521,12 +521,29 @@ impl Handler<Dispatch> for Registry {
 impl Handler<ForgetLatest> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: ForgetLatest, _: &mut Context<Self>) {
+    fn handle(&mut self, _: ForgetLatest, _: &mut Context<Self>) {
         for entry in self.channels.values_mut() {
-            if msg.latest {
-                entry.latest = None;
-            }
             entry.floors.clear();
+        }
+    }
+}
+
+impl Handler<CatchUp> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CatchUp, _: &mut Context<Self>) {
+        for publication in msg.0.iter() {
+            let Some(entry) = self.channels.get(&publication.channel) else {
+                continue;
+            };
+            let newer = match (&entry.latest, publication.seq) {
+                (None, _) => true,
+                (Some(latest), Some(seq)) => latest.seq.is_none_or(|l| seq > l),
+                (Some(latest), None) => latest.data() != publication.data(),
+            };
+            if newer {
+                self.dispatch(publication.clone());
+            }
         }
     }
 }

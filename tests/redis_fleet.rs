@@ -979,6 +979,11 @@ async fn a_deaf_pubsub_connection_is_found_by_the_probe_and_replaced() {
     assert_eq!(proxy.open_pubsub(), 1);
 
     proxy.deafen_open_pubsub();
+    // Published while A is deaf (its probe needs three intervals to notice): B's client gets both at once.
+    b.publish(channel, json!("missed-1")).await;
+    b.publish(channel, json!("missed-2")).await;
+    assert_eq!(on_b.recv_type("message").await["data"], "missed-1");
+    assert_eq!(on_b.recv_type("message").await["data"], "missed-2");
     eventually(
         Duration::from_secs(20),
         "A's bridge replaces its deaf connection",
@@ -989,6 +994,16 @@ async fn a_deaf_pubsub_connection_is_found_by_the_probe_and_replaced() {
     )
     .await;
     wait_ready(&a).await;
+    // After the reconnect A catches up with the latest value its client missed (once, in order).
+    let mut caught = Vec::new();
+    while caught.last().map(String::as_str) != Some("missed-2") {
+        let frame = on_a.recv_type("message").await;
+        caught.push(frame["data"].as_str().unwrap().to_string());
+    }
+    assert!(
+        caught == ["missed-2"] || caught == ["missed-1", "missed-2"],
+        "{caught:?}"
+    );
     for (n, hub) in [&b, &a].into_iter().enumerate() {
         hub.publish(channel, json!({"after": n})).await;
         for ws in [&mut on_a, &mut on_b] {

@@ -200,33 +200,33 @@ impl RedisStore {
     /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
     /// data; a value an outside producer SET directly has neither.
     pub async fn latest(&self, channel: &str) -> Result<Option<Publication>, RedisError> {
-        let cache = self.keys.cache(channel);
-        let snaps = self.keys.snapshots(channel);
-        let (value, newest): (Option<String>, Option<String>) = self
-            .with_conn(|mut c| async move {
-                redis::pipe()
-                    .get(cache)
-                    .lindex(snaps, 0)
-                    .query_async(&mut c)
-                    .await
-            })
+        let mut found = self.latest_many(&[Arc::from(channel)]).await?;
+        Ok(found.pop().flatten())
+    }
+
+    /// The cached latest values of several channels in one round trip (in the order asked).
+    pub async fn latest_many(
+        &self,
+        channels: &[Arc<str>],
+    ) -> Result<Vec<Option<Publication>>, RedisError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.get(self.keys.cache(channel))
+                .lindex(self.keys.snapshots(channel), 0);
+        }
+        let replies: Vec<Option<String>> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        if serde_json::from_str::<&RawValue>(&value).is_err() {
-            return Err(RedisError(format!(
-                "cached value of `{channel}` is not JSON; ignoring it"
-            )));
-        }
-        let channel: Arc<str> = channel.into();
-        if let Some(newest) = newest.as_deref()
-            && let Ok(entry) = serde_json::from_str::<SnapshotEntry>(newest)
-            && entry.data.get() == value
-        {
-            return Ok(Some(Publication::new(channel, &value, entry.seq, entry.ts)));
-        }
-        Ok(Some(Publication::new(channel, &value, None, None)))
+        Ok(channels
+            .iter()
+            .zip(replies.chunks(2))
+            .map(|(channel, pair)| {
+                decode_latest(channel.clone(), pair[0].as_deref(), pair[1].as_deref())
+            })
+            .collect())
     }
 
     /// Up to `limit` snapshots, newest first, as publications.
@@ -295,6 +295,27 @@ impl RedisStore {
         }
         Ok(out)
     }
+}
+
+/// A cached value with the seq and ts of the newest snapshot when that snapshot holds the same data (a value
+/// an outside producer SET directly has neither). A value that is not JSON is ignored (and logged).
+fn decode_latest(
+    channel: Arc<str>,
+    value: Option<&str>,
+    newest: Option<&str>,
+) -> Option<Publication> {
+    let value = value?;
+    if serde_json::from_str::<&RawValue>(value).is_err() {
+        log::warn!("cached value of `{channel}` is not JSON; ignoring it");
+        return None;
+    }
+    if let Some(newest) = newest
+        && let Ok(entry) = serde_json::from_str::<SnapshotEntry>(newest)
+        && entry.data.get() == value
+    {
+        return Some(Publication::new(channel, value, entry.seq, entry.ts));
+    }
+    Some(Publication::new(channel, value, None, None))
 }
 
 /// Escapes Redis glob metacharacters so a prefix matches literally.
