@@ -136,10 +136,19 @@ impl JobStore {
 
     /// Tries to become the job's owner for `lease`.
     pub async fn acquire(&self, id: &str, lease: Duration) -> Result<bool, RedisError> {
+        self.hold(|keys| keys.lease(id), lease).await
+    }
+
+    /// Sets a key to this replica's id unless it exists (SET NX PX): true when this replica got it.
+    async fn hold(
+        &self,
+        key: impl FnOnce(&crate::keys::Keys) -> String,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
         match self.hub.store() {
             Store::Memory(_) => Ok(true),
             Store::Redis(r) => {
-                let key = r.keys().lease(id);
+                let key = key(r.keys());
                 let me = self.me.clone();
                 let set: Option<String> = r
                     .with_conn(|mut c| async move {
@@ -148,7 +157,7 @@ impl JobStore {
                             .arg(me)
                             .arg("NX")
                             .arg("PX")
-                            .arg(lease.as_millis() as u64)
+                            .arg(ttl.as_millis() as u64)
                             .query_async(&mut c)
                             .await
                     })
@@ -261,26 +270,7 @@ impl JobStore {
 
     /// A short fleet-wide lock so one replica fills an empty cache for many concurrent subscribers.
     pub async fn fill_lock(&self, channel: &str, hold: Duration) -> Result<bool, RedisError> {
-        match self.hub.store() {
-            Store::Memory(_) => Ok(true),
-            Store::Redis(r) => {
-                let key = r.keys().fill_lock(channel);
-                let me = self.me.clone();
-                let set: Option<String> = r
-                    .with_conn(|mut c| async move {
-                        redis::cmd("SET")
-                            .arg(key)
-                            .arg(me)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(hold.as_millis() as u64)
-                            .query_async(&mut c)
-                            .await
-                    })
-                    .await?;
-                Ok(set.is_some())
-            }
-        }
+        self.hold(|keys| keys.fill_lock(channel), hold).await
     }
 
     /// Whether any replica has subscribers of `channel` (its bridge listens to the channel in Redis).
