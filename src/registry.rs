@@ -359,6 +359,14 @@ impl Registry {
             &stats.cache_misses
         };
         Stats::add(counter, entry.pending.len() as u64);
+        // With no cached value, the first message that arrived meanwhile is the value the subscription starts from.
+        let (cached, backlog) = match cached {
+            Some(cached) => (Some(cached), backlog),
+            None => {
+                let mut backlog = backlog.into_iter();
+                (backlog.next(), backlog.collect())
+            }
+        };
         let snapshot = cached.as_ref().map(|c| c.snapshot_frame());
         let snapshot_seq = cached.as_ref().and_then(|c| c.seq);
         let newer: Vec<_> = backlog

@@ -268,6 +268,20 @@ impl JobStore {
         }
     }
 
+    /// The replica holding a job's lease, if any.
+    pub async fn holder(&self, id: &str) -> Result<Option<String>, RedisError> {
+        match self.hub.store() {
+            Store::Memory(_) => Ok(None),
+            Store::Redis(r) => {
+                let key = r.keys().lease(id);
+                r.with_conn(
+                    |mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await },
+                )
+                .await
+            }
+        }
+    }
+
     /// A short fleet-wide lock so one replica fills an empty cache for many concurrent subscribers.
     pub async fn fill_lock(&self, channel: &str, hold: Duration) -> Result<bool, RedisError> {
         self.hold(|keys| keys.fill_lock(channel), hold).await

@@ -557,10 +557,18 @@ impl Poller {
         let store = self.store.clone();
         let hub = self.hub.clone();
         let fut = async move {
-            let locked = store
-                .fill_lock(&spec.channel, FILL_LOCK)
+            // A job with an owner is fetched by its owner (at once when it just took the job); otherwise one
+            // replica fleet-wide fetches, under a short lock.
+            let owned = store
+                .holder(&spec.id)
                 .await
-                .unwrap_or(false);
+                .map(|h| h.is_some())
+                .unwrap_or(true);
+            let locked = !owned
+                && store
+                    .fill_lock(&spec.channel, FILL_LOCK)
+                    .await
+                    .unwrap_or(false);
             if locked && let Err(e) = run_fetch(&client, &hub, &source, &spec, None).await {
                 log::warn!("filling `{}` failed: {e}", spec.channel);
             }
