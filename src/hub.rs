@@ -68,9 +68,9 @@ pub enum PublishError {
 pub trait ChannelObserver: Send + Sync {
     /// A channel's local subscriber count changed to `count`.
     fn subscribers_changed(&self, channel: &str, count: usize);
-    /// Subscribers are waiting on a channel with no cached value. Returns true when a value is being fetched
-    /// and will be published shortly.
-    fn request_fill(&self, channel: &str) -> bool;
+    /// Subscribers are waiting on a channel that had no cached value when it was read at `read_at`. Returns
+    /// true when a value is being fetched (or was published after `read_at`) and will reach them shortly.
+    fn request_fill(&self, channel: &str, read_at: Instant) -> bool;
 }
 
 #[derive(Clone)]
@@ -458,11 +458,11 @@ impl Hub {
         }
     }
 
-    pub fn request_fill(&self, channel: &str) -> bool {
+    pub fn request_fill(&self, channel: &str, read_at: Instant) -> bool {
         self.inner
             .observer
             .get()
-            .is_some_and(|observer| observer.request_fill(channel))
+            .is_some_and(|observer| observer.request_fill(channel, read_at))
     }
 
     pub fn subscriber_joined(&self, channel: &Arc<str>) {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -299,13 +299,14 @@ impl Registry {
             if watch {
                 hub.watch(channel.clone()).await;
             }
+            let read_at = Instant::now();
             let latest = hub.cached_latest(&channel).await;
-            (channel, latest)
+            (channel, latest, read_at)
         };
         ctx.spawn(
             fill.into_actor(self)
-                .map(move |(channel, latest), act, ctx| {
-                    act.filled(channel, epoch, latest, ctx);
+                .map(move |(channel, latest, read_at), act, ctx| {
+                    act.filled(channel, epoch, latest, read_at, ctx);
                 }),
         );
     }
@@ -316,6 +317,7 @@ impl Registry {
         channel: Arc<str>,
         epoch: u64,
         cached: Option<Arc<Publication>>,
+        read_at: Instant,
         ctx: &mut Context<Self>,
     ) {
         let Some(entry) = self.channels.get_mut(&channel) else {
@@ -333,7 +335,7 @@ impl Registry {
         let mut acks = std::mem::take(&mut entry.acks);
         if cached.is_none() && backlog.is_empty() {
             Stats::add(&stats.cache_misses, entry.pending.len() as u64);
-            let awaiting = self.hub.request_fill(&channel);
+            let awaiting = self.hub.request_fill(&channel, read_at);
             for id in &entry.pending {
                 if let (Some(session), Some(ack)) = (self.sessions.get(id), acks.remove(id)) {
                     let _ = session.deliver.try_send(Deliver(ack));

@@ -74,7 +74,7 @@ pub struct ReleaseAll;
 #[rtype(result = "()")]
 struct Fill {
     channel: String,
-    /// When the registry asked: a value published after this reaches the waiting subscribers anyway.
+    /// When the registry read the empty cache: a value published after this reaches the waiting subscribers.
     at: Instant,
 }
 
@@ -153,7 +153,7 @@ impl ChannelObserver for PollerObserver {
         }
     }
 
-    fn request_fill(&self, channel: &str) -> bool {
+    fn request_fill(&self, channel: &str, read_at: Instant) -> bool {
         let known = self
             .known
             .lock()
@@ -167,7 +167,7 @@ impl ChannelObserver for PollerObserver {
         if known || auto {
             self.addr.do_send(Fill {
                 channel: channel.to_string(),
-                at: Instant::now(),
+                at: read_at,
             });
         }
         known || auto
