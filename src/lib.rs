@@ -270,6 +270,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             })
             .configure(http::static_routes)
     })
+    // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back waiting for ACKs.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
     if config.server.workers > 0 {
