@@ -229,9 +229,10 @@ def get(run, path):
     for key in path.split("."):
         run = run.get(key) if isinstance(run, dict) else None
     return run
-figures = ["connect.per_second", "deliveries.per_second", "deliveries.missing", "latency_ms.p50",
-           "latency_ms.p99", "latency_ms.p999", "server.cpu_share", "server.deliveries_per_cpu_second",
-           "server.rss_per_connection_bytes", "bench.cpu_share"]
+figures = ["connect.per_second", "connect.per_server_cpu_second", "deliveries.per_second", "deliveries.missing",
+           "latency_ms.p50", "latency_ms.p99", "latency_ms.p999", "server.cpu_share",
+           "server.deliveries_per_cpu_second", "server.rss_per_connection_bytes", "bench.cpu_share",
+           "write_us", "read_us", "write_bound_per_cpu_second"]
 print(f"median of {len(runs)} runs ({sys.argv[1]}):")
 for figure in figures:
     values = [v for v in (get(run, figure) for run in runs) if isinstance(v, (int, float))]

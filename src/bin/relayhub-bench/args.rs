@@ -14,7 +14,8 @@ Connections
   --url URL                 hub WebSocket endpoint              [ws://127.0.0.1:8080/ws]
   --connections N           subscriber connections              [100]
   --channels C              channels bench:0..bench:C-1, assigned round robin [1]
-  --sources K               source addresses 127.0.0.1..127.0.0.K to spread connections over [4]
+  --sources K               source addresses 127.0.0.1..127.0.0.K to spread connections over;
+                            0 = no bind, the kernel picks the address and port [4]
   --threads T               receiver threads, one runtime each  [1]
   --connect-concurrency M   handshakes in flight at once         [256]
   --setup-timeout S         give up connecting/subscribing after S seconds [120]
@@ -94,7 +95,7 @@ pub struct Args {
     pub connections: usize,
     /// Number of channels; connection `i` subscribes to `bench:<i % channels>`.
     pub channels: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.K, so one address's ephemeral ports never run out.
+    /// Source addresses 127.0.0.1..=127.0.0.K, so one address's ephemeral ports never run out; 0 = no bind.
     pub sources: u8,
     /// Receiver threads, each with its own current-thread runtime.
     pub threads: usize,
@@ -237,7 +238,6 @@ impl Args {
         };
         positive("--connections", self.connections > 0)?;
         positive("--channels", self.channels > 0)?;
-        positive("--sources", self.sources > 0)?;
         positive("--threads", self.threads > 0)?;
         positive("--connect-concurrency", self.connect_concurrency > 0)?;
         positive("--setup-timeout", self.setup_timeout > 0.0)?;
