@@ -6,7 +6,7 @@
 //! channel first asks the pubsub bridge to listen for it, then reads the cached value, and only then lets its
 //! subscribers in: a message published in between is never lost, it becomes the snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,12 @@ struct ChannelEntry {
 /// Subscribers of one pattern prefix (`prices:` for `prices:*`).
 #[derive(Default)]
 struct PatternEntry {
+    /// Sessions receiving matching messages.
     subscribers: HashMap<SessionId, Recipient<Deliver>>,
+    /// Sessions (with their `subscribed` frame) waiting for the bridge to listen to the pattern.
+    waiting: Vec<(SessionId, ByteString)>,
+    /// The bridge listens to the pattern (or there is no Redis).
+    live: bool,
 }
 
 pub struct Registry {
@@ -81,6 +86,8 @@ pub struct Registry {
     next_epoch: u64,
     /// Reused buffer of sessions found slow during one fan-out.
     slow: Vec<SessionId>,
+    /// Reused set of sessions already served by one pattern during one fan-out.
+    pattern_sent: HashSet<SessionId>,
 }
 
 impl Registry {
@@ -92,6 +99,7 @@ impl Registry {
             patterns: HashMap::new(),
             next_epoch: 0,
             slow: Vec::new(),
+            pattern_sent: HashSet::new(),
         }
     }
 
@@ -157,16 +165,28 @@ impl Registry {
                 }
             }
             delivered += entry.active.len() as u64;
-            exact_subscribers = Some(&entry.active);
+            exact_subscribers = Some(&*entry);
         }
         if !self.patterns.is_empty() {
-            for (prefix, entry) in &self.patterns {
-                if !publication.channel.starts_with(&**prefix) {
-                    continue;
-                }
+            let mut matching = self
+                .patterns
+                .iter()
+                .filter(|(prefix, _)| publication.channel.starts_with(&***prefix))
+                .peekable();
+            let first = matching.next();
+            // Nested patterns (`a:*` and `a:b:*`) on one session: one copy, so remember who got it.
+            let several = matching.peek().is_some();
+            let sent = &mut self.pattern_sent;
+            sent.clear();
+            for (_, entry) in first.into_iter().chain(matching) {
                 for (id, to) in &entry.subscribers {
-                    // A session subscribed to the channel itself already got it.
-                    if exact_subscribers.is_some_and(|exact| exact.contains_key(id)) {
+                    // A session subscribed to the channel itself got it (or gets it after its snapshot).
+                    if exact_subscribers.is_some_and(|exact| {
+                        exact.active.contains_key(id) || exact.pending.contains(id)
+                    }) {
+                        continue;
+                    }
+                    if several && !sent.insert(*id) {
                         continue;
                     }
                     Self::offer(stats, &mut slow, *id, to, &frame);
@@ -230,10 +250,12 @@ impl Registry {
 
     fn remove_from_pattern(&mut self, id: SessionId, prefix: &Arc<str>) {
         if let Some(entry) = self.patterns.get_mut(prefix) {
-            if entry.subscribers.remove(&id).is_some() {
+            let waited = entry.waiting.len();
+            entry.waiting.retain(|(w, _)| *w != id);
+            if entry.subscribers.remove(&id).is_some() || entry.waiting.len() != waited {
                 self.hub.pattern_subscriber_left(prefix);
             }
-            if entry.subscribers.is_empty() {
+            if entry.subscribers.is_empty() && entry.waiting.is_empty() {
                 self.patterns.remove(prefix);
                 self.hub.unwatch_pattern(prefix.clone());
             }
@@ -423,26 +445,58 @@ impl Registry {
             return;
         }
         session.patterns.push(prefix.clone());
-        let deliver = session.deliver.clone();
-        let _ = deliver.try_send(Deliver(ack));
-        let entry = self.patterns.entry(prefix.clone()).or_default();
-        let first = entry.subscribers.is_empty();
-        entry.subscribers.insert(id, deliver.clone());
         self.hub.pattern_subscriber_joined(&prefix);
-        // Listen in Redis first, then read the snapshots of matching channels (bounded by configuration).
+        let entry = self.patterns.entry(prefix.clone()).or_default();
+        if entry.live {
+            let deliver = session.deliver.clone();
+            let _ = deliver.try_send(Deliver(ack));
+            entry.subscribers.insert(id, deliver);
+            self.send_pattern_snapshots(prefix, vec![id], ctx);
+            return;
+        }
+        entry.waiting.push((id, ack));
+        if entry.waiting.len() > 1 {
+            return;
+        }
+        // The first subscriber here: the bridge listens to the pattern in Redis before anyone is told
+        // `subscribed`, so nothing published after the acknowledgement is missed.
         let hub = self.hub.clone();
-        let fut = async move {
-            if first {
-                hub.watch_pattern(prefix.clone()).await;
-            }
-            hub.pattern_snapshots(&prefix).await
-        };
-        ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
-            if !act.sessions.contains_key(&id) {
+        let watched = prefix.clone();
+        let fut = async move { hub.watch_pattern(watched).await };
+        ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| {
+            let Some(entry) = act.patterns.get_mut(&prefix) else {
                 return;
+            };
+            entry.live = true;
+            let mut ids = Vec::new();
+            for (id, ack) in std::mem::take(&mut entry.waiting) {
+                if let Some(session) = act.sessions.get(&id) {
+                    let _ = session.deliver.try_send(Deliver(ack));
+                    entry.subscribers.insert(id, session.deliver.clone());
+                    ids.push(id);
+                }
             }
-            for publication in snapshots {
-                let _ = deliver.try_send(Deliver(publication.snapshot_frame()));
+            act.send_pattern_snapshots(prefix, ids, ctx);
+        }));
+    }
+
+    /// Sends the latest values of channels matching a pattern (bounded by configuration) to new subscribers.
+    fn send_pattern_snapshots(
+        &mut self,
+        prefix: Arc<str>,
+        ids: Vec<SessionId>,
+        ctx: &mut Context<Self>,
+    ) {
+        let hub = self.hub.clone();
+        let fut = async move { hub.pattern_snapshots(&prefix).await };
+        ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
+            let frames: Vec<ByteString> = snapshots.iter().map(|p| p.snapshot_frame()).collect();
+            for id in ids {
+                if let Some(session) = act.sessions.get(&id) {
+                    for frame in &frames {
+                        let _ = session.deliver.try_send(Deliver(frame.clone()));
+                    }
+                }
             }
         }));
     }

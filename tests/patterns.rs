@@ -67,3 +67,66 @@ async fn patterns_are_refused_where_the_namespace_does_not_allow_them() {
     );
     ws.ping().await;
 }
+
+/// Nested patterns and an exact subscription on one connection, with and without Redis: one copy each.
+async fn nested_patterns_deliver_once(hub: &TestHub, publisher: &TestHub) {
+    let mut ws = hub.connect().await;
+    ws.subscribe("opt:*").await;
+    ws.subscribe("opt:NIFTY:*").await;
+    ws.subscribe("opt:NIFTY:28").await;
+    let mut outer = hub.connect().await;
+    outer.subscribe("opt:*").await;
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "subscriptions registered",
+        || async {
+            publisher.stats().await["mode"] == "memory"
+                || hub.stats().await["pattern_subscriptions"] == 3
+        },
+    )
+    .await;
+    for (channel, n) in [
+        ("opt:NIFTY:28", 1),
+        ("opt:NIFTY:29", 2),
+        ("opt:BANK:1", 3),
+        ("optx:NIFTY:1", 4),
+        ("opt:END", 5),
+    ] {
+        publisher.publish(channel, json!({"n": n})).await;
+    }
+    for ws in [&mut ws, &mut outer] {
+        let mut got = Vec::new();
+        loop {
+            let m = ws.recv_type("message").await;
+            got.push(m["data"]["n"].as_i64().unwrap());
+            if m["channel"] == "opt:END" {
+                break;
+            }
+        }
+        assert_eq!(got, [1, 2, 3, 5]);
+    }
+}
+
+#[actix_web::test]
+async fn nested_patterns_and_an_exact_subscription_get_one_copy() {
+    let hub = TestHub::start("[namespaces.opt]\npatterns = true\n").await;
+    nested_patterns_deliver_once(&hub, &hub).await;
+}
+
+#[actix_web::test]
+async fn nested_patterns_get_one_copy_across_replicas() {
+    let redis = common::RedisServer::start();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n[namespaces.opt]\npatterns = true\n",
+        redis.url()
+    );
+    let a = TestHub::start(&config).await;
+    let b = TestHub::start(&config).await;
+    for hub in [&a, &b] {
+        common::eventually(std::time::Duration::from_secs(10), "ready", || async {
+            common::get_json(&hub.http("/ready")).await.0 == 200
+        })
+        .await;
+    }
+    nested_patterns_deliver_once(&a, &b).await;
+}
