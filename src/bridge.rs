@@ -41,6 +41,13 @@ impl actix::Message for Event {
     type Result = ();
 }
 
+struct WatchedPattern {
+    /// Registries with subscribers of this pattern.
+    refs: usize,
+    /// The Redis pattern listened to, `<prefix>ch:prices:*`, built once (compared on every pattern message).
+    redis_name: String,
+}
+
 struct Watched {
     /// Registries (one per worker) with subscribers of this channel.
     refs: usize,
@@ -74,8 +81,8 @@ pub struct Bridge {
     last_reject_log: Option<Instant>,
     /// Outside producers' channels relayed into relayhub channels.
     routes: Arc<Vec<Route>>,
-    /// Pattern prefixes (`prices:`) with local subscribers, and how many registries want each.
-    patterns: HashMap<Arc<str>, usize>,
+    /// Pattern prefixes (`prices:`) with local subscribers.
+    patterns: HashMap<Arc<str>, WatchedPattern>,
     /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
     /// yet: the exact copies of those messages are duplicates.
     via_pattern: HashMap<Arc<str>, u64>,
@@ -125,7 +132,11 @@ impl Bridge {
         let names: Vec<String> = wanted.iter().map(|c| self.keys.pubsub_channel(c)).collect();
         let timeout = self.connect_timeout;
         let routes = self.routes.clone();
-        let patterns: Vec<String> = self.patterns.keys().map(|p| self.pattern_name(p)).collect();
+        let patterns: Vec<String> = self
+            .patterns
+            .values()
+            .map(|p| p.redis_name.clone())
+            .collect();
         let fut = async move {
             let work = async {
                 let (mut sink, stream) = client.get_async_pubsub().await?.split();
@@ -393,8 +404,8 @@ impl Bridge {
 
     fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
         self.patterns
-            .keys()
-            .any(|p| self.pattern_name(p) == redis_pattern)
+            .values()
+            .any(|p| p.redis_name == redis_pattern)
     }
 
     /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
@@ -407,10 +418,10 @@ impl Bridge {
             // Nested patterns (`a:*` and `a:b:*`) each send a copy: keep the copy of the longest prefix.
             let longest = self
                 .patterns
-                .keys()
-                .filter(|p| channel.starts_with(&***p))
-                .max_by_key(|p| p.len());
-            if longest.is_some_and(|p| self.pattern_name(p) != pattern) {
+                .iter()
+                .filter(|(prefix, _)| channel.starts_with(&***prefix))
+                .max_by_key(|(prefix, _)| prefix.len());
+            if longest.is_some_and(|(_, watched)| watched.redis_name != pattern) {
                 return true;
             }
             match exact {
@@ -539,12 +550,16 @@ impl Handler<WatchPattern> for Bridge {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: WatchPattern, _: &mut Self::Context) -> Self::Result {
-        let refs = self.patterns.entry(msg.prefix.clone()).or_insert(0);
-        *refs += 1;
-        match (&self.sink, *refs) {
+        let redis_name = self.pattern_name(&msg.prefix);
+        let watched = self.patterns.entry(msg.prefix).or_insert(WatchedPattern {
+            refs: 0,
+            redis_name,
+        });
+        watched.refs += 1;
+        match (&self.sink, watched.refs) {
             (Some(sink), 1) => {
                 let mut sink = sink.clone();
-                let name = self.pattern_name(&msg.prefix);
+                let name = watched.redis_name.clone();
                 Box::pin(async move {
                     if let Err(e) = sink.psubscribe(name).await {
                         log::warn!("PSUBSCRIBE failed: {e}");
@@ -561,14 +576,17 @@ impl Handler<UnwatchPattern> for Bridge {
     type Result = ();
 
     fn handle(&mut self, msg: UnwatchPattern, ctx: &mut Self::Context) {
-        let Some(refs) = self.patterns.get_mut(&msg.prefix) else {
+        let Some(watched) = self.patterns.get_mut(&msg.prefix) else {
             return;
         };
-        *refs -= 1;
-        if *refs == 0 {
-            self.patterns.remove(&msg.prefix);
+        watched.refs -= 1;
+        if watched.refs == 0 {
+            let name = self
+                .patterns
+                .remove(&msg.prefix)
+                .expect("looked up above")
+                .redis_name;
             if let Some(mut sink) = self.sink.clone() {
-                let name = self.pattern_name(&msg.prefix);
                 ctx.spawn(
                     async move {
                         let _ = sink.punsubscribe(name).await;

@@ -43,6 +43,26 @@ impl Echoes {
     }
 }
 
+/// Adds or removes one subscriber of `key` in a count index and returns the new count (a key at zero is
+/// removed; removing from a missing key changes nothing and returns `usize::MAX`, which no caller acts on).
+fn count_change(index: &Mutex<HashMap<Arc<str>, usize>>, key: &Arc<str>, join: bool) -> usize {
+    let mut map = index.lock().expect("subscriber index poisoned");
+    if join {
+        let count = map.entry(key.clone()).or_insert(0);
+        *count += 1;
+        return *count;
+    }
+    let Some(count) = map.get_mut(key) else {
+        return usize::MAX;
+    };
+    *count -= 1;
+    let count = *count;
+    if count == 0 {
+        map.remove(key);
+    }
+    count
+}
+
 /// Subscriber counts by channel (or pattern).
 pub type Counts = Vec<(String, usize)>;
 
@@ -466,41 +486,15 @@ impl Hub {
     }
 
     pub fn subscriber_joined(&self, channel: &Arc<str>) {
-        let count = {
-            let mut map = self
-                .inner
-                .subscribers
-                .lock()
-                .expect("subscriber index poisoned");
-            let count = map.entry(channel.clone()).or_insert(0);
-            *count += 1;
-            *count
-        };
-        if count == 1
+        if count_change(&self.inner.subscribers, channel, true) == 1
             && let Some(observer) = self.inner.observer.get()
         {
-            observer.subscribers_changed(channel, count);
+            observer.subscribers_changed(channel, 1);
         }
     }
 
     pub fn subscriber_left(&self, channel: &Arc<str>) {
-        let count = {
-            let mut map = self
-                .inner
-                .subscribers
-                .lock()
-                .expect("subscriber index poisoned");
-            let Some(count) = map.get_mut(channel) else {
-                return;
-            };
-            *count -= 1;
-            let count = *count;
-            if count == 0 {
-                map.remove(channel);
-            }
-            count
-        };
-        if count == 0
+        if count_change(&self.inner.subscribers, channel, false) == 0
             && let Some(observer) = self.inner.observer.get()
         {
             observer.subscribers_changed(channel, 0);
@@ -508,26 +502,11 @@ impl Hub {
     }
 
     pub fn pattern_subscriber_joined(&self, prefix: &Arc<str>) {
-        let mut map = self
-            .inner
-            .pattern_subscribers
-            .lock()
-            .expect("pattern index poisoned");
-        *map.entry(prefix.clone()).or_insert(0) += 1;
+        count_change(&self.inner.pattern_subscribers, prefix, true);
     }
 
     pub fn pattern_subscriber_left(&self, prefix: &Arc<str>) {
-        let mut map = self
-            .inner
-            .pattern_subscribers
-            .lock()
-            .expect("pattern index poisoned");
-        if let Some(count) = map.get_mut(prefix) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(prefix);
-            }
-        }
+        count_change(&self.inner.pattern_subscribers, prefix, false);
     }
 
     /// Local subscribers of a channel: exact subscriptions plus patterns that match it.

@@ -84,12 +84,24 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, 
     })
 }
 
-fn stopped(_: actix::MailboxError) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the poller stopped",
-    )
+/// Sends one request to the poller and maps both failure layers (poller gone, request refused) to API errors.
+async fn ask<M, T>(slot: &PollerSlot, message: M) -> Result<T, ApiError>
+where
+    M: actix::Message<Result = Result<T, PollError>> + Send + 'static,
+    T: Send + 'static,
+    Poller: actix::Handler<M>,
+{
+    poller(slot)?
+        .send(message)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the poller stopped",
+            )
+        })?
+        .map_err(poll_error)
 }
 
 pub async fn start(
@@ -104,11 +116,7 @@ pub async fn start(
         source: body.source,
         params: body.params,
     };
-    let spec = poller(&slot)?
-        .send(message)
-        .await
-        .map_err(stopped)?
-        .map_err(poll_error)?;
+    let spec = ask(&slot, message).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job": spec.id, "channel": spec.channel })))
 }
 
@@ -121,11 +129,7 @@ pub async fn stop(
     authorize(&req, &hub)?;
     let body: StopBody = parse(&body, r#"{"job": string}"#)?;
     let job = body.job.clone();
-    poller(&slot)?
-        .send(StopJob { id: body.job })
-        .await
-        .map_err(stopped)?
-        .map_err(poll_error)?;
+    ask(&slot, StopJob { id: body.job }).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job": job, "stopped": true })))
 }
 
@@ -135,11 +139,7 @@ pub async fn status(
     slot: web::Data<PollerSlot>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &hub)?;
-    let jobs = poller(&slot)?
-        .send(ListJobs)
-        .await
-        .map_err(stopped)?
-        .map_err(poll_error)?;
+    let jobs = ask(&slot, ListJobs).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "jobs": jobs })))
 }
 

@@ -1,9 +1,6 @@
 //! When the poller fetches a source again after failures: exponential backoff capped for fast and slow
 //! sources alike, plus jitter so many sources that fail together do not retry in lockstep.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The longest wait before retrying a failed source, whatever its interval.
@@ -44,18 +41,8 @@ pub fn jitter(d: Duration, fraction: f64) -> Duration {
     } else {
         fraction.clamp(0.0, 1.0)
     };
-    let factor = 1.0 + fraction * (2.0 * random_unit() - 1.0);
+    let factor = 1.0 + fraction * (2.0 * crate::random_fraction() - 1.0);
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
-}
-
-/// A pseudo-random number in `[0, 1)`.
-fn random_unit() -> f64 {
-    /// Makes successive calls hash different inputs.
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let bits = RandomState::new().hash_one(n);
-    // The top 53 bits fill an f64 mantissa exactly.
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -145,9 +132,9 @@ mod tests {
     }
 
     #[test]
-    fn random_unit_is_in_range() {
+    fn random_fraction_is_in_range() {
         for _ in 0..1000 {
-            let u = random_unit();
+            let u = crate::random_fraction();
             assert!((0.0..1.0).contains(&u), "{u}");
         }
     }

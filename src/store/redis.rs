@@ -281,19 +281,19 @@ impl RedisStore {
             })
             .await?;
         let cache_prefix = self.keys.cache("");
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Some(channel) = key.strip_prefix(&cache_prefix) else {
-                continue;
-            };
-            if crate::protocol::validate_channel(channel).is_err() {
-                continue;
-            }
-            if let Some(p) = self.latest(channel).await? {
-                out.push(p);
-            }
-        }
-        Ok(out)
+        let channels: Vec<Arc<str>> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&cache_prefix))
+            .filter(|channel| crate::protocol::validate_channel(channel).is_ok())
+            .map(Arc::from)
+            .collect();
+        // One round trip for all of them.
+        Ok(self
+            .latest_many(&channels)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }
 
