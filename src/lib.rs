@@ -6,7 +6,9 @@
 //! - `protocol`: client frames in, server frames out, error and close codes.
 //! - `publication`: one message encoded once, shared by every subscriber.
 //! - `messages`: the actix messages between actors.
-//! - `session`: the session actor, one per WebSocket (the only code touching the transport).
+//! - `session`: the session actor, one per WebSocket: client requests, subscriptions, heartbeat.
+//! - `transport`: relayhub's WebSocket transport: the upgrade, frames encoded once, the socket loop.
+//! - `server`: the listener, assembled so that WebSocket upgrades hand over the bare socket.
 //! - `registry`: the channel-registry actor, one per worker thread: subscriptions, fan-out, latest values.
 //! - `hub`: the handle everything holds: the publish path, registries, backend, counters.
 //! - `store`: latest values and snapshots, in memory or in Redis (`keys` names every Redis key).
@@ -30,9 +32,11 @@ pub mod poller;
 pub mod protocol;
 pub mod publication;
 pub mod registry;
+pub mod server;
 pub mod session;
 pub mod stats;
 pub mod store;
+pub mod transport;
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
@@ -40,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::{App, HttpServer, web};
+use actix_web::web;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -85,7 +89,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub hub: Hub,
     poller: Addr<poller::Poller>,
-    server: actix_web::dev::ServerHandle,
+    server: actix_server::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -245,50 +249,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         hub.set_bridge(bridge);
     }
 
-    let factory_hub = hub.clone();
-    let max_body = config.websocket.max_message_bytes;
     let poller_slot: http::polling::PollerSlot = Default::default();
-    let factory_slot = poller_slot.clone();
     let demo_state = config
         .demo
         .enabled
         .then(|| web::Data::new(demo::DemoState::new()));
-    let mut server = HttpServer::new(move || {
-        // Called once per worker thread: each worker gets its own registry, so fan-out stays on-thread.
-        let registry = factory_hub.start_registry();
-        let demo_state = demo_state.clone();
-        App::new()
-            .app_data(web::Data::new(factory_hub.clone()))
-            .app_data(web::Data::new(registry))
-            .app_data(web::Data::new(factory_slot.clone()))
-            .app_data(web::PayloadConfig::new(max_body))
-            .configure(http::routes)
-            .configure(move |cfg| {
-                if let Some(state) = demo_state {
-                    demo::configure_with(cfg, state);
-                }
-            })
-            .configure(http::static_routes)
-    })
-    // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back waiting for ACKs.
-    .tcp_nodelay(true)
-    .disable_signals()
-    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
-    if config.server.workers > 0 {
-        server = server.workers(config.server.workers);
-    }
-    let server = server
-        .bind((config.server.host.as_str(), config.server.port))
-        .map_err(|e| {
+    let server =
+        server::bind(&config, hub.clone(), poller_slot.clone(), demo_state).map_err(|e| {
             StartError::Bind(format!(
                 "{}:{}: {e}",
                 config.server.host, config.server.port
             ))
         })?;
-    let addr = *server
-        .addrs()
-        .first()
-        .ok_or_else(|| StartError::Bind("no address bound".into()))?;
+    let addr = server.addrs[0];
     let self_base = format!("http://127.0.0.1:{}", addr.port());
     let sources =
         poller::source::compile_sources(&config, &self_base).map_err(StartError::Config)?;

@@ -1,37 +1,24 @@
 //! The actix messages that cross actors: sessions <-> registry, hub -> registry, registry -> bridge.
-//! Named for intent; the registry stores `Recipient`s, so it depends on no session type.
+//! Named for intent; the registry stores each session's `Outbox`, so it depends on no session type.
 
 use std::sync::Arc;
 
 use actix::prelude::*;
-use bytestring::ByteString;
+use bytes::Bytes;
 
 use crate::protocol::Target;
 use crate::publication::Publication;
+use crate::transport::Outbox;
 
 /// Identifies one WebSocket connection for the lifetime of the process.
 pub type SessionId = u64;
 
-/// One encoded frame for a session to write to its socket. Sent with `try_send` into a bounded mailbox.
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct Deliver(pub ByteString);
-
-/// Tells a session to close its socket with a code (shutdown, slow consumer).
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct Kick {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-/// A session announces itself to its registry.
+/// A session announces itself to its registry, with the queue its frames go into.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {
     pub id: SessionId,
-    pub deliver: Recipient<Deliver>,
-    pub kick: Recipient<Kick>,
+    pub outbox: Outbox,
 }
 
 /// A session is gone: drop its subscriptions.
@@ -48,7 +35,8 @@ pub struct Disconnect {
 pub struct Subscribe {
     pub id: SessionId,
     pub target: Target,
-    pub ack: ByteString,
+    /// The encoded `subscribed` frame.
+    pub ack: Bytes,
 }
 
 /// Remove a subscription.

@@ -16,6 +16,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server is going away (shutdown): reconnect, possibly to another replica.
     pub const GOING_AWAY: u16 = 1001;
+    /// Not a valid WebSocket frame (bad opcode, unmasked client frame, stray continuation).
+    pub const PROTOCOL: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// Policy violation (heartbeat timeout, slow consumer, bad origin).
     pub const POLICY: u16 = 1008;
     /// A frame was larger than `websocket.max_message_bytes`.

@@ -1,13 +1,15 @@
-//! One published message, encoded once as the client frame every subscriber receives.
-//! The frame bytes are shared (`ByteString` clones share one buffer), so fan-out copies no JSON; the snapshot
-//! frame and the REST view are derived from the same bytes.
+//! One published message, encoded once as the WebSocket frame every subscriber receives.
+//! The frame bytes are shared (`Bytes` clones share one buffer), so fan-out copies no JSON and frames nothing
+//! per subscriber; the snapshot frame and the REST view are derived from the same bytes.
 
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use bytestring::ByteString;
 
 use crate::protocol::write_json_str;
+use crate::transport::frame as wire;
 
 const MESSAGE_HEAD: &str = "{\"type\":\"message\",";
 const SNAPSHOT_HEAD: &str = "{\"type\":\"snapshot\",";
@@ -19,7 +21,9 @@ pub struct Publication {
     pub channel: Arc<str>,
     /// Per-channel sequence number; `None` for messages outside producers published raw.
     pub seq: Option<u64>,
-    /// `{"type":"message","channel":..,"data":..,"seq":..,"ts":..}`, built once.
+    /// The WebSocket text frame carrying `frame`, built once and written as is to every subscriber.
+    wire: Bytes,
+    /// `{"type":"message","channel":..,"data":..,"seq":..,"ts":..}`: the payload of `wire`, same buffer.
     frame: ByteString,
     /// Where `data` sits inside `frame`.
     data: Range<usize>,
@@ -52,26 +56,32 @@ impl Publication {
             out.push('"');
         }
         out.push('}');
+        let wire = wire::text(&out);
+        let frame = ByteString::try_from(wire.slice(wire::header_len(out.len())..))
+            .expect("the payload was a String");
         Publication {
             channel,
             seq,
-            frame: ByteString::from(out),
+            wire,
+            frame,
             data: data_range,
             ts: ts_range,
         }
     }
 
-    /// The `message` frame, shared.
-    pub fn frame(&self) -> ByteString {
-        self.frame.clone()
+    /// The `message` frame's JSON.
+    pub fn frame(&self) -> &str {
+        &self.frame
     }
 
-    /// The `snapshot` frame: the same fields under `"type":"snapshot"`.
-    pub fn snapshot_frame(&self) -> ByteString {
-        let mut out = String::with_capacity(self.frame.len() + 1);
-        out.push_str(SNAPSHOT_HEAD);
-        out.push_str(&self.frame[MESSAGE_HEAD.len()..]);
-        ByteString::from(out)
+    /// The `message` frame as WebSocket bytes, shared.
+    pub fn wire(&self) -> Bytes {
+        self.wire.clone()
+    }
+
+    /// The `snapshot` frame as WebSocket bytes: the same fields under `"type":"snapshot"`.
+    pub fn snapshot_wire(&self) -> Bytes {
+        wire::text_from_parts(&[SNAPSHOT_HEAD, &self.frame[MESSAGE_HEAD.len()..]])
     }
 
     /// The published JSON, unchanged.
@@ -86,7 +96,7 @@ impl Publication {
 
     /// Bytes held by this publication, for memory accounting.
     pub fn size(&self) -> usize {
-        self.frame.len() + self.channel.len()
+        self.wire.len() + self.channel.len()
     }
 
     /// `{"channel","data","seq","ts"}`: the REST view of the latest value.
@@ -147,6 +157,16 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    /// The JSON a client reads out of a server text frame.
+    fn payload(frame: &Bytes) -> Value {
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let (fin, op, payload) = actix_http::ws::Parser::parse(&mut buf, false, usize::MAX)
+            .unwrap()
+            .unwrap();
+        assert!(fin && op == actix_http::ws::OpCode::Text && buf.is_empty());
+        serde_json::from_slice(&payload.unwrap()).unwrap()
+    }
+
     #[test]
     fn frames_are_the_protocol() {
         let p = Publication::new(
@@ -155,14 +175,15 @@ mod tests {
             Some(42),
             Some("2026-01-01T00:00:00.000Z"),
         );
-        let v: Value = serde_json::from_str(&p.frame()).unwrap();
+        let v: Value = serde_json::from_str(p.frame()).unwrap();
+        assert_eq!(v, payload(&p.wire()));
         assert_eq!(
             v,
             json!({"type":"message","channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"})
         );
         assert_eq!(p.data(), r#"{"p": 1.5}"#);
         assert_eq!(p.ts(), Some("2026-01-01T00:00:00.000Z"));
-        let s: Value = serde_json::from_str(&p.snapshot_frame()).unwrap();
+        let s = payload(&p.snapshot_wire());
         assert_eq!(s["type"], "snapshot");
         assert_eq!(s["seq"], 42);
         let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
@@ -175,7 +196,7 @@ mod tests {
     #[test]
     fn raw_messages_have_no_seq() {
         let p = Publication::new("a".into(), "7", None, None);
-        let v: Value = serde_json::from_str(&p.frame()).unwrap();
+        let v = payload(&p.wire());
         assert_eq!(v, json!({"type":"message","channel":"a","data":7}));
         let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
         assert_eq!(r, json!({"channel":"a","data":7,"seq":null,"ts":null}));

@@ -2,7 +2,7 @@
 //! the latest value of every subscribed channel (for snapshots without a Redis round trip).
 //!
 //! One registry runs on each HTTP worker thread and owns the sessions of that worker, so a delivery is a
-//! same-thread mailbox push; the hub sends each message once per registry, not once per subscriber. A new
+//! same-thread queue push; the hub sends each message once per registry, not once per subscriber. A new
 //! channel first asks the pubsub bridge to listen for it, then reads the cached value, and only then lets its
 //! subscribers in: a message published in between is never lost, it becomes the snapshot.
 
@@ -11,16 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use bytestring::ByteString;
+use bytes::Bytes;
 
 use crate::hub::Hub;
 use crate::messages::{
-    CatchUp, CloseAll, Connect, Deliver, Disconnect, Dispatch, ForgetLatest, Kick, SessionId,
-    Subscribe, Unsubscribe,
+    CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
+    Unsubscribe,
 };
 use crate::protocol::{Target, close};
 use crate::publication::Publication;
 use crate::stats::Stats;
+use crate::transport::outbox::SLOW_CONSUMER;
+use crate::transport::{Full, Outbox};
 
 /// Messages kept for subscribers whose snapshot is still being read; past this the oldest are dropped (the
 /// snapshot still brings the latest value).
@@ -32,10 +34,8 @@ const FILL_WAIT: Duration = Duration::from_secs(10);
 
 /// A local session as the registry sees it.
 struct SessionEntry {
-    /// Hot path: frames go here with `try_send` (bounded mailbox).
-    deliver: Recipient<Deliver>,
-    /// Control path: close requests, sent past the mailbox bound.
-    kick: Recipient<Kick>,
+    /// The connection's frame queue (bounded): deliveries, acknowledgements, snapshots and the close.
+    outbox: Outbox,
     /// Exact channels this session is subscribed to here (also kept by the session; needed to clean up).
     channels: Vec<Arc<str>>,
     /// Pattern prefixes this session is subscribed to.
@@ -45,11 +45,11 @@ struct SessionEntry {
 /// Local state of one channel with at least one subscriber.
 struct ChannelEntry {
     /// Subscribers receiving messages.
-    active: HashMap<SessionId, Recipient<Deliver>>,
+    active: HashMap<SessionId, Outbox>,
     /// Subscribers waiting for the channel's snapshot before they receive anything.
     pending: Vec<SessionId>,
     /// `subscribed` frames not sent yet, by pending subscriber.
-    acks: HashMap<SessionId, ByteString>,
+    acks: HashMap<SessionId, Bytes>,
     /// The newest message seen on this channel while it had subscribers here.
     latest: Option<Arc<Publication>>,
     /// Messages that arrived while the cache was being read, delivered after the snapshot.
@@ -71,9 +71,9 @@ struct ChannelEntry {
 #[derive(Default)]
 struct PatternEntry {
     /// Sessions receiving matching messages.
-    subscribers: HashMap<SessionId, Recipient<Deliver>>,
+    subscribers: HashMap<SessionId, Outbox>,
     /// Sessions (with their `subscribed` frame) waiting for the bridge to listen to the pattern.
-    waiting: Vec<(SessionId, ByteString)>,
+    waiting: Vec<(SessionId, Bytes)>,
     /// The bridge listens to the pattern (or there is no Redis).
     live: bool,
 }
@@ -104,27 +104,16 @@ impl Registry {
     }
 
     /// Hands `frame` to one subscriber; a full mailbox marks it slow.
-    fn offer(
-        stats: &Stats,
-        slow: &mut Vec<SessionId>,
-        id: SessionId,
-        to: &Recipient<Deliver>,
-        frame: &ByteString,
-    ) {
-        match to.try_send(Deliver(frame.clone())) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                Stats::add(&stats.slow_consumer_drops, 1);
-                slow.push(id);
-            }
-            // The session is stopping; its Disconnect is on its way.
-            Err(SendError::Closed(_)) => {}
+    fn offer(stats: &Stats, slow: &mut Vec<SessionId>, id: SessionId, to: &Outbox, frame: &Bytes) {
+        if to.push(frame.clone()) == Err(Full) {
+            Stats::add(&stats.slow_consumer_drops, 1);
+            slow.push(id);
         }
     }
 
     fn dispatch(&mut self, publication: Arc<Publication>) {
         let stats = self.hub.stats();
-        let frame = publication.frame();
+        let frame = publication.wire();
         let mut delivered = 0u64;
         let mut slow = std::mem::take(&mut self.slow);
         let exact = self.channels.get_mut(&publication.channel);
@@ -134,11 +123,11 @@ impl Registry {
             if entry.awaiting_publish {
                 // The first value of a freshly filled job channel: pending subscribers get it as their snapshot.
                 entry.awaiting_publish = false;
-                let snapshot = publication.snapshot_frame();
+                let snapshot = publication.snapshot_wire();
                 for id in std::mem::take(&mut entry.pending) {
                     if let Some(session) = self.sessions.get(&id) {
-                        Self::offer(stats, &mut slow, id, &session.deliver, &snapshot);
-                        entry.active.insert(id, session.deliver.clone());
+                        Self::offer(stats, &mut slow, id, &session.outbox, &snapshot);
+                        entry.active.insert(id, session.outbox.clone());
                     }
                 }
             }
@@ -206,11 +195,9 @@ impl Registry {
     fn drop_slow(&mut self, id: SessionId) {
         if let Some(session) = self.sessions.get(&id) {
             Stats::add(&self.hub.stats().slow_consumer_disconnects, 1);
-            // do_send goes past the mailbox bound on purpose: the close must be queued.
-            session.kick.do_send(Kick {
-                code: close::POLICY,
-                reason: "slow consumer: messages were not read in time",
-            });
+            // The close frame goes behind the full queue: it is written if the client reads again, and the
+            // transport drops the socket after its linger either way.
+            session.outbox.close(close::POLICY, SLOW_CONSUMER);
         }
         self.remove_session(id);
     }
@@ -266,7 +253,7 @@ impl Registry {
         &mut self,
         id: SessionId,
         channel: Arc<str>,
-        ack: ByteString,
+        ack: Bytes,
         ctx: &mut Context<Self>,
     ) {
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -276,7 +263,7 @@ impl Registry {
             return;
         }
         session.channels.push(channel.clone());
-        let deliver = session.deliver.clone();
+        let outbox = session.outbox.clone();
         self.hub.subscriber_joined(&channel);
         let stats = self.hub.stats();
         let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
@@ -297,15 +284,15 @@ impl Registry {
         if let Some(latest) = &entry.latest {
             // The local latest value is current: this registry has been receiving the channel all along.
             Stats::add(&stats.cache_hits, 1);
-            let _ = deliver.try_send(Deliver(ack));
-            let _ = deliver.try_send(Deliver(latest.snapshot_frame()));
-            entry.active.insert(id, deliver);
+            let _ = outbox.push(ack);
+            let _ = outbox.push(latest.snapshot_wire());
+            entry.active.insert(id, outbox);
             return;
         }
         entry.pending.push(id);
         if entry.awaiting_publish {
             // Acknowledged now; the job's first value follows as the snapshot.
-            let _ = deliver.try_send(Deliver(ack));
+            let _ = outbox.push(ack);
             return;
         }
         entry.acks.insert(id, ack);
@@ -360,7 +347,7 @@ impl Registry {
             let awaiting = self.hub.request_fill(&channel, read_at);
             for id in &entry.pending {
                 if let (Some(session), Some(ack)) = (self.sessions.get(id), acks.remove(id)) {
-                    let _ = session.deliver.try_send(Deliver(ack));
+                    let _ = session.outbox.push(ack);
                 }
             }
             if awaiting {
@@ -370,7 +357,7 @@ impl Registry {
             } else {
                 for id in std::mem::take(&mut entry.pending) {
                     if let Some(session) = self.sessions.get(&id) {
-                        entry.active.insert(id, session.deliver.clone());
+                        entry.active.insert(id, session.outbox.clone());
                     }
                 }
             }
@@ -391,7 +378,7 @@ impl Registry {
                 (backlog.next(), backlog.collect())
             }
         };
-        let snapshot = cached.as_ref().map(|c| c.snapshot_frame());
+        let snapshot = cached.as_ref().map(|c| c.snapshot_wire());
         let snapshot_seq = cached.as_ref().and_then(|c| c.seq);
         let newer: Vec<_> = backlog
             .iter()
@@ -399,7 +386,7 @@ impl Registry {
                 (Some(s), Some(m)) => m > s,
                 _ => true,
             })
-            .map(|m| m.frame())
+            .map(|m| m.wire())
             .collect();
         // What the new subscribers have now seen: later echoes up to it are not theirs to receive again.
         let floor = newer_seq_max(snapshot_seq, &backlog);
@@ -409,9 +396,9 @@ impl Registry {
             }
             if let Some(session) = self.sessions.get(&id) {
                 for frame in acks.remove(&id).iter().chain(&snapshot).chain(&newer) {
-                    let _ = session.deliver.try_send(Deliver(frame.clone()));
+                    let _ = session.outbox.push(frame.clone());
                 }
-                entry.active.insert(id, session.deliver.clone());
+                entry.active.insert(id, session.outbox.clone());
             }
         }
     }
@@ -426,7 +413,7 @@ impl Registry {
         entry.awaiting_publish = false;
         for id in std::mem::take(&mut entry.pending) {
             if let Some(session) = self.sessions.get(&id) {
-                entry.active.insert(id, session.deliver.clone());
+                entry.active.insert(id, session.outbox.clone());
             }
         }
     }
@@ -435,7 +422,7 @@ impl Registry {
         &mut self,
         id: SessionId,
         prefix: Arc<str>,
-        ack: ByteString,
+        ack: Bytes,
         ctx: &mut Context<Self>,
     ) {
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -448,9 +435,9 @@ impl Registry {
         self.hub.pattern_subscriber_joined(&prefix);
         let entry = self.patterns.entry(prefix.clone()).or_default();
         if entry.live {
-            let deliver = session.deliver.clone();
-            let _ = deliver.try_send(Deliver(ack));
-            entry.subscribers.insert(id, deliver);
+            let outbox = session.outbox.clone();
+            let _ = outbox.push(ack);
+            entry.subscribers.insert(id, outbox);
             self.send_pattern_snapshots(prefix, vec![id], ctx);
             return;
         }
@@ -471,8 +458,8 @@ impl Registry {
             let mut ids = Vec::new();
             for (id, ack) in std::mem::take(&mut entry.waiting) {
                 if let Some(session) = act.sessions.get(&id) {
-                    let _ = session.deliver.try_send(Deliver(ack));
-                    entry.subscribers.insert(id, session.deliver.clone());
+                    let _ = session.outbox.push(ack);
+                    entry.subscribers.insert(id, session.outbox.clone());
                     ids.push(id);
                 }
             }
@@ -490,11 +477,11 @@ impl Registry {
         let hub = self.hub.clone();
         let fut = async move { hub.pattern_snapshots(&prefix).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
-            let frames: Vec<ByteString> = snapshots.iter().map(|p| p.snapshot_frame()).collect();
+            let frames: Vec<Bytes> = snapshots.iter().map(|p| p.snapshot_wire()).collect();
             for id in ids {
                 if let Some(session) = act.sessions.get(&id) {
                     for frame in &frames {
-                        let _ = session.deliver.try_send(Deliver(frame.clone()));
+                        let _ = session.outbox.push(frame.clone());
                     }
                 }
             }
@@ -518,8 +505,7 @@ impl Handler<Connect> for Registry {
         self.sessions.insert(
             msg.id,
             SessionEntry {
-                deliver: msg.deliver,
-                kick: msg.kick,
+                outbox: msg.outbox,
                 channels: Vec::new(),
                 patterns: Vec::new(),
             },
@@ -617,10 +603,9 @@ impl Handler<CloseAll> for Registry {
 
     fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
         for session in self.sessions.values() {
-            session.kick.do_send(Kick {
-                code: close::GOING_AWAY,
-                reason: "server shutting down",
-            });
+            session
+                .outbox
+                .close(close::GOING_AWAY, "server shutting down");
         }
     }
 }

@@ -1,24 +1,22 @@
-//! The session actor: one per WebSocket connection. It parses client frames, answers them, keeps the
-//! connection's subscriptions, writes the frames its registry delivers, and runs the heartbeat.
-//!
-//! Everything that touches the WebSocket transport (`actix-web-actors`) lives in this file, so moving to
-//! `actix-ws` later is one file's work.
+//! The session actor: one per WebSocket connection. It answers client frames, keeps the connection's
+//! subscriptions and runs the heartbeat. Its socket is driven by a [`Transport`] spawned into its context;
+//! what it sends goes through the connection's [`Outbox`], the same queue its registry delivers into.
 
 use std::collections::HashSet;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::{HttpRequest, HttpResponse, web};
-use actix_web_actors::ws;
 
 use crate::hub::{Hub, PublishError};
-use crate::messages::{Connect, Deliver, Disconnect, Kick, SessionId, Subscribe, Unsubscribe};
+use crate::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
 use crate::protocol::{
-    self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, parse_client_frame,
+    self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
     parse_target,
 };
 use crate::registry::Registry;
 use crate::stats::Stats;
+use crate::transport::{Endpoint, Outbox, Transport, frame};
 
 /// Limits and timings a session needs, copied out of the config once per worker.
 #[derive(Debug, Clone, Copy)]
@@ -39,10 +37,22 @@ pub struct Session {
     last_seen: Instant,
     /// Exact channels and pattern prefixes (with their `*`) this connection is subscribed to.
     subscriptions: HashSet<String>,
+    /// Frames to the client, shared with the registry and written by the transport.
+    outbox: Outbox,
+    /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
+    /// publishes keep their order.
+    publishing: bool,
+    /// The transport, parked while `publishing`.
+    resume_input: Option<Waker>,
 }
 
 impl Session {
-    pub fn new(hub: Hub, registry: Addr<Registry>, limits: SessionLimits) -> Session {
+    pub fn new(
+        hub: Hub,
+        registry: Addr<Registry>,
+        limits: SessionLimits,
+        outbox: Outbox,
+    ) -> Session {
         Session {
             id: hub.next_session_id(),
             hub,
@@ -50,58 +60,56 @@ impl Session {
             limits,
             last_seen: Instant::now(),
             subscriptions: HashSet::new(),
+            outbox,
+            publishing: false,
+            resume_input: None,
         }
     }
 
-    fn send_error(ctx: &mut ws::WebsocketContext<Self>, id: &RequestId, error: &ProtocolError) {
-        ctx.text(protocol::error_frame(id, error));
+    fn send_error(&self, id: &RequestId, error: &ProtocolError) {
+        self.outbox.push_text(&protocol::error_frame(id, error));
     }
 
-    fn heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
-        ctx.run_interval(self.limits.heartbeat_interval, |act, ctx| {
+    fn heartbeat(&self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.limits.heartbeat_interval, |act, _| {
             if act.last_seen.elapsed() > act.limits.client_timeout {
-                log::debug!("session {}: heartbeat timeout", act.id);
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Policy,
-                    description: Some("heartbeat timeout".into()),
-                }));
-                ctx.stop();
+                if act.outbox.close(close::POLICY, "heartbeat timeout") {
+                    log::debug!("session {}: heartbeat timeout", act.id);
+                }
                 return;
             }
-            ctx.ping(b"");
+            if act.outbox.push(frame::ping()).is_err() {
+                act.outbox
+                    .close(close::POLICY, crate::transport::outbox::SLOW_CONSUMER);
+            }
         });
     }
 
-    fn handle_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+    fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let parsed = parse_client_frame(text);
         let id = parsed.id;
         let frame = match parsed.frame {
             Ok(frame) => frame,
             Err(error) => {
                 Stats::add(&self.hub.stats().rejected_messages, 1);
-                return Self::send_error(ctx, &id, &error);
+                return self.send_error(&id, &error);
             }
         };
         let result = match frame {
             ClientFrame::Ping => {
-                ctx.text(protocol::pong_frame(&id));
+                self.outbox.push_text(&protocol::pong_frame(&id));
                 Ok(())
             }
-            ClientFrame::Subscribe { channel } => self.subscribe(&id, channel, ctx),
-            ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel, ctx),
+            ClientFrame::Subscribe { channel } => self.subscribe(&id, channel),
+            ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
             ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
         };
         if let Err(error) = result {
-            Self::send_error(ctx, &id, &error);
+            self.send_error(&id, &error);
         }
     }
 
-    fn subscribe(
-        &mut self,
-        id: &RequestId,
-        name: String,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<(), ProtocolError> {
+    fn subscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
         let policy_channel = match &target {
             Target::Channel(c) => c.as_str(),
@@ -119,7 +127,8 @@ impl Session {
         }
         if self.subscriptions.contains(&name) {
             // Idempotent: answer again, change nothing (no second snapshot).
-            ctx.text(protocol::subscribed_frame(id, &name));
+            self.outbox
+                .push_text(&protocol::subscribed_frame(id, &name));
             return Ok(());
         }
         if self.subscriptions.len() >= self.limits.max_subscriptions {
@@ -131,7 +140,7 @@ impl Session {
                 ),
             ));
         }
-        let ack = protocol::subscribed_frame(id, &name);
+        let ack = frame::text(&protocol::subscribed_frame(id, &name));
         self.subscriptions.insert(name);
         self.registry.do_send(Subscribe {
             id: self.id,
@@ -141,12 +150,7 @@ impl Session {
         Ok(())
     }
 
-    fn unsubscribe(
-        &mut self,
-        id: &RequestId,
-        name: String,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<(), ProtocolError> {
+    fn unsubscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
         if !self.subscriptions.remove(&name) {
             return Err(ProtocolError::new(
@@ -158,7 +162,8 @@ impl Session {
             id: self.id,
             target,
         });
-        ctx.text(protocol::unsubscribed_frame(id, &name));
+        self.outbox
+            .push_text(&protocol::unsubscribed_frame(id, &name));
         Ok(())
     }
 
@@ -167,7 +172,7 @@ impl Session {
         id: RequestId,
         channel: String,
         data: Box<serde_json::value::RawValue>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) -> Result<(), ProtocolError> {
         protocol::validate_channel(&channel)?;
         let policy =
@@ -185,34 +190,37 @@ impl Session {
             let result = hub.publish(&channel, data.get()).await;
             (channel, result)
         };
-        // `wait` keeps this connection's publishes in order: the next frame is read once this one is sent.
-        ctx.wait(
-            fut.into_actor(self)
-                .map(move |(channel, result), _, ctx| match result {
-                    Ok(outcome) => ctx.text(protocol::published_frame(&id, &channel, outcome.seq)),
-                    Err(PublishError::Unavailable(message)) => Self::send_error(
-                        ctx,
-                        &id,
-                        &ProtocolError::new(ErrorCode::Unavailable, message),
-                    ),
-                }),
-        );
+        // Input pauses until this publish is answered: a connection's publishes keep their order, while
+        // deliveries to it go on.
+        self.publishing = true;
+        ctx.spawn(fut.into_actor(self).map(move |(channel, result), act, _| {
+            match result {
+                Ok(outcome) => {
+                    act.outbox
+                        .push_text(&protocol::published_frame(&id, &channel, outcome.seq))
+                }
+                Err(PublishError::Unavailable(message)) => {
+                    act.send_error(&id, &ProtocolError::new(ErrorCode::Unavailable, message))
+                }
+            }
+            act.publishing = false;
+            if let Some(waker) = act.resume_input.take() {
+                waker.wake();
+            }
+        }));
         Ok(())
     }
 }
 
 impl Actor for Session {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.limits.mailbox_size);
         Stats::add(&self.hub.stats().connections, 1);
         self.heartbeat(ctx);
-        let addr = ctx.address();
         self.registry.do_send(Connect {
             id: self.id,
-            deliver: addr.clone().recipient(),
-            kick: addr.recipient(),
+            outbox: self.outbox.clone(),
         });
     }
 
@@ -226,100 +234,40 @@ impl Actor for Session {
     }
 }
 
-impl Handler<Deliver> for Session {
-    type Result = ();
-
-    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        ctx.text(msg.0);
+impl Endpoint for Session {
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        self.handle_text(text, ctx);
     }
-}
 
-impl Handler<Kick> for Session {
-    type Result = ();
-
-    fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(msg.code),
-            description: Some(msg.reason.into()),
-        }));
-        ctx.stop();
+    fn on_unsupported(&mut self, what: &'static str, _: &mut Context<Self>) {
+        self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
     }
-}
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+    fn on_activity(&mut self) {
         self.last_seen = Instant::now();
-        match msg {
-            Ok(ws::Message::Text(text)) => self.handle_text(&text, ctx),
-            Ok(ws::Message::Binary(_)) => Self::send_error(
-                ctx,
-                &None,
-                &ProtocolError::new(
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported; send JSON text",
-                ),
-            ),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Continuation(_)) => Self::send_error(
-                ctx,
-                &None,
-                &ProtocolError::new(ErrorCode::BadRequest, "fragmented frames are not supported"),
-            ),
-            Ok(ws::Message::Close(reason)) => {
-                ctx.close(reason);
-                ctx.stop();
-            }
-            Err(ws::ProtocolError::Overflow) => {
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Size,
-                    description: Some(format!(
-                        "frame larger than {} bytes",
-                        self.limits.max_message_bytes
-                    )),
-                }));
-                ctx.stop();
-            }
-            Err(e) => {
-                log::debug!("session {}: protocol error: {e}", self.id);
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Protocol,
-                    description: Some("protocol error".into()),
-                }));
-                ctx.stop();
+    }
+
+    fn input_paused(&mut self, waker: &Waker) -> bool {
+        if self.publishing {
+            match &self.resume_input {
+                Some(parked) if parked.will_wake(waker) => {}
+                _ => self.resume_input = Some(waker.clone()),
             }
         }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        ctx.stop();
+        self.publishing
     }
 }
 
-/// `GET /ws`: checks the origin, then hands the connection to a new session actor.
-pub async fn ws_route(
-    req: HttpRequest,
-    stream: web::Payload,
-    hub: web::Data<Hub>,
-    registry: web::Data<Addr<Registry>>,
-) -> Result<HttpResponse, actix_web::Error> {
-    if hub.is_shutting_down() {
-        return Ok(crate::http::error_response(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "server is shutting down",
-        ));
-    }
-    if !crate::http::origin_allowed(&req, hub.config()) {
-        return Ok(crate::http::error_response(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "forbidden",
-            "origin not allowed",
-        ));
-    }
-    let limits = hub.session_limits();
-    let session = Session::new(hub.get_ref().clone(), registry.get_ref().clone(), limits);
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(limits.max_message_bytes)
-        .start()
+/// Starts a session for an accepted WebSocket, with its transport in the same actor context.
+pub fn start(
+    hub: Hub,
+    registry: Addr<Registry>,
+    limits: SessionLimits,
+    transport: Transport,
+    outbox: Outbox,
+) {
+    Session::create(move |ctx| {
+        ctx.spawn(transport);
+        Session::new(hub, registry, limits, outbox)
+    });
 }

@@ -9,7 +9,8 @@ pub mod stats;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{Method, StatusCode, header};
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -59,7 +60,7 @@ impl actix_web::ResponseError for ApiError {
 
 /// Registers every route. `/api` gets CORS for the allowed origins.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(crate::session::ws_route))
+    cfg.route("/ws", web::get().to(crate::transport::not_an_upgrade))
         .route("/health", web::get().to(health::health))
         .route("/ready", web::get().to(health::ready))
         .service(
@@ -94,20 +95,25 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 }
 
 /// Whether the request's `Origin` (if any) may use this hub. Requests without one are not from a browser.
-pub fn origin_allowed(req: &HttpRequest, config: &Config) -> bool {
-    let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-    else {
+pub fn origin_allowed(headers: &HeaderMap, config: &Config) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
         return true;
     };
-    let host = req.connection_info().host().to_string();
+    // `self` compares with the host the browser used: behind a proxy, the one it forwarded.
+    let host = [
+        header::HeaderName::from_static("x-forwarded-host"),
+        header::HOST,
+    ]
+    .iter()
+    .find_map(|name| headers.get(name).and_then(|h| h.to_str().ok()))
+    .and_then(|h| h.split(',').next())
+    .map(str::trim)
+    .unwrap_or("");
     config
         .server
         .allowed_origins
         .iter()
-        .any(|allowed| origin_matches(allowed, origin, &host))
+        .any(|allowed| origin_matches(allowed, origin, host))
 }
 
 fn origin_matches(allowed: &str, origin: &str, own_host: &str) -> bool {
@@ -134,7 +140,7 @@ async fn cors(
     let hub = req.app_data::<web::Data<Hub>>().cloned();
     let origin = req.headers().get(header::ORIGIN).cloned();
     let allowed = match (&hub, &origin) {
-        (Some(hub), Some(_)) => origin_allowed(req.request(), hub.config()),
+        (Some(hub), Some(_)) => origin_allowed(req.headers(), hub.config()),
         _ => false,
     };
     if req.method() == Method::OPTIONS {

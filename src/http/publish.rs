@@ -43,7 +43,7 @@ pub async fn publish(req: HttpRequest, payload: web::Payload, hub: web::Data<Hub
     let config = hub.config();
     // CORS only hides the answer from a page; a form or `text/plain` POST from any site would still publish
     // through its visitors' browsers. Browsers always send `Origin` on a cross-origin POST; servers send none.
-    if !origin_allowed(&req, config) {
+    if !origin_allowed(req.headers(), config) {
         return error_response(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
     }
     if !config.server.api_key.is_empty() {

@@ -1,0 +1,186 @@
+//! The queue of encoded frames waiting for one connection's socket.
+//!
+//! Producers (the connection's registry during a fan-out, its session when it answers) push `Bytes` that are
+//! usually shared with every other subscriber; the connection's transport swaps the whole queue out and writes
+//! it with one vectored `write`. Pushing allocates nothing (the queue keeps its capacity) and wakes the writer
+//! only when the queue stops being empty, so a burst of deliveries costs one wake-up and, as far as the socket
+//! takes it, one syscall.
+//!
+//! The bound is the slow-consumer signal: a client that stops reading fills its socket buffer, then this queue,
+//! and the push that finds it full tells the producer to drop the client.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use super::frame;
+
+/// One connection's outgoing queue. Cloning shares it.
+///
+/// A `Mutex` rather than a `RefCell`: the registry keeps these in actor state that actix requires to be
+/// `Send`. Producer and writer run on the same worker thread, so the lock is never contended.
+#[derive(Clone)]
+pub struct Outbox(Arc<Mutex<Queue>>);
+
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// Frames that may wait here before the client counts as slow.
+    limit: usize,
+    /// The writer, parked while the queue is empty.
+    waker: Option<Waker>,
+    /// A close frame is queued (or the connection is gone): nothing more is accepted.
+    closing: bool,
+}
+
+/// The queue is full: the client has stopped reading.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+impl Outbox {
+    pub fn new(limit: usize) -> Outbox {
+        Outbox(Arc::new(Mutex::new(Queue {
+            frames: VecDeque::new(),
+            limit: limit.max(1),
+            waker: None,
+            closing: false,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic elsewhere while holding the lock leaves a queue that is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues an encoded frame. Frames offered after a close are dropped without error (the connection is on
+    /// its way out and its registry hears of it separately).
+    pub fn push(&self, frame: Bytes) -> Result<(), Full> {
+        let mut queue = self.lock();
+        if queue.closing {
+            return Ok(());
+        }
+        if queue.frames.len() >= queue.limit {
+            return Err(Full);
+        }
+        queue.frames.push_back(frame);
+        if queue.frames.len() == 1
+            && let Some(waker) = &queue.waker
+        {
+            waker.wake_by_ref();
+        }
+        Ok(())
+    }
+
+    /// Queues a text frame built from `json`; a full queue closes the connection as a slow consumer.
+    pub fn push_text(&self, json: &str) {
+        if self.push(frame::text(json)) == Err(Full) {
+            self.close(crate::protocol::close::POLICY, SLOW_CONSUMER);
+        }
+    }
+
+    /// Queues a close frame behind what is queued and accepts nothing after it. Returns false when the
+    /// connection was already closing.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        let mut queue = self.lock();
+        if queue.closing {
+            return false;
+        }
+        queue.closing = true;
+        queue.frames.push_back(frame::close(code, reason));
+        if let Some(waker) = &queue.waker {
+            waker.wake_by_ref();
+        }
+        true
+    }
+
+    /// Whether a close has been queued (or the connection is gone).
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Writer side: moves every queued frame into `into` (empty on entry) and reports whether the queue is
+    /// closing. With nothing queued, parks `waker` until the next push.
+    pub(super) fn take(&self, into: &mut VecDeque<Bytes>, waker: &Waker) -> bool {
+        let mut queue = self.lock();
+        if queue.frames.is_empty() {
+            match &queue.waker {
+                Some(parked) if parked.will_wake(waker) => {}
+                _ => queue.waker = Some(waker.clone()),
+            }
+        } else {
+            // Swapping keeps both buffers' capacity: neither side allocates in steady state.
+            std::mem::swap(into, &mut queue.frames);
+        }
+        queue.closing
+    }
+
+    /// The connection is gone: drop what is queued and accept nothing more.
+    pub(super) fn shut(&self) {
+        let mut queue = self.lock();
+        queue.closing = true;
+        queue.frames = VecDeque::new();
+        queue.waker = None;
+    }
+}
+
+/// The close reason sent to a client whose queue overflowed.
+pub const SLOW_CONSUMER: &str = "slow consumer: messages were not read in time";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn one_wake_per_batch_and_a_bound() {
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let outbox = Outbox::new(3);
+        let mut taken = VecDeque::new();
+        assert!(!outbox.take(&mut taken, &waker));
+        assert!(taken.is_empty());
+        for _ in 0..3 {
+            outbox.push(Bytes::from_static(b"x")).unwrap();
+        }
+        assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(Full));
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "woken once for three frames"
+        );
+        outbox.take(&mut taken, &waker);
+        assert_eq!(taken.len(), 3);
+        // The queue is empty again: the next frame wakes the writer again.
+        outbox.push(Bytes::from_static(b"y")).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn close_goes_last_and_ends_the_queue() {
+        let outbox = Outbox::new(8);
+        outbox.push(frame::text("a")).unwrap();
+        assert!(outbox.close(1001, "bye"));
+        assert!(!outbox.close(1000, "again"));
+        outbox.push(frame::text("late")).unwrap();
+        let waker = Waker::from(Arc::new(CountingWaker(AtomicUsize::new(0))));
+        let mut taken = VecDeque::new();
+        assert!(outbox.take(&mut taken, &waker));
+        assert_eq!(taken.len(), 2);
+        assert_eq!(taken[1], frame::close(1001, "bye"));
+    }
+}
