@@ -5,6 +5,7 @@
 //! per-connection buffers (see `transport`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
 use actix_http::HttpService;
 use actix_server::{Server, ServerBuilder};
@@ -75,6 +76,8 @@ pub fn bind(
             HttpService::build()
                 // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back.
                 .tcp_nodelay(true)
+                // HttpServer's default: a client gets 1 s to close after the server's response said close.
+                .client_disconnect_timeout(Duration::from_secs(1))
                 .local_addr(local)
                 .upgrade(fn_service(move |upgrade: transport::Upgrade| {
                     transport::accept(upgrade, upgrade_hub.clone(), registry.clone())
