@@ -17,22 +17,27 @@
 #   relay-cross    redis mode, two replicas: publishes on A over HTTP, subscribers on B (same load)
 #   redis-publish  redis mode, one replica: the same load published straight to Redis (PUBLISH)
 #   calibrate      no hub: the kernel's CPU cost of one loopback TCP write and read (the floor per delivery)
+#   ref-fanout-20, ref-fanout-200, ref-fanout-1000, ref-channels
+#                  the same as fanout-20/-200/-1000 and channels, against `relayhub-bench --serve-reference`
+#                  (a plain single-threaded tokio relay) instead of the hub: a baseline for comparison
 #
 # Environment:
 #   RUNS=3              run the scenario N times (a fresh hub each time) and print the median of the key figures
 #   HUB_CPU=0 BENCH_CPU=1   cores to pin the hub and the bench to
 #   PORT=18080          first port used (hub A; hub B is PORT+1, Redis is PORT+2)
-#   RELAYHUB_BIN, BENCH_BIN   binaries (default: target/release, else target/debug, else `cargo build --release`)
+#   RELAYHUB_BIN, BENCH_BIN   binaries (default: target/release, else target/debug, else `cargo build --release`);
+#                       BENCH_BIN is also the reference relay of the ref-* scenarios
 #   PROFILE=perf        record the hub with perf (DWARF call graphs) during the bench: $OUT/<scenario>.perf.data
 #   OUT=target/bench    where JSON lines and logs go
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 scenario="${1:-}"
-[[ -n "$scenario" ]] || { sed -n '2,30p' "$0"; exit 64; }
+[[ -n "$scenario" ]] || { sed -n '2,31p' "$0"; exit 64; }
 shift
 extra=("$@")
-scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish calibrate "
+scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish calibrate"
+scenarios+=" ref-fanout-20 ref-fanout-200 ref-fanout-1000 ref-channels "
 if [[ "$scenarios" != *" $scenario "* ]]; then
     echo "bench.sh: unknown scenario '$scenario'; one of:$scenarios" >&2
     exit 64
@@ -56,13 +61,19 @@ pick() { # pick NAME: the newest of target/release/NAME and target/debug/NAME
 }
 RELAYHUB_BIN="${RELAYHUB_BIN:-$(pick relayhub)}"
 BENCH_BIN="${BENCH_BIN:-$(pick relayhub-bench)}"
-if [[ -z "$RELAYHUB_BIN" || -z "$BENCH_BIN" ]]; then
+# The ref-* scenarios and calibrate run only relayhub-bench (the reference relay is a mode of it).
+needs_hub=true
+case "$scenario" in ref-* | calibrate) needs_hub=false ;; esac
+if [[ -z "$BENCH_BIN" || ( "$needs_hub" == true && -z "$RELAYHUB_BIN" ) ]]; then
     echo "bench.sh: building release binaries" >&2
     cargo build --release --bins
-    RELAYHUB_BIN=target/release/relayhub
-    BENCH_BIN=target/release/relayhub-bench
+    RELAYHUB_BIN="${RELAYHUB_BIN:-target/release/relayhub}"
+    BENCH_BIN="${BENCH_BIN:-target/release/relayhub-bench}"
 fi
-case "$RELAYHUB_BIN" in *debug*) echo "bench.sh: WARNING: $RELAYHUB_BIN is a debug build; figures are not representative" >&2 ;; esac
+# The binary measured: the hub, or relayhub-bench itself as the reference relay.
+SERVER_BIN="$RELAYHUB_BIN"
+[[ "$needs_hub" == true ]] || SERVER_BIN="$BENCH_BIN"
+case "$SERVER_BIN" in *debug*) echo "bench.sh: WARNING: $SERVER_BIN is a debug build; figures are not representative" >&2 ;; esac
 
 # Hub and bench each need one descriptor per connection.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -124,7 +135,10 @@ required = $([[ -n "$redis_url" ]] && echo true || echo false)
 enabled = false
 EOF
     # exec: $! is then the hub itself (taskset execs it too), so --server-pid and kill reach the right process.
-    (RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$RELAYHUB_BIN" --config "$config") >"$OUT/hub-$name.log" 2>&1 &
+    # The config file says everything: the script's own PORT (and any HOST/REDIS_URL a caller exported) would
+    # override it, since the hub honours those variables.
+    (unset PORT HOST REDIS_URL; RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$RELAYHUB_BIN" --config "$config") \
+        >"$OUT/hub-$name.log" 2>&1 &
     HUB_PID=$!
     pids+=("$HUB_PID")
     wait_port "$port"
@@ -147,6 +161,16 @@ run_bench() {
     return "$status"
 }
 
+# start_reference PORT: starts `relayhub-bench --serve-reference` pinned like a hub; sets HUB_PID
+start_reference() {
+    # exec, as for the hub: $! is the reference relay itself.
+    (RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$BENCH_BIN" --serve-reference "127.0.0.1:$1") \
+        >"$OUT/reference.log" 2>&1 &
+    HUB_PID=$!
+    pids+=("$HUB_PID")
+    wait_port "$1"
+}
+
 hub_url() { echo "ws://127.0.0.1:$1/ws"; }
 
 # --- scenarios -------------------------------------------------------------------------------------------
@@ -166,6 +190,16 @@ one_run() {
         channels)
             start_hub a "$PORT" ""
             run_bench channels "$HUB_PID" --url "$(hub_url "$PORT")" \
+                --connections 10000 --channels 1000 --rate 2000 --duration 10 --warmup 2 || status=$?
+            ;;
+        ref-fanout-20 | ref-fanout-200 | ref-fanout-1000)
+            start_reference "$PORT"
+            run_bench "$scenario" "$HUB_PID" --url "$(hub_url "$PORT")" \
+                --connections 1000 --channels 1 --rate "${scenario#ref-fanout-}" --duration 10 --warmup 2 || status=$?
+            ;;
+        ref-channels)
+            start_reference "$PORT"
+            run_bench ref-channels "$HUB_PID" --url "$(hub_url "$PORT")" \
                 --connections 10000 --channels 1000 --rate 2000 --duration 10 --warmup 2 || status=$?
             ;;
         idle)
@@ -209,7 +243,7 @@ one_run() {
     return "$status"
 }
 
-echo "bench.sh: $scenario with $RELAYHUB_BIN (hub on CPU $HUB_CPU) and $BENCH_BIN (bench on CPU $BENCH_CPU)" >&2
+echo "bench.sh: $scenario with $SERVER_BIN (server on CPU $HUB_CPU) and $BENCH_BIN (bench on CPU $BENCH_CPU)" >&2
 : >"$OUT/$scenario.jsonl"
 worst=0
 for run in $(seq 1 "$RUNS"); do

@@ -233,6 +233,14 @@ fn warn_about_open_doors(config: &Config) {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     warn_about_open_doors(&config);
+    // The port first: nothing has started yet if it is taken.
+    let bind_error = |e: std::io::Error| {
+        StartError::Bind(format!(
+            "{}:{}: {e}",
+            config.server.host, config.server.port
+        ))
+    };
+    let listeners = server::listen_all(&config).map_err(bind_error)?;
     let store = open_store(&config).await?;
     let redis_url = store.redis().map(|r| r.url().to_string());
     let hub = Hub::new(config.clone(), store, instance_id(&config));
@@ -254,13 +262,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .demo
         .enabled
         .then(|| web::Data::new(demo::DemoState::new()));
-    let server =
-        server::bind(&config, hub.clone(), poller_slot.clone(), demo_state).map_err(|e| {
-            StartError::Bind(format!(
-                "{}:{}: {e}",
-                config.server.host, config.server.port
-            ))
-        })?;
+    let server = server::serve(
+        listeners,
+        &config,
+        hub.clone(),
+        poller_slot.clone(),
+        demo_state,
+    )
+    .map_err(bind_error)?;
     let addr = server.addrs[0];
     let self_base = format!("http://127.0.0.1:{}", addr.port());
     let sources =

@@ -33,9 +33,23 @@ impl Bound {
     }
 }
 
-/// Binds every address `server.host` resolves to and prepares the workers. Each worker thread gets its own
-/// channel registry, so a session, its registry and its socket stay on one thread.
-pub fn bind(
+/// Binds every address `server.host` resolves to. Done first, before anything else starts, so a port in use
+/// fails the start cleanly.
+pub fn listen_all(config: &Config) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let listeners = (config.server.host.as_str(), config.server.port)
+        .to_socket_addrs()?
+        .map(listen)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    if listeners.is_empty() {
+        return Err(std::io::Error::other("the host resolved to no address"));
+    }
+    Ok(listeners)
+}
+
+/// Prepares the workers on bound listeners. Each worker thread gets its own channel registry, so a session, its
+/// registry and its socket stay on one thread.
+pub fn serve(
+    listeners: Vec<std::net::TcpListener>,
     config: &Config,
     hub: Hub,
     poller_slot: http::polling::PollerSlot,
@@ -50,8 +64,7 @@ pub fn bind(
     }
     let max_body = config.websocket.max_message_bytes;
     let mut addrs = Vec::new();
-    for addr in (config.server.host.as_str(), config.server.port).to_socket_addrs()? {
-        let listener = listen(addr)?;
+    for listener in listeners {
         let local = listener.local_addr()?;
         addrs.push(local);
         let hub = hub.clone();
@@ -90,9 +103,6 @@ pub fn bind(
                 ))
                 .tcp()
         })?;
-    }
-    if addrs.is_empty() {
-        return Err(std::io::Error::other("the host resolved to no address"));
     }
     Ok(Bound { builder, addrs })
 }

@@ -279,6 +279,25 @@ fn an_unreachable_required_redis_exits_3() {
     assert_eq!(code, 3, "{output}");
 }
 
+#[test]
+fn a_port_in_use_exits_4_before_anything_starts() {
+    // Redis mode, so that a half-started hub (pub/sub bridge running) would show here.
+    let redis = common::RedisServer::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let file = ConfigFile::new("[demo]\nenabled = false\n");
+    let url = redis.url();
+    let env = [
+        ("PORT", port.as_str()),
+        ("HOST", "127.0.0.1"),
+        ("REDIS_URL", url.as_str()),
+    ];
+    let (code, output) = run(&["--config", file.path()], &env);
+    assert_eq!(code, 4, "{output}");
+    assert!(output.contains("cannot listen"), "{output}");
+    assert!(!output.contains("panicked"), "{output}");
+}
+
 /// Starts the binary on a free loopback port with `config`; returns it once `/health` answers.
 async fn start_binary(config: &ConfigFile) -> (Process, String) {
     let port = free_port().to_string();

@@ -34,6 +34,10 @@ Publishing
 
 Other
   --calibrate               measure this machine's cost of one loopback TCP write and read, then exit
+  --serve-reference ADDR:PORT
+                            run a plain single-threaded tokio relay on ADDR:PORT until SIGTERM/SIGINT instead
+                            of a benchmark: WebSocket subscribe on /ws, POST /api/publish; a baseline to run
+                            the same scenarios against (scripts/bench.sh ref-*), not relayhub
 
 Reporting
   --server-pid PID          hub process to sample (RSS, CPU seconds) over the measured window
@@ -161,6 +165,8 @@ pub enum ParseOutcome {
     Help,
     /// `--calibrate` was asked for.
     Calibrate,
+    /// `--serve-reference ADDR:PORT` was asked for: serve the reference relay there.
+    ServeReference(String),
     /// A flag or value was wrong; the message says which.
     Invalid(String),
 }
@@ -175,6 +181,12 @@ impl Args {
             }
             if flag == "--calibrate" {
                 return Err(ParseOutcome::Calibrate);
+            }
+            if flag == "--serve-reference" {
+                let addr = flags
+                    .next()
+                    .ok_or_else(|| ParseOutcome::Invalid(format!("{flag} needs ADDR:PORT")))?;
+                return Err(ParseOutcome::ServeReference(addr));
             }
             if !FLAGS.contains(&flag.as_str()) {
                 return Err(ParseOutcome::Invalid(format!(
@@ -328,5 +340,13 @@ mod tests {
             Err(ParseOutcome::Invalid(_))
         ));
         assert!(matches!(parse("--help"), Err(ParseOutcome::Help)));
+        assert!(matches!(
+            parse("--serve-reference 127.0.0.1:18080"),
+            Err(ParseOutcome::ServeReference(addr)) if addr == "127.0.0.1:18080"
+        ));
+        assert!(matches!(
+            parse("--serve-reference"),
+            Err(ParseOutcome::Invalid(_))
+        ));
     }
 }

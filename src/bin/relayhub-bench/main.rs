@@ -11,6 +11,7 @@
 //! - `proc_stats`: CPU seconds and RSS from /proc, and the open-file limit.
 //! - `report`: the figures, as a table and as one JSON line.
 //! - `calibrate`: the kernel's cost of one loopback write and read, the floor under every delivery.
+//! - `reference`: `--serve-reference`, a plain single-threaded relay to run the same scenarios against.
 
 mod args;
 mod calibrate;
@@ -18,6 +19,7 @@ mod connections;
 mod frames;
 mod proc_stats;
 mod publisher;
+mod reference;
 mod report;
 mod run;
 
@@ -34,6 +36,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(ParseOutcome::Calibrate) => return calibrate(),
+        Err(ParseOutcome::ServeReference(addr)) => {
+            return match reference::serve(&addr) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("relayhub-bench: reference relay: {error}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Err(ParseOutcome::Invalid(message)) => {
             eprintln!("relayhub-bench: {message}");
             return ExitCode::from(1);
