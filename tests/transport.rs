@@ -340,3 +340,13 @@ async fn refused_upgrades_get_a_json_error() {
     let mut ws = Raw::connect(addr, &subscribe_frame("prices:after")).await;
     assert_eq!(ws.recv_json().await["type"], "subscribed");
 }
+
+#[actix_web::test]
+async fn a_client_that_closes_and_half_closes_still_gets_the_close_answer() {
+    let hub = TestHub::start("").await;
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.send(true, CLOSE, &1000u16.to_be_bytes()).await;
+    // Close frame, then FIN: the client sends nothing more but still reads.
+    ws.tcp.shutdown().await.unwrap();
+    assert_eq!(ws.close_code().await, 1000);
+}

@@ -259,6 +259,9 @@ impl Transport {
         cx: &mut TaskContext<'_>,
     ) -> Poll<()> {
         if let Poll::Ready(InputEnd::Gone) = self.poll_input(act, ctx, cx) {
+            // The client may have closed only its sending side, right after its close frame: what is queued
+            // (the answering close frame) still goes out if the socket takes it now.
+            let _ = self.poll_output(cx);
             return Poll::Ready(());
         }
         let flushed = match self.poll_output(cx) {
