@@ -119,6 +119,15 @@ impl Registry {
         let exact = self.channels.get_mut(&publication.channel);
         let mut exact_subscribers = None;
         if let Some(entry) = exact {
+            if entry
+                .latest
+                .as_ref()
+                .is_some_and(|latest| same_message(latest, &publication))
+            {
+                // The same message a second time in a row: after a pub/sub outage the catch-up can deliver
+                // a channel's latest value just before that message's own echo (or local delivery) arrives.
+                return;
+            }
             entry.latest = Some(publication.clone());
             if entry.awaiting_publish {
                 // The first value of a freshly filled job channel: pending subscribers get it as their snapshot.
@@ -489,6 +498,12 @@ impl Registry {
     }
 }
 
+/// Whether two publications are one message: same sequence number, publish time and data. A sequence number
+/// alone is not enough, since a Redis restarted without persistence starts its sequences over.
+fn same_message(a: &Publication, b: &Publication) -> bool {
+    a.seq.is_some() && a.seq == b.seq && a.ts() == b.ts() && a.data() == b.data()
+}
+
 /// The highest sequence number among a snapshot and the backlog delivered after it.
 fn newer_seq_max(snapshot: Option<u64>, backlog: &[Arc<Publication>]) -> Option<u64> {
     backlog.iter().filter_map(|p| p.seq).chain(snapshot).max()
@@ -607,5 +622,35 @@ impl Handler<CloseAll> for Registry {
                 .outbox
                 .close(close::GOING_AWAY, "server shutting down");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_its_seq_time_and_data() {
+        let at = |seq, ts, data| Publication::new("c".into(), data, seq, ts);
+        let one = at(Some(7), Some("2026-01-01T00:00:00.000Z"), "1");
+        assert!(same_message(
+            &one,
+            &at(Some(7), Some("2026-01-01T00:00:00.000Z"), "1")
+        ));
+        // Sequences restart with a Redis that lost its data: the same seq is then another message.
+        assert!(!same_message(
+            &one,
+            &at(Some(7), Some("2026-01-01T00:00:05.000Z"), "1")
+        ));
+        assert!(!same_message(
+            &one,
+            &at(Some(7), Some("2026-01-01T00:00:00.000Z"), "2")
+        ));
+        assert!(!same_message(
+            &one,
+            &at(Some(8), Some("2026-01-01T00:00:00.000Z"), "1")
+        ));
+        // Raw messages (no seq) are never taken for repeats.
+        assert!(!same_message(&at(None, None, "1"), &at(None, None, "1")));
     }
 }
