@@ -3,7 +3,7 @@
 //! per subscriber; the snapshot frame and the REST view are derived from the same bytes.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -29,6 +29,8 @@ pub struct Publication {
     data: Range<usize>,
     /// Where the `ts` string (without quotes) sits inside `frame`; empty when there is none.
     ts: Range<usize>,
+    /// The `snapshot` frame, built the first time a subscriber needs it and shared by the next ones.
+    snapshot: OnceLock<Bytes>,
 }
 
 impl Publication {
@@ -66,6 +68,7 @@ impl Publication {
             frame,
             data: data_range,
             ts: ts_range,
+            snapshot: OnceLock::new(),
         }
     }
 
@@ -81,7 +84,11 @@ impl Publication {
 
     /// The `snapshot` frame as WebSocket bytes: the same fields under `"type":"snapshot"`.
     pub fn snapshot_wire(&self) -> Bytes {
-        wire::text_from_parts(&[SNAPSHOT_HEAD, &self.frame[MESSAGE_HEAD.len()..]])
+        self.snapshot
+            .get_or_init(|| {
+                wire::text_from_parts(&[SNAPSHOT_HEAD, &self.frame[MESSAGE_HEAD.len()..]])
+            })
+            .clone()
     }
 
     /// The published JSON, unchanged.

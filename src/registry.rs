@@ -21,7 +21,6 @@ use crate::messages::{
 use crate::protocol::{Target, close};
 use crate::publication::Publication;
 use crate::stats::Stats;
-use crate::transport::outbox::SLOW_CONSUMER;
 use crate::transport::{Full, Outbox};
 
 /// Messages kept for subscribers whose snapshot is still being read; past this the oldest are dropped (the
@@ -206,7 +205,7 @@ impl Registry {
             Stats::add(&self.hub.stats().slow_consumer_disconnects, 1);
             // The close frame goes behind the full queue: it is written if the client reads again, and the
             // transport drops the socket after its linger either way.
-            session.outbox.close(close::POLICY, SLOW_CONSUMER);
+            session.outbox.close_slow_consumer();
         }
         self.remove_session(id);
     }

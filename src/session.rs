@@ -78,10 +78,7 @@ impl Session {
                 }
                 return;
             }
-            if act.outbox.push(frame::ping()).is_err() {
-                act.outbox
-                    .close(close::POLICY, crate::transport::outbox::SLOW_CONSUMER);
-            }
+            act.outbox.push_or_close(frame::ping());
         });
     }
 

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::frame;
-use super::outbox::{Full, Outbox, SLOW_CONSUMER};
+use super::outbox::Outbox;
 use crate::protocol::close;
 
 /// How long a closing connection waits for the client to acknowledge before the socket is dropped.
@@ -67,12 +67,6 @@ pub struct Transport {
     write_shut: bool,
     /// Set once closing: past it the socket is dropped whatever the client does.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// Why reading stopped for good.
-enum InputEnd {
-    /// The client closed its side, or the socket failed.
-    Gone,
 }
 
 impl Transport {
@@ -139,11 +133,7 @@ impl Transport {
                 OpCode::Binary => {
                     act.on_unsupported("binary frames are not supported; send JSON text", ctx)
                 }
-                OpCode::Ping => {
-                    if self.outbox.push(frame::pong(&payload)) == Err(Full) {
-                        self.outbox.close(close::POLICY, SLOW_CONSUMER);
-                    }
-                }
+                OpCode::Ping => self.outbox.push_or_close(frame::pong(&payload)),
                 OpCode::Pong => {}
                 OpCode::Close => {
                     // Echo the client's code (RFC 6455 §5.5.1); a close without one is answered with 1000.
@@ -172,12 +162,13 @@ impl Transport {
     }
 
     /// Reads what the socket has, handing complete frames to the session (or discarding input once closing).
+    /// `Ready` means the client is gone: it closed its side, or the socket failed.
     fn poll_input<A: Endpoint>(
         &mut self,
         act: &mut A,
         ctx: &mut Context<A>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<InputEnd> {
+    ) -> Poll<()> {
         self.process_input(act, ctx, cx.waker());
         for _ in 0..READS_PER_POLL {
             let open = !self.closing && !self.outbox.is_closing();
@@ -188,7 +179,7 @@ impl Transport {
             let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut buf = ReadBuf::uninit(&mut chunk);
             match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
-                Ok(()) if buf.filled().is_empty() => return Poll::Ready(InputEnd::Gone),
+                Ok(()) if buf.filled().is_empty() => return Poll::Ready(()),
                 Ok(()) if open => {
                     self.input.extend_from_slice(buf.filled());
                     self.process_input(act, ctx, cx.waker());
@@ -197,7 +188,7 @@ impl Transport {
                 Ok(()) => {}
                 Err(error) => {
                     log::debug!("websocket read failed: {error}");
-                    return Poll::Ready(InputEnd::Gone);
+                    return Poll::Ready(());
                 }
             }
         }
@@ -258,7 +249,7 @@ impl Transport {
         ctx: &mut Context<A>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        if let Poll::Ready(InputEnd::Gone) = self.poll_input(act, ctx, cx) {
+        if self.poll_input(act, ctx, cx).is_ready() {
             // The client may have closed only its sending side, right after its close frame: what is queued
             // (the answering close frame) still goes out if the socket takes it now.
             let _ = self.poll_output(cx);

@@ -74,11 +74,22 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues a text frame built from `json`; a full queue closes the connection as a slow consumer.
-    pub fn push_text(&self, json: &str) {
-        if self.push(frame::text(json)) == Err(Full) {
-            self.close(crate::protocol::close::POLICY, SLOW_CONSUMER);
+    /// Queues a frame the connection itself owes the client (an answer, a pong, a heartbeat ping); a full
+    /// queue closes the connection as a slow consumer.
+    pub fn push_or_close(&self, frame: Bytes) {
+        if self.push(frame) == Err(Full) {
+            self.close_slow_consumer();
         }
+    }
+
+    /// Queues a text frame built from `json`, as [`Outbox::push_or_close`].
+    pub fn push_text(&self, json: &str) {
+        self.push_or_close(frame::text(json));
+    }
+
+    /// Closes with 1008: the client stopped reading.
+    pub fn close_slow_consumer(&self) -> bool {
+        self.close(crate::protocol::close::POLICY, SLOW_CONSUMER)
     }
 
     /// Queues a close frame behind what is queued and accepts nothing after it. Returns false when the
@@ -127,7 +138,7 @@ impl Outbox {
 }
 
 /// The close reason sent to a client whose queue overflowed.
-pub const SLOW_CONSUMER: &str = "slow consumer: messages were not read in time";
+const SLOW_CONSUMER: &str = "slow consumer: messages were not read in time";
 
 #[cfg(test)]
 mod tests {
