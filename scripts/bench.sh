@@ -16,6 +16,9 @@
 #   relay-local    redis mode, one replica: 1,000 connections on 100 channels, 500 publishes/s over HTTP
 #   relay-cross    redis mode, two replicas: publishes on A over HTTP, subscribers on B (same load)
 #   redis-publish  redis mode, one replica: the same load published straight to Redis (PUBLISH)
+#   soak           1,000 connections over 100 channels, 2,000 publishes/s over HTTP for SOAK_SECONDS (60), twice
+#                  on a fresh hub each: alone, then beside 100 hostile clients (--hostile: stuck readers, 4 GiB
+#                  frame headers, ping floods, subscribe churn, malformed frames); prints both side by side
 #   calibrate      no hub: the kernel's CPU cost of one loopback TCP write and read (the floor per delivery)
 #   ref-fanout-20, ref-fanout-200, ref-fanout-1000, ref-channels
 #                  the same as fanout-20/-200/-1000 and channels, against `relayhub-bench --serve-reference`
@@ -33,10 +36,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 scenario="${1:-}"
-[[ -n "$scenario" ]] || { sed -n '2,31p' "$0"; exit 64; }
+[[ -n "$scenario" ]] || { sed -n '2,34p' "$0"; exit 64; }
 shift
 extra=("$@")
-scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish calibrate"
+scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish soak calibrate"
 scenarios+=" ref-fanout-20 ref-fanout-200 ref-fanout-1000 ref-channels "
 if [[ "$scenarios" != *" $scenario "* ]]; then
     echo "bench.sh: unknown scenario '$scenario'; one of:$scenarios" >&2
@@ -233,6 +236,18 @@ one_run() {
             run_bench "$scenario" "$sampled" --url "$(hub_url "$subscribe_port")" "${publish[@]}" \
                 --connections 1000 --channels 100 --rate 500 --duration 10 --warmup 2 || status=$?
             ;;
+        soak)
+            local label hostile
+            for label in soak-calm soak-hostile; do
+                hostile=0
+                [[ "$label" == soak-hostile ]] && hostile=100
+                start_hub a "$PORT" ""
+                run_bench "$label" "$HUB_PID" --url "$(hub_url "$PORT")" --hostile "$hostile" \
+                    --connections 1000 --channels 100 --rate 2000 --duration "${SOAK_SECONDS:-60}" --warmup 2 \
+                    --drain 5 || status=$?
+                cleanup
+            done
+            ;;
         calibrate)
             "${PIN_HUB[@]}" "$BENCH_BIN" --calibrate | tee "$OUT/calibrate.out" || status=$?
             tail -n 1 "$OUT/calibrate.out" >>"$OUT/$scenario.jsonl"
@@ -254,6 +269,20 @@ for run in $(seq 1 "$RUNS"); do
     if [[ "$status" -ne 0 && ( "$status" -ne 2 || "$scenario" == smoke ) ]]; then exit "$status"; fi
     [[ "$status" -gt "$worst" ]] && worst="$status"
 done
+
+if [[ "$scenario" == soak ]] && command -v python3 >/dev/null; then
+    python3 - "$OUT/$scenario.jsonl" <<'EOF'
+import json, sys
+runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print("soak: normal clients alone and beside hostile ones (one line per run, in order)")
+print(f"  {'run':<14}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'missing':>9}{'dropped':>9}{'peak RSS MiB':>14}{'hub CPU':>9}")
+for run in runs:
+    lat, dl, srv = run.get("latency_ms") or {}, run.get("deliveries") or {}, run.get("server") or {}
+    print(f"  {run.get('scenario', '?'):<14}{lat.get('p50', float('nan')):>9.3f}{lat.get('p99', float('nan')):>9.3f}"
+          f"{lat.get('p999', float('nan')):>10.3f}{dl.get('missing', -1):>9}{run.get('dropped', -1):>9}"
+          f"{srv.get('peak_rss_kib', 0) / 1024:>14.1f}{srv.get('cpu_share', 0) * 100:>8.0f}%")
+EOF
+fi
 
 if [[ "$RUNS" -gt 1 ]] && command -v python3 >/dev/null; then
     python3 - "$OUT/$scenario.jsonl" <<'EOF'

@@ -19,6 +19,8 @@ Connections
   --threads T               receiver threads, one runtime each  [1]
   --connect-concurrency M   handshakes in flight at once         [256]
   --setup-timeout S         give up connecting/subscribing after S seconds [120]
+  --hostile H               misbehaving clients beside the measured ones, from 127.0.0.200: stuck readers,
+                            4 GiB frame headers, ping floods, subscribe churn, malformed frames [0]
 
 Publishing
   --publish MODE            redis | http | none (none = idle capacity: connect, subscribe, hold) [http]
@@ -55,6 +57,7 @@ const FLAGS: &[&str] = &[
     "--threads",
     "--connect-concurrency",
     "--setup-timeout",
+    "--hostile",
     "--publish",
     "--rate",
     "--duration",
@@ -107,6 +110,8 @@ pub struct Args {
     pub connect_concurrency: usize,
     /// Upper bound on the connect and subscribe phases, in seconds.
     pub setup_timeout: f64,
+    /// Hostile clients run beside the measured ones during the publishing window.
+    pub hostile: usize,
     /// How messages are published.
     pub publish: PublishMode,
     /// Publishes per second over all channels.
@@ -143,6 +148,7 @@ impl Default for Args {
             threads: 1,
             connect_concurrency: 256,
             setup_timeout: 120.0,
+            hostile: 0,
             publish: PublishMode::Http,
             rate: 100.0,
             duration: 10.0,
@@ -204,6 +210,7 @@ impl Args {
                 "--threads" => args.threads = number(&flag, &value)?,
                 "--connect-concurrency" => args.connect_concurrency = number(&flag, &value)?,
                 "--setup-timeout" => args.setup_timeout = number(&flag, &value)?,
+                "--hostile" => args.hostile = number(&flag, &value)?,
                 "--publish" => {
                     args.publish = match value.as_str() {
                         "redis" => PublishMode::Redis,

@@ -7,6 +7,7 @@
 //! - `run`: one run, phase by phase (connect, subscribe, publish or hold, drain), building the report.
 //! - `connections`: the subscriber fleet (receiver threads, one WebSocket task per connection).
 //! - `frames`: cheap parsing of what the hub sends.
+//! - `hostile`: `--hostile N`, misbehaving raw-socket clients run beside the measured ones.
 //! - `publisher`: the paced publisher thread and its Redis and HTTP sinks.
 //! - `proc_stats`: CPU seconds and RSS from /proc, and the open-file limit.
 //! - `report`: the figures, as a table and as one JSON line.
@@ -17,6 +18,7 @@ mod args;
 mod calibrate;
 mod connections;
 mod frames;
+mod hostile;
 mod proc_stats;
 mod publisher;
 mod reference;

@@ -14,6 +14,8 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
     /// Resident set size in KiB (`VmRSS`).
     pub rss_kib: u64,
+    /// The largest resident set size the process has had, in KiB (`VmHWM`).
+    pub peak_rss_kib: u64,
 }
 
 /// Which process to read: a pid, or `None` for this one.
@@ -26,7 +28,8 @@ pub fn sample(pid: Option<u32>) -> io::Result<ProcSample> {
     let status = fs::read_to_string(format!("{dir}/status"))?;
     Ok(ProcSample {
         cpu_seconds: cpu_seconds(&stat).ok_or_else(|| malformed(&dir, "stat"))?,
-        rss_kib: rss_kib(&status).ok_or_else(|| malformed(&dir, "status"))?,
+        rss_kib: status_kib(&status, "VmRSS:").ok_or_else(|| malformed(&dir, "status"))?,
+        peak_rss_kib: status_kib(&status, "VmHWM:").ok_or_else(|| malformed(&dir, "status"))?,
     })
 }
 
@@ -53,13 +56,10 @@ fn cpu_seconds(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / CLK_TCK)
 }
 
-fn rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// A `Name:   123 kB` line of /proc/<pid>/status, in KiB.
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with(name))?;
+    line[name.len()..].split_whitespace().next()?.parse().ok()
 }
 
 fn malformed(dir: &str, file: &str) -> io::Error {
@@ -83,7 +83,7 @@ mod tests {
     #[test]
     fn rss_is_read_in_kib() {
         assert_eq!(
-            rss_kib("Name:\tx\nVmRSS:\t   12345 kB\nThreads: 3\n"),
+            status_kib("Name:\tx\nVmRSS:\t   12345 kB\nThreads: 3\n", "VmRSS:"),
             Some(12345)
         );
     }

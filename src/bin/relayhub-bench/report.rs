@@ -39,6 +39,8 @@ pub struct Report {
     /// How dropped connections ended: close code, `eof` or `error`, with counts.
     pub endings: BTreeMap<String, u64>,
     pub first_error: Option<String>,
+    /// `--hostile`: what the misbehaving clients did and how the hub ended them.
+    pub hostile: Option<crate::hostile::HostileFigures>,
     /// Things a reader must know before trusting the figures.
     pub warnings: Vec<String>,
     /// Nothing lost, nothing dropped, no publish or error frames.
@@ -109,6 +111,8 @@ pub struct ServerFigures {
     /// At the start of the measured window.
     pub rss_start_kib: u64,
     pub rss_end_kib: u64,
+    /// The hub's peak RSS over its whole life (`VmHWM`), read at the end of the window.
+    pub peak_rss_kib: u64,
     /// Idle mode: (RSS at the end - RSS before connecting) / connections.
     pub rss_per_connection_bytes: Option<f64>,
     /// utime + stime over the window.
@@ -213,8 +217,11 @@ impl Report {
             row(
                 "server RSS",
                 format!(
-                    "{} KiB before connect, {} KiB at start, {} KiB at end",
-                    server.rss_before_connect_kib, server.rss_start_kib, server.rss_end_kib
+                    "{} KiB before connect, {} KiB at start, {} KiB at end, peak {} KiB",
+                    server.rss_before_connect_kib,
+                    server.rss_start_kib,
+                    server.rss_end_kib,
+                    server.peak_rss_kib
                 ),
             );
             if let Some(per_connection) = server.rss_per_connection_bytes {
@@ -248,6 +255,27 @@ impl Report {
                 self.bench.rss_kib
             ),
         );
+        if let Some(hostile) = &self.hostile {
+            for (name, kind) in [
+                ("hostile stuck readers", &hostile.stuck_reader),
+                ("hostile giant frames", &hostile.giant_frame),
+                ("hostile ping floods", &hostile.ping_flood),
+                ("hostile churn", &hostile.churn),
+                ("hostile malformed", &hostile.malformed),
+            ] {
+                row(
+                    name,
+                    format!(
+                        "{} clients, {} connects, {} refused, {} ended by the hub, close codes {:?}",
+                        kind.clients,
+                        kind.connects,
+                        kind.refused,
+                        kind.closed_by_hub,
+                        kind.close_codes
+                    ),
+                );
+            }
+        }
         row(
             "dropped connections",
             format!("{} {:?}", self.dropped, self.endings),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::args::Args;
 use crate::connections::{Fleet, Plan, Progress, Tally, unix_nanos};
+use crate::hostile::{Hostile, HostileFigures};
 use crate::proc_stats::{self, ProcSample};
 use crate::publisher::{self, Answers, Event, PublishTally, Schedule};
 use crate::report::{
@@ -141,6 +142,16 @@ pub fn run(args: &Args) -> Result<Report, String> {
         ));
     }
     log::info!("subscribed in {:.3} s", subscribe_elapsed.as_secs_f64());
+    let hostile = if args.hostile > 0 {
+        log::info!("starting {} hostile clients", args.hostile);
+        let path = ws_path(&args.url);
+        match Hostile::start(target, path, args.hostile, plan.channels) {
+            Ok(hostile) => Some(hostile),
+            Err(error) => return Err(abort(fleet, format!("starting hostile clients: {error}"))),
+        }
+    } else {
+        None
+    };
 
     let window = match sink {
         None => hold_idle(args, &fleet.progress)?,
@@ -158,6 +169,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
             }
         }
     };
+    let hostile = hostile.map(Hostile::stop);
     log::info!("closing connections");
     let first_error = fleet.progress.first_error();
     let dropped = fleet.progress.dropped.load(Ordering::Relaxed);
@@ -171,7 +183,15 @@ pub fn run(args: &Args) -> Result<Report, String> {
         tally,
         dropped,
         first_error,
+        hostile,
     ))
+}
+
+/// The path part of a `ws://host:port/path` URL.
+fn ws_path(url: &str) -> String {
+    let rest = url.trim_start_matches("ws://");
+    rest.find('/')
+        .map_or_else(|| "/".to_string(), |i| rest[i..].to_string())
 }
 
 /// `--publish none`: hold the subscribed connections for the duration.
@@ -271,6 +291,7 @@ fn report(
     tally: Tally,
     dropped: usize,
     first_error: Option<String>,
+    hostile: Option<HostileFigures>,
 ) -> Report {
     let window_s = window.elapsed.as_secs_f64();
     let mut warnings = Vec::new();
@@ -381,6 +402,7 @@ fn report(
                 rss_before_connect_kib: before.rss_kib,
                 rss_start_kib: start.rss_kib,
                 rss_end_kib: end.rss_kib,
+                peak_rss_kib: end.peak_rss_kib,
                 rss_per_connection_bytes: (!publishing).then(|| {
                     (end.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / plan.connections as f64
                 }),
@@ -428,6 +450,7 @@ fn report(
         dropped,
         endings: tally.endings,
         first_error,
+        hostile,
         warnings,
         ok,
     }
