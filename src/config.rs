@@ -701,6 +701,25 @@ mod tests {
     }
 
     #[test]
+    fn transport_bounds_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.websocket.max_queued_bytes, 1_048_576);
+        assert_eq!(defaults.websocket.write_timeout, Duration::from_secs(10));
+        let mut c = Config::default();
+        c.websocket.max_queued_bytes = c.websocket.max_message_bytes - 1;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.max_queued_bytes"), "{e}");
+        let mut c = Config::default();
+        c.websocket.write_timeout = Duration::ZERO;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
+        let e = Config::from_toml("[websocket]\nwrite_timeout = \"soon\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
