@@ -651,6 +651,7 @@ async fn a_stuck_reader_is_dropped_after_write_timeout() {
     let stats = stats_until(&hub, Duration::from_secs(6), |s| s["connections"] == 0).await;
     assert_eq!(stats["connections"], 0, "{stats}");
     assert_eq!(stats["write_timeouts"], 1);
+    assert_eq!(stats["subscriptions"], 0);
     read_to_end_or_reset(&mut ws).await;
 }
 
@@ -672,6 +673,9 @@ async fn a_heartbeat_close_to_a_client_that_stopped_reading_drops_the_socket() {
     let stats = stats_until(&hub, Duration::from_secs(8), |s| s["connections"] == 0).await;
     assert_eq!(stats["connections"], 0, "{stats}");
     assert_eq!(stats["slow_consumer_disconnects"], 0);
+    // Aborted: the close frame never reached the socket.
+    assert_eq!(stats["write_timeouts"], 1);
+    assert_eq!(stats["subscriptions"], 0);
     read_to_end_or_reset(&mut ws).await;
 }
 
