@@ -97,6 +97,13 @@ pub struct WebsocketConfig {
     pub max_subscriptions_per_connection: usize,
     /// Outgoing messages queued for one connection before it counts as a slow consumer.
     pub mailbox_size: usize,
+    /// Outgoing bytes owed to one connection (queued or being written) before it counts as a slow consumer.
+    /// Past half of it (or half of `mailbox_size`) the connection's own requests are not read until it drains.
+    pub max_queued_bytes: usize,
+    /// A connection owing bytes whose socket takes none for this long is aborted (socket dropped, no close
+    /// handshake): a client that stopped reading cannot hold its socket, session and queue forever.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
 }
 
 impl Default for WebsocketConfig {
@@ -107,6 +114,8 @@ impl Default for WebsocketConfig {
             max_message_bytes: 64 * 1024,
             max_subscriptions_per_connection: 128,
             mailbox_size: 1024,
+            max_queued_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -427,6 +436,15 @@ impl Config {
         if self.websocket.mailbox_size < 2 {
             return err("websocket.mailbox_size", "must be at least 2");
         }
+        if self.websocket.max_queued_bytes < self.websocket.max_message_bytes {
+            return err(
+                "websocket.max_queued_bytes",
+                "must be at least websocket.max_message_bytes",
+            );
+        }
+        if self.websocket.write_timeout.is_zero() {
+            return err("websocket.write_timeout", "must be more than zero");
+        }
         if self.websocket.heartbeat_interval.is_zero() {
             return err("websocket.heartbeat_interval", "must be more than zero");
         }
@@ -680,6 +698,25 @@ mod tests {
                 .0
                 .contains("websocket.client_timeout")
         );
+    }
+
+    #[test]
+    fn transport_bounds_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.websocket.max_queued_bytes, 1_048_576);
+        assert_eq!(defaults.websocket.write_timeout, Duration::from_secs(10));
+        let mut c = Config::default();
+        c.websocket.max_queued_bytes = c.websocket.max_message_bytes - 1;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.max_queued_bytes"), "{e}");
+        let mut c = Config::default();
+        c.websocket.write_timeout = Duration::ZERO;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
+        let e = Config::from_toml("[websocket]\nwrite_timeout = \"soon\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
     }
 
     #[test]

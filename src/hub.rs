@@ -174,6 +174,8 @@ impl Hub {
             max_message_bytes: ws.max_message_bytes,
             max_subscriptions: ws.max_subscriptions_per_connection,
             mailbox_size: ws.mailbox_size,
+            max_queued_bytes: ws.max_queued_bytes,
+            write_timeout: ws.write_timeout,
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `publication`: one message encoded once, shared by every subscriber.
 //! - `messages`: the actix messages between actors.
 //! - `session`: the session actor, one per WebSocket: client requests, subscriptions, heartbeat.
-//! - `transport`: relayhub's WebSocket transport: the upgrade, frames encoded once, the socket loop.
+//! - `transport`: relayhub's WebSocket transport: the upgrade, client frames decoded, frames encoded once, the
+//!   socket loop.
 //! - `server`: the listener, assembled so that WebSocket upgrades hand over the bare socket.
 //! - `registry`: the channel-registry actor, one per worker thread: subscriptions, fan-out, latest values.
 //! - `hub`: the handle everything holds: the publish path, registries, backend, counters.

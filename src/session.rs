@@ -16,7 +16,7 @@ use crate::protocol::{
 };
 use crate::registry::Registry;
 use crate::stats::Stats;
-use crate::transport::{Endpoint, Outbox, Transport, frame};
+use crate::transport::{Endpoint, Failure, Outbox, Transport, TransportLimits, frame};
 
 /// Limits and timings a session needs, copied out of the config once per worker.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +26,18 @@ pub struct SessionLimits {
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
     pub mailbox_size: usize,
+    pub max_queued_bytes: usize,
+    pub write_timeout: Duration,
+}
+
+impl SessionLimits {
+    /// The part of the limits the connection's transport enforces.
+    pub fn transport(&self) -> TransportLimits {
+        TransportLimits {
+            max_message_bytes: self.max_message_bytes,
+            write_timeout: self.write_timeout,
+        }
+    }
 }
 
 pub struct Session {
@@ -242,6 +254,16 @@ impl Endpoint for Session {
 
     fn on_activity(&mut self) {
         self.last_seen = Instant::now();
+    }
+
+    fn on_failure(&mut self, failure: Failure) {
+        let stats = self.hub.stats();
+        let counter = match failure {
+            Failure::TooBig => &stats.frames_too_big,
+            Failure::Protocol => &stats.protocol_errors,
+            Failure::WriteTimeout => &stats.write_timeouts,
+        };
+        Stats::add(counter, 1);
     }
 
     fn input_paused(&mut self, waker: &Waker) -> bool {

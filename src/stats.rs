@@ -27,6 +27,12 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
     pub rejected_messages: AtomicU64,
+    /// WebSocket connections aborted because their socket took no bytes for `websocket.write_timeout`.
+    pub write_timeouts: AtomicU64,
+    /// WebSocket connections closed with 1009: a frame or message over `websocket.max_message_bytes`.
+    pub frames_too_big: AtomicU64,
+    /// WebSocket connections closed with 1002 or 1007: broken framing, an invalid close, text not UTF-8.
+    pub protocol_errors: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

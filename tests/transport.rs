@@ -211,27 +211,49 @@ async fn control_frames_ping_pong_and_close_are_answered() {
 }
 
 #[actix_web::test]
-async fn fragmented_messages_get_one_error_and_the_connection_survives() {
+async fn fragmented_messages_are_reassembled_with_pings_in_between() {
     let hub = TestHub::start("").await;
     let mut ws = Raw::connect(hub.addr, b"").await;
     let subscribe = json!({"op": "subscribe", "channel": "prices:frag"}).to_string();
     let (first, rest) = subscribe.as_bytes().split_at(10);
     ws.send(false, TEXT, first).await;
+    // A control frame may sit between the fragments (RFC 6455 §5.4): it is answered at once.
+    ws.send(true, PING, b"mid").await;
+    assert_eq!(ws.recv().await, Some((PONG, b"mid".to_vec())));
     ws.send(false, CONTINUATION, &rest[..5]).await;
     ws.send(true, CONTINUATION, &rest[5..]).await;
-    let error = ws.recv_json().await;
-    assert_eq!(error["type"], "error");
-    assert_eq!(error["code"], "bad_request");
-    assert!(error["message"].as_str().unwrap().contains("fragmented"));
-    // One error for the whole message, nothing subscribed, and the next frame works.
-    ws.send(true, TEXT, br#"{"op":"ping","id":1}"#).await;
+    let ack = ws.recv_json().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["channel"].as_str()),
+        (Some("subscribed"), Some("prices:frag"))
+    );
+    // A character split across fragments is fine: UTF-8 is checked on the whole message.
+    let ping = r#"{"op":"ping","id":"é"}"#.as_bytes();
+    let cut = ping.iter().position(|&b| b == 0xc3).unwrap() + 1;
+    ws.send(false, TEXT, &ping[..cut]).await;
+    ws.send(true, CONTINUATION, &ping[cut..]).await;
     let pong = ws.recv_json().await;
     assert_eq!(
-        (pong["type"].as_str(), pong["id"].as_i64()),
-        (Some("pong"), Some(1))
+        (pong["type"].as_str(), pong["id"].as_str()),
+        (Some("pong"), Some("é"))
     );
+    // Binary messages, whole or fragmented, get one error each and the connection stays open.
     ws.send(true, BINARY, &[0, 1, 2]).await;
     assert_eq!(ws.recv_json().await["code"], "bad_request");
+    ws.send(false, BINARY, &[0, 1]).await;
+    ws.send(true, CONTINUATION, &[2]).await;
+    assert_eq!(ws.recv_json().await["code"], "bad_request");
+    ws.send(true, TEXT, br#"{"op":"ping","id":1}"#).await;
+    assert_eq!(ws.recv_json().await["id"], 1);
+}
+
+#[actix_web::test]
+async fn reassembled_text_that_is_not_utf8_closes_with_1007() {
+    let hub = TestHub::start("").await;
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.send(false, TEXT, b"{\"op\":").await;
+    ws.send(true, CONTINUATION, &[0xff, b'}']).await;
+    assert_eq!(ws.close_code().await, 1007);
 }
 
 #[actix_web::test]
@@ -349,4 +371,330 @@ async fn a_client_that_closes_and_half_closes_still_gets_the_close_answer() {
     // Close frame, then FIN: the client sends nothing more but still reads.
     ws.tcp.shutdown().await.unwrap();
     assert_eq!(ws.close_code().await, 1000);
+}
+
+/// Tests that measure this process's memory, or fill a hub's queues, take turns so they do not skew each
+/// other's figures.
+static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// This process's resident set (the hub runs in-process), in KiB.
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A raw client whose receive buffer is as small as the kernel allows: once it stops reading, the hub's
+/// writes stall quickly.
+async fn connect_tiny_window(addr: SocketAddr, pipelined: &[u8]) -> Raw {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let mut raw = Raw {
+        tcp,
+        buf: Vec::new(),
+    };
+    let mut request = handshake(addr, "/ws", "dGhlIHNhbXBsZSBub25jZQ==").into_bytes();
+    request.extend_from_slice(pipelined);
+    raw.tcp.write_all(&request).await.unwrap();
+    assert!(raw.read_head().await.starts_with("HTTP/1.1 101"));
+    raw
+}
+
+/// Polls the hub's stats until `done` holds or `within` has passed; returns the last stats.
+async fn stats_until(hub: &TestHub, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let stats = hub.stats().await;
+        if done(&stats) || tokio::time::Instant::now() >= deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `size`-byte messages to `channel` until the hub reports a slow-consumer close, at most `max`.
+async fn publish_until_slow(hub: &TestHub, channel: &str, size: usize, max: usize) -> usize {
+    let text = "s".repeat(size);
+    for n in 1..=max {
+        hub.publish(channel, json!({ "text": text })).await;
+        if hub.stats().await["slow_consumer_disconnects"] == 1 {
+            return n;
+        }
+    }
+    max
+}
+
+/// After the hub dropped a connection, the client reads whatever was in flight and then the end of the stream
+/// (or a reset), never a hang.
+async fn read_to_end_or_reset(ws: &mut Raw) {
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(FRAME_TIMEOUT, ws.tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the hub still holds the socket"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_huge_declared_length_closes_1009_at_once_and_buffers_nothing() {
+    let _turn = MEMORY.lock().await;
+    let hub = TestHub::start("").await;
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    let before = vm_rss_kib();
+    // A text frame header announcing 2^32 bytes, then 64 MiB of payload streamed behind it.
+    let mut header = vec![0x80 | TEXT, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 32).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    let (mut rx, mut tx) = ws.tcp.split();
+    let stream = async {
+        let chunk = vec![0x5au8; 1 << 20];
+        if tx.write_all(&header).await.is_err() {
+            return;
+        }
+        for _ in 0..64 {
+            // The hub drops the socket after its close: the write fails, as it should.
+            if tx.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let read_close = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(((opcode, payload), _)) = parse_server_frame(&buf) {
+                return (opcode, payload);
+            }
+            let n = tokio::time::timeout(FRAME_TIMEOUT, rx.read(&mut chunk))
+                .await
+                .expect("a close frame comes while the client is still sending")
+                .unwrap();
+            assert!(n > 0, "the stream ended before a close frame");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let (_, (opcode, payload)) = tokio::join!(stream, read_close);
+    assert_eq!(opcode, CLOSE);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009);
+    let grown = vm_rss_kib().saturating_sub(before);
+    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
+    read_to_end_or_reset(&mut ws).await;
+    let stats = stats_until(&hub, FRAME_TIMEOUT, |s| s["connections"] == 0).await;
+    assert_eq!(stats["connections"], 0);
+    assert_eq!(stats["frames_too_big"], 1);
+}
+
+#[actix_web::test]
+async fn a_fragmented_message_over_the_limit_closes_1009() {
+    let hub = TestHub::start("[websocket]\nmax_message_bytes = 1000\n").await;
+    // Each fragment is within the limit; their running total is not.
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.send(false, TEXT, &[b' '; 600]).await;
+    ws.send(false, CONTINUATION, &[b' '; 600]).await;
+    assert_eq!(ws.close_code().await, 1009);
+    // A single frame over the limit, refused on its header alone.
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.tcp
+        .write_all(&client_frame(true, TEXT, &[b' '; 1001], true)[..8])
+        .await
+        .unwrap();
+    assert_eq!(ws.close_code().await, 1009);
+    // Exactly the limit is fine.
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    let mut ping = br#"{"op":"ping","id":7}"#.to_vec();
+    ping.resize(1000, b' ');
+    ws.send(false, TEXT, &ping[..500]).await;
+    ws.send(true, CONTINUATION, &ping[500..]).await;
+    assert_eq!(ws.recv_json().await["id"], 7);
+}
+
+#[actix_web::test]
+async fn control_frame_and_fragment_rules_close_with_1002() {
+    let hub = TestHub::start("").await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a ping with FIN=0", client_frame(false, PING, b"", true)),
+        (
+            "a ping of 126 bytes",
+            client_frame(true, PING, &[0; 126], true),
+        ),
+        (
+            "a close of 126 bytes",
+            client_frame(true, CLOSE, &[3; 126], true),
+        ),
+        ("RSV1 set", {
+            let mut f = client_frame(true, TEXT, br#"{"op":"ping"}"#, true);
+            f[0] |= 0x40;
+            f
+        }),
+        ("RSV3 set on a ping", {
+            let mut f = client_frame(true, PING, b"", true);
+            f[0] |= 0x10;
+            f
+        }),
+        ("a text frame inside a fragmented message", {
+            let mut f = client_frame(false, TEXT, b"{\"op\":", true);
+            f.extend(client_frame(true, TEXT, b"\"ping\"}", true));
+            f
+        }),
+        ("a binary frame inside a fragmented message", {
+            let mut f = client_frame(false, TEXT, b"{", true);
+            f.extend(client_frame(false, BINARY, b"}", true));
+            f
+        }),
+        (
+            "a 1-byte close payload",
+            client_frame(true, CLOSE, &[3], true),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let mut ws = Raw::connect(hub.addr, b"").await;
+        ws.tcp.write_all(&bytes).await.unwrap();
+        assert_eq!(ws.close_code().await, 1002, "{what}");
+    }
+    let stats = hub.stats().await;
+    assert!(stats["protocol_errors"].as_u64().unwrap() >= 8, "{stats}");
+}
+
+#[actix_web::test]
+async fn close_codes_are_checked_before_they_are_echoed() {
+    let hub = TestHub::start("").await;
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+        let mut ws = Raw::connect(hub.addr, b"").await;
+        ws.send(true, CLOSE, &code.to_be_bytes()).await;
+        assert_eq!(ws.close_code().await, 1002, "client close code {code}");
+    }
+    for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+        let mut ws = Raw::connect(hub.addr, b"").await;
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice("bye ✓".as_bytes());
+        ws.send(true, CLOSE, &payload).await;
+        assert_eq!(ws.close_code().await, code, "client close code {code}");
+    }
+    // An empty close is answered with 1000; a reason that is not UTF-8 with 1007.
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.send(true, CLOSE, b"").await;
+    assert_eq!(ws.close_code().await, 1000);
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    ws.send(true, CLOSE, &[0x03, 0xe8, 0xff, 0xfe]).await;
+    assert_eq!(ws.close_code().await, 1007);
+}
+
+#[actix_web::test]
+async fn a_burst_of_pipelined_requests_is_answered_not_closed() {
+    let _turn = MEMORY.lock().await;
+    let hub = TestHub::start("").await;
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    const REQUESTS: usize = 5000;
+    let ping = client_frame(true, TEXT, br#"{"op":"ping"}"#, true);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * REQUESTS)
+        .collect();
+    let (mut rx, mut tx) = ws.tcp.split();
+    let write = async { tx.write_all(&burst).await.unwrap() };
+    // Every answer counts, whatever its type (a pong, or a rate-limit error where one applies).
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut answers = 0;
+        while answers < REQUESTS {
+            while let Some(((opcode, _), used)) = parse_server_frame(&buf) {
+                buf.drain(..used);
+                match opcode {
+                    TEXT => answers += 1,
+                    PING => {}
+                    other => panic!("after {answers} answers: opcode {other}"),
+                }
+            }
+            if answers == REQUESTS {
+                break;
+            }
+            let n = tokio::time::timeout(FRAME_TIMEOUT, rx.read(&mut chunk))
+                .await
+                .expect("answers keep coming")
+                .unwrap();
+            assert!(n > 0, "closed after {answers} answers");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        answers
+    };
+    let ((), answers) = tokio::join!(write, read);
+    assert_eq!(answers, REQUESTS);
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["connections"], &stats["slow_consumer_disconnects"]),
+        (&json!(1), &json!(0))
+    );
+}
+
+#[actix_web::test]
+async fn a_stuck_reader_is_dropped_after_write_timeout() {
+    let _turn = MEMORY.lock().await;
+    let hub = TestHub::start(
+        "[websocket]\nmailbox_size = 8\nwrite_timeout = \"1s\"\nmax_message_bytes = 300000\n",
+    )
+    .await;
+    let mut ws = connect_tiny_window(hub.addr, &subscribe_frame("prices:stuck")).await;
+    assert_eq!(ws.recv_json().await["type"], "subscribed");
+    // The client reads nothing more while the hub publishes to it.
+    let published = publish_until_slow(&hub, "prices:stuck", 200_000, 400).await;
+    assert!(
+        published < 400,
+        "no slow-consumer close after {published} messages"
+    );
+    // The close frame cannot be written; the hub gives up on the socket after write_timeout.
+    let stats = stats_until(&hub, Duration::from_secs(6), |s| s["connections"] == 0).await;
+    assert_eq!(stats["connections"], 0, "{stats}");
+    assert_eq!(stats["write_timeouts"], 1);
+    assert_eq!(stats["subscriptions"], 0);
+    read_to_end_or_reset(&mut ws).await;
+}
+
+#[actix_web::test]
+async fn a_heartbeat_close_to_a_client_that_stopped_reading_drops_the_socket() {
+    let _turn = MEMORY.lock().await;
+    let hub = TestHub::start(
+        "[websocket]\nheartbeat_interval = \"200ms\"\nclient_timeout = \"500ms\"\nwrite_timeout = \"1s\"\nmax_message_bytes = 300000\nmax_queued_bytes = 100000000\n",
+    )
+    .await;
+    let mut ws = connect_tiny_window(hub.addr, &subscribe_frame("prices:silent")).await;
+    assert_eq!(ws.recv_json().await["type"], "subscribed");
+    // Enough to fill the socket buffers on both sides, not enough to count as a slow consumer; then the
+    // client goes silent, the heartbeat closes it, and that close frame cannot be written.
+    let text = "h".repeat(200_000);
+    for _ in 0..40 {
+        hub.publish("prices:silent", json!({ "text": text })).await;
+    }
+    let stats = stats_until(&hub, Duration::from_secs(8), |s| s["connections"] == 0).await;
+    assert_eq!(stats["connections"], 0, "{stats}");
+    assert_eq!(stats["slow_consumer_disconnects"], 0);
+    // Aborted: the close frame never reached the socket.
+    assert_eq!(stats["write_timeouts"], 1);
+    assert_eq!(stats["subscriptions"], 0);
+    read_to_end_or_reset(&mut ws).await;
+}
+
+#[actix_web::test]
+async fn the_queue_is_bounded_in_bytes_as_well_as_frames() {
+    let _turn = MEMORY.lock().await;
+    let hub = TestHub::start(
+        "[websocket]\nmax_message_bytes = 300000\nmax_queued_bytes = 400000\nwrite_timeout = \"1s\"\n",
+    )
+    .await;
+    let mut ws = connect_tiny_window(hub.addr, &subscribe_frame("prices:bytes")).await;
+    assert_eq!(ws.recv_json().await["type"], "subscribed");
+    // 1,024 frames may queue, but 100 KB messages pass 400 KB long before that.
+    let published = publish_until_slow(&hub, "prices:bytes", 100_000, 150).await;
+    assert!(
+        published < 150,
+        "no slow-consumer close after {published} messages"
+    );
+    let stats = stats_until(&hub, Duration::from_secs(6), |s| s["connections"] == 0).await;
+    assert_eq!(stats["connections"], 0, "{stats}");
+    read_to_end_or_reset(&mut ws).await;
 }

@@ -37,5 +37,8 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "cache_hits": Stats::get(&s.cache_hits),
         "cache_misses": Stats::get(&s.cache_misses),
         "rejected_messages": Stats::get(&s.rejected_messages),
+        "write_timeouts": Stats::get(&s.write_timeouts),
+        "frames_too_big": Stats::get(&s.frames_too_big),
+        "protocol_errors": Stats::get(&s.protocol_errors),
     }))
 }

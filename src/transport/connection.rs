@@ -2,14 +2,20 @@
 //!
 //! `Transport` is an actix `ActorFuture` spawned into the session's context, so the socket, the session and
 //! its heartbeat share one task and the session handles each client frame by a direct call, not a message.
-//! It reads client frames, parses them, and writes whatever the connection's [`Outbox`] holds with vectored
-//! writes. A connection holds no buffer while idle: input is read into a stack buffer and only a partial frame
-//! is kept on the heap; output is the shared frames themselves.
+//! It reads client frames, decodes them ([`decoder`]), reassembles fragmented messages, and writes whatever
+//! the connection's [`Outbox`] holds with vectored writes. A connection holds no buffer while idle: input is
+//! read into a stack buffer and only a partial frame or message is kept on the heap; output is the shared
+//! frames themselves.
+//!
+//! Input is read only while the outbox is below its high-water mark: a client's requests cannot fill its own
+//! queue, they wait in the socket until it drains (TCP pushes back on the client).
 //!
 //! Closing is always the same path: a close frame is queued (by the session, the registry, the heartbeat or a
 //! protocol error), written after what was queued before it, the write side is shut down, and the transport
 //! waits briefly for the client to close its side, so the close frame is not lost to a reset. Then the
-//! session stops.
+//! session stops. Whatever the client does, the socket is dropped within a bounded time: a connection whose
+//! socket takes no bytes for `write_timeout` is aborted, and a close is given `write_timeout` plus the linger
+//! to complete.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -20,11 +26,12 @@ use std::time::Duration;
 
 use actix::fut::ActorFuture;
 use actix::prelude::*;
-use actix_http::ws::{OpCode, Parser, ProtocolError as WsError};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
+use super::decoder::{self, DecodeError, Opcode};
 use super::frame;
 use super::outbox::Outbox;
 use crate::protocol::close;
@@ -37,116 +44,165 @@ const MAX_IOVECS: usize = 64;
 const READ_CHUNK: usize = 4096;
 /// Reads per poll before the transport yields to other connections on the thread.
 const READS_PER_POLL: usize = 16;
+/// Read-then-write rounds per poll while the client's answers keep draining.
+const ROUNDS_PER_POLL: usize = 4;
+
+/// Why a transport ended a connection on its own; the session counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A frame or a reassembled message larger than `max_message_bytes` (close 1009).
+    TooBig,
+    /// Broken framing or an invalid close frame (close 1002), or text that is not UTF-8 (close 1007).
+    Protocol,
+    /// The socket took no bytes for `write_timeout` while some were owed: the connection was aborted.
+    WriteTimeout,
+}
 
 /// What the session does with client input. The transport handles the WebSocket control frames itself.
 pub trait Endpoint: Actor<Context = Context<Self>> {
     /// A complete text message.
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>);
-    /// A data frame relayhub's protocol does not use (binary, fragmented); the connection stays open.
+    /// A data message relayhub's protocol does not use (binary); the connection stays open.
     fn on_unsupported(&mut self, what: &'static str, ctx: &mut Context<Self>);
     /// Something arrived from the client (any frame): it is alive.
     fn on_activity(&mut self);
     /// True while the session wants no further input (the previous frame is still being handled); the session
     /// wakes `waker` once it is ready again.
     fn input_paused(&mut self, waker: &Waker) -> bool;
+    /// The transport is closing or aborting the connection for `failure`.
+    fn on_failure(&mut self, failure: Failure);
+}
+
+/// A frame the connection refuses: how it is closed and why.
+struct Refusal {
+    failure: Failure,
+    code: u16,
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn protocol(reason: &'static str) -> Refusal {
+        Refusal {
+            failure: Failure::Protocol,
+            code: close::PROTOCOL,
+            reason,
+        }
+    }
+
+    fn invalid_data(reason: &'static str) -> Refusal {
+        Refusal {
+            failure: Failure::Protocol,
+            code: close::INVALID_DATA,
+            reason,
+        }
+    }
+}
+
+/// Limits one transport enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportLimits {
+    /// Largest message, whole or reassembled from fragments.
+    pub max_message_bytes: usize,
+    /// How long owed bytes may wait for a socket that takes none.
+    pub write_timeout: Duration,
 }
 
 pub struct Transport {
     io: TcpStream,
     outbox: Outbox,
     /// Frames taken from the outbox and not yet fully written (the first one possibly in part).
-    writing: VecDeque<Bytes>,
+    writing: VecDeque<bytes::Bytes>,
     /// Bytes of an incomplete client frame; no allocation between frames.
     input: BytesMut,
-    max_frame: usize,
-    /// A fragmented message is being skipped (its first frame was refused).
-    skipping_fragments: bool,
+    limits: TransportLimits,
+    /// The data opcode of the fragmented message being reassembled, if any.
+    fragmented: Option<Opcode>,
+    /// The fragments of that message so far (their total is within `max_message_bytes`).
+    message: BytesMut,
+    /// The client's input was left unread because the outbox is past its high-water mark.
+    backpressure: bool,
     /// The outbox holds (or held) a close frame.
     closing: bool,
     /// Everything, the close frame included, is written and the write side is shut down.
     write_shut: bool,
-    /// Set once closing: past it the socket is dropped whatever the client does.
-    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once a close is queued: past it the socket is dropped whatever the client does.
+    linger: Option<Pin<Box<Sleep>>>,
+    /// The linger was shortened to `CLOSE_LINGER` once the close frame was out.
+    linger_short: bool,
+    /// Set while owed bytes wait for the socket; reset whenever the socket takes some.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Bytes were written since `stall` was last set.
+    progressed: bool,
 }
 
 impl Transport {
     /// `input` holds bytes the HTTP layer read past the upgrade request (a client may send its first frame
     /// right behind it).
-    pub fn new(io: TcpStream, input: BytesMut, outbox: Outbox, max_frame: usize) -> Transport {
+    pub fn new(
+        io: TcpStream,
+        input: BytesMut,
+        outbox: Outbox,
+        limits: TransportLimits,
+    ) -> Transport {
         Transport {
             io,
             outbox,
             writing: VecDeque::new(),
             input,
-            max_frame,
-            skipping_fragments: false,
+            limits,
+            fragmented: None,
+            message: BytesMut::new(),
+            backpressure: false,
             closing: false,
             write_shut: false,
             linger: None,
+            linger_short: false,
+            stall: None,
+            progressed: false,
         }
     }
 
-    /// Parses and hands over every complete frame in `input`, unless the session pauses input or the
-    /// connection starts closing.
+    /// Whether no further client input is wanted now: the session is busy, or the client's own answers have
+    /// filled half its queue. Either way the transport is woken when that changes.
+    fn hold_input<A: Endpoint>(&mut self, act: &mut A, waker: &Waker) -> bool {
+        if act.input_paused(waker) {
+            return true;
+        }
+        // The writer wakes this task as the queue drains (a write ready again, or a push to an empty queue).
+        self.backpressure = self.outbox.backlogged();
+        self.backpressure
+    }
+
+    /// Decodes and hands over every complete frame in `input`, unless input is held or the connection starts
+    /// closing.
     fn process_input<A: Endpoint>(&mut self, act: &mut A, ctx: &mut Context<A>, waker: &Waker) {
         while !self.closing && !self.outbox.is_closing() {
-            if act.input_paused(waker) {
+            if self.hold_input(act, waker) {
                 return;
             }
-            let (fin, opcode, payload) = match Parser::parse(&mut self.input, true, self.max_frame)
-            {
+            // A fragment may bring the message up to the limit, not past it.
+            let allowance = self.limits.max_message_bytes - self.message.len();
+            let frame = match decoder::decode(&mut self.input, allowance) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(WsError::Overflow) => {
-                    let reason = format!("frame larger than {} bytes", self.max_frame);
-                    self.fail(close::TOO_BIG, &reason);
-                    return;
-                }
                 Err(error) => {
-                    log::debug!("websocket protocol error: {error}");
-                    self.fail(close::PROTOCOL, "protocol error");
+                    log::debug!("websocket frame refused: {error}");
+                    let refusal = match error {
+                        DecodeError::TooBig { .. } => Refusal {
+                            failure: Failure::TooBig,
+                            code: close::TOO_BIG,
+                            reason: "message larger than websocket.max_message_bytes",
+                        },
+                        _ => Refusal::protocol("protocol error"),
+                    };
+                    self.fail(act, refusal);
                     return;
                 }
             };
             act.on_activity();
-            let payload = payload.unwrap_or_default();
-            match opcode {
-                OpCode::Text | OpCode::Binary if !fin => {
-                    self.skipping_fragments = true;
-                    act.on_unsupported("fragmented frames are not supported", ctx);
-                }
-                OpCode::Continue => {
-                    if !self.skipping_fragments {
-                        // A continuation with no message to continue.
-                        self.fail(close::PROTOCOL, "unexpected continuation frame");
-                        return;
-                    }
-                    self.skipping_fragments = !fin;
-                }
-                OpCode::Text => match std::str::from_utf8(&payload) {
-                    Ok(text) => act.on_text(text, ctx),
-                    Err(_) => {
-                        self.fail(close::INVALID_DATA, "text frame is not UTF-8");
-                        return;
-                    }
-                },
-                OpCode::Binary => {
-                    act.on_unsupported("binary frames are not supported; send JSON text", ctx)
-                }
-                OpCode::Ping => self.outbox.push_or_close(frame::pong(&payload)),
-                OpCode::Pong => {}
-                OpCode::Close => {
-                    // Echo the client's code (RFC 6455 §5.5.1); a close without one is answered with 1000.
-                    let code = match payload.len() {
-                        0 | 1 => close::NORMAL,
-                        _ => u16::from_be_bytes([payload[0], payload[1]]),
-                    };
-                    self.outbox.close(code, "");
-                }
-                OpCode::Bad => {
-                    self.fail(close::PROTOCOL, "bad opcode");
-                    return;
-                }
+            if let Err(refusal) = self.handle_frame(frame, act, ctx) {
+                self.fail(act, refusal);
+                return;
             }
         }
         if self.input.is_empty() && self.input.capacity() > 0 {
@@ -155,10 +211,91 @@ impl Transport {
         }
     }
 
-    /// A protocol failure: nothing more is read, a close frame with `code` goes out.
-    fn fail(&mut self, code: u16, reason: &str) {
+    fn handle_frame<A: Endpoint>(
+        &mut self,
+        frame: decoder::Frame,
+        act: &mut A,
+        ctx: &mut Context<A>,
+    ) -> Result<(), Refusal> {
+        let payload = frame.payload;
+        match frame.opcode {
+            Opcode::Ping => self.outbox.push_or_close(frame::pong(&payload)),
+            Opcode::Pong => {}
+            Opcode::Close => self.answer_close(&payload)?,
+            Opcode::Text | Opcode::Binary if self.fragmented.is_some() => {
+                return Err(Refusal::protocol("new message inside a fragmented message"));
+            }
+            Opcode::Text | Opcode::Binary if frame.fin => {
+                Self::deliver(frame.opcode, &payload, act, ctx)?
+            }
+            Opcode::Text | Opcode::Binary => {
+                self.fragmented = Some(frame.opcode);
+                self.message = payload;
+            }
+            Opcode::Continuation => {
+                let Some(opcode) = self.fragmented else {
+                    return Err(Refusal::protocol("unexpected continuation frame"));
+                };
+                self.message.extend_from_slice(&payload);
+                if frame.fin {
+                    self.fragmented = None;
+                    // Taken, so the reassembly buffer is let go once the message is handled.
+                    let message = std::mem::take(&mut self.message);
+                    Self::deliver(opcode, &message, act, ctx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a complete data message to the session.
+    fn deliver<A: Endpoint>(
+        opcode: Opcode,
+        payload: &[u8],
+        act: &mut A,
+        ctx: &mut Context<A>,
+    ) -> Result<(), Refusal> {
+        if opcode == Opcode::Binary {
+            act.on_unsupported("binary frames are not supported; send JSON text", ctx);
+            return Ok(());
+        }
+        match std::str::from_utf8(payload) {
+            Ok(text) => {
+                act.on_text(text, ctx);
+                Ok(())
+            }
+            Err(_) => Err(Refusal::invalid_data("text frame is not UTF-8")),
+        }
+    }
+
+    /// Answers the client's close frame (RFC 6455 §5.5.1, §7.4): a valid code is echoed, an empty close is
+    /// answered with 1000, anything else is a protocol error.
+    fn answer_close(&mut self, payload: &[u8]) -> Result<(), Refusal> {
+        let code = match payload {
+            [] => close::NORMAL,
+            [_] => return Err(Refusal::protocol("close payload of 1 byte")),
+            [high, low, reason @ ..] => {
+                let code = u16::from_be_bytes([*high, *low]);
+                if !close_code_allowed(code) {
+                    return Err(Refusal::protocol("invalid close code"));
+                }
+                if std::str::from_utf8(reason).is_err() {
+                    return Err(Refusal::invalid_data("close reason is not UTF-8"));
+                }
+                code
+            }
+        };
+        self.outbox.close(code, "");
+        Ok(())
+    }
+
+    /// A refused frame: nothing more is read or kept, a close frame with the refusal's code goes out.
+    fn fail<A: Endpoint>(&mut self, act: &mut A, refusal: Refusal) {
+        act.on_failure(refusal.failure);
         self.input = BytesMut::new();
-        self.outbox.close(code, reason);
+        self.message = BytesMut::new();
+        self.fragmented = None;
+        self.outbox.close(refusal.code, refusal.reason);
     }
 
     /// Reads what the socket has, handing complete frames to the session (or discarding input once closing).
@@ -172,7 +309,7 @@ impl Transport {
         self.process_input(act, ctx, cx.waker());
         for _ in 0..READS_PER_POLL {
             let open = !self.closing && !self.outbox.is_closing();
-            if open && act.input_paused(cx.waker()) {
+            if open && self.hold_input(act, cx.waker()) {
                 return Poll::Pending;
             }
             // Uninitialised, so the wake-ups that find nothing to read do not clear 4 KiB each time.
@@ -228,6 +365,8 @@ impl Transport {
 
     /// Drops `written` bytes from the front of the frames being written.
     fn consume(&mut self, mut written: usize) {
+        self.outbox.written(written);
+        self.progressed = true;
         while written > 0 {
             let front = self
                 .writing
@@ -249,29 +388,67 @@ impl Transport {
         ctx: &mut Context<A>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        if self.poll_input(act, ctx, cx).is_ready() {
-            // The client may have closed only its sending side, right after its close frame: what is queued
-            // (the answering close frame) still goes out if the socket takes it now.
-            let _ = self.poll_output(cx);
-            return Poll::Ready(());
-        }
-        let flushed = match self.poll_output(cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(error)) => {
-                log::debug!("websocket write failed: {error}");
+        for _ in 0..ROUNDS_PER_POLL {
+            if self.poll_input(act, ctx, cx).is_ready() {
+                // The client may have closed only its sending side, right after its close frame: what is
+                // queued (the answering close frame) still goes out if the socket takes it now.
+                let _ = self.poll_output(cx);
                 return Poll::Ready(());
             }
-            Poll::Pending => false,
-        };
-        if !self.closing {
+            let flushed = match self.poll_output(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(error)) => {
+                    log::debug!("websocket write failed: {error}");
+                    return Poll::Ready(());
+                }
+                Poll::Pending => false,
+            };
+            // Input held back for the client's own answers, and the writer has drained them: read on.
+            if self.backpressure && !self.outbox.backlogged() {
+                self.backpressure = false;
+                continue;
+            }
+            return self.poll_deadlines(flushed, act, cx);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The write timeout, and the close sequence with its bounded linger. `flushed`: nothing is owed.
+    fn poll_deadlines<A: Endpoint>(
+        &mut self,
+        flushed: bool,
+        act: &mut A,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        if flushed {
+            self.stall = None;
+        } else {
+            let timeout = self.limits.write_timeout;
+            let stall = match &mut self.stall {
+                Some(stall) => {
+                    if self.progressed {
+                        stall.as_mut().reset(Instant::now() + timeout);
+                    }
+                    stall
+                }
+                None => self.stall.insert(Box::pin(tokio::time::sleep(timeout))),
+            };
+            self.progressed = false;
+            if stall.as_mut().poll(cx).is_ready() {
+                log::debug!("websocket write timeout: the client takes no bytes");
+                act.on_failure(Failure::WriteTimeout);
+                return Poll::Ready(());
+            }
+        }
+        if !self.closing && !self.outbox.is_closing() {
             return Poll::Pending;
         }
-        let linger = self
-            .linger
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_LINGER)));
-        if linger.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
+        // A close is queued. It gets the write timeout to reach the socket (a client that reads a byte now
+        // and then resets the stall forever), then the linger.
+        let linger = self.linger.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep(self.limits.write_timeout + CLOSE_LINGER))
+        });
         if flushed && !self.write_shut {
             match Pin::new(&mut self.io).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => self.write_shut = true,
@@ -279,9 +456,29 @@ impl Transport {
                 Poll::Pending => {}
             }
         }
-        // Reading continues (poll_input above) until the client closes its side or the linger ends.
+        if self.write_shut && !self.linger_short {
+            // The close frame is out: the client has the usual linger to answer.
+            self.linger_short = true;
+            let short = Instant::now() + CLOSE_LINGER;
+            if short < linger.deadline() {
+                linger.as_mut().reset(short);
+            }
+        }
+        if linger.as_mut().poll(cx).is_ready() {
+            if !flushed {
+                act.on_failure(Failure::WriteTimeout);
+            }
+            return Poll::Ready(());
+        }
+        // Reading continues (poll_input) until the client closes its side or the linger ends.
         Poll::Pending
     }
+}
+
+/// Close codes a client may send (RFC 6455 §7.4): the defined ones, except those that must never be on the wire
+/// (1005, 1006, 1015) or are unassigned, and the registered (3000-3999) and private (4000-4999) ranges.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 impl<A: Endpoint> ActorFuture<A> for Transport {

@@ -1,8 +1,8 @@
 //! Server-side WebSocket frames on the wire (RFC 6455 §5.2).
 //!
 //! A server never masks its frames, so the bytes of a frame depend only on its payload: a message is encoded
-//! once per publish and the same `Bytes` goes to every subscriber's socket. Client frames are parsed (and
-//! unmasked) by actix-http's parser in `connection.rs`.
+//! once per publish and the same `Bytes` goes to every subscriber's socket. Client frames are decoded (and
+//! unmasked) in `decoder.rs`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 

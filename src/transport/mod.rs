@@ -7,11 +7,13 @@
 //!
 //! - actix-http's HTTP/1 service still parses every request; its `upgrade` hook hands over the request and the
 //!   socket when a client asks for `Upgrade: websocket` ([`accept`]). Everything else is the actix-web app.
+//! - Client frames are decoded by relayhub ([`decoder`]), which checks a frame's length on its header.
 //! - A message is framed once per publish ([`frame`]), queued by reference in each subscriber's [`Outbox`], and
 //!   written with one vectored `write` per batch ([`connection`]).
 //! - An idle connection holds its session actor, its queue and a socket, and no buffers.
 
 pub mod connection;
+pub mod decoder;
 pub mod frame;
 pub mod outbox;
 
@@ -29,7 +31,7 @@ use tokio::net::TcpStream;
 use crate::hub::Hub;
 use crate::registry::Registry;
 
-pub use connection::{Endpoint, Transport};
+pub use connection::{Endpoint, Failure, Transport, TransportLimits};
 pub use outbox::{Full, Outbox};
 
 /// The path browsers connect to.
@@ -90,7 +92,7 @@ pub async fn accept(
         .unwrap_or_default();
     let accept_key = hash_key(key);
     let limits = hub.session_limits();
-    let outbox = Outbox::new(limits.mailbox_size);
+    let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes);
     // The 101 response goes out through the outbox, ahead of anything the session queues.
     let mut response = Vec::with_capacity(160);
     response.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
@@ -103,7 +105,7 @@ pub async fn accept(
     } else {
         BytesMut::from(&parts.read_buf[..])
     };
-    let transport = Transport::new(io, input, outbox.clone(), limits.max_message_bytes);
+    let transport = Transport::new(io, input, outbox.clone(), limits.transport());
     crate::session::start(hub, registry, limits, transport, outbox);
     Ok(())
 }

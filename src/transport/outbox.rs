@@ -7,7 +7,13 @@
 //! takes it, one syscall.
 //!
 //! The bound is the slow-consumer signal: a client that stops reading fills its socket buffer, then this queue,
-//! and the push that finds it full tells the producer to drop the client.
+//! and the push that finds it full tells the producer to drop the client. It is counted in frames and in bytes
+//! (a few large messages weigh as much as many small ones); the bytes include the batch the writer has taken
+//! and not yet written, so a connection never holds more than the byte bound, however its queue is split.
+//!
+//! Below the bound there is a high-water mark at half of it: past that the transport stops reading the
+//! client's requests until the queue drains, so a client that pipelines requests and reads its answers is
+//! slowed down, never mistaken for a slow consumer.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +34,10 @@ struct Queue {
     frames: VecDeque<Bytes>,
     /// Frames that may wait here before the client counts as slow.
     limit: usize,
+    /// Bytes queued here or taken by the writer and not yet written.
+    bytes: usize,
+    /// Bytes that may be owed to the client before it counts as slow.
+    max_bytes: usize,
     /// The writer, parked while the queue is empty.
     waker: Option<Waker>,
     /// A close frame is queued (or the connection is gone): nothing more is accepted.
@@ -39,10 +49,14 @@ struct Queue {
 pub struct Full;
 
 impl Outbox {
-    pub fn new(limit: usize) -> Outbox {
+    /// A queue for at most `limit` frames and `max_bytes` bytes (one frame is always accepted into an empty
+    /// queue, however large).
+    pub fn new(limit: usize, max_bytes: usize) -> Outbox {
         Outbox(Arc::new(Mutex::new(Queue {
             frames: VecDeque::new(),
             limit: limit.max(1),
+            bytes: 0,
+            max_bytes,
             waker: None,
             closing: false,
         })))
@@ -62,9 +76,12 @@ impl Outbox {
         if queue.closing {
             return Ok(());
         }
-        if queue.frames.len() >= queue.limit {
+        if queue.frames.len() >= queue.limit
+            || (queue.bytes > 0 && queue.bytes + frame.len() > queue.max_bytes)
+        {
             return Err(Full);
         }
+        queue.bytes += frame.len();
         queue.frames.push_back(frame);
         if queue.frames.len() == 1
             && let Some(waker) = &queue.waker
@@ -100,7 +117,9 @@ impl Outbox {
             return false;
         }
         queue.closing = true;
-        queue.frames.push_back(frame::close(code, reason));
+        let close = frame::close(code, reason);
+        queue.bytes += close.len();
+        queue.frames.push_back(close);
         if let Some(waker) = &queue.waker {
             waker.wake_by_ref();
         }
@@ -110,6 +129,19 @@ impl Outbox {
     /// Whether a close has been queued (or the connection is gone).
     pub fn is_closing(&self) -> bool {
         self.lock().closing
+    }
+
+    /// Past the high-water mark (half the bound in frames or in bytes): the connection should stop taking
+    /// requests from its client until the queue drains.
+    pub fn backlogged(&self) -> bool {
+        let queue = self.lock();
+        queue.frames.len() * 2 >= queue.limit || queue.bytes * 2 >= queue.max_bytes
+    }
+
+    /// Writer side: `n` bytes of the taken frames reached the socket.
+    pub(super) fn written(&self, n: usize) {
+        let mut queue = self.lock();
+        queue.bytes = queue.bytes.saturating_sub(n);
     }
 
     /// Writer side: moves every queued frame into `into` (empty on entry) and reports whether the queue is
@@ -133,6 +165,7 @@ impl Outbox {
         let mut queue = self.lock();
         queue.closing = true;
         queue.frames = VecDeque::new();
+        queue.bytes = 0;
         queue.waker = None;
     }
 }
@@ -161,7 +194,7 @@ mod tests {
     fn one_wake_per_batch_and_a_bound() {
         let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
-        let outbox = Outbox::new(3);
+        let outbox = Outbox::new(3, 1 << 20);
         let mut taken = VecDeque::new();
         assert!(!outbox.take(&mut taken, &waker));
         assert!(taken.is_empty());
@@ -183,7 +216,7 @@ mod tests {
 
     #[test]
     fn close_goes_last_and_ends_the_queue() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1 << 20);
         outbox.push(frame::text("a")).unwrap();
         assert!(outbox.close(1001, "bye"));
         assert!(!outbox.close(1000, "again"));
@@ -193,5 +226,26 @@ mod tests {
         assert!(outbox.take(&mut taken, &waker));
         assert_eq!(taken.len(), 2);
         assert_eq!(taken[1], frame::close(1001, "bye"));
+    }
+
+    #[test]
+    fn bytes_are_bounded_including_the_batch_being_written() {
+        let outbox = Outbox::new(100, 10);
+        let waker = Waker::from(Arc::new(CountingWaker(AtomicUsize::new(0))));
+        // One frame always fits an empty queue, whatever its size.
+        outbox.push(Bytes::from(vec![0; 25])).unwrap();
+        assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(Full));
+        // Taken by the writer but not written: still owed, still counted.
+        let mut taken = VecDeque::new();
+        outbox.take(&mut taken, &waker);
+        assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(Full));
+        assert!(outbox.backlogged());
+        outbox.written(20);
+        assert_eq!(outbox.push(Bytes::from_static(b"abcd")), Ok(()));
+        assert!(outbox.backlogged(), "9 of 10 bytes");
+        outbox.written(5);
+        assert!(!outbox.backlogged(), "4 of 10 bytes");
+        assert_eq!(outbox.push(Bytes::from_static(b"toolong")), Err(Full));
+        assert_eq!(outbox.push(Bytes::from_static(b"fits12")), Ok(()));
     }
 }
