@@ -51,8 +51,17 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Key required by `POST /api/publish` as `Authorization: Bearer <key>`; empty leaves the API open.
     pub api_key: String,
-    /// Token required by the polling control API; empty restricts it to loopback clients.
+    /// Token required by the polling control API; empty restricts it to loopback clients that did not come
+    /// through a proxy.
     pub admin_token: String,
+    /// Reverse proxies (IPs or CIDR ranges, `10.0.0.0/8`) whose `X-Forwarded-For` names the client for the
+    /// per-address connection budget. Without an admin token, a request from one of them is never trusted
+    /// as loopback.
+    pub trusted_proxies: Vec<String>,
+    /// Open WebSocket connections this replica accepts; past it, a handshake is answered 503.
+    pub max_connections: usize,
+    /// Open WebSocket connections one client address may hold; past it, a handshake is answered 503.
+    pub max_connections_per_ip: usize,
     /// How long a graceful shutdown may take before the process exits anyway.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
@@ -75,6 +84,9 @@ impl Default for ServerConfig {
             ],
             api_key: String::new(),
             admin_token: String::new(),
+            trusted_proxies: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 1000,
             shutdown_timeout: Duration::from_secs(10),
             instance_id: String::new(),
             web_root: "web".into(),
@@ -97,6 +109,16 @@ pub struct WebsocketConfig {
     pub max_subscriptions_per_connection: usize,
     /// Outgoing messages queued for one connection before it counts as a slow consumer.
     pub mailbox_size: usize,
+    /// Pattern subscriptions (`prices:*`) one connection may hold at once; each one is checked against every
+    /// message of its namespace, so they cost more than exact channels.
+    pub max_patterns_per_connection: usize,
+    /// Requests (text frames) per second one connection may make on average; more are answered `rate_limited`.
+    pub requests_per_second: u32,
+    /// Requests one connection may make at once above the average rate (the token bucket's size).
+    pub request_burst: u32,
+    /// A connection refused at least once in every second for this long is closed with 1008.
+    #[serde(deserialize_with = "de_duration")]
+    pub rate_limited_close_after: Duration,
 }
 
 impl Default for WebsocketConfig {
@@ -107,6 +129,10 @@ impl Default for WebsocketConfig {
             max_message_bytes: 64 * 1024,
             max_subscriptions_per_connection: 128,
             mailbox_size: 1024,
+            max_patterns_per_connection: 16,
+            requests_per_second: 50,
+            request_burst: 200,
+            rate_limited_close_after: Duration::from_secs(10),
         }
     }
 }
@@ -436,6 +462,25 @@ impl Config {
                 "must be longer than websocket.heartbeat_interval",
             );
         }
+        if self.websocket.requests_per_second == 0 {
+            return err("websocket.requests_per_second", "must be at least 1");
+        }
+        if self.websocket.request_burst == 0 {
+            return err("websocket.request_burst", "must be at least 1");
+        }
+        if self.websocket.rate_limited_close_after < Duration::from_secs(1) {
+            return err("websocket.rate_limited_close_after", "must be at least 1s");
+        }
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be at least 1");
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return err("server.max_connections_per_ip", "must be at least 1");
+        }
+        for entry in &self.server.trusted_proxies {
+            parse_proxy(entry)
+                .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
+        }
         if self.channels.max_channels == 0 {
             return err("channels.max_channels", "must be at least 1");
         }
@@ -542,6 +587,16 @@ impl Config {
             history_size: self.channels.history_size,
         }
     }
+}
+
+/// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{entry}` is not an IP address or a CIDR range like 10.0.0.0/8"))
 }
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {

@@ -174,6 +174,10 @@ impl Hub {
             max_message_bytes: ws.max_message_bytes,
             max_subscriptions: ws.max_subscriptions_per_connection,
             mailbox_size: ws.mailbox_size,
+            max_patterns: ws.max_patterns_per_connection,
+            requests_per_second: f64::from(ws.requests_per_second),
+            request_burst: f64::from(ws.request_burst),
+            rate_limited_close_after: ws.rate_limited_close_after,
         }
     }
 

@@ -27,6 +27,14 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
     pub rejected_messages: AtomicU64,
+    /// WebSocket handshakes refused by `server.max_connections` or `server.max_connections_per_ip`.
+    pub connections_refused: AtomicU64,
+    /// Client requests refused with `rate_limited`.
+    pub requests_rate_limited: AtomicU64,
+    /// Connections closed for staying over their request rate.
+    pub rate_limit_disconnects: AtomicU64,
+    /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
+    pub patterns_refused: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

@@ -37,5 +37,9 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "cache_hits": Stats::get(&s.cache_hits),
         "cache_misses": Stats::get(&s.cache_misses),
         "rejected_messages": Stats::get(&s.rejected_messages),
+        "connections_refused": Stats::get(&s.connections_refused),
+        "requests_rate_limited": Stats::get(&s.requests_rate_limited),
+        "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
+        "patterns_refused": Stats::get(&s.patterns_refused),
     }))
 }
