@@ -707,6 +707,17 @@ mod tests {
         assert_eq!(bare.websocket.mailbox_size, config.websocket.mailbox_size);
         assert_eq!(bare.redis.prefix, config.redis.prefix);
         assert_eq!(bare.channels.ttl, config.channels.ttl);
+        assert_eq!(bare.server.max_connections, config.server.max_connections);
+        assert_eq!(
+            bare.server.max_connections_per_ip,
+            config.server.max_connections_per_ip
+        );
+        assert_eq!(bare.server.trusted_proxies, config.server.trusted_proxies);
+        let (b, c) = (&bare.websocket, &config.websocket);
+        assert_eq!(b.max_patterns_per_connection, c.max_patterns_per_connection);
+        assert_eq!(b.requests_per_second, c.requests_per_second);
+        assert_eq!(b.request_burst, c.request_burst);
+        assert_eq!(b.rate_limited_close_after, c.rate_limited_close_after);
     }
 
     #[test]
@@ -735,6 +746,45 @@ mod tests {
                 .0
                 .contains("websocket.client_timeout")
         );
+    }
+
+    #[test]
+    fn edge_limits_are_validated_by_key() {
+        for (toml, key) in [
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"proxy.local\"]\n",
+                "server.trusted_proxies",
+            ),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nmax_connections_per_ip = 0\n",
+                "server.max_connections_per_ip",
+            ),
+            (
+                "[websocket]\nrequests_per_second = 0\n",
+                "websocket.requests_per_second",
+            ),
+            (
+                "[websocket]\nrequest_burst = 0\n",
+                "websocket.request_burst",
+            ),
+            (
+                "[websocket]\nrate_limited_close_after = \"0s\"\n",
+                "websocket.rate_limited_close_after",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap().validate().unwrap_err().0;
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let ok = Config::from_toml(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"]\n",
+        );
+        ok.unwrap().validate().unwrap();
+        assert_eq!(parse_proxy("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 
     #[test]
