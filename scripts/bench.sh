@@ -126,6 +126,8 @@ start_hub() {
 host = "127.0.0.1"
 port = $port
 instance_id = "bench-$name"
+# Every load-generator connection comes from loopback: one address, so its budget is the replica's.
+max_connections_per_ip = 100000
 
 [websocket]
 client_timeout = "120s"

@@ -51,8 +51,17 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Key required by `POST /api/publish` as `Authorization: Bearer <key>`; empty leaves the API open.
     pub api_key: String,
-    /// Token required by the polling control API; empty restricts it to loopback clients.
+    /// Token required by the polling control API; empty restricts it to loopback clients that did not come
+    /// through a proxy.
     pub admin_token: String,
+    /// Reverse proxies (IPs or CIDR ranges, `10.0.0.0/8`) whose `X-Forwarded-For` names the client for the
+    /// per-address connection budget. Without an admin token, a request from one of them is never trusted
+    /// as loopback.
+    pub trusted_proxies: Vec<String>,
+    /// Open WebSocket connections this replica accepts; past it, a handshake is answered 503.
+    pub max_connections: usize,
+    /// Open WebSocket connections one client address may hold; past it, a handshake is answered 503.
+    pub max_connections_per_ip: usize,
     /// How long a graceful shutdown may take before the process exits anyway.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
@@ -75,6 +84,9 @@ impl Default for ServerConfig {
             ],
             api_key: String::new(),
             admin_token: String::new(),
+            trusted_proxies: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 1000,
             shutdown_timeout: Duration::from_secs(10),
             instance_id: String::new(),
             web_root: "web".into(),
@@ -104,6 +116,16 @@ pub struct WebsocketConfig {
     /// handshake): a client that stopped reading cannot hold its socket, session and queue forever.
     #[serde(deserialize_with = "de_duration")]
     pub write_timeout: Duration,
+    /// Pattern subscriptions (`prices:*`) one connection may hold at once; each one is checked against every
+    /// message of its namespace, so they cost more than exact channels.
+    pub max_patterns_per_connection: usize,
+    /// Requests (text frames) per second one connection may make on average; more are answered `rate_limited`.
+    pub requests_per_second: u32,
+    /// Requests one connection may make at once above the average rate (the token bucket's size).
+    pub request_burst: u32,
+    /// A connection refused at least once in every second for this long is closed with 1008.
+    #[serde(deserialize_with = "de_duration")]
+    pub rate_limited_close_after: Duration,
 }
 
 impl Default for WebsocketConfig {
@@ -116,6 +138,10 @@ impl Default for WebsocketConfig {
             mailbox_size: 1024,
             max_queued_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            max_patterns_per_connection: 16,
+            requests_per_second: 50,
+            request_burst: 200,
+            rate_limited_close_after: Duration::from_secs(10),
         }
     }
 }
@@ -454,6 +480,25 @@ impl Config {
                 "must be longer than websocket.heartbeat_interval",
             );
         }
+        if self.websocket.requests_per_second == 0 {
+            return err("websocket.requests_per_second", "must be at least 1");
+        }
+        if self.websocket.request_burst == 0 {
+            return err("websocket.request_burst", "must be at least 1");
+        }
+        if self.websocket.rate_limited_close_after < Duration::from_secs(1) {
+            return err("websocket.rate_limited_close_after", "must be at least 1s");
+        }
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be at least 1");
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return err("server.max_connections_per_ip", "must be at least 1");
+        }
+        for entry in &self.server.trusted_proxies {
+            parse_proxy(entry)
+                .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
+        }
         if self.channels.max_channels == 0 {
             return err("channels.max_channels", "must be at least 1");
         }
@@ -560,6 +605,16 @@ impl Config {
             history_size: self.channels.history_size,
         }
     }
+}
+
+/// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{entry}` is not an IP address or a CIDR range like 10.0.0.0/8"))
 }
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
@@ -670,6 +725,17 @@ mod tests {
         assert_eq!(bare.websocket.mailbox_size, config.websocket.mailbox_size);
         assert_eq!(bare.redis.prefix, config.redis.prefix);
         assert_eq!(bare.channels.ttl, config.channels.ttl);
+        assert_eq!(bare.server.max_connections, config.server.max_connections);
+        assert_eq!(
+            bare.server.max_connections_per_ip,
+            config.server.max_connections_per_ip
+        );
+        assert_eq!(bare.server.trusted_proxies, config.server.trusted_proxies);
+        let (b, c) = (&bare.websocket, &config.websocket);
+        assert_eq!(b.max_patterns_per_connection, c.max_patterns_per_connection);
+        assert_eq!(b.requests_per_second, c.requests_per_second);
+        assert_eq!(b.request_burst, c.request_burst);
+        assert_eq!(b.rate_limited_close_after, c.rate_limited_close_after);
     }
 
     #[test]
@@ -717,6 +783,45 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("websocket.write_timeout"), "{e}");
+    }
+
+    #[test]
+    fn edge_limits_are_validated_by_key() {
+        for (toml, key) in [
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"proxy.local\"]\n",
+                "server.trusted_proxies",
+            ),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nmax_connections_per_ip = 0\n",
+                "server.max_connections_per_ip",
+            ),
+            (
+                "[websocket]\nrequests_per_second = 0\n",
+                "websocket.requests_per_second",
+            ),
+            (
+                "[websocket]\nrequest_burst = 0\n",
+                "websocket.request_burst",
+            ),
+            (
+                "[websocket]\nrate_limited_close_after = \"0s\"\n",
+                "websocket.rate_limited_close_after",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap().validate().unwrap_err().0;
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let ok = Config::from_toml(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"]\n",
+        );
+        ok.unwrap().validate().unwrap();
+        assert_eq!(parse_proxy("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 
     #[test]

@@ -176,6 +176,10 @@ impl Hub {
             mailbox_size: ws.mailbox_size,
             max_queued_bytes: ws.max_queued_bytes,
             write_timeout: ws.write_timeout,
+            max_patterns: ws.max_patterns_per_connection,
+            requests_per_second: f64::from(ws.requests_per_second),
+            request_burst: f64::from(ws.request_burst),
+            rate_limited_close_after: ws.rate_limited_close_after,
         }
     }
 

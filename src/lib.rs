@@ -225,6 +225,12 @@ fn warn_about_open_doors(config: &Config) {
             "server.api_key is not set: POST /api/publish is open to anyone who can reach this port"
         );
     }
+    if config.server.admin_token.is_empty() {
+        log::warn!(
+            "server.admin_token is not set: the polling API answers loopback clients only, and none that come \
+             through a proxy (X-Forwarded-For, Forwarded, or a peer in server.trusted_proxies)"
+        );
+    }
     if config.server.allowed_origins.iter().any(|o| o == "*") {
         log::warn!("server.allowed_origins contains \"*\": any web page may connect to this hub");
     }

@@ -20,7 +20,7 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     /// A text frame that is not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
-    /// Policy violation (heartbeat timeout, slow consumer, bad origin).
+    /// Policy violation (heartbeat timeout, slow consumer, staying over the request rate).
     pub const POLICY: u16 = 1008;
     /// A frame was larger than `websocket.max_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
@@ -44,6 +44,10 @@ pub enum ErrorCode {
     Forbidden,
     /// The connection already holds `max_subscriptions_per_connection` subscriptions.
     TooManySubscriptions,
+    /// The connection already holds `max_patterns_per_connection` pattern subscriptions.
+    TooManyPatterns,
+    /// The connection is over its request rate (`websocket.requests_per_second`); the request was not run.
+    RateLimited,
     /// The backend could not take the request now (Redis down); retry later.
     Unavailable,
     /// Something failed on the server.
@@ -59,6 +63,8 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TooManyPatterns => "too_many_patterns",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -63,6 +63,8 @@ pub fn serve(
         builder = builder.workers(config.server.workers);
     }
     let max_body = config.websocket.max_message_bytes;
+    // One for all workers: the connection budgets are the replica's.
+    let admission = http::admission::Admission::new(config);
     let mut addrs = Vec::new();
     for listener in listeners {
         let local = listener.local_addr()?;
@@ -70,6 +72,7 @@ pub fn serve(
         let hub = hub.clone();
         let poller_slot = poller_slot.clone();
         let demo_state = demo_state.clone();
+        let admission = admission.clone();
         builder = builder.listen(format!("relayhub-{local}"), listener, move || {
             let registry = hub.start_registry();
             let demo_state = demo_state.clone();
@@ -77,6 +80,7 @@ pub fn serve(
                 .app_data(web::Data::new(hub.clone()))
                 .app_data(web::Data::new(registry.clone()))
                 .app_data(web::Data::new(poller_slot.clone()))
+                .app_data(web::Data::from(admission.clone()))
                 .app_data(web::PayloadConfig::new(max_body))
                 .configure(http::routes)
                 .configure(move |cfg| {
@@ -86,6 +90,7 @@ pub fn serve(
                 })
                 .configure(http::static_routes);
             let upgrade_hub = hub.clone();
+            let admission = admission.clone();
             HttpService::build()
                 // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back.
                 .tcp_nodelay(true)
@@ -93,7 +98,12 @@ pub fn serve(
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .local_addr(local)
                 .upgrade(fn_service(move |upgrade: transport::Upgrade| {
-                    transport::accept(upgrade, upgrade_hub.clone(), registry.clone())
+                    transport::accept(
+                        upgrade,
+                        upgrade_hub.clone(),
+                        registry.clone(),
+                        admission.clone(),
+                    )
                 }))
                 .finish(map_config(
                     app.into_factory()

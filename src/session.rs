@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::http::admission::ConnectionPermit;
 use crate::hub::{Hub, PublishError};
 use crate::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
 use crate::protocol::{
@@ -28,6 +29,10 @@ pub struct SessionLimits {
     pub mailbox_size: usize,
     pub max_queued_bytes: usize,
     pub write_timeout: Duration,
+    pub max_patterns: usize,
+    pub requests_per_second: f64,
+    pub request_burst: f64,
+    pub rate_limited_close_after: Duration,
 }
 
 impl SessionLimits {
@@ -36,6 +41,63 @@ impl SessionLimits {
         TransportLimits {
             max_message_bytes: self.max_message_bytes,
             write_timeout: self.write_timeout,
+        }
+    }
+}
+
+/// A connection's request budget: a token bucket refilled at `requests_per_second` up to `request_burst`.
+/// Refused requests do not run, so a flood costs a parse and an error frame each, not a publish or a
+/// subscribe. A connection that is refused at least once in every second for `rate_limited_close_after` is
+/// not slowing down and is closed.
+#[derive(Debug)]
+struct RequestBudget {
+    tokens: f64,
+    refilled: Instant,
+    /// Start of the current run of refusals without a quiet second in between.
+    limited_since: Option<Instant>,
+    last_refused: Instant,
+}
+
+/// What the budget says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Run,
+    Refuse,
+    Close,
+}
+
+/// A run of refusals ends when a second passes without one.
+const QUIET_GAP: Duration = Duration::from_secs(1);
+
+impl RequestBudget {
+    fn new(limits: &SessionLimits, now: Instant) -> RequestBudget {
+        RequestBudget {
+            tokens: limits.request_burst,
+            refilled: now,
+            limited_since: None,
+            last_refused: now,
+        }
+    }
+
+    fn take(&mut self, limits: &SessionLimits, now: Instant) -> Verdict {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * limits.requests_per_second).min(limits.request_burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Run;
+        }
+        let since = match self.limited_since {
+            Some(since) if now.saturating_duration_since(self.last_refused) < QUIET_GAP => since,
+            _ => now,
+        };
+        self.limited_since = Some(since);
+        self.last_refused = now;
+        if now.saturating_duration_since(since) >= limits.rate_limited_close_after {
+            Verdict::Close
+        } else {
+            Verdict::Refuse
         }
     }
 }
@@ -49,6 +111,10 @@ pub struct Session {
     last_seen: Instant,
     /// Exact channels and pattern prefixes (with their `*`) this connection is subscribed to.
     subscriptions: HashSet<String>,
+    /// How many of `subscriptions` are patterns.
+    patterns: usize,
+    /// Requests this connection may still make now.
+    budget: RequestBudget,
     /// Frames to the client, shared with the registry and written by the transport.
     outbox: Outbox,
     /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
@@ -56,6 +122,8 @@ pub struct Session {
     publishing: bool,
     /// The transport, parked while `publishing`.
     resume_input: Option<Waker>,
+    /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
+    _permit: ConnectionPermit,
 }
 
 impl Session {
@@ -64,6 +132,7 @@ impl Session {
         registry: Addr<Registry>,
         limits: SessionLimits,
         outbox: Outbox,
+        permit: ConnectionPermit,
     ) -> Session {
         Session {
             id: hub.next_session_id(),
@@ -72,9 +141,12 @@ impl Session {
             limits,
             last_seen: Instant::now(),
             subscriptions: HashSet::new(),
+            patterns: 0,
+            budget: RequestBudget::new(&limits, Instant::now()),
             outbox,
             publishing: false,
             resume_input: None,
+            _permit: permit,
         }
     }
 
@@ -94,9 +166,38 @@ impl Session {
         });
     }
 
+    /// Spends one request of the budget; `false` when the request must not run (it has been answered, or the
+    /// connection is being closed).
+    fn admit_request(&mut self, id: &RequestId) -> bool {
+        match self.budget.take(&self.limits, Instant::now()) {
+            Verdict::Run => true,
+            Verdict::Refuse => {
+                Stats::add(&self.hub.stats().requests_rate_limited, 1);
+                let message = format!(
+                    "more than {} requests per second",
+                    self.limits.requests_per_second
+                );
+                self.send_error(id, &ProtocolError::new(ErrorCode::RateLimited, message));
+                false
+            }
+            Verdict::Close => {
+                Stats::add(&self.hub.stats().requests_rate_limited, 1);
+                if self.outbox.close(close::POLICY, "request rate exceeded") {
+                    Stats::add(&self.hub.stats().rate_limit_disconnects, 1);
+                    log::debug!("session {}: closed for its request rate", self.id);
+                }
+                false
+            }
+        }
+    }
+
     fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let parsed = parse_client_frame(text);
         let id = parsed.id;
+        // Malformed frames spend the budget too: each one costs a parse and an answer.
+        if !self.admit_request(&id) {
+            return;
+        }
         let frame = match parsed.frame {
             Ok(frame) => frame,
             Err(error) => {
@@ -140,6 +241,17 @@ impl Session {
                 .push_text(&protocol::subscribed_frame(id, &name));
             return Ok(());
         }
+        let is_pattern = matches!(target, Target::Pattern(_));
+        if is_pattern && self.patterns >= self.limits.max_patterns {
+            Stats::add(&self.hub.stats().patterns_refused, 1);
+            return Err(ProtocolError::new(
+                ErrorCode::TooManyPatterns,
+                format!(
+                    "at most {} pattern subscriptions per connection",
+                    self.limits.max_patterns
+                ),
+            ));
+        }
         if self.subscriptions.len() >= self.limits.max_subscriptions {
             return Err(ProtocolError::new(
                 ErrorCode::TooManySubscriptions,
@@ -151,6 +263,7 @@ impl Session {
         }
         let ack = frame::text(&protocol::subscribed_frame(id, &name));
         self.subscriptions.insert(name);
+        self.patterns += usize::from(is_pattern);
         self.registry.do_send(Subscribe {
             id: self.id,
             target,
@@ -167,6 +280,7 @@ impl Session {
                 format!("not subscribed to `{name}`"),
             ));
         }
+        self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
         self.registry.do_send(Unsubscribe {
             id: self.id,
             target,
@@ -249,7 +363,9 @@ impl Endpoint for Session {
     }
 
     fn on_unsupported(&mut self, what: &'static str, _: &mut Context<Self>) {
-        self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
+        if self.admit_request(&None) {
+            self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
+        }
     }
 
     fn on_activity(&mut self) {
@@ -284,9 +400,63 @@ pub fn start(
     limits: SessionLimits,
     transport: Transport,
     outbox: Outbox,
+    permit: ConnectionPermit,
 ) {
     Session::create(move |ctx| {
         ctx.spawn(transport);
-        Session::new(hub, registry, limits, outbox)
+        Session::new(hub, registry, limits, outbox, permit)
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> SessionLimits {
+        SessionLimits {
+            heartbeat_interval: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(60),
+            max_message_bytes: 65536,
+            max_subscriptions: 128,
+            mailbox_size: 1024,
+            max_queued_bytes: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            max_patterns: 16,
+            requests_per_second: 10.0,
+            request_burst: 20.0,
+            rate_limited_close_after: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn the_budget_refills_and_closes_only_a_sustained_flood() {
+        let limits = limits();
+        let t0 = Instant::now();
+        let mut budget = RequestBudget::new(&limits, t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        for _ in 0..20 {
+            assert_eq!(budget.take(&limits, t0), Verdict::Run);
+        }
+        assert_eq!(budget.take(&limits, t0), Verdict::Refuse);
+        // 100 ms refill one token at 10 per second.
+        assert_eq!(budget.take(&limits, ms(100)), Verdict::Run);
+        assert_eq!(budget.take(&limits, ms(100)), Verdict::Refuse);
+        // Quiet for more than a second (11 tokens back): the next run of refusals starts over.
+        for _ in 0..11 {
+            assert_eq!(budget.take(&limits, ms(1200)), Verdict::Run);
+        }
+        assert_eq!(budget.take(&limits, ms(1200)), Verdict::Refuse);
+        // Asked every 50 ms, twice the refill rate: refused every other time, for the whole window: closed.
+        let mut verdict = Verdict::Run;
+        let mut at = 1200;
+        while at <= 1200 + 5000 {
+            at += 50;
+            verdict = budget.take(&limits, ms(at));
+            if verdict == Verdict::Close {
+                break;
+            }
+        }
+        assert_eq!(verdict, Verdict::Close);
+        assert!(at >= 1200 + 5000, "closed after {at} ms");
+    }
 }

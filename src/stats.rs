@@ -33,6 +33,14 @@ pub struct Stats {
     pub frames_too_big: AtomicU64,
     /// WebSocket connections closed with 1002 or 1007: broken framing, an invalid close, text not UTF-8.
     pub protocol_errors: AtomicU64,
+    /// WebSocket handshakes refused by `server.max_connections` or `server.max_connections_per_ip`.
+    pub connections_refused: AtomicU64,
+    /// Client requests refused with `rate_limited`.
+    pub requests_rate_limited: AtomicU64,
+    /// Connections closed for staying over their request rate.
+    pub rate_limit_disconnects: AtomicU64,
+    /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
+    pub patterns_refused: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

@@ -332,6 +332,12 @@ async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
         "{}",
         process.output()
     );
+    // No admin token in this config: the start says who the admin API answers.
+    assert!(
+        process.output().contains("server.admin_token is not set"),
+        "{}",
+        process.output()
+    );
     let (status, stats) = get_json(&format!("http://{base}/api/stats")).await;
     assert_eq!((status, &stats["mode"]), (200, &json!("memory")), "{stats}");
 

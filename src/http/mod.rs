@@ -1,5 +1,6 @@
 //! The HTTP edge: routes, the JSON error shape, origin checks and CORS. One file per route group.
 
+pub mod admission;
 pub mod channels;
 pub mod health;
 pub mod polling;
@@ -65,6 +66,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(health::ready))
         .service(
             web::scope("/api")
+                .wrap(actix_web::middleware::from_fn(refuse_foreign_writes))
                 .wrap(actix_web::middleware::from_fn(cors))
                 .route("/publish", web::post().to(publish::publish))
                 .route("/stats", web::get().to(stats::stats))
@@ -130,6 +132,27 @@ fn origin_matches(allowed: &str, origin: &str, own_host: &str) -> bool {
             None => allowed.eq_ignore_ascii_case(origin),
         },
     }
+}
+
+/// Every state-changing request (anything but GET, HEAD and OPTIONS) from a browser page whose origin is not
+/// allowed gets 403. CORS only hides the answer from a page; a form or `text/plain` POST from any site would
+/// still act through its visitors' browsers, loopback ones included. Browsers always send `Origin` on a
+/// cross-origin POST; servers send none.
+async fn refuse_foreign_writes(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let allowed = safe
+        || req
+            .app_data::<web::Data<Hub>>()
+            .is_some_and(|hub| origin_allowed(req.headers(), hub.config()));
+    if !allowed {
+        let (http_req, _) = req.into_parts();
+        let response = error_response(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
+        return Ok(ServiceResponse::new(http_req, response));
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
 }
 
 /// CORS for the allowed origins: preflights answered here, responses tagged with the origin.

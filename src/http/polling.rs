@@ -1,5 +1,6 @@
 //! The polling control API (admin): start, stop and list jobs, list sources. Requires
-//! `Authorization: Bearer <admin_token>`; with no token configured only loopback clients are served.
+//! `Authorization: Bearer <admin_token>`; with no token configured only loopback clients are served, and none
+//! that came through a proxy (a proxy on the same host would make everyone behind it look like loopback).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -8,6 +9,7 @@ use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 
+use crate::http::admission::Admission;
 use crate::http::{ApiError, bearer_token, constant_time_eq};
 use crate::hub::Hub;
 use crate::poller::{ListJobs, PollError, Poller, StartJob, StopJob};
@@ -18,8 +20,20 @@ pub type PollerSlot = Arc<OnceLock<(Addr<Poller>, serde_json::Value)>>;
 fn authorize(req: &HttpRequest, hub: &Hub) -> Result<(), ApiError> {
     let token = &hub.config().server.admin_token;
     if token.is_empty() {
-        let loopback = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
-        return if loopback {
+        let peer = req.peer_addr().map(|a| a.ip().to_canonical());
+        let proxied = match req.app_data::<web::Data<Admission>>() {
+            Some(admission) => admission.via_proxy(peer, req.headers()),
+            // Not reachable from the server (it always registers one); refuse rather than trust.
+            None => true,
+        };
+        if proxied {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "no admin token is configured and this request came through a proxy: set server.admin_token",
+            ));
+        }
+        return if peer.is_some_and(|ip| ip.is_loopback()) {
             Ok(())
         } else {
             Err(ApiError::new(

@@ -1,12 +1,13 @@
 //! `POST /api/publish`: the HTTP way in for producers. Same validation, limits and publish path as a
-//! WebSocket client's publish, plus the API key; a browser page of an origin not in `allowed_origins` gets 403.
+//! WebSocket client's publish, plus the API key. (A browser page of an origin not in `allowed_origins` is
+//! refused before it gets here, like every state-changing request: see `http::refuse_foreign_writes`.)
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
-use crate::http::{bearer_token, constant_time_eq, error_response, origin_allowed};
+use crate::http::{bearer_token, constant_time_eq, error_response};
 use crate::hub::{Hub, PublishError};
 use crate::protocol::validate_channel;
 
@@ -41,11 +42,6 @@ pub async fn read_body(
 
 pub async fn publish(req: HttpRequest, payload: web::Payload, hub: web::Data<Hub>) -> HttpResponse {
     let config = hub.config();
-    // CORS only hides the answer from a page; a form or `text/plain` POST from any site would still publish
-    // through its visitors' browsers. Browsers always send `Origin` on a cross-origin POST; servers send none.
-    if !origin_allowed(req.headers(), config) {
-        return error_response(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
-    }
     if !config.server.api_key.is_empty() {
         let ok = bearer_token(&req)
             .is_some_and(|t| constant_time_eq(t.as_bytes(), config.server.api_key.as_bytes()));

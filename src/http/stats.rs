@@ -40,5 +40,9 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "write_timeouts": Stats::get(&s.write_timeouts),
         "frames_too_big": Stats::get(&s.frames_too_big),
         "protocol_errors": Stats::get(&s.protocol_errors),
+        "connections_refused": Stats::get(&s.connections_refused),
+        "requests_rate_limited": Stats::get(&s.requests_rate_limited),
+        "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
+        "patterns_refused": Stats::get(&s.patterns_refused),
     }))
 }

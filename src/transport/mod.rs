@@ -28,6 +28,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+
+use crate::http::admission::Admission;
 use crate::hub::Hub;
 use crate::registry::Registry;
 
@@ -46,6 +49,7 @@ pub async fn accept(
     (request, framed): Upgrade,
     hub: Hub,
     registry: Addr<Registry>,
+    admission: Arc<Admission>,
 ) -> Result<(), actix_web::Error> {
     let parts = framed.into_parts();
     let mut io = parts.io;
@@ -75,16 +79,38 @@ pub async fn accept(
     } else {
         None
     };
-    if let Some((status, code, message)) = refusal {
-        let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-        let response = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        io.write_all(response.as_bytes()).await?;
-        io.shutdown().await?;
-        return Ok(());
-    }
+    // Checked last, so a handshake that is refused anyway takes no slot. The permit goes into the session and
+    // is given back when the session's context is dropped, however the connection ends.
+    let admitted = match refusal {
+        Some(refusal) => Err(refusal),
+        None => {
+            let peer = io
+                .peer_addr()
+                .map(|a| a.ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            let ip = admission.client_ip(peer, &head.headers);
+            admission.admit(ip, hub.stats()).map_err(|refused| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_connections",
+                    refused.message(),
+                )
+            })
+        }
+    };
+    let permit = match admitted {
+        Ok(permit) => permit,
+        Err((status, code, message)) => {
+            let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            io.write_all(response.as_bytes()).await?;
+            io.shutdown().await?;
+            return Ok(());
+        }
+    };
     let key = head
         .headers
         .get(header::SEC_WEBSOCKET_KEY)
@@ -106,7 +132,7 @@ pub async fn accept(
         BytesMut::from(&parts.read_buf[..])
     };
     let transport = Transport::new(io, input, outbox.clone(), limits.transport());
-    crate::session::start(hub, registry, limits, transport, outbox);
+    crate::session::start(hub, registry, limits, transport, outbox, permit);
     Ok(())
 }
 
