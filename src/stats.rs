@@ -27,6 +27,8 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
     pub rejected_messages: AtomicU64,
+    /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
+    pub jobs_refused: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

@@ -37,5 +37,6 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "cache_hits": Stats::get(&s.cache_hits),
         "cache_misses": Stats::get(&s.cache_misses),
         "rejected_messages": Stats::get(&s.rejected_messages),
+        "jobs_refused": Stats::get(&s.jobs_refused),
     }))
 }
