@@ -688,6 +688,10 @@ mod tests {
                 .0
                 .contains("websocket.client_timeout")
         );
+        let mut c = Config::default();
+        assert_eq!(c.poller.max_jobs, 1000);
+        c.poller.max_jobs = 0;
+        assert!(c.validate().unwrap_err().0.contains("poller.max_jobs"));
     }
 
     #[test]

@@ -161,7 +161,8 @@ function safeCall(fn, ...args) {
  * ```
  *
  * Status values: `connecting` (first attempt), `open`, `reconnecting` (lost, retrying with backoff; the REST
- * fallback runs once an attempt has failed), `closed` (after {@link RelayHub#close}, or after `maxAttempts` failed attempts;
+ * fallback runs once an attempt has failed), `closed` (after {@link RelayHub#close}, or after `maxAttempts`
+ * failed attempts;
  * in the latter case the REST fallback keeps polling until `close()`, and {@link RelayHub#connect} tries again).
  *
  * Events (see {@link RelayHub#on}): `status` (state, detail), `latency` (ms), `error` ({code, message, channel,
@@ -215,8 +216,11 @@ export class RelayHub {
     /** The jittered wait before the REST fallback starts; null when none is planned. */
     this._fallbackDelayTimer = null;
     this._fallbackRunning = false;
-    /** Whether the current socket opened (its loss is an outage) or not yet (its loss is a failed attempt). */
-    this._opened = false;
+    /**
+     * Whether the hub answered on the current socket: its loss is then an outage; a socket lost before any
+     * answer (never opened, or closed at once by a proxy) is a failed attempt.
+     */
+    this._answered = false;
     this._gaveUp = false;
 
     this.connect();
@@ -403,7 +407,7 @@ export class RelayHub {
       return;
     }
     this._ws = ws;
-    this._opened = false;
+    this._answered = false;
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (ev) => this._onFrame(ws, ev.data);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
@@ -422,7 +426,6 @@ export class RelayHub {
     if (this._ws !== ws) return;
     clearTimeout(this._connectTimer);
     this._connectTimer = null;
-    this._opened = true;
     this._lastFrameAt = Date.now();
     this._unansweredSince = null;
     this._pings.clear();
@@ -440,6 +443,7 @@ export class RelayHub {
     this._unansweredSince = null;
     // A server that answers proves the link works: the next outage starts a fresh backoff series.
     this._attempt = 0;
+    this._answered = true;
     if (typeof raw !== "string") return; // the protocol is text frames only
     let frame;
     try {
@@ -511,7 +515,7 @@ export class RelayHub {
   /** Forgets the current socket (closing it if needed) and plans the next attempt. */
   _lose(ws, code, reason) {
     if (this._ws !== ws) return;
-    const failed = !this._opened;
+    const failed = !this._answered;
     this._dropSocket(4000, "replaced");
     this._failPending(new Error(`RelayHub: connection lost (${code})`));
     this._scheduleReconnect({ code, reason, failed });
@@ -538,7 +542,8 @@ export class RelayHub {
   }
 
   /**
-   * Plans the next attempt. `failed`: the socket never opened (a failed attempt), rather than an open link lost.
+   * Plans the next attempt. `failed`: the socket was lost before the hub answered (a failed attempt), rather than
+   * a working link lost.
    * The REST fallback starts only after a failed attempt: a hub that comes straight back (a deploy) costs no
    * round of REST requests from every client.
    */
