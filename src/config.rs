@@ -342,12 +342,17 @@ pub struct PollerConfig {
     /// How long a replica owns a job without renewing it; renewed every third of it.
     #[serde(deserialize_with = "de_duration")]
     pub lease: Duration,
+    /// Most polling jobs the fleet keeps (counted where jobs are stored: in Redis, fleet-wide). Every new
+    /// `auto_start` channel creates one, so without a bound anyone who can subscribe can grow the job set.
+    /// Past it `POST /api/polling/start` answers 429 `too_many_jobs` and auto-start starts nothing.
+    pub max_jobs: usize,
 }
 
 impl Default for PollerConfig {
     fn default() -> Self {
         Self {
             lease: Duration::from_secs(10),
+            max_jobs: 1000,
         }
     }
 }
@@ -514,6 +519,9 @@ impl Config {
         }
         if self.poller.lease < Duration::from_millis(300) {
             return err("poller.lease", "must be at least 300ms");
+        }
+        if self.poller.max_jobs == 0 {
+            return err("poller.max_jobs", "must be at least 1");
         }
         for name in self.namespaces.keys() {
             if name.is_empty()
@@ -764,6 +772,10 @@ mod tests {
                 .0
                 .contains("websocket.client_timeout")
         );
+        let mut c = Config::default();
+        assert_eq!(c.poller.max_jobs, 1000);
+        c.poller.max_jobs = 0;
+        assert!(c.validate().unwrap_err().0.contains("poller.max_jobs"));
     }
 
     #[test]

@@ -65,6 +65,12 @@ impl Keys {
         format!("{}jobstatus:{job}", self.prefix)
     }
 
+    /// Marks that some replica has pattern subscribers of a prefix, refreshed by its poller and expiring
+    /// when not (an `auto_stop` job under the prefix keeps running): `<prefix>patsub:<pattern prefix>`.
+    pub fn pattern_presence(&self, pattern_prefix: &str) -> String {
+        format!("{}patsub:{pattern_prefix}", self.prefix)
+    }
+
     /// Marks an ingested message as cached, so one replica writes it: `<prefix>ingested:<channel>:<hash>`.
     pub fn ingested(&self, channel: &str, hash: u64) -> String {
         format!("{}ingested:{channel}:{hash:016x}", self.prefix)

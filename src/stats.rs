@@ -41,6 +41,8 @@ pub struct Stats {
     pub rate_limit_disconnects: AtomicU64,
     /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
     pub patterns_refused: AtomicU64,
+    /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
+    pub jobs_refused: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::upstream::{Mode, Upstream};
-use common::{RedisServer, TestHub, eventually, get_json, post_json};
+use common::{RedisServer, TestHub, eventually, get_json, post_json, wait_ready};
 
 fn source_config(upstream: &Upstream, extra: &str) -> String {
     format!(
@@ -381,4 +381,210 @@ async fn polling_api_validates_parameters_and_requires_the_admin_token() {
     )
     .await;
     assert_eq!(status, 404);
+}
+
+/// One value of `INFO <section>` of the private Redis (`cmdstat_evalsha` -> its `calls`, or a plain field).
+fn redis_info(redis: &RedisServer, section: &str, field: &str) -> u64 {
+    let info = redis.cmd(&["INFO", section]).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .map(|rest| {
+            let value = rest.strip_prefix("calls=").unwrap_or(rest);
+            value
+                .split([',', '\r'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .unwrap_or(0)
+}
+
+/// The next live message, skipping the snapshots a pattern subscription starts with.
+async fn next_message(ws: &mut common::Ws) -> Value {
+    loop {
+        let frame = ws.recv().await;
+        if frame["type"] == "message" {
+            return frame;
+        }
+        assert_eq!(frame["type"], "snapshot", "{frame}");
+    }
+}
+
+#[actix_web::test]
+async fn the_job_limit_is_fleet_wide_and_answers_429_too_many_jobs() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let config = format!(
+        "{}{}\n[poller]\nmax_jobs = 3\n",
+        redis_config(&redis),
+        source_config(&upstream, "").replace("[poller]\nlease = \"2s\"\n", "")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    start_job(&hubs[0], "ticker", json!({"symbol": "A"})).await;
+    start_job(&hubs[0], "ticker", json!({"symbol": "B"})).await;
+    let c = start_job(&hubs[1], "ticker", json!({"symbol": "C"})).await;
+    // The fourth job is refused by either replica: the count is the fleet's, kept in Redis.
+    for hub in &hubs {
+        let (status, body) = post_json(
+            &hub.http("/api/polling/start"),
+            &json!({"source": "ticker", "params": {"symbol": "D"}}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "too_many_jobs", "{body}");
+        assert_eq!(hub.stats().await["jobs_refused"], 1);
+    }
+    assert_eq!(redis.cmd(&["HLEN", "relayhub:jobs"]).unwrap(), ":3\r\n");
+    // Starting a job that exists is not a new job: still answered at the limit.
+    start_job(&hubs[1], "ticker", json!({"symbol": "A"})).await;
+    // A stopped job frees its place.
+    let (status, _) = post_json(
+        &hubs[0].http("/api/polling/stop"),
+        &json!({"job": c["job"]}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    start_job(&hubs[1], "ticker", json!({"symbol": "D"})).await;
+}
+
+#[actix_web::test]
+async fn past_the_job_limit_an_auto_start_subscription_works_but_starts_no_job() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": 1})));
+    let config = format!(
+        "{}\n[poller]\nmax_jobs = 2\n",
+        source_config(&upstream, "auto_start = true")
+            .replace("[poller]\nlease = \"2s\"\n", "")
+            .replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hub = TestHub::start(&config).await;
+    for symbol in ["A", "B"] {
+        let mut ws = hub.connect().await;
+        ws.subscribe(&format!("ticker:{symbol}")).await;
+        assert_eq!(ws.recv().await["data"]["v"], 1);
+    }
+    let mut ws = hub.connect().await;
+    // Many more channels: each subscription is acknowledged, none creates a job.
+    for i in 0..20 {
+        ws.subscribe(&format!("ticker:X{i}")).await;
+    }
+    ws.ping().await;
+    eventually(Duration::from_secs(10), "20 refusals counted", || async {
+        hub.stats().await["jobs_refused"] == 20
+    })
+    .await;
+    let (_, jobs) = get_json(&hub.http("/api/polling/status")).await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
+    assert_eq!(upstream.requests("/ticker/X0"), 0);
+    // The connection still works for the channels that have jobs.
+    ws.ping().await;
+}
+
+#[actix_web::test]
+async fn a_job_scan_costs_a_constant_number_of_redis_round_trips_whatever_the_job_count() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": 1})));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        // Fetch once at start, then not for an hour: what Redis sees afterwards is the scans.
+        source_config(&upstream, "").replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    const JOBS: usize = 60;
+    for i in 0..JOBS {
+        start_job(&hubs[i % 2], "ticker", json!({"symbol": format!("S{i}")})).await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "every job owned and fetched",
+        || async {
+            let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+            let jobs = body["jobs"].as_array().unwrap().clone();
+            jobs.len() == JOBS
+                && jobs
+                    .iter()
+                    .all(|j| j["owner"].is_string() && j["fetches"] == 1)
+        },
+    )
+    .await;
+    // Each scan lists the jobs once (HGETALL), so its calls count the scans; reads count the round trips (a
+    // pipeline or one script arrives in one read, a command per job in one read each).
+    let scans_before = redis_info(&redis, "commandstats", "cmdstat_hgetall");
+    let reads_before = redis_info(&redis, "stats", "total_reads_processed");
+    let scripts_before = redis_info(&redis, "commandstats", "cmdstat_evalsha");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let scans = redis_info(&redis, "commandstats", "cmdstat_hgetall") - scans_before;
+    let reads = redis_info(&redis, "stats", "total_reads_processed") - reads_before;
+    let scripts = redis_info(&redis, "commandstats", "cmdstat_evalsha") - scripts_before;
+    assert!(scans >= 2, "{scans} scans in 3 s with a 2 s lease");
+    // Both replicas scan: each scan renews its own ~30 jobs and tries to take the other ~30.
+    assert!(
+        reads <= scans * 12 + 20,
+        "{reads} reads for {scans} scans of {JOBS} jobs: a round trip per job"
+    );
+    assert!(
+        scripts <= scans * 2 + 4,
+        "{scripts} script calls for {scans} scans of {JOBS} jobs"
+    );
+}
+
+#[actix_web::test]
+async fn a_pattern_subscriber_on_another_replica_keeps_an_auto_stop_job_running() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": 1})));
+    let config = format!(
+        "{}{}\n[namespaces.ticker]\npatterns = true\n",
+        redis_config(&redis),
+        source_config(
+            &upstream,
+            "auto_start = true\nauto_stop = true\nidle_grace = \"1s\"\nonly_on_change = false"
+        )
+        .replace("interval = \"1s\"", "interval = \"300ms\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    let mut exact = hubs[0].connect().await;
+    exact.subscribe("ticker:P").await;
+    exact.recv_type("snapshot").await;
+    let owner = loop {
+        let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+        if let Some(owner) = body["jobs"][0]["owner"].as_str() {
+            break owner.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The pattern subscriber sits on the replica that does not run the job.
+    let other = hubs
+        .iter()
+        .find(|h| h.hub().instance_id() != owner)
+        .unwrap();
+    let mut pattern = other.connect().await;
+    pattern.subscribe("ticker:*").await;
+    next_message(&mut pattern).await;
+    exact.close().await;
+    // Well past the idle grace and several scans.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+    assert_eq!(body["jobs"].as_array().unwrap().len(), 1, "{body}");
+    let before = next_message(&mut pattern).await["seq"].as_u64().unwrap();
+    let mut later = before;
+    while later < before + 3 {
+        later = next_message(&mut pattern).await["seq"].as_u64().unwrap();
+    }
+    // With no subscriber at all the job does stop.
+    pattern.close().await;
+    eventually(Duration::from_secs(15), "the idle job stops", || async {
+        let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+        body["jobs"].as_array().unwrap().is_empty()
+    })
+    .await;
 }

@@ -20,6 +20,8 @@ export const DEFAULTS = Object.freeze({
   connectTimeout: 10_000,
   fallback: true,
   fallbackInterval: 3_000,
+  drainJitter: 5_000,
+  maxQueue: 1_000,
   restBase: null,
 });
 
@@ -29,7 +31,10 @@ const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,200}$/;
 /** A pattern: a channel-name prefix ending in `:`, then `*` (e.g. `prices:*`). */
 const PATTERN_RE = /^[A-Za-z0-9_.:@-]{1,200}(?<=:)\*$/;
 
-/** Close code the server sends when it is going away (restart, deploy): reconnect at once. */
+/**
+ * Close code the server sends when it is going away (restart, deploy). Every client of that hub gets it at the
+ * same moment, so the first reconnect waits a random time in [0, drainJitter) rather than stampeding.
+ */
 const CLOSE_GOING_AWAY = 1001;
 
 /** Error codes after which a subscription is dropped instead of retried on every reconnect. */
@@ -130,7 +135,12 @@ function safeCall(fn, ...args) {
  *   answer) after which the link is considered dead and is replaced
  * @property {number} [connectTimeout=10000]  ms a connection attempt may take before it is abandoned
  * @property {boolean} [fallback=true]  poll the REST API for subscribed channels while the socket is down
- * @property {number} [fallbackInterval=3000]  ms between two REST fallback rounds
+ * @property {number} [fallbackInterval=3000]  ms between two REST fallback rounds; the fallback starts only after a
+ *   connection attempt failed, a random time in [0, fallbackInterval) later
+ * @property {number} [drainJitter=5000]  after a close with code 1001 (hub restarting), the first reconnect waits a
+ *   random time in [0, drainJitter) ms, so the clients of a restarting hub do not all come back at once
+ * @property {number} [maxQueue=1000]  most calls queued while offline; past it the oldest is dropped (a dropped
+ *   publish is rejected with code `queue_full`) and an `error` event with code `queue_full` says so
  * @property {string} [restBase]  base URL of the REST API (default: derived from the socket URL, e.g.
  *   `ws://host:8080/ws` gives `http://host:8080`)
  * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (default: the global one)
@@ -151,7 +161,8 @@ function safeCall(fn, ...args) {
  * ```
  *
  * Status values: `connecting` (first attempt), `open`, `reconnecting` (lost, retrying with backoff; the REST
- * fallback runs meanwhile), `closed` (after {@link RelayHub#close}, or after `maxAttempts` failed attempts;
+ * fallback runs once an attempt has failed), `closed` (after {@link RelayHub#close}, or after `maxAttempts`
+ * failed attempts;
  * in the latter case the REST fallback keeps polling until `close()`, and {@link RelayHub#connect} tries again).
  *
  * Events (see {@link RelayHub#on}): `status` (state, detail), `latency` (ms), `error` ({code, message, channel,
@@ -202,7 +213,14 @@ export class RelayHub {
     this._pings = new Map();
     this._latency = null;
     this._fallbackTimer = null;
+    /** The jittered wait before the REST fallback starts; null when none is planned. */
+    this._fallbackDelayTimer = null;
     this._fallbackRunning = false;
+    /**
+     * Whether the hub answered on the current socket: its loss is then an outage; a socket lost before any
+     * answer (never opened, or closed at once by a proxy) is a failed attempt.
+     */
+    this._answered = false;
     this._gaveUp = false;
 
     this.connect();
@@ -385,10 +403,11 @@ export class RelayHub {
     } catch (err) {
       // A malformed URL or a blocked port throws synchronously; treat it like a failed attempt.
       this._emit("error", { code: "connect_failed", message: String(err?.message ?? err), channel: null, op: null });
-      this._scheduleReconnect({ code: 1006, reason: "connect failed" });
+      this._scheduleReconnect({ code: 1006, reason: "connect failed", failed: true });
       return;
     }
     this._ws = ws;
+    this._answered = false;
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (ev) => this._onFrame(ws, ev.data);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
@@ -424,6 +443,7 @@ export class RelayHub {
     this._unansweredSince = null;
     // A server that answers proves the link works: the next outage starts a fresh backoff series.
     this._attempt = 0;
+    this._answered = true;
     if (typeof raw !== "string") return; // the protocol is text frames only
     let frame;
     try {
@@ -495,9 +515,10 @@ export class RelayHub {
   /** Forgets the current socket (closing it if needed) and plans the next attempt. */
   _lose(ws, code, reason) {
     if (this._ws !== ws) return;
+    const failed = !this._answered;
     this._dropSocket(4000, "replaced");
     this._failPending(new Error(`RelayHub: connection lost (${code})`));
-    this._scheduleReconnect({ code, reason });
+    this._scheduleReconnect({ code, reason, failed });
   }
 
   /** Detaches and closes the current socket; stops the heartbeat. */
@@ -520,7 +541,13 @@ export class RelayHub {
     }
   }
 
-  _scheduleReconnect({ code, reason }) {
+  /**
+   * Plans the next attempt. `failed`: the socket was lost before the hub answered (a failed attempt), rather than
+   * a working link lost.
+   * The REST fallback starts only after a failed attempt: a hub that comes straight back (a deploy) costs no
+   * round of REST requests from every client.
+   */
+  _scheduleReconnect({ code, reason, failed }) {
     if (this._attempt >= this.options.maxAttempts) {
       this._gaveUp = true;
       this._setStatus("closed", { code, reason, attempt: this._attempt, gaveUp: true });
@@ -530,11 +557,11 @@ export class RelayHub {
     }
     const delay =
       code === CLOSE_GOING_AWAY && this._attempt === 0
-        ? 0
+        ? Math.floor(Math.random() * this.options.drainJitter)
         : backoffDelay(this._attempt, this.options.backoffBase, this.options.backoffMax);
     this._attempt += 1;
     this._setStatus("reconnecting", { code, reason, attempt: this._attempt, delay });
-    this._startFallback();
+    if (failed) this._startFallbackSoon();
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
   }
@@ -557,6 +584,22 @@ export class RelayHub {
       return;
     }
     this._queue.push({ frame, promise });
+    while (this._queue.length > Math.max(1, this.options.maxQueue)) this._dropOldestQueued();
+  }
+
+  /**
+   * Drops the oldest queued call (the queue is full). A dropped publish is rejected; a dropped subscribe loses
+   * nothing, since every wanted channel is subscribed again when the socket opens.
+   */
+  _dropOldestQueued() {
+    const { frame, promise } = this._queue.shift();
+    const message = `RelayHub: offline queue full (maxQueue ${this.options.maxQueue}): the oldest queued ${frame.op} was dropped`;
+    if (promise) {
+      const err = new Error(message);
+      err.code = "queue_full";
+      promise.reject(err);
+    }
+    this._emit("error", { code: "queue_full", message, channel: frame.channel ?? null, op: frame.op });
   }
 
   _isOpen() {
@@ -684,7 +727,20 @@ export class RelayHub {
 
   // --- REST fallback -----------------------------------------------------------------------------------------
 
+  /** Starts the REST fallback a random time in [0, fallbackInterval) from now, so clients do not poll in step. */
+  _startFallbackSoon() {
+    if (!this.options.fallback || !this._fetch) return;
+    if (this._fallbackTimer !== null || this._fallbackDelayTimer !== null) return;
+    const delay = Math.floor(Math.random() * this.options.fallbackInterval);
+    this._fallbackDelayTimer = setTimeout(() => {
+      this._fallbackDelayTimer = null;
+      this._startFallback();
+    }, delay);
+  }
+
   _startFallback() {
+    clearTimeout(this._fallbackDelayTimer);
+    this._fallbackDelayTimer = null;
     if (!this.options.fallback || !this._fetch || this._fallbackTimer !== null) return;
     this._fallbackTimer = setInterval(() => this._poll(), this.options.fallbackInterval);
     this._emit("fallback", true);
@@ -692,6 +748,8 @@ export class RelayHub {
   }
 
   _stopFallback() {
+    clearTimeout(this._fallbackDelayTimer);
+    this._fallbackDelayTimer = null;
     if (this._fallbackTimer === null) return;
     clearInterval(this._fallbackTimer);
     this._fallbackTimer = null;

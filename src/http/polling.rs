@@ -70,6 +70,13 @@ fn poll_error(e: PollError) -> ApiError {
         PollError::UnknownJob(id) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job `{id}`"))
         }
+        PollError::TooManyJobs(max) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_jobs",
+            format!(
+                "the fleet runs the most polling jobs it may ({max}, poller.max_jobs): stop one first"
+            ),
+        ),
         PollError::Backend(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
     }
 }

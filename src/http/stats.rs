@@ -44,5 +44,6 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "requests_rate_limited": Stats::get(&s.requests_rate_limited),
         "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
         "patterns_refused": Stats::get(&s.patterns_refused),
+        "jobs_refused": Stats::get(&s.jobs_refused),
     }))
 }

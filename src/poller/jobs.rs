@@ -2,8 +2,12 @@
 //! start, stop and list them, and they survive restarts), one lease key per job (SET NX PX; only the holder
 //! renews or releases it, checked atomically in Lua), and a status key the owner refreshes. In memory mode the
 //! same operations work on local maps and this replica owns every job.
+//!
+//! The number of jobs is bounded (`poller.max_jobs`, counted where they are stored), and a scan costs the same
+//! few round trips whatever the number of jobs: one listing, one script for every lease, one pipeline for the
+//! subscriber checks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,10 +17,44 @@ use crate::hub::Hub;
 use crate::poller::source::JobSpec;
 use crate::store::{RedisError, Store};
 
-/// Renews a lease only if this replica still holds it.
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 /// Releases a lease only if this replica still holds it.
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// What recording a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// A new job.
+    Created,
+    /// The job was there already (from any replica); nothing changed.
+    Existed,
+    /// `poller.max_jobs` jobs are stored: not recorded.
+    Full,
+}
+
+/// A job this replica runs, as a scan sees it.
+pub struct Held {
+    pub id: String,
+    pub channel: String,
+    /// Whether the job stops when nobody listens (only then are its listeners counted).
+    pub auto_stop: bool,
+}
+
+/// What one scan found.
+pub struct ScanReport {
+    /// Every job of the fleet.
+    pub jobs: Vec<JobSpec>,
+    /// Jobs this replica ran and lost (stopped, or the lease expired and another replica took it).
+    pub lost: Vec<String>,
+    /// Free jobs this replica took.
+    pub acquired: Vec<String>,
+    /// For each kept `auto_stop` job: whether any replica has a subscriber of its channel (exact or pattern).
+    pub listening: HashMap<String, bool>,
+}
+
+/// The pattern prefixes (`prices:`) whose patterns match `channel`: each prefix of it ending in `:`.
+fn covering_prefixes(channel: &str) -> impl Iterator<Item = &str> {
+    channel.match_indices(':').map(move |(i, _)| &channel[..=i])
+}
 
 /// What the owner reports about a job.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -43,8 +81,9 @@ pub struct JobStore {
     hub: Hub,
     me: String,
     memory: Mutex<MemoryJobs>,
-    renew: redis::Script,
     release: redis::Script,
+    put: redis::Script,
+    scan: redis::Script,
 }
 
 impl JobStore {
@@ -53,8 +92,9 @@ impl JobStore {
             me: hub.instance_id().to_string(),
             hub,
             memory: Mutex::new(MemoryJobs::default()),
-            renew: redis::Script::new(RENEW),
             release: redis::Script::new(RELEASE),
+            put: redis::Script::new(include_str!("put_job.lua")),
+            scan: redis::Script::new(include_str!("scan_leases.lua")),
         }
     }
 
@@ -62,30 +102,35 @@ impl JobStore {
         self.memory.lock().expect("job store lock poisoned")
     }
 
-    /// Records a job; starting one that exists changes nothing (same id from any replica).
-    pub async fn put(&self, spec: &JobSpec) -> Result<(), RedisError> {
+    /// Records a job unless `max` jobs are stored; starting one that exists changes nothing (same id from any
+    /// replica), even at the limit.
+    pub async fn put(&self, spec: &JobSpec, max: usize) -> Result<Put, RedisError> {
         match self.hub.store() {
             Store::Memory(_) => {
-                self.memory()
-                    .specs
-                    .entry(spec.id.clone())
-                    .or_insert_with(|| spec.clone());
-                Ok(())
+                let mut m = self.memory();
+                if m.specs.contains_key(&spec.id) {
+                    Ok(Put::Existed)
+                } else if m.specs.len() >= max {
+                    Ok(Put::Full)
+                } else {
+                    m.specs.insert(spec.id.clone(), spec.clone());
+                    Ok(Put::Created)
+                }
             }
             Store::Redis(r) => {
-                let key = r.keys().jobs();
-                let json = serde_json::to_string(spec).expect("a job spec serializes");
-                let id = spec.id.clone();
-                r.with_conn(|mut c| async move {
-                    redis::cmd("HSETNX")
-                        .arg(key)
-                        .arg(id)
-                        .arg(json)
-                        .query_async::<i64>(&mut c)
-                        .await
+                let mut call = self.put.prepare_invoke();
+                call.key(r.keys().jobs())
+                    .arg(&spec.id)
+                    .arg(serde_json::to_string(spec).expect("a job spec serializes"))
+                    .arg(max);
+                let put: i64 = r
+                    .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+                    .await?;
+                Ok(match put {
+                    1 => Put::Created,
+                    0 => Put::Existed,
+                    _ => Put::Full,
                 })
-                .await
-                .map(|_| ())
             }
         }
     }
@@ -163,23 +208,6 @@ impl JobStore {
                     })
                     .await?;
                 Ok(set.is_some())
-            }
-        }
-    }
-
-    /// Extends this replica's lease; false when it was lost (expired and taken, or the job was stopped).
-    pub async fn renew(&self, id: &str, lease: Duration) -> Result<bool, RedisError> {
-        match self.hub.store() {
-            Store::Memory(_) => Ok(self.memory().specs.contains_key(id)),
-            Store::Redis(r) => {
-                let mut call = self.renew.prepare_invoke();
-                call.key(r.keys().lease(id))
-                    .arg(&self.me)
-                    .arg(lease.as_millis() as u64);
-                let renewed: i64 = r
-                    .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
-                    .await?;
-                Ok(renewed == 1)
             }
         }
     }
@@ -287,28 +315,170 @@ impl JobStore {
         self.hold(|keys| keys.fill_lock(channel), hold).await
     }
 
-    /// Whether any replica has subscribers of `channel` (its bridge listens to the channel in Redis).
-    pub async fn has_listeners(&self, channel: &str) -> Result<bool, RedisError> {
-        match self.hub.store() {
-            Store::Memory(_) => Ok(self.hub.local_subscribers(channel) > 0),
-            Store::Redis(r) => {
-                let name = r.keys().pubsub_channel(channel);
-                let (_, count): (String, i64) = r
-                    .with_conn(|mut c| async move {
-                        let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
-                            .arg("NUMSUB")
-                            .arg(&name)
-                            .query_async(&mut c)
-                            .await?;
-                        let count = match reply.get(1) {
-                            Some(redis::Value::Int(n)) => *n,
-                            _ => 0,
-                        };
-                        Ok((name, count))
-                    })
+    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others, and
+    /// tells which kept `auto_stop` jobs still have listeners anywhere. `patterns` are this replica's pattern
+    /// prefixes, announced for `lease` so the owners of jobs under them see them.
+    pub async fn scan(
+        &self,
+        held: &[Held],
+        patterns: &[String],
+        lease: Duration,
+    ) -> Result<ScanReport, RedisError> {
+        let held_ids: HashSet<&str> = held.iter().map(|h| h.id.as_str()).collect();
+        // A local subscriber (exact or pattern) is enough; only the others need asking.
+        let locally_heard = |channel: &str| self.hub.local_subscribers(channel) > 0;
+        let r = match self.hub.store() {
+            Store::Memory(_) => {
+                let jobs: Vec<JobSpec> = self.memory().specs.values().cloned().collect();
+                let listed: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+                let lost = held
+                    .iter()
+                    .filter(|h| !listed.contains(h.id.as_str()))
+                    .map(|h| h.id.clone())
+                    .collect();
+                let listening = held
+                    .iter()
+                    .filter(|h| h.auto_stop && listed.contains(h.id.as_str()))
+                    .map(|h| (h.id.clone(), locally_heard(&h.channel)))
+                    .collect();
+                let acquired = jobs
+                    .iter()
+                    .filter(|j| !held_ids.contains(j.id.as_str()))
+                    .map(|j| j.id.clone())
+                    .collect();
+                return Ok(ScanReport {
+                    jobs,
+                    lost,
+                    acquired,
+                    listening,
+                });
+            }
+            Store::Redis(r) => r,
+        };
+        let keys = r.keys().clone();
+        let me = self.me.clone();
+        let lease_ms = lease.as_millis() as u64;
+        let mut call = self.scan.prepare_invoke();
+        let held_ids_ref = &held_ids;
+        let (all, held_now, heard) = r
+            .with_conn(|mut c| async move {
+                let all: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(keys.jobs())
+                    .query_async(&mut c)
                     .await?;
-                Ok(count > 0)
+                let jobs: Vec<JobSpec> = all
+                    .values()
+                    .filter_map(|json| serde_json::from_str(json).ok())
+                    .collect();
+                // Renew what this replica runs, try to take the rest: one script call for every lease.
+                call.arg(&me).arg(lease_ms);
+                for job in &jobs {
+                    call.key(keys.lease(&job.id));
+                    call.arg(if held_ids_ref.contains(job.id.as_str()) {
+                        "r"
+                    } else {
+                        "t"
+                    });
+                }
+                let held_now: Vec<i64> = if jobs.is_empty() {
+                    Vec::new()
+                } else {
+                    call.invoke_async(&mut c).await?
+                };
+                // Listeners of the auto_stop jobs kept, and this replica's patterns: one pipeline.
+                let asking: Vec<&Held> = held
+                    .iter()
+                    .filter(|h| h.auto_stop && !locally_heard(&h.channel))
+                    .collect();
+                let prefixes: Vec<&str> = asking
+                    .iter()
+                    .flat_map(|h| covering_prefixes(&h.channel))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let mut pipe = redis::pipe();
+                for prefix in patterns {
+                    pipe.cmd("SET")
+                        .arg(keys.pattern_presence(prefix))
+                        .arg(&me)
+                        .arg("PX")
+                        .arg(lease_ms)
+                        .ignore();
+                }
+                if !asking.is_empty() {
+                    let mut numsub = redis::cmd("PUBSUB");
+                    numsub.arg("NUMSUB");
+                    for h in &asking {
+                        numsub.arg(keys.pubsub_channel(&h.channel));
+                    }
+                    pipe.add_command(numsub);
+                }
+                if !prefixes.is_empty() {
+                    let mut mget = redis::cmd("MGET");
+                    for prefix in &prefixes {
+                        mget.arg(keys.pattern_presence(prefix));
+                    }
+                    pipe.add_command(mget);
+                }
+                let mut heard = HashMap::new();
+                if pipe.cmd_iter().next().is_none() {
+                    return Ok((jobs, held_now, heard));
+                }
+                let mut replies = pipe
+                    .query_async::<Vec<redis::Value>>(&mut c)
+                    .await?
+                    .into_iter();
+                if !asking.is_empty() {
+                    // NUMSUB answers channel, count, channel, count ... in the order asked.
+                    let numsub: Vec<redis::Value> = match replies.next() {
+                        Some(redis::Value::Array(items)) => items,
+                        _ => Vec::new(),
+                    };
+                    let present: Vec<Option<String>> = match replies.next() {
+                        Some(v) => redis::from_redis_value(v)?,
+                        None => Vec::new(),
+                    };
+                    let present: HashSet<&str> = prefixes
+                        .iter()
+                        .zip(&present)
+                        .filter(|(_, v)| v.is_some())
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for (h, count) in asking.iter().zip(numsub.chunks(2)) {
+                        let exact = matches!(count.get(1), Some(redis::Value::Int(n)) if *n > 0);
+                        let pattern = covering_prefixes(&h.channel).any(|p| present.contains(p));
+                        heard.insert(h.id.clone(), exact || pattern);
+                    }
+                }
+                Ok((jobs, held_now, heard))
+            })
+            .await?;
+        let mut lost: Vec<String> = held
+            .iter()
+            .filter(|h| !all.iter().any(|j| j.id == h.id))
+            .map(|h| h.id.clone())
+            .collect();
+        let mut acquired = Vec::new();
+        for (job, now) in all.iter().zip(&held_now) {
+            match (held_ids.contains(job.id.as_str()), *now == 1) {
+                (true, false) => lost.push(job.id.clone()),
+                (false, true) => acquired.push(job.id.clone()),
+                _ => {}
             }
         }
+        let listening = held
+            .iter()
+            .filter(|h| h.auto_stop && !lost.contains(&h.id))
+            .map(|h| {
+                let heard = locally_heard(&h.channel) || heard.get(&h.id).copied().unwrap_or(false);
+                (h.id.clone(), heard)
+            })
+            .collect();
+        Ok(ScanReport {
+            jobs: all,
+            lost,
+            acquired,
+            listening,
+        })
     }
 }

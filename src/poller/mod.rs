@@ -22,8 +22,9 @@ use serde_json::{Value, json};
 
 use crate::config::format_duration;
 use crate::hub::{ChannelObserver, Hub};
-use crate::poller::jobs::{JobStatus, JobStore};
+use crate::poller::jobs::{Held, JobStatus, JobStore, Put};
 use crate::poller::source::{JobSpec, ParamError, Source};
+use crate::stats::Stats;
 use crate::store::RedisError;
 
 /// How long a fill lock holds off other replicas from fetching the same empty channel.
@@ -35,6 +36,8 @@ pub enum PollError {
     UnknownSource(String),
     BadParams(String),
     UnknownJob(String),
+    /// `poller.max_jobs` jobs exist (the limit).
+    TooManyJobs(usize),
     Backend(String),
 }
 
@@ -256,19 +259,25 @@ impl Poller {
         let hub = self.hub.clone();
         let id = spec.id.clone();
         let channel = spec.channel.clone();
+        let max = hub.config().poller.max_jobs;
         let fut = async move {
-            store.put(&spec).await?;
+            if store.put(&spec, max).await? == Put::Full {
+                Stats::add(&hub.stats().jobs_refused, 1);
+                return Ok(None);
+            }
             let acquired = store.acquire(&id, lease).await?;
             let previous = if acquired {
                 previous_value(&hub, &channel).await
             } else {
                 None
             };
-            Ok::<_, RedisError>((spec, acquired, previous))
+            Ok::<_, RedisError>(Some((spec, acquired, previous)))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| match result {
-            Ok((spec, true, previous)) => act.own(spec, previous, ctx),
-            Ok((spec, false, _)) => act.remember(&spec),
+            Ok(Some((spec, true, previous))) => act.own(spec, previous, ctx),
+            Ok(Some((spec, false, _))) => act.remember(&spec),
+            // Subscribers of the channel stay subscribed; they get what others publish, but nothing is polled.
+            Ok(None) => log::debug!("polling job not started: poller.max_jobs jobs exist"),
             Err(e) => log::warn!("starting a polling job failed: {e}"),
         }));
     }
@@ -442,45 +451,37 @@ impl Poller {
         let store = self.store.clone();
         let hub = self.hub.clone();
         let lease = self.lease;
-        let owned: Vec<(String, String, bool)> = self
+        let held: Vec<Held> = self
             .owned
             .values()
-            .map(|j| {
-                (
-                    j.spec.id.clone(),
-                    j.spec.channel.clone(),
-                    j.source.auto_stop,
-                )
+            .map(|j| Held {
+                id: j.spec.id.clone(),
+                channel: j.spec.channel.clone(),
+                auto_stop: j.source.auto_stop,
             })
             .collect();
+        let patterns: Vec<String> = hub
+            .subscriber_counts()
+            .1
+            .into_iter()
+            .filter_map(|(pattern, _)| pattern.strip_suffix('*').map(str::to_string))
+            .collect();
         let fut = async move {
-            let jobs = store.list().await?;
-            let listed: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-            let mut lost = Vec::new();
-            let mut listening = HashMap::new();
-            for (id, channel, auto_stop) in &owned {
-                if !listed.contains(id.as_str()) || !store.renew(id, lease).await? {
-                    lost.push(id.clone());
-                } else if *auto_stop {
-                    listening.insert(id.clone(), store.has_listeners(channel).await?);
-                }
-            }
-            let mut acquired = Vec::new();
+            let report = store.scan(&held, &patterns, lease).await?;
+            // Only jobs taken over need their last value (for `diff`): nothing per job in a steady scan.
             let mut previous = HashMap::new();
-            for job in &jobs {
-                if owned.iter().any(|(id, _, _)| *id == job.id) {
-                    continue;
-                }
-                if store.acquire(&job.id, lease).await? {
-                    previous.insert(job.id.clone(), previous_value(&hub, &job.channel).await);
-                    acquired.push(job.id.clone());
-                }
+            for job in report
+                .jobs
+                .iter()
+                .filter(|j| report.acquired.contains(&j.id))
+            {
+                previous.insert(job.id.clone(), previous_value(&hub, &job.channel).await);
             }
             Ok::<_, RedisError>(Scan {
-                jobs,
-                acquired,
-                lost,
-                listening,
+                jobs: report.jobs,
+                acquired: report.acquired,
+                lost: report.lost,
+                listening: report.listening,
                 previous,
             })
         };
@@ -736,8 +737,12 @@ impl Handler<StartJob> for Poller {
         let store = self.store.clone();
         let lease = self.lease;
         let hub = self.hub.clone();
+        let max = hub.config().poller.max_jobs;
         let fut = async move {
-            store.put(&spec).await?;
+            if store.put(&spec, max).await? == Put::Full {
+                Stats::add(&hub.stats().jobs_refused, 1);
+                return Err(PollError::TooManyJobs(max));
+            }
             let acquired = store.acquire(&spec.id, lease).await?;
             let previous = if acquired {
                 previous_value(&hub, &spec.channel).await

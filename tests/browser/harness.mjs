@@ -1,6 +1,7 @@
 // harness.mjs: what the browser tests stand on. Starts and stops the real relayhub binary on a free loopback
 // port with a config file written to a temp dir, talks to its HTTP API, launches Debian's Chromium through
-// playwright-core, and waits for conditions (never for fixed times).
+// playwright-core, and waits for conditions (never for fixed times). playwright-core is loaded only when a
+// browser is launched, so the node-level client tests run without it.
 
 import { spawn } from "node:child_process";
 import fs from "node:fs";
@@ -8,7 +9,6 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -232,6 +232,7 @@ export async function launchBrowser() {
   if (!fs.existsSync(chromiumBin)) {
     throw new Error(`${chromiumBin} not found: run scripts/browser-deps.sh (or set CHROMIUM_BIN)`);
   }
+  const { chromium } = await import("playwright-core");
   return chromium.launch({ executablePath: chromiumBin, headless: true, args: CHROMIUM_ARGS });
 }
 
