@@ -450,19 +450,40 @@ impl Hub {
         }
     }
 
-    /// Waits until the bridge listens to `channel` in Redis (immediately in memory mode or while Redis is down).
-    pub async fn watch(&self, channel: Arc<str>) {
-        if let Some(bridge) = self.inner.bridge.get() {
-            let timeout = self.config().redis.command_timeout;
-            let _ = tokio::time::timeout(timeout, bridge.send(Watch { channel })).await;
+    /// Asks the bridge to listen to `channel` now (queued behind every earlier watch and unwatch of this
+    /// thread) and returns a future that waits until Redis confirmed it (immediately in memory mode or while
+    /// Redis is down, and never longer than `redis.command_timeout`).
+    pub fn watch(&self, channel: Arc<str>) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = tokio::sync::oneshot::channel();
+        let bridge = self.inner.bridge.get();
+        if let Some(bridge) = bridge {
+            bridge.do_send(Watch { channel, confirmed });
+        }
+        let wait = bridge.is_some();
+        let timeout = self.config().redis.command_timeout;
+        async move {
+            if wait {
+                let _ = tokio::time::timeout(timeout, rx).await;
+            }
         }
     }
 
-    /// Waits until the bridge listens to every channel under a pattern prefix.
-    pub async fn watch_pattern(&self, prefix: Arc<str>) {
-        if let Some(bridge) = self.inner.bridge.get() {
-            let timeout = self.config().redis.command_timeout;
-            let _ = tokio::time::timeout(timeout, bridge.send(WatchPattern { prefix })).await;
+    /// `watch` for every channel under a pattern prefix.
+    pub fn watch_pattern(
+        &self,
+        prefix: Arc<str>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = tokio::sync::oneshot::channel();
+        let bridge = self.inner.bridge.get();
+        if let Some(bridge) = bridge {
+            bridge.do_send(WatchPattern { prefix, confirmed });
+        }
+        let wait = bridge.is_some();
+        let timeout = self.config().redis.command_timeout;
+        async move {
+            if wait {
+                let _ = tokio::time::timeout(timeout, rx).await;
+            }
         }
     }
 

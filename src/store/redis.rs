@@ -336,8 +336,15 @@ pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, 
         let text = std::str::from_utf8(&payload[1..]).map_err(|_| "envelope is not UTF-8")?;
         let (seq, rest) = text.split_once(' ').ok_or("envelope without seq")?;
         let (ts, data) = rest.split_once(' ').ok_or("envelope without ts")?;
+        // Anyone who can PUBLISH on the channel can send a payload starting with the mark, and `ts` and `data`
+        // are spliced into the frame as they are: each part is checked, so a crafted envelope cannot add or
+        // replace fields. Once per message received, not per delivery.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("envelope seq is not a number");
+        }
         let seq: u64 = seq.parse().map_err(|_| "envelope seq is not a number")?;
-        // The script published JSON that relayhub validated before; trusting it keeps the relay path cheap.
+        chrono::DateTime::parse_from_rfc3339(ts).map_err(|_| "envelope ts is not RFC 3339")?;
+        serde_json::from_str::<&RawValue>(data).map_err(|_| "envelope data is not JSON")?;
         return Ok(Publication::new(channel, data, Some(seq), Some(ts)));
     }
     let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
@@ -360,6 +367,15 @@ mod tests {
         assert_eq!((p.seq, p.data()), (None, " {\"y\": 2}"));
         assert!(decode_payload("a".into(), b"{broken").is_err());
         assert!(decode_payload("a".into(), b"\x1ex 1 2").is_err());
+        for crafted in [
+            &b"\x1e7 x\",\"data\":\"forged {}"[..],
+            b"\x1e+7 2026-01-01T00:00:00.000Z 1",
+            b"\x1e7 2026-01-01T00:00:00.000Z {",
+            b"\x1e7 2026-01-01T00:00:00.000Z 1,\"seq\":2",
+            b"\x1e7 2026-01-01 1",
+        ] {
+            assert!(decode_payload("a".into(), crafted).is_err(), "{crafted:?}");
+        }
         assert_eq!(escape_glob("a*b"), "a\\*b");
     }
 }
