@@ -35,6 +35,19 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Probes that may go unanswered before the connection is declared dead.
 const PROBE_MISSES: u32 = 3;
+/// Ingested messages waiting to be cached; past this, cache writes are dropped and counted
+/// (`ingest_cache_dropped`) rather than queued without bound.
+const INGEST_QUEUE: usize = 10_000;
+/// Routed channels whose previous ingested message is remembered (to tell repeats apart); past this the
+/// memory is cleared, which at worst lets one message per channel be cached twice.
+const INGEST_CHAINS: usize = 100_000;
+
+/// One ingested message to cache, in the order received.
+struct IngestWrite {
+    source: String,
+    channel: String,
+    data: String,
+}
 
 /// Something from one pub/sub connection, tagged with the connection it came from.
 enum Event {
@@ -130,6 +143,8 @@ pub struct Bridge {
     dirty_patterns: HashSet<Arc<str>>,
     /// A batch is in flight; the next one is computed when it is answered, so Redis sees them in order.
     syncing: bool,
+    /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
+    ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
 }
 
 impl Bridge {
@@ -161,6 +176,7 @@ impl Bridge {
             dirty: HashSet::new(),
             dirty_patterns: HashSet::new(),
             syncing: false,
+            ingest_writes: None,
             hub,
         }
     }
@@ -599,22 +615,60 @@ impl Bridge {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|_| "message is not JSON")?;
         let channel = route.target(&value)?;
-        if route.cache {
-            let hub = self.hub.clone();
-            let (source, channel, data) = (name.to_string(), channel.clone(), text.to_string());
-            actix::spawn(async move {
-                let policy = hub
-                    .config()
-                    .policy(&channel)
-                    .unwrap_or_else(|| hub.config().default_policy());
-                if let Some(redis) = hub.store().redis()
-                    && let Err(e) = redis.ingest_cache(&source, &channel, &data, policy).await
-                {
-                    log::warn!("caching an ingested message for `{channel}` failed: {e}");
-                }
-            });
+        if route.cache
+            && let Some(writes) = &self.ingest_writes
+        {
+            let write = IngestWrite {
+                source: name.to_string(),
+                channel: channel.clone(),
+                data: text.to_string(),
+            };
+            if writes.try_send(write).is_err() {
+                Stats::add(&self.hub.stats().ingest_cache_dropped, 1);
+            }
         }
         Ok(Publication::new(channel.into(), text, None, None))
+    }
+}
+
+/// Caches ingested messages one at a time, in the order they were received: every replica receives the same
+/// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
+/// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
+/// row, so A, B, A caches A last and A, A, A keeps three snapshots.
+async fn cache_ingested(hub: Hub, mut rx: tokio::sync::mpsc::Receiver<IngestWrite>) {
+    use std::hash::{Hash, Hasher};
+    // Per routed channel: the hash of the previous message and how many equal ones came in a row.
+    let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
+    while let Some(write) = rx.recv().await {
+        let Some(redis) = hub.store().redis() else {
+            continue;
+        };
+        // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&write.source, &write.data).hash(&mut hasher);
+        let own = hasher.finish();
+        if chains.len() >= INGEST_CHAINS && !chains.contains_key(&write.channel) {
+            chains.clear();
+        }
+        let chain = chains.entry(write.channel.clone()).or_insert((0, 0));
+        let repeat = if chain.0 == own { chain.1 + 1 } else { 0 };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (own, chain.0, repeat).hash(&mut hasher);
+        let identity = hasher.finish();
+        *chain = (own, repeat);
+        let policy = hub
+            .config()
+            .policy(&write.channel)
+            .unwrap_or_else(|| hub.config().default_policy());
+        if let Err(e) = redis
+            .ingest_cache(identity, &write.channel, &write.data, policy)
+            .await
+        {
+            log::warn!(
+                "caching an ingested message for `{}` failed: {e}",
+                write.channel
+            );
+        }
     }
 }
 
@@ -632,6 +686,11 @@ impl Actor for Bridge {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.set_active(false);
+        if self.routes.iter().any(|r| r.cache) {
+            let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
+            self.ingest_writes = Some(tx);
+            actix::spawn(cache_ingested(self.hub.clone(), rx));
+        }
         self.connect(ctx);
         ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));
     }

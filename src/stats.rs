@@ -27,6 +27,8 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
     pub rejected_messages: AtomicU64,
+    /// Ingested messages not cached because the queue of cache writes was full.
+    pub ingest_cache_dropped: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

@@ -37,5 +37,6 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "cache_hits": Stats::get(&s.cache_hits),
         "cache_misses": Stats::get(&s.cache_misses),
         "rejected_messages": Stats::get(&s.rejected_messages),
+        "ingest_cache_dropped": Stats::get(&s.ingest_cache_dropped),
     }))
 }

@@ -169,19 +169,16 @@ impl RedisStore {
     }
 
     /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
-    /// replica receives it and calls this; a marker keyed by the message's hash lets only the first write.
+    /// replica receives it and calls this with the same `identity`; a marker keyed by it lets only the first
+    /// write.
     pub async fn ingest_cache(
         &self,
-        source_channel: &str,
+        identity: u64,
         channel: &str,
         data: &str,
         policy: ChannelPolicy,
     ) -> Result<bool, RedisError> {
-        use std::hash::{Hash, Hasher};
-        // DefaultHasher::new() has fixed keys, so every replica computes the same marker for one message.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (source_channel, data).hash(&mut hasher);
-        let marker = self.keys.ingested(channel, hasher.finish());
+        let marker = self.keys.ingested(channel, identity);
         let mut invocation = self.ingest_script.prepare_invoke();
         invocation
             .key(marker)
