@@ -320,3 +320,141 @@ async fn the_ingest_cache_holds_the_last_message_received() {
         .collect();
     assert_eq!(vs, [json!(1), json!(2), json!(1)]);
 }
+
+#[actix_web::test]
+async fn memory_mode_stays_under_max_memory_evicting_the_least_recently_published() {
+    const MAX: u64 = 1 << 20;
+    let hub = TestHub::start(&format!(
+        "[channels]\nmax_memory = {MAX}\nhistory_size = 3\n"
+    ))
+    .await;
+    let big = "x".repeat(20_000);
+    for i in 0..200 {
+        hub.publish(&format!("big:{i}"), json!({"i": i, "pad": big}))
+            .await;
+        if i % 20 == 0 {
+            let stats = hub.stats().await;
+            assert!(stats["store_bytes"].as_u64().unwrap() <= MAX, "{stats}");
+        }
+    }
+    let stats = hub.stats().await;
+    let bytes = stats["store_bytes"].as_u64().unwrap();
+    assert!(bytes <= MAX && bytes > MAX / 2, "{stats}");
+    assert!(stats["store_evictions"].as_u64().unwrap() >= 100, "{stats}");
+    // The oldest publishes were evicted, the newest are served.
+    assert_eq!(get_json(&hub.http("/api/channels/big:0")).await.0, 404);
+    let (status, latest) = get_json(&hub.http("/api/channels/big:199")).await;
+    assert_eq!((status, latest["data"]["i"].clone()), (200, json!(199)));
+}
+
+#[actix_web::test]
+async fn memory_mode_reclaims_expired_values() {
+    let hub = TestHub::start("[namespaces.short]\nttl = \"100ms\"\n").await;
+    for i in 0..50 {
+        hub.publish(&format!("short:{i}"), json!(i)).await;
+    }
+    hub.publish("long:1", json!(1)).await;
+    // Nobody reads the short channels again: the periodic sweep reclaims them.
+    eventually(
+        Duration::from_secs(10),
+        "expired values reclaimed",
+        || async {
+            let stats = hub.stats().await;
+            stats["store_expired"].as_u64() == Some(50)
+                && stats["store_channels"].as_u64() == Some(1)
+        },
+    )
+    .await;
+    let stats = hub.stats().await;
+    let bytes = stats["store_bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < 1000, "{stats}");
+    assert_eq!(get_json(&hub.http("/api/channels/long:1")).await.0, 200);
+}
+
+#[actix_web::test]
+async fn every_per_channel_redis_key_has_a_ttl_refreshed_on_publish() {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(&redis_config(
+        &redis,
+        "[namespaces.t]\nttl = \"1h\"\nhistory_size = 2\n",
+    ))
+    .await;
+    wait_ready(&hub).await;
+    hub.publish("t:a", json!(1)).await;
+    for key in [
+        "relayhub:seq:t:a",
+        "relayhub:cache:t:a",
+        "relayhub:snap:t:a",
+    ] {
+        let ttl = int_reply(&redis.cmd(&["TTL", key]).unwrap());
+        assert!(ttl > 3000 && ttl <= 3600, "{key}: TTL {ttl}");
+    }
+    // Shortened by hand, refreshed by the next publish; the sequence carries on.
+    redis.cmd(&["EXPIRE", "relayhub:seq:t:a", "5"]).unwrap();
+    let published = hub.publish("t:a", json!(2)).await;
+    assert_eq!(published["seq"], 2);
+    let ttl = int_reply(&redis.cmd(&["TTL", "relayhub:seq:t:a"]).unwrap());
+    assert!(ttl > 3000, "TTL {ttl}");
+}
+
+/// SCAN calls counted by `INFO commandstats` since the last `CONFIG RESETSTAT`.
+fn scan_calls(redis: &RedisServer) -> u64 {
+    let info = redis.cmd(&["INFO", "commandstats"]).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:"))
+        .and_then(|f| f.split(',').find_map(|f| f.strip_prefix("calls=")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[actix_web::test]
+async fn pattern_snapshots_scan_a_bounded_number_of_keys_and_leave_the_pool_to_publishes() {
+    let redis = RedisServer::start();
+    let mut conn = redis.client().await;
+    // 50,000 unrelated keys under the prefix, one rare cached channel.
+    for chunk in 0..50 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.set(format!("relayhub:other:{chunk}:{i}"), 1).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let hub = TestHub::start(&redis_config(
+        &redis,
+        "pool_size = 2\n[namespaces.rare]\npatterns = true\n",
+    ))
+    .await;
+    wait_ready(&hub).await;
+    redis.cmd(&["CONFIG", "RESETSTAT"]).unwrap();
+    let mut ws = hub.connect().await;
+    ws.subscribe("rare:*").await;
+    // The snapshot look-up runs after the acknowledgement: wait until it started, then give it time to end.
+    eventually(Duration::from_secs(10), "the pattern scan ran", || async {
+        scan_calls(&redis) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Default bound 10,000 keys examined, 500 per SCAN: at most 20 calls (the unbounded scan needs ~100).
+    let calls = scan_calls(&redis);
+    assert!((1..=20).contains(&calls), "SCAN calls: {calls}");
+
+    // Several such scans at once do not starve publishes of pooled connections.
+    redis.cmd(&["CONFIG", "RESETSTAT"]).unwrap();
+    let mut scanners = Vec::new();
+    for i in 0..8 {
+        let mut ws = hub.connect().await;
+        ws.send(json!({"op": "subscribe", "channel": format!("rare:{i}:*")}))
+            .await;
+        scanners.push(ws);
+    }
+    for n in 0..20 {
+        let published = hub.publish("rare:live", json!(n)).await;
+        assert_eq!(published["relayed"], true, "{published}");
+        assert!(published["seq"].is_u64(), "{published}");
+    }
+    for ws in &mut scanners {
+        ws.recv_type("subscribed").await;
+        ws.ping().await;
+    }
+    let calls = scan_calls(&redis);
+    assert!(calls <= 8 * 20, "SCAN calls: {calls}");
+}

@@ -24,6 +24,10 @@ const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
 const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
 
+/// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
+/// keeps Redis busy for long.
+const SCAN_STEP: usize = 500;
+
 /// How long an ingested message is remembered so that only one replica caches it.
 const INGEST_DEDUPE_MS: u64 = 60_000;
 
@@ -247,36 +251,47 @@ impl RedisStore {
             .collect())
     }
 
-    /// Latest values of cached channels starting with `prefix` (SCAN, bounded by `limit`).
+    /// Latest values of cached channels starting with `prefix`: at most `limit` of them, found by SCAN within
+    /// about `max_scan` keys examined. Each SCAN step takes a pooled connection only for its own round trip,
+    /// so a long scan never holds one that publishes need. The flag says the bound stopped the scan early.
     pub async fn latest_matching(
         &self,
         prefix: &str,
         limit: usize,
-    ) -> Result<Vec<Publication>, RedisError> {
+        max_scan: usize,
+    ) -> Result<(Vec<Publication>, bool), RedisError> {
         let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
-        let keys: Vec<String> = self
-            .with_conn(|mut c| async move {
-                let mut found = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+        let step = SCAN_STEP.min(max_scan).max(1);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        let mut examined = 0;
+        let mut truncated = false;
+        loop {
+            let pattern = pattern.clone();
+            let (next, batch): (u64, Vec<String>) = self
+                .with_conn(|mut c| async move {
+                    redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
-                        .arg(500)
+                        .arg(step)
                         .query_async(&mut c)
-                        .await?;
-                    found.extend(batch);
-                    cursor = next;
-                    if cursor == 0 || found.len() >= limit {
-                        break;
-                    }
-                }
-                found.truncate(limit);
-                Ok(found)
-            })
-            .await?;
+                        .await
+                })
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            examined += step;
+            if cursor == 0 || keys.len() >= limit {
+                break;
+            }
+            if examined >= max_scan {
+                truncated = true;
+                break;
+            }
+        }
+        keys.truncate(limit);
         let cache_prefix = self.keys.cache("");
         let channels: Vec<Arc<str>> = keys
             .iter()
@@ -285,12 +300,13 @@ impl RedisStore {
             .map(Arc::from)
             .collect();
         // One round trip for all of them.
-        Ok(self
+        let found = self
             .latest_many(&channels)
             .await?
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        Ok((found, truncated))
     }
 }
 
