@@ -3,6 +3,11 @@
 //! the local registries, and keeps the connection alive: reconnect with backoff and jitter forever,
 //! resubscribe everything, and a probe through its own channel to catch a connection that is open but deaf.
 //!
+//! Watches and unwatches only change reference counts (the desired state). What Redis listens to follows by
+//! reconciliation: one SUBSCRIBE/UNSUBSCRIBE batch in flight at a time, each computed from the difference
+//! between the desired state and what Redis confirmed, so however watches, unwatches and replies interleave,
+//! Redis converges to exactly the channels and patterns that have local subscribers.
+//!
 //! Publishing goes through the pooled publish script (`store::redis`), so a message reaches this replica's
 //! subscribers the same way it reaches every other replica's: as the echo from Redis, in Redis's order.
 
@@ -30,6 +35,19 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Probes that may go unanswered before the connection is declared dead.
 const PROBE_MISSES: u32 = 3;
+/// Ingested messages waiting to be cached; past this, cache writes are dropped and counted
+/// (`ingest_cache_dropped`) rather than queued without bound.
+const INGEST_QUEUE: usize = 10_000;
+/// Routed channels whose previous ingested message is remembered (to tell repeats apart); past this the
+/// memory is cleared, which at worst lets one message per channel be cached twice.
+const INGEST_CHAINS: usize = 100_000;
+
+/// One ingested message to cache, in the order received.
+struct IngestWrite {
+    source: String,
+    channel: String,
+    data: String,
+}
 
 /// Something from one pub/sub connection, tagged with the connection it came from.
 enum Event {
@@ -46,6 +64,10 @@ struct WatchedPattern {
     refs: usize,
     /// The Redis pattern listened to, `<prefix>ch:prices:*`, built once (compared on every pattern message).
     redis_name: String,
+    /// Redis has confirmed the PSUBSCRIBE on the current connection.
+    confirmed: bool,
+    /// Registries waiting for the confirmation.
+    waiters: Vec<oneshot::Sender<()>>,
 }
 
 struct Watched {
@@ -55,6 +77,32 @@ struct Watched {
     confirmed: bool,
     /// Registries waiting for the confirmation.
     waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// Answers everyone waiting for a subscription.
+fn confirm(waiters: &mut Vec<oneshot::Sender<()>>) {
+    for waiter in waiters.drain(..) {
+        let _ = waiter.send(());
+    }
+}
+
+/// One reconciliation step: what is sent to Redis in one go.
+#[derive(Default)]
+struct Batch {
+    subscribe: Vec<Arc<str>>,
+    unsubscribe: Vec<Arc<str>>,
+    /// Pattern prefixes with their Redis pattern.
+    psubscribe: Vec<(Arc<str>, String)>,
+    punsubscribe: Vec<(Arc<str>, String)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.subscribe.is_empty()
+            && self.unsubscribe.is_empty()
+            && self.psubscribe.is_empty()
+            && self.punsubscribe.is_empty()
+    }
 }
 
 pub struct Bridge {
@@ -86,6 +134,17 @@ pub struct Bridge {
     /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
     /// yet: the exact copies of those messages are duplicates.
     via_pattern: HashMap<Arc<str>, u64>,
+    /// Channels the current connection is subscribed to, as Redis confirmed (or as last sent, see `sync`).
+    subscribed: HashSet<Arc<str>>,
+    /// Pattern prefixes the current connection is subscribed to, with their Redis pattern.
+    psubscribed: HashMap<Arc<str>, String>,
+    /// Channels and pattern prefixes whose desired state changed since the last batch was computed.
+    dirty: HashSet<Arc<str>>,
+    dirty_patterns: HashSet<Arc<str>>,
+    /// A batch is in flight; the next one is computed when it is answered, so Redis sees them in order.
+    syncing: bool,
+    /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
+    ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
 }
 
 impl Bridge {
@@ -112,6 +171,12 @@ impl Bridge {
             ),
             patterns: HashMap::new(),
             via_pattern: HashMap::new(),
+            subscribed: HashSet::new(),
+            psubscribed: HashMap::new(),
+            dirty: HashSet::new(),
+            dirty_patterns: HashSet::new(),
+            syncing: false,
+            ingest_writes: None,
             hub,
         }
     }
@@ -132,11 +197,12 @@ impl Bridge {
         let names: Vec<String> = wanted.iter().map(|c| self.keys.pubsub_channel(c)).collect();
         let timeout = self.connect_timeout;
         let routes = self.routes.clone();
-        let patterns: Vec<String> = self
+        let wanted_patterns: Vec<(Arc<str>, String)> = self
             .patterns
-            .values()
-            .map(|p| p.redis_name.clone())
+            .iter()
+            .map(|(prefix, p)| (prefix.clone(), p.redis_name.clone()))
             .collect();
+        let patterns: Vec<String> = wanted_patterns.iter().map(|(_, n)| n.clone()).collect();
         let fut = async move {
             let work = async {
                 let (mut sink, stream) = client.get_async_pubsub().await?.split();
@@ -167,7 +233,9 @@ impl Bridge {
                 return;
             }
             match result {
-                Ok((sink, stream)) => act.connected(generation, sink, stream, wanted, ctx),
+                Ok((sink, stream)) => {
+                    act.connected(generation, sink, stream, wanted, wanted_patterns, ctx)
+                }
                 Err(e) => {
                     act.attempts += 1;
                     let delay = backoff(act.attempts);
@@ -187,6 +255,7 @@ impl Bridge {
         sink: PubSubSink,
         stream: redis::aio::PubSubStream,
         subscribed: Vec<Arc<str>>,
+        psubscribed: Vec<(Arc<str>, String)>,
         ctx: &mut Context<Self>,
     ) {
         let reconnected = self.connected_once;
@@ -203,34 +272,29 @@ impl Bridge {
         self.attempts = 0;
         self.via_pattern.clear();
         self.last_probe_seen = Instant::now();
-        let subscribed: HashSet<Arc<str>> = subscribed.into_iter().collect();
-        // Channels watched or dropped while the connection was being made.
-        let late: Vec<Arc<str>> = self
-            .channels
-            .keys()
-            .filter(|c| !subscribed.contains(*c))
-            .cloned()
-            .collect();
-        let gone: Vec<Arc<str>> = subscribed
-            .iter()
-            .filter(|c| !self.channels.contains_key(*c))
-            .cloned()
-            .collect();
+        // What the connection listens to now; whatever was watched or dropped while it was being made is
+        // reconciled by `sync`.
+        self.subscribed = subscribed.iter().cloned().collect();
+        self.psubscribed = psubscribed.into_iter().collect();
+        self.syncing = false;
+        self.dirty.extend(self.channels.keys().cloned());
+        self.dirty.extend(self.subscribed.iter().cloned());
+        self.dirty_patterns.extend(self.patterns.keys().cloned());
+        self.dirty_patterns.extend(self.psubscribed.keys().cloned());
         for (channel, watched) in self.channels.iter_mut() {
-            if subscribed.contains(channel) {
+            if self.subscribed.contains(channel) {
                 watched.confirmed = true;
-                for waiter in watched.waiters.drain(..) {
-                    let _ = waiter.send(());
-                }
+                confirm(&mut watched.waiters);
+            }
+        }
+        for (prefix, watched) in self.patterns.iter_mut() {
+            if self.psubscribed.contains_key(prefix) {
+                watched.confirmed = true;
+                confirm(&mut watched.waiters);
             }
         }
         self.sink = Some(sink);
-        for channel in late {
-            self.send_subscribe(channel, ctx);
-        }
-        for channel in gone {
-            self.send_unsubscribe(&channel, ctx);
-        }
+        self.sync(ctx);
         self.drop_stream(ctx);
         self.stream = Some(
             ctx.add_stream(
@@ -246,7 +310,7 @@ impl Bridge {
             // Messages published during the outage never reached this replica: deliver the latest value of
             // each channel its subscribers missed (full history recovery is not built yet).
             let hub = self.hub.clone();
-            let channels: Vec<Arc<str>> = subscribed.into_iter().collect();
+            let channels = subscribed;
             actix::spawn(async move { hub.catch_up(channels).await });
         }
     }
@@ -262,6 +326,15 @@ impl Bridge {
         for watched in self.channels.values_mut() {
             watched.confirmed = false;
         }
+        for watched in self.patterns.values_mut() {
+            watched.confirmed = false;
+        }
+        // The next connection subscribes to the desired state from scratch.
+        self.subscribed.clear();
+        self.psubscribed.clear();
+        self.dirty.clear();
+        self.dirty_patterns.clear();
+        self.syncing = false;
         self.attempts += 1;
         let delay = backoff(self.attempts);
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
@@ -282,41 +355,115 @@ impl Bridge {
         )
     }
 
-    fn send_subscribe(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
+    /// Sends the next batch that brings Redis closer to the desired state, unless one is in flight (its answer
+    /// calls this again) or there is no connection (the next one subscribes to everything desired).
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        if self.syncing {
+            return;
+        }
         let Some(mut sink) = self.sink.clone() else {
             return;
         };
-        let name = self.keys.pubsub_channel(&channel);
+        let mut batch = Batch::default();
+        for channel in self.dirty.drain() {
+            let have = self.subscribed.contains(&channel);
+            match self.channels.get_mut(&channel) {
+                Some(_) if !have => batch.subscribe.push(channel),
+                Some(watched) => {
+                    // Re-watched before its UNSUBSCRIBE was sent: Redis never stopped listening.
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                }
+                None if have => batch.unsubscribe.push(channel),
+                None => {}
+            }
+        }
+        for prefix in self.dirty_patterns.drain() {
+            let have = self.psubscribed.get(&prefix).cloned();
+            match (self.patterns.get_mut(&prefix), have) {
+                (Some(watched), None) => {
+                    batch.psubscribe.push((prefix, watched.redis_name.clone()));
+                }
+                (Some(watched), Some(_)) => {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                }
+                (None, Some(name)) => batch.punsubscribe.push((prefix, name)),
+                (None, None) => {}
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        self.syncing = true;
         let generation = self.generation;
-        let fut = async move { sink.subscribe(name).await };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+        let keys = self.keys.clone();
+        let names = |channels: &[Arc<str>]| -> Vec<String> {
+            channels.iter().map(|c| keys.pubsub_channel(c)).collect()
+        };
+        let subscribe = names(&batch.subscribe);
+        let unsubscribe = names(&batch.unsubscribe);
+        let psubscribe: Vec<String> = batch.psubscribe.iter().map(|(_, n)| n.clone()).collect();
+        let punsubscribe: Vec<String> = batch.punsubscribe.iter().map(|(_, n)| n.clone()).collect();
+        let fut = async move {
+            if !subscribe.is_empty() {
+                sink.subscribe(&subscribe).await?;
+            }
+            if !psubscribe.is_empty() {
+                sink.psubscribe(&psubscribe).await?;
+            }
+            if !unsubscribe.is_empty() {
+                sink.unsubscribe(&unsubscribe).await?;
+            }
+            if !punsubscribe.is_empty() {
+                sink.punsubscribe(&punsubscribe).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             if generation != act.generation {
+                // That connection is gone; the next one starts from the desired state.
                 return;
             }
+            act.syncing = false;
             if let Err(e) = result {
-                // The connection is failing; its end triggers a reconnect that resubscribes everything.
-                log::warn!("SUBSCRIBE for `{channel}` failed: {e}");
+                // The connection is failing; its end triggers a reconnect that subscribes to the desired state
+                // from scratch. Until then the batch counts as done, so nobody waits on it.
+                log::warn!("SUBSCRIBE/UNSUBSCRIBE on the pub/sub connection failed: {e}");
             }
-            if let Some(watched) = act.channels.get_mut(&channel) {
-                watched.confirmed = true;
-                for waiter in watched.waiters.drain(..) {
-                    let _ = waiter.send(());
+            for channel in batch.subscribe {
+                if let Some(watched) = act.channels.get_mut(&channel) {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                } else {
+                    // Unwatched while the SUBSCRIBE was in flight: the next batch unsubscribes it.
+                    act.dirty.insert(channel.clone());
+                }
+                act.subscribed.insert(channel);
+            }
+            for channel in batch.unsubscribe {
+                act.subscribed.remove(&channel);
+                if act.channels.contains_key(&channel) {
+                    act.dirty.insert(channel);
                 }
             }
-        }));
-    }
-
-    fn send_unsubscribe(&mut self, channel: &str, ctx: &mut Context<Self>) {
-        let Some(mut sink) = self.sink.clone() else {
-            return;
-        };
-        let name = self.keys.pubsub_channel(channel);
-        ctx.spawn(
-            async move {
-                let _ = sink.unsubscribe(name).await;
+            for (prefix, name) in batch.psubscribe {
+                if let Some(watched) = act.patterns.get_mut(&prefix) {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                } else {
+                    act.dirty_patterns.insert(prefix.clone());
+                }
+                act.psubscribed.insert(prefix, name);
             }
-            .into_actor(self),
-        );
+            for (prefix, _) in batch.punsubscribe {
+                act.psubscribed.remove(&prefix);
+                if act.patterns.contains_key(&prefix) {
+                    act.dirty_patterns.insert(prefix);
+                }
+            }
+            act.sync(ctx);
+        }));
     }
 
     fn probe(&mut self, ctx: &mut Context<Self>) {
@@ -406,6 +553,7 @@ impl Bridge {
         self.patterns
             .values()
             .any(|p| p.redis_name == redis_pattern)
+            || self.psubscribed.values().any(|p| p == redis_pattern)
     }
 
     /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
@@ -467,22 +615,60 @@ impl Bridge {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|_| "message is not JSON")?;
         let channel = route.target(&value)?;
-        if route.cache {
-            let hub = self.hub.clone();
-            let (source, channel, data) = (name.to_string(), channel.clone(), text.to_string());
-            actix::spawn(async move {
-                let policy = hub
-                    .config()
-                    .policy(&channel)
-                    .unwrap_or_else(|| hub.config().default_policy());
-                if let Some(redis) = hub.store().redis()
-                    && let Err(e) = redis.ingest_cache(&source, &channel, &data, policy).await
-                {
-                    log::warn!("caching an ingested message for `{channel}` failed: {e}");
-                }
-            });
+        if route.cache
+            && let Some(writes) = &self.ingest_writes
+        {
+            let write = IngestWrite {
+                source: name.to_string(),
+                channel: channel.clone(),
+                data: text.to_string(),
+            };
+            if writes.try_send(write).is_err() {
+                Stats::add(&self.hub.stats().ingest_cache_dropped, 1);
+            }
         }
         Ok(Publication::new(channel.into(), text, None, None))
+    }
+}
+
+/// Caches ingested messages one at a time, in the order they were received: every replica receives the same
+/// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
+/// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
+/// row, so A, B, A caches A last and A, A, A keeps three snapshots.
+async fn cache_ingested(hub: Hub, mut rx: tokio::sync::mpsc::Receiver<IngestWrite>) {
+    use std::hash::{Hash, Hasher};
+    // Per routed channel: the hash of the previous message and how many equal ones came in a row.
+    let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
+    while let Some(write) = rx.recv().await {
+        let Some(redis) = hub.store().redis() else {
+            continue;
+        };
+        // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&write.source, &write.data).hash(&mut hasher);
+        let own = hasher.finish();
+        if chains.len() >= INGEST_CHAINS && !chains.contains_key(&write.channel) {
+            chains.clear();
+        }
+        let chain = chains.entry(write.channel.clone()).or_insert((0, 0));
+        let repeat = if chain.0 == own { chain.1 + 1 } else { 0 };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (own, chain.0, repeat).hash(&mut hasher);
+        let identity = hasher.finish();
+        *chain = (own, repeat);
+        let policy = hub
+            .config()
+            .policy(&write.channel)
+            .unwrap_or_else(|| hub.config().default_policy());
+        if let Err(e) = redis
+            .ingest_cache(identity, &write.channel, &write.data, policy)
+            .await
+        {
+            log::warn!(
+                "caching an ingested message for `{}` failed: {e}",
+                write.channel
+            );
+        }
     }
 }
 
@@ -500,6 +686,11 @@ impl Actor for Bridge {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.set_active(false);
+        if self.routes.iter().any(|r| r.cache) {
+            let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
+            self.ingest_writes = Some(tx);
+            actix::spawn(cache_ingested(self.hub.clone(), rx));
+        }
         self.connect(ctx);
         ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));
     }
@@ -521,9 +712,9 @@ impl StreamHandler<Event> for Bridge {
 }
 
 impl Handler<Watch> for Bridge {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) {
         let connected = self.sink.is_some();
         let watched = self.channels.entry(msg.channel.clone()).or_insert(Watched {
             refs: 0,
@@ -532,42 +723,42 @@ impl Handler<Watch> for Bridge {
         });
         watched.refs += 1;
         if !connected || watched.confirmed {
-            // Without a connection nothing waits on Redis; the reconnect resubscribes this channel.
-            return Box::pin(async {});
+            // Without a connection nothing waits on Redis; the reconnect subscribes this channel.
+            let _ = msg.confirmed.send(());
+        } else {
+            watched.waiters.push(msg.confirmed);
         }
-        let (tx, rx) = oneshot::channel();
-        watched.waiters.push(tx);
         if watched.refs == 1 {
-            self.send_subscribe(msg.channel, ctx);
+            self.dirty.insert(msg.channel);
+            self.sync(ctx);
         }
-        Box::pin(async move {
-            let _ = rx.await;
-        })
     }
 }
 
 impl Handler<WatchPattern> for Bridge {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, msg: WatchPattern, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: WatchPattern, ctx: &mut Self::Context) {
+        let connected = self.sink.is_some();
         let redis_name = self.pattern_name(&msg.prefix);
-        let watched = self.patterns.entry(msg.prefix).or_insert(WatchedPattern {
-            refs: 0,
-            redis_name,
-        });
+        let watched = self
+            .patterns
+            .entry(msg.prefix.clone())
+            .or_insert(WatchedPattern {
+                refs: 0,
+                redis_name,
+                confirmed: false,
+                waiters: Vec::new(),
+            });
         watched.refs += 1;
-        match (&self.sink, watched.refs) {
-            (Some(sink), 1) => {
-                let mut sink = sink.clone();
-                let name = watched.redis_name.clone();
-                Box::pin(async move {
-                    if let Err(e) = sink.psubscribe(name).await {
-                        log::warn!("PSUBSCRIBE failed: {e}");
-                    }
-                })
-            }
-            // Already listening, or disconnected (the reconnect subscribes every pattern).
-            _ => Box::pin(async {}),
+        if !connected || watched.confirmed {
+            let _ = msg.confirmed.send(());
+        } else {
+            watched.waiters.push(msg.confirmed);
+        }
+        if watched.refs == 1 {
+            self.dirty_patterns.insert(msg.prefix);
+            self.sync(ctx);
         }
     }
 }
@@ -577,23 +768,16 @@ impl Handler<UnwatchPattern> for Bridge {
 
     fn handle(&mut self, msg: UnwatchPattern, ctx: &mut Self::Context) {
         let Some(watched) = self.patterns.get_mut(&msg.prefix) else {
+            log::debug!("unwatch of pattern `{}*` that is not watched", msg.prefix);
             return;
         };
         watched.refs -= 1;
         if watched.refs == 0 {
-            let name = self
-                .patterns
-                .remove(&msg.prefix)
-                .expect("looked up above")
-                .redis_name;
-            if let Some(mut sink) = self.sink.clone() {
-                ctx.spawn(
-                    async move {
-                        let _ = sink.punsubscribe(name).await;
-                    }
-                    .into_actor(self),
-                );
-            }
+            let mut watched = self.patterns.remove(&msg.prefix).expect("looked up above");
+            // Anyone still waiting has gone (its registry unwatched); answer so nothing hangs.
+            confirm(&mut watched.waiters);
+            self.dirty_patterns.insert(msg.prefix);
+            self.sync(ctx);
         }
     }
 }
@@ -603,13 +787,16 @@ impl Handler<Unwatch> for Bridge {
 
     fn handle(&mut self, msg: Unwatch, ctx: &mut Self::Context) {
         let Some(watched) = self.channels.get_mut(&msg.channel) else {
+            log::debug!("unwatch of channel `{}` that is not watched", msg.channel);
             return;
         };
         watched.refs -= 1;
         if watched.refs == 0 {
-            self.channels.remove(&msg.channel);
+            let mut watched = self.channels.remove(&msg.channel).expect("looked up above");
+            confirm(&mut watched.waiters);
             self.via_pattern.remove(&msg.channel);
-            self.send_unsubscribe(&msg.channel, ctx);
+            self.dirty.insert(msg.channel);
+            self.sync(ctx);
         }
     }
 }

@@ -197,6 +197,15 @@ pub struct ChannelsConfig {
     pub history_size: usize,
     /// Most snapshots sent when a pattern subscription starts.
     pub max_pattern_snapshots: usize,
+    /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
+    /// are evicted first.
+    pub max_memory: usize,
+    /// Redis mode: most keys a pattern subscription's snapshot look-up examines (SCAN work), however many
+    /// keys Redis holds.
+    pub max_pattern_scan: usize,
+    /// Redis mode: pattern snapshot look-ups running at once; more wait, so they never take the pool from
+    /// publishes.
+    pub max_concurrent_pattern_scans: usize,
 }
 
 impl Default for ChannelsConfig {
@@ -207,6 +216,9 @@ impl Default for ChannelsConfig {
             ttl: Duration::from_secs(24 * 3600),
             history_size: 3,
             max_pattern_snapshots: 100,
+            max_memory: 256 * 1024 * 1024,
+            max_pattern_scan: 10_000,
+            max_concurrent_pattern_scans: 2,
         }
     }
 }
@@ -506,6 +518,18 @@ impl Config {
         }
         if self.channels.max_channels == 0 {
             return err("channels.max_channels", "must be at least 1");
+        }
+        if self.channels.max_memory < 64 * 1024 {
+            return err("channels.max_memory", "must be at least 65536 (bytes)");
+        }
+        if self.channels.max_pattern_scan == 0 {
+            return err("channels.max_pattern_scan", "must be at least 1");
+        }
+        if self.channels.max_concurrent_pattern_scans == 0 {
+            return err(
+                "channels.max_concurrent_pattern_scans",
+                "must be at least 1",
+            );
         }
         if self.redis.pool_size == 0 {
             return err("redis.pool_size", "must be at least 1");

@@ -115,6 +115,8 @@ struct Inner {
     echoes: Mutex<Echoes>,
     /// Whether `echoes` holds anything (read on every relayed message, so kept lock-free).
     echoes_active: AtomicBool,
+    /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
+    pattern_scans: tokio::sync::Semaphore,
     shutting_down: AtomicBool,
     next_session: AtomicU64,
     started: Instant,
@@ -122,6 +124,8 @@ struct Inner {
 
 impl Hub {
     pub fn new(config: Arc<Config>, store: Store, instance_id: String) -> Hub {
+        let pattern_scans =
+            tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
         Hub {
             inner: Arc::new(Inner {
                 config,
@@ -135,6 +139,7 @@ impl Hub {
                 pattern_subscribers: Mutex::new(HashMap::new()),
                 echoes: Mutex::new(Echoes::default()),
                 echoes_active: AtomicBool::new(false),
+                pattern_scans,
                 shutting_down: AtomicBool::new(false),
                 next_session: AtomicU64::new(1),
                 started: Instant::now(),
@@ -441,34 +446,83 @@ impl Hub {
         }
     }
 
-    /// Latest values of channels under a pattern prefix, bounded by `channels.max_pattern_snapshots`.
+    /// Latest values of channels under a pattern prefix, bounded by `channels.max_pattern_snapshots`; in Redis
+    /// mode the look-up examines at most `channels.max_pattern_scan` keys and waits its turn behind
+    /// `channels.max_concurrent_pattern_scans` others, so many pattern subscribes cannot take the connection
+    /// pool from publishes.
     pub async fn pattern_snapshots(&self, prefix: &str) -> Vec<Arc<Publication>> {
-        let limit = self.config().channels.max_pattern_snapshots;
+        let channels = &self.config().channels;
+        let limit = channels.max_pattern_snapshots;
         match &self.inner.store {
             Store::Memory(memory) => memory.latest_matching(prefix, limit),
-            Store::Redis(redis) => match redis.latest_matching(prefix, limit).await {
-                Ok(found) => found.into_iter().map(Arc::new).collect(),
-                Err(e) => {
-                    log::warn!("reading cached values under `{prefix}*` failed: {e}");
-                    Vec::new()
+            Store::Redis(redis) => {
+                let _permit = self
+                    .inner
+                    .pattern_scans
+                    .acquire()
+                    .await
+                    .expect("the scan semaphore is never closed");
+                self.redis_pattern_snapshots(redis, prefix, limit, channels.max_pattern_scan)
+                    .await
+            }
+        }
+    }
+
+    async fn redis_pattern_snapshots(
+        &self,
+        redis: &crate::store::RedisStore,
+        prefix: &str,
+        limit: usize,
+        max_scan: usize,
+    ) -> Vec<Arc<Publication>> {
+        match redis.latest_matching(prefix, limit, max_scan).await {
+            Ok((found, truncated)) => {
+                if truncated {
+                    Stats::add(&self.inner.stats.pattern_scans_truncated, 1);
                 }
-            },
+                found.into_iter().map(Arc::new).collect()
+            }
+            Err(e) => {
+                log::warn!("reading cached values under `{prefix}*` failed: {e}");
+                Vec::new()
+            }
         }
     }
 
-    /// Waits until the bridge listens to `channel` in Redis (immediately in memory mode or while Redis is down).
-    pub async fn watch(&self, channel: Arc<str>) {
-        if let Some(bridge) = self.inner.bridge.get() {
-            let timeout = self.config().redis.command_timeout;
-            let _ = tokio::time::timeout(timeout, bridge.send(Watch { channel })).await;
+    /// Asks the bridge to listen to `channel` now (queued behind every earlier watch and unwatch of this
+    /// thread) and returns a future that waits until Redis confirmed it (immediately in memory mode or while
+    /// Redis is down, and never longer than `redis.command_timeout`).
+    pub fn watch(&self, channel: Arc<str>) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = tokio::sync::oneshot::channel();
+        let bridge = self.inner.bridge.get();
+        if let Some(bridge) = bridge {
+            bridge.do_send(Watch { channel, confirmed });
+        }
+        let wait = bridge.is_some();
+        let timeout = self.config().redis.command_timeout;
+        async move {
+            if wait {
+                let _ = tokio::time::timeout(timeout, rx).await;
+            }
         }
     }
 
-    /// Waits until the bridge listens to every channel under a pattern prefix.
-    pub async fn watch_pattern(&self, prefix: Arc<str>) {
-        if let Some(bridge) = self.inner.bridge.get() {
-            let timeout = self.config().redis.command_timeout;
-            let _ = tokio::time::timeout(timeout, bridge.send(WatchPattern { prefix })).await;
+    /// `watch` for every channel under a pattern prefix.
+    pub fn watch_pattern(
+        &self,
+        prefix: Arc<str>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = tokio::sync::oneshot::channel();
+        let bridge = self.inner.bridge.get();
+        if let Some(bridge) = bridge {
+            bridge.do_send(WatchPattern { prefix, confirmed });
+        }
+        let wait = bridge.is_some();
+        let timeout = self.config().redis.command_timeout;
+        async move {
+            if wait {
+                let _ = tokio::time::timeout(timeout, rx).await;
+            }
         }
     }
 

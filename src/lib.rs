@@ -171,8 +171,17 @@ fn instance_id(config: &Config) -> String {
     )
 }
 
+/// How often memory mode reclaims expired values, and at most how many per sweep (the lock is held for it).
+const MEMORY_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+const MEMORY_SWEEP_BATCH: usize = 2_000;
+
 async fn open_store(config: &Config) -> Result<Store, StartError> {
-    let memory = || Store::Memory(MemoryStore::new(config.channels.max_channels));
+    let memory = || {
+        Store::Memory(MemoryStore::new(
+            config.channels.max_channels,
+            config.channels.max_memory,
+        ))
+    };
     if config.redis.url.is_empty() {
         if config.redis.required {
             return Err(StartError::RedisRequired("redis.url is empty".into()));
@@ -262,6 +271,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .map_err(|e| StartError::RedisRequired(e.to_string()))?;
         let bridge = bridge::Bridge::new(hub.clone(), client).start();
         hub.set_bridge(bridge);
+    }
+
+    if let Store::Memory(_) = hub.store() {
+        // Expired values nobody reads again are reclaimed here, a bounded number per tick.
+        let swept = hub.clone();
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(MEMORY_SWEEP_INTERVAL);
+            while !swept.is_shutting_down() {
+                tick.tick().await;
+                if let Store::Memory(memory) = swept.store() {
+                    memory.sweep(MEMORY_SWEEP_BATCH);
+                }
+            }
+        });
     }
 
     let poller_slot: http::polling::PollerSlot = Default::default();

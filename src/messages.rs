@@ -69,20 +69,24 @@ pub struct CatchUp(pub Arc<Vec<Arc<Publication>>>);
 #[rtype(result = "()")]
 pub struct CloseAll;
 
-/// This replica needs messages of a channel from Redis; answered once the subscription is confirmed (or at
-/// once when Redis is unreachable: local delivery never waits on Redis).
+/// This replica needs messages of a channel from Redis. Sent with `do_send` at the moment the registry
+/// decides, like `Unwatch`, so the bridge applies a registry's watches and unwatches in the order they were
+/// made; `confirmed` is answered once Redis confirmed the SUBSCRIBE (or at once when Redis is unreachable:
+/// local delivery never waits on Redis).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Watch {
     pub channel: Arc<str>,
+    pub confirmed: tokio::sync::oneshot::Sender<()>,
 }
 
-/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`);
-/// answered once Redis confirmed the PSUBSCRIBE (or at once when Redis is unreachable).
+/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`); sent and
+/// answered like `Watch`, once Redis confirmed the PSUBSCRIBE.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct WatchPattern {
     pub prefix: Arc<str>,
+    pub confirmed: tokio::sync::oneshot::Sender<()>,
 }
 
 /// This registry no longer has subscribers of the pattern.

@@ -75,6 +75,8 @@ struct PatternEntry {
     waiting: Vec<(SessionId, Bytes)>,
     /// The bridge listens to the pattern (or there is no Redis).
     live: bool,
+    /// Distinguishes this entry from an earlier one of the same prefix when an old watch is answered late.
+    epoch: u64,
 }
 
 pub struct Registry {
@@ -312,9 +314,12 @@ impl Registry {
         entry.watched = true;
         let epoch = entry.epoch;
         let hub = self.hub.clone();
+        // Sent now, not from the future: an unsubscribe right behind this subscribe must reach the bridge after
+        // the watch, or the bridge would keep a Redis subscription nobody needs.
+        let confirmed = watch.then(|| hub.watch(channel.clone()));
         let fill = async move {
-            if watch {
-                hub.watch(channel.clone()).await;
+            if let Some(confirmed) = confirmed {
+                confirmed.await;
             }
             let read_at = Instant::now();
             let latest = hub.cached_latest(&channel).await;
@@ -455,13 +460,18 @@ impl Registry {
         }
         // The first subscriber here: the bridge listens to the pattern in Redis before anyone is told
         // `subscribed`, so nothing published after the acknowledgement is missed.
-        let hub = self.hub.clone();
-        let watched = prefix.clone();
-        let fut = async move { hub.watch_pattern(watched).await };
+        // Sent now (see `subscribe_channel`); the entry's epoch tells this watch's answer from a later one's.
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        entry.epoch = epoch;
+        let fut = self.hub.watch_pattern(prefix.clone());
         ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| {
             let Some(entry) = act.patterns.get_mut(&prefix) else {
                 return;
             };
+            if entry.epoch != epoch {
+                return;
+            }
             entry.live = true;
             let mut ids = Vec::new();
             for (id, ack) in std::mem::take(&mut entry.waiting) {

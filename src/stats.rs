@@ -43,6 +43,10 @@ pub struct Stats {
     pub patterns_refused: AtomicU64,
     /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
     pub jobs_refused: AtomicU64,
+    /// Ingested messages not cached because the queue of cache writes was full.
+    pub ingest_cache_dropped: AtomicU64,
+    /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
+    pub pattern_scans_truncated: AtomicU64,
     /// Whether the Redis pub/sub connection is live (always false in memory mode).
     pub pubsub_active: AtomicBool,
 }

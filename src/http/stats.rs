@@ -15,6 +15,17 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         channels.into_iter().map(|(c, n)| (c, json!(n))).collect();
     let pattern_subscribers: Map<String, Value> =
         patterns.into_iter().map(|(c, n)| (c, json!(n))).collect();
+    // Memory mode only: what the in-memory backend holds and reclaimed (in Redis mode, Redis's own INFO and
+    // key TTLs say it).
+    let (store_channels, store_bytes, store_evictions, store_expired) = match hub.store() {
+        crate::store::Store::Memory(m) => (
+            json!(m.len()),
+            json!(m.bytes()),
+            json!(m.evictions()),
+            json!(m.expired()),
+        ),
+        crate::store::Store::Redis(_) => (Value::Null, Value::Null, Value::Null, Value::Null),
+    };
     HttpResponse::Ok().json(json!({
         "instance_id": hub.instance_id(),
         "mode": hub.store().mode(),
@@ -45,5 +56,11 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
         "patterns_refused": Stats::get(&s.patterns_refused),
         "jobs_refused": Stats::get(&s.jobs_refused),
+        "ingest_cache_dropped": Stats::get(&s.ingest_cache_dropped),
+        "pattern_scans_truncated": Stats::get(&s.pattern_scans_truncated),
+        "store_evictions": store_evictions,
+        "store_expired": store_expired,
+        "store_channels": store_channels,
+        "store_bytes": store_bytes,
     }))
 }

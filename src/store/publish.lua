@@ -4,6 +4,11 @@
 -- Returns {seq, number of pub/sub receivers}.
 local seq = redis.call('INCR', KEYS[1])
 local ttl = tonumber(ARGV[3])
+-- The counter lives as long as the channel's longest-lived value: extended, never shortened, so a publish
+-- with a shorter TTL (a polling source's) cannot make the sequence start over while a longer value is cached.
+if redis.call('TTL', KEYS[1]) < ttl then
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 local keep = tonumber(ARGV[4])
 if keep > 0 then

@@ -24,6 +24,10 @@ const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
 const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
 
+/// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
+/// keeps Redis busy for long.
+const SCAN_STEP: usize = 500;
+
 /// How long an ingested message is remembered so that only one replica caches it.
 const INGEST_DEDUPE_MS: u64 = 60_000;
 
@@ -169,19 +173,16 @@ impl RedisStore {
     }
 
     /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
-    /// replica receives it and calls this; a marker keyed by the message's hash lets only the first write.
+    /// replica receives it and calls this with the same `identity`; a marker keyed by it lets only the first
+    /// write.
     pub async fn ingest_cache(
         &self,
-        source_channel: &str,
+        identity: u64,
         channel: &str,
         data: &str,
         policy: ChannelPolicy,
     ) -> Result<bool, RedisError> {
-        use std::hash::{Hash, Hasher};
-        // DefaultHasher::new() has fixed keys, so every replica computes the same marker for one message.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (source_channel, data).hash(&mut hasher);
-        let marker = self.keys.ingested(channel, hasher.finish());
+        let marker = self.keys.ingested(channel, identity);
         let mut invocation = self.ingest_script.prepare_invoke();
         invocation
             .key(marker)
@@ -250,36 +251,47 @@ impl RedisStore {
             .collect())
     }
 
-    /// Latest values of cached channels starting with `prefix` (SCAN, bounded by `limit`).
+    /// Latest values of cached channels starting with `prefix`: at most `limit` of them, found by SCAN within
+    /// about `max_scan` keys examined. Each SCAN step takes a pooled connection only for its own round trip,
+    /// so a long scan never holds one that publishes need. The flag says the bound stopped the scan early.
     pub async fn latest_matching(
         &self,
         prefix: &str,
         limit: usize,
-    ) -> Result<Vec<Publication>, RedisError> {
+        max_scan: usize,
+    ) -> Result<(Vec<Publication>, bool), RedisError> {
         let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
-        let keys: Vec<String> = self
-            .with_conn(|mut c| async move {
-                let mut found = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+        let step = SCAN_STEP.min(max_scan).max(1);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        let mut examined = 0;
+        let mut truncated = false;
+        loop {
+            let pattern = pattern.clone();
+            let (next, batch): (u64, Vec<String>) = self
+                .with_conn(|mut c| async move {
+                    redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
-                        .arg(500)
+                        .arg(step)
                         .query_async(&mut c)
-                        .await?;
-                    found.extend(batch);
-                    cursor = next;
-                    if cursor == 0 || found.len() >= limit {
-                        break;
-                    }
-                }
-                found.truncate(limit);
-                Ok(found)
-            })
-            .await?;
+                        .await
+                })
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            examined += step;
+            if cursor == 0 || keys.len() >= limit {
+                break;
+            }
+            if examined >= max_scan {
+                truncated = true;
+                break;
+            }
+        }
+        keys.truncate(limit);
         let cache_prefix = self.keys.cache("");
         let channels: Vec<Arc<str>> = keys
             .iter()
@@ -288,12 +300,13 @@ impl RedisStore {
             .map(Arc::from)
             .collect();
         // One round trip for all of them.
-        Ok(self
+        let found = self
             .latest_many(&channels)
             .await?
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        Ok((found, truncated))
     }
 }
 
@@ -336,8 +349,15 @@ pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, 
         let text = std::str::from_utf8(&payload[1..]).map_err(|_| "envelope is not UTF-8")?;
         let (seq, rest) = text.split_once(' ').ok_or("envelope without seq")?;
         let (ts, data) = rest.split_once(' ').ok_or("envelope without ts")?;
+        // Anyone who can PUBLISH on the channel can send a payload starting with the mark, and `ts` and `data`
+        // are spliced into the frame as they are: each part is checked, so a crafted envelope cannot add or
+        // replace fields. Once per message received, not per delivery.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("envelope seq is not a number");
+        }
         let seq: u64 = seq.parse().map_err(|_| "envelope seq is not a number")?;
-        // The script published JSON that relayhub validated before; trusting it keeps the relay path cheap.
+        chrono::DateTime::parse_from_rfc3339(ts).map_err(|_| "envelope ts is not RFC 3339")?;
+        serde_json::from_str::<&RawValue>(data).map_err(|_| "envelope data is not JSON")?;
         return Ok(Publication::new(channel, data, Some(seq), Some(ts)));
     }
     let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
@@ -360,6 +380,15 @@ mod tests {
         assert_eq!((p.seq, p.data()), (None, " {\"y\": 2}"));
         assert!(decode_payload("a".into(), b"{broken").is_err());
         assert!(decode_payload("a".into(), b"\x1ex 1 2").is_err());
+        for crafted in [
+            &b"\x1e7 x\",\"data\":\"forged {}"[..],
+            b"\x1e+7 2026-01-01T00:00:00.000Z 1",
+            b"\x1e7 2026-01-01T00:00:00.000Z {",
+            b"\x1e7 2026-01-01T00:00:00.000Z 1,\"seq\":2",
+            b"\x1e7 2026-01-01 1",
+        ] {
+            assert!(decode_payload("a".into(), crafted).is_err(), "{crafted:?}");
+        }
         assert_eq!(escape_glob("a*b"), "a\\*b");
     }
 }
