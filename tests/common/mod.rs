@@ -277,6 +277,15 @@ fn redis_server_binary() -> PathBuf {
         })
 }
 
+/// A Redis integer reply (`:42\r\n`) as a number.
+pub fn int_reply(reply: &str) -> i64 {
+    reply
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap_or_else(|_| panic!("not an integer reply: {reply:?}"))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")

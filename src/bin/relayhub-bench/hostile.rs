@@ -3,8 +3,8 @@
 //! what they send) from their own loopback address, 127.0.0.200, and each repeats its behaviour until the run
 //! ends, reconnecting whenever the hub closes it:
 //!
-//! - **stuck reader**: a tiny receive buffer, subscribes to a busy channel and never reads; after a while it
-//!   looks whether the hub let it go;
+//! - **stuck reader**: a tiny receive buffer, subscribes to every measured channel (up to 100) and never
+//!   reads; after a while it looks whether the hub let it go;
 //! - **giant frame**: a text frame header announcing 4 GiB, then zeros as fast as the hub takes them;
 //! - **ping flood**: bursts of `ping` requests far over any request rate, reading the answers;
 //! - **churn**: subscribe and unsubscribe in one write, over and over, sometimes dropping the socket unclosed;
@@ -27,7 +27,9 @@ use tokio::net::{TcpSocket, TcpStream};
 /// connection limit on the hub treats them as one stranger.
 const SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 200));
 /// How long a stuck reader stays stuck before it looks whether the hub released it.
-const STUCK_FOR: Duration = Duration::from_secs(15);
+const STUCK_FOR: Duration = Duration::from_secs(30);
+/// Channels a stuck reader subscribes to, so that it owes the hub a lot quickly.
+const STUCK_CHANNELS: usize = 100;
 /// Pause between a hostile client's attempts, so the load generator's own core is not what gives out.
 const PAUSE: Duration = Duration::from_millis(100);
 /// Ping requests per flood burst.
@@ -139,6 +141,7 @@ impl Hostile {
                             target,
                             path: path.clone(),
                             channel: format!("bench:{}", index % channels.max(1)),
+                            channels: channels.clamp(1, STUCK_CHANNELS),
                             index,
                             stop: stop_flag.clone(),
                             counters: shared.clone(),
@@ -177,6 +180,8 @@ struct Client {
     target: SocketAddr,
     path: String,
     channel: String,
+    /// Measured channels a stuck reader subscribes to.
+    channels: usize,
     index: usize,
     stop: Arc<AtomicBool>,
     counters: Arc<[Counters; 5]>,
@@ -255,11 +260,12 @@ impl Client {
 
     /// Subscribes, never reads for [`STUCK_FOR`], then reads to see whether the hub has let go of it.
     async fn stuck(&self, mut stream: TcpStream) -> Option<u16> {
-        let subscribe = format!(r#"{{"op":"subscribe","channel":"{}"}}"#, self.channel);
-        stream
-            .write_all(&masked(0x1, subscribe.as_bytes()))
-            .await
-            .ok()?;
+        let mut subscribes = Vec::new();
+        for channel in 0..self.channels {
+            let subscribe = format!(r#"{{"op":"subscribe","channel":"bench:{channel}"}}"#);
+            subscribes.extend_from_slice(&masked(0x1, subscribe.as_bytes()));
+        }
+        stream.write_all(&subscribes).await.ok()?;
         let until = Instant::now() + STUCK_FOR;
         while Instant::now() < until && !self.stopped() {
             tokio::time::sleep(Duration::from_millis(200)).await;
