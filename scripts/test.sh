@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: every test of relayhub, against real parts.
-#   1. makes sure redis-server is on PATH (installs Debian's redis-server when missing and possible),
+#   1. makes sure redis-server and nginx are installed (installs Debian's packages when missing and possible),
 #   2. builds and runs the Rust tests (unit and integration: real hubs on port 0, private redis-servers,
 #      real upstream HTTP servers, real WebSocket and HTTP clients),
 #   3. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
@@ -26,6 +26,19 @@ need_redis() {
     exit 1
 }
 need_redis
+
+need_nginx() { # the proxy tests run a real nginx in front of a hub
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] && return 0
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: nginx not found; installing Debian's nginx-light" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >&2 || true
+    fi
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] && return 0
+    echo "test.sh: error: nginx is required by tests/nginx.rs (it runs a private one on a free port)." >&2
+    echo "test.sh: install it: apt-get install nginx-light (Debian/Ubuntu) or brew install nginx (macOS)." >&2
+    exit 1
+}
+need_nginx
 
 failed_steps=()
 step() { # step NAME COMMAND...: runs a step, teeing its output into the log
