@@ -75,16 +75,8 @@ impl Default for DemoState {
     }
 }
 
-/// Registers the demo routes with their own fresh [`DemoState`].
-///
-/// `HttpServer` calls its app factory once per worker, so each worker would get its own walks; to have one
-/// walk per symbol across workers, create one `web::Data<DemoState>` outside the factory and use
-/// [`configure_with`].
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    configure_with(cfg, web::Data::new(DemoState::new()));
-}
-
-/// Registers the demo routes over the given (possibly shared) state.
+/// Registers the demo routes over the given state. The app factory runs once per worker: the state is created
+/// once outside it, so there is one walk per symbol across workers.
 pub fn configure_with(cfg: &mut web::ServiceConfig, state: web::Data<DemoState>) {
     cfg.service(
         web::resource("/demo/prices/{symbol}")
@@ -377,6 +369,11 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo routes with their own fresh state.
+    fn configure(cfg: &mut web::ServiceConfig) {
+        configure_with(cfg, web::Data::new(DemoState::new()));
+    }
     use actix_web::App;
     use actix_web::http::StatusCode;
     use actix_web::test as actix_test;

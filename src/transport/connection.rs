@@ -32,9 +32,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::decoder::{self, DecodeError, Opcode};
-use super::frame;
 use super::outbox::Outbox;
-use crate::protocol::close;
+use crate::core::frame;
+use crate::core::protocol::close;
 
 /// How long a closing connection waits for the client to acknowledge before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
