@@ -11,6 +11,7 @@ use actix::prelude::*;
 use actix_web::web;
 
 use crate::core::config::Config;
+use crate::demo;
 use crate::engine::Engine;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::RedisEngine;
@@ -18,8 +19,8 @@ use crate::http::polling::PollerApi;
 use crate::http::server;
 use crate::node::fanout::Fanout;
 use crate::node::hub::Hub;
+use crate::poller;
 use crate::stats::Stats;
-use crate::{demo, poller};
 
 /// Why the hub could not start. The binary exits with `exit_code()`.
 #[derive(Debug)]

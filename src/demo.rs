@@ -2,9 +2,7 @@
 //! `GET /demo/prices/{symbol}` (a quote) and `GET /demo/chain/{symbol}` (an option chain, for the `/data`
 //! and `diff:strike` transforms). Every request moves that symbol's random walk a step. Mounted by the app.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::sync::{Mutex, PoisonError};
 
 use actix_web::{HttpResponse, web};
@@ -347,13 +345,13 @@ fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// A small xorshift64* generator seeded from std's per-process random hash keys; plenty for demo data.
+/// A small xorshift64* generator with a random seed; plenty for demo data.
 struct Rng(u64);
 
 impl Rng {
     fn new() -> Rng {
         // `| 1`: xorshift must not start at zero.
-        Rng(RandomState::new().hash_one(0x5eed_u64) | 1)
+        Rng(crate::core::random::u64() | 1)
     }
 
     /// A pseudo-random number in `[0, 1)`.

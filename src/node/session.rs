@@ -415,14 +415,16 @@ impl Endpoint for Session {
 }
 
 /// Starts a session for an accepted WebSocket, with its transport in the same actor context.
-pub fn start(
+pub fn start<S>(
     hub: Hub,
     registry: Addr<Registry>,
     limits: SessionLimits,
-    transport: Transport,
+    transport: Transport<S>,
     outbox: Outbox,
     permit: Permit,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     Session::create(move |ctx| {
         ctx.spawn(transport);
         Session::new(hub, registry, limits, outbox, permit)
