@@ -47,7 +47,7 @@ fn load_config() -> Result<(Config, bool), String> {
     config
         .apply_env(|name| std::env::var(name).ok())
         .map_err(|e| e.to_string())?;
-    config.validate().map_err(|e| e.to_string())?;
+    relayhub::check_config(&config)?;
     Ok((config, check))
 }
 

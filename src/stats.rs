@@ -1,7 +1,7 @@
 //! Counters every component bumps and `GET /api/stats` reads. Plain relaxed atomics: each is independent and
-//! read only for reporting.
+//! read only for reporting. State (such as whether the pub/sub link is live) belongs to its owner, not here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -47,8 +47,6 @@ pub struct Stats {
     pub ingest_cache_dropped: AtomicU64,
     /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
     pub pattern_scans_truncated: AtomicU64,
-    /// Whether the Redis pub/sub connection is live (always false in memory mode).
-    pub pubsub_active: AtomicBool,
 }
 
 impl Stats {

@@ -28,13 +28,12 @@ use actix::fut::ActorFuture;
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::decoder::{self, DecodeError, Opcode};
-use super::frame;
 use super::outbox::Outbox;
-use crate::protocol::close;
+use crate::core::frame;
+use crate::core::protocol::close;
 
 /// How long a closing connection waits for the client to acknowledge before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -107,8 +106,10 @@ pub struct TransportLimits {
     pub write_timeout: Duration,
 }
 
-pub struct Transport {
-    io: TcpStream,
+/// Generic over the socket (`S`): a TCP stream in the server, any other byte stream (TLS, an in-memory
+/// duplex in tests) works the same.
+pub struct Transport<S> {
+    io: S,
     outbox: Outbox,
     /// Frames taken from the outbox and not yet fully written (the first one possibly in part).
     writing: VecDeque<bytes::Bytes>,
@@ -135,15 +136,10 @@ pub struct Transport {
     progressed: bool,
 }
 
-impl Transport {
+impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
     /// `input` holds bytes the HTTP layer read past the upgrade request (a client may send its first frame
     /// right behind it).
-    pub fn new(
-        io: TcpStream,
-        input: BytesMut,
-        outbox: Outbox,
-        limits: TransportLimits,
-    ) -> Transport {
+    pub fn new(io: S, input: BytesMut, outbox: Outbox, limits: TransportLimits) -> Transport<S> {
         Transport {
             io,
             outbox,
@@ -481,7 +477,7 @@ fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-impl<A: Endpoint> ActorFuture<A> for Transport {
+impl<A: Endpoint, S: AsyncRead + AsyncWrite + Unpin> ActorFuture<A> for Transport<S> {
     type Output = ();
 
     fn poll(

@@ -5,8 +5,8 @@
 
 use serde_json::Value;
 
-use crate::config::IngestConfig;
-use crate::protocol::validate_channel;
+use crate::core::config::IngestConfig;
+use crate::core::protocol::validate_channel;
 
 /// One piece of a target channel template.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,11 @@
 //! The listening server, assembled from actix-web's own parts: actix-server accepts on every worker thread,
 //! actix-http's HTTP/1 service parses each request and gives it to the actix-web app, except WebSocket upgrades,
-//! whose request and socket go to [`transport::accept`]. `HttpServer` does all of this but the last: it offers
+//! whose request and socket go to [`upgrade::accept`]. `HttpServer` does all of this but the last: it offers
 //! no way to take the socket at the upgrade, which is what lets a WebSocket connection shed actix-http's
 //! per-connection buffers (see `transport`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::HttpService;
@@ -13,9 +14,12 @@ use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_confi
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
 
-use crate::config::Config;
-use crate::hub::Hub;
-use crate::{demo, http, transport};
+use crate::core::config::Config;
+use crate::demo;
+use crate::http::polling::PollerApi;
+use crate::http::{admission, upgrade};
+use crate::node::hub::Hub;
+use crate::node::observer::ChannelObserver;
 
 /// Pending connections the kernel queues per listener while workers accept (connection bursts after a
 /// deploy or a network blip arrive all at once).
@@ -52,7 +56,8 @@ pub fn serve(
     listeners: Vec<std::net::TcpListener>,
     config: &Config,
     hub: Hub,
-    poller_slot: http::polling::PollerSlot,
+    poller: web::Data<PollerApi>,
+    observer: Arc<dyn ChannelObserver>,
     demo_state: Option<web::Data<demo::DemoState>>,
 ) -> std::io::Result<Bound> {
     let mut builder = Server::build()
@@ -64,31 +69,32 @@ pub fn serve(
     }
     let max_body = config.websocket.max_message_bytes;
     // One for all workers: the connection budgets are the replica's.
-    let admission = http::admission::Admission::new(config);
+    let admission = admission::Admission::new(config);
     let mut addrs = Vec::new();
     for listener in listeners {
         let local = listener.local_addr()?;
         addrs.push(local);
         let hub = hub.clone();
-        let poller_slot = poller_slot.clone();
+        let poller = poller.clone();
+        let observer = observer.clone();
         let demo_state = demo_state.clone();
         let admission = admission.clone();
         builder = builder.listen(format!("relayhub-{local}"), listener, move || {
-            let registry = hub.start_registry();
+            let registry = hub.start_registry(observer.clone());
             let demo_state = demo_state.clone();
             let app = App::new()
                 .app_data(web::Data::new(hub.clone()))
                 .app_data(web::Data::new(registry.clone()))
-                .app_data(web::Data::new(poller_slot.clone()))
+                .app_data(poller.clone())
                 .app_data(web::Data::from(admission.clone()))
                 .app_data(web::PayloadConfig::new(max_body))
-                .configure(http::routes)
+                .configure(super::routes)
                 .configure(move |cfg| {
                     if let Some(state) = demo_state {
                         demo::configure_with(cfg, state);
                     }
                 })
-                .configure(http::static_routes);
+                .configure(super::static_routes);
             let upgrade_hub = hub.clone();
             let admission = admission.clone();
             HttpService::build()
@@ -97,9 +103,9 @@ pub fn serve(
                 // HttpServer's default: a client gets 1 s to close after the server's response said close.
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .local_addr(local)
-                .upgrade(fn_service(move |upgrade: transport::Upgrade| {
-                    transport::accept(
-                        upgrade,
+                .upgrade(fn_service(move |request: upgrade::Upgrade| {
+                    upgrade::accept(
+                        request,
                         upgrade_hub.clone(),
                         registry.clone(),
                         admission.clone(),

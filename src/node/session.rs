@@ -8,16 +8,21 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::http::admission::ConnectionPermit;
-use crate::hub::{Hub, PublishError};
-use crate::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
-use crate::protocol::{
+use crate::core::config::WebsocketConfig;
+use crate::core::protocol::{
     self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
     parse_target,
 };
-use crate::registry::Registry;
+use crate::node::hub::{Hub, PublishError};
+use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
+use crate::node::registry::Registry;
 use crate::stats::Stats;
 use crate::transport::{Endpoint, Failure, Outbox, Transport, TransportLimits, frame};
+
+/// Whatever must live exactly as long as the session: the edge's connection-admission slot, given back when
+/// the session's context is dropped, however the connection ends. Type-erased so the node does not depend on
+/// the edge that admitted it.
+pub type Permit = Box<dyn Send + 'static>;
 
 /// Limits and timings a session needs, copied out of the config once per worker.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +41,22 @@ pub struct SessionLimits {
 }
 
 impl SessionLimits {
+    pub fn new(ws: &WebsocketConfig) -> SessionLimits {
+        SessionLimits {
+            heartbeat_interval: ws.heartbeat_interval,
+            client_timeout: ws.client_timeout,
+            max_message_bytes: ws.max_message_bytes,
+            max_subscriptions: ws.max_subscriptions_per_connection,
+            mailbox_size: ws.mailbox_size,
+            max_queued_bytes: ws.max_queued_bytes,
+            write_timeout: ws.write_timeout,
+            max_patterns: ws.max_patterns_per_connection,
+            requests_per_second: f64::from(ws.requests_per_second),
+            request_burst: f64::from(ws.request_burst),
+            rate_limited_close_after: ws.rate_limited_close_after,
+        }
+    }
+
     /// The part of the limits the connection's transport enforces.
     pub fn transport(&self) -> TransportLimits {
         TransportLimits {
@@ -123,7 +144,7 @@ pub struct Session {
     /// The transport, parked while `publishing`.
     resume_input: Option<Waker>,
     /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
-    _permit: ConnectionPermit,
+    _permit: Permit,
 }
 
 impl Session {
@@ -132,7 +153,7 @@ impl Session {
         registry: Addr<Registry>,
         limits: SessionLimits,
         outbox: Outbox,
-        permit: ConnectionPermit,
+        permit: Permit,
     ) -> Session {
         Session {
             id: hub.next_session_id(),
@@ -394,14 +415,16 @@ impl Endpoint for Session {
 }
 
 /// Starts a session for an accepted WebSocket, with its transport in the same actor context.
-pub fn start(
+pub fn start<S>(
     hub: Hub,
     registry: Addr<Registry>,
     limits: SessionLimits,
-    transport: Transport,
+    transport: Transport<S>,
     outbox: Outbox,
-    permit: ConnectionPermit,
-) {
+    permit: Permit,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     Session::create(move |ctx| {
         ctx.spawn(transport);
         Session::new(hub, registry, limits, outbox, permit)

@@ -1,4 +1,4 @@
-//! The Redis backend: latest values, snapshot lists and sequence numbers in Redis, written and published in
+//! The Redis store: latest values, snapshot lists and sequence numbers in Redis, written and published in
 //! one Lua script per message (one round trip, one atomic step), through a deadpool connection pool.
 //!
 //! Pub/sub payloads that relayhub publishes are envelopes: byte 0x1E, the sequence number, a space, the
@@ -11,9 +11,9 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use serde_json::value::RawValue;
 
-use crate::config::{ChannelPolicy, RedisConfig};
-use crate::keys::Keys;
-use crate::publication::Publication;
+use super::keys::Keys;
+use crate::core::config::{ChannelPolicy, RedisConfig};
+use crate::core::publication::Publication;
 
 /// Marks a relayhub envelope on a pub/sub channel: raw JSON can never start with it.
 pub const ENVELOPE_MARK: u8 = 0x1e;
@@ -31,15 +31,7 @@ const SCAN_STEP: usize = 500;
 /// How long an ingested message is remembered so that only one replica caches it.
 const INGEST_DEDUPE_MS: u64 = 60_000;
 
-/// Why a Redis operation failed, as text for logs and error replies.
-#[derive(Debug, Clone)]
-pub struct RedisError(pub String);
-
-impl std::fmt::Display for RedisError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::engine::seam::EngineError as RedisError;
 
 impl From<redis::RedisError> for RedisError {
     fn from(e: redis::RedisError) -> Self {
@@ -66,7 +58,6 @@ pub struct RedisStore {
     script: redis::Script,
     ingest_script: redis::Script,
     command_timeout: Duration,
-    url: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -98,7 +89,6 @@ impl RedisStore {
             script: redis::Script::new(PUBLISH_SCRIPT),
             ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
             command_timeout: config.command_timeout,
-            url: config.url.clone(),
         };
         store.ping().await?;
         Ok(store)
@@ -106,18 +96,6 @@ impl RedisStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    pub fn command_timeout(&self) -> Duration {
-        self.command_timeout
     }
 
     /// Runs `f` on a pooled connection within the command timeout.
@@ -296,7 +274,7 @@ impl RedisStore {
         let channels: Vec<Arc<str>> = keys
             .iter()
             .filter_map(|key| key.strip_prefix(&cache_prefix))
-            .filter(|channel| crate::protocol::validate_channel(channel).is_ok())
+            .filter(|channel| crate::core::protocol::validate_channel(channel).is_ok())
             .map(Arc::from)
             .collect();
         // One round trip for all of them.

@@ -8,8 +8,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use crate::protocol::write_json_str;
-use crate::transport::frame as wire;
+use crate::core::frame as wire;
+use crate::core::protocol::write_json_str;
 
 const MESSAGE_HEAD: &str = "{\"type\":\"message\",";
 const SNAPSHOT_HEAD: &str = "{\"type\":\"snapshot\",";

@@ -1,4 +1,4 @@
-//! The actix messages that cross actors: sessions <-> registry, hub -> registry, registry -> bridge.
+//! The actix messages that cross the node's actors: sessions <-> registry, and local delivery -> registry.
 //! Named for intent; the registry stores each session's `Outbox`, so it depends on no session type.
 
 use std::sync::Arc;
@@ -6,8 +6,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytes::Bytes;
 
-use crate::protocol::Target;
-use crate::publication::Publication;
+use crate::core::protocol::Target;
+use crate::core::publication::Publication;
 use crate::transport::Outbox;
 
 /// Identifies one WebSocket connection for the lifetime of the process.
@@ -68,37 +68,3 @@ pub struct CatchUp(pub Arc<Vec<Arc<Publication>>>);
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct CloseAll;
-
-/// This replica needs messages of a channel from Redis. Sent with `do_send` at the moment the registry
-/// decides, like `Unwatch`, so the bridge applies a registry's watches and unwatches in the order they were
-/// made; `confirmed` is answered once Redis confirmed the SUBSCRIBE (or at once when Redis is unreachable:
-/// local delivery never waits on Redis).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Watch {
-    pub channel: Arc<str>,
-    pub confirmed: tokio::sync::oneshot::Sender<()>,
-}
-
-/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`); sent and
-/// answered like `Watch`, once Redis confirmed the PSUBSCRIBE.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WatchPattern {
-    pub prefix: Arc<str>,
-    pub confirmed: tokio::sync::oneshot::Sender<()>,
-}
-
-/// This registry no longer has subscribers of the pattern.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct UnwatchPattern {
-    pub prefix: Arc<str>,
-}
-
-/// This registry no longer has subscribers of the channel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Unwatch {
-    pub channel: Arc<str>,
-}

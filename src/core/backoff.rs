@@ -1,5 +1,6 @@
-//! When the poller fetches a source again after failures: exponential backoff capped for fast and slow
-//! sources alike, plus jitter so many sources that fail together do not retry in lockstep.
+//! How long to wait before trying again: the poller's retries of a failing source, and the reconnects of a
+//! lost backend link. Exponential backoff capped, plus jitter so many clients that fail together do not retry
+//! in lockstep.
 
 use std::time::Duration;
 
@@ -33,16 +34,23 @@ pub fn retry_delay(interval: Duration, consecutive_failures: u32) -> Duration {
 }
 
 /// `d` scaled by a random factor in `[1 - fraction, 1 + fraction]`; `fraction` is clamped to `[0, 1]` (NaN
-/// counts as 0). Not cryptographic: std's per-process random hash keys hash a counter, which is enough to
-/// spread retries and avoids a dependency on `rand`.
+/// counts as 0).
 pub fn jitter(d: Duration, fraction: f64) -> Duration {
     let fraction = if fraction.is_nan() {
         0.0
     } else {
         fraction.clamp(0.0, 1.0)
     };
-    let factor = 1.0 + fraction * (2.0 * crate::random_fraction() - 1.0);
+    let factor = 1.0 + fraction * (2.0 * crate::core::random::fraction() - 1.0);
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+}
+
+/// A reconnect delay after `attempts` failures in a row: between half and all of `min * 2^attempts`, capped
+/// at `max`. Never zero for a nonzero `min`, so a link that fails at once does not spin.
+pub fn reconnect_delay(attempts: u32, min: Duration, max: Duration) -> Duration {
+    let ceiling = min.saturating_mul(1u32 << attempts.min(16)).min(max);
+    let half = ceiling / 2;
+    half + half.mul_f64(crate::core::random::fraction())
 }
 
 #[cfg(test)]
@@ -134,7 +142,7 @@ mod tests {
     #[test]
     fn random_fraction_is_in_range() {
         for _ in 0..1000 {
-            let u = crate::random_fraction();
+            let u = crate::core::random::fraction();
             assert!((0.0..1.0).contains(&u), "{u}");
         }
     }

@@ -2,7 +2,7 @@
 //! the latest value of every subscribed channel (for snapshots without a Redis round trip).
 //!
 //! One registry runs on each HTTP worker thread and owns the sessions of that worker, so a delivery is a
-//! same-thread queue push; the hub sends each message once per registry, not once per subscriber. A new
+//! same-thread queue push; local delivery (`fanout`) sends each message once per registry, not once per subscriber. A new
 //! channel first asks the pubsub bridge to listen for it, then reads the cached value, and only then lets its
 //! subscribers in: a message published in between is never lost, it becomes the snapshot.
 
@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 
-use crate::hub::Hub;
-use crate::messages::{
+use crate::core::protocol::{Target, close};
+use crate::core::publication::Publication;
+use crate::engine::Engine;
+use crate::node::fanout::{Fanout, RegistryInbox};
+use crate::node::messages::{
     CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
     Unsubscribe,
 };
-use crate::protocol::{Target, close};
-use crate::publication::Publication;
+use crate::node::observer::ChannelObserver;
 use crate::stats::Stats;
 use crate::transport::{Full, Outbox};
 
@@ -80,7 +82,15 @@ struct PatternEntry {
 }
 
 pub struct Registry {
-    hub: Hub,
+    /// Where channels are subscribed and latest values read.
+    engine: Engine,
+    /// The replica's subscriber counts, shared by every registry.
+    fanout: Arc<Fanout>,
+    /// Told about first and last subscribers, and asked to fill empty caches.
+    observer: Arc<dyn ChannelObserver>,
+    stats: Arc<Stats>,
+    /// `channels.max_pattern_snapshots`.
+    max_pattern_snapshots: usize,
     sessions: HashMap<SessionId, SessionEntry>,
     channels: HashMap<Arc<str>, ChannelEntry>,
     patterns: HashMap<Arc<str>, PatternEntry>,
@@ -92,15 +102,52 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(hub: Hub) -> Registry {
+    pub fn new(
+        engine: Engine,
+        fanout: Arc<Fanout>,
+        observer: Arc<dyn ChannelObserver>,
+        stats: Arc<Stats>,
+        max_pattern_snapshots: usize,
+    ) -> Registry {
         Registry {
-            hub,
+            engine,
+            fanout,
+            observer,
+            stats,
+            max_pattern_snapshots,
             sessions: HashMap::new(),
             channels: HashMap::new(),
             patterns: HashMap::new(),
             next_epoch: 0,
             slow: Vec::new(),
             pattern_sent: HashSet::new(),
+        }
+    }
+
+    /// Starts a registry on the calling (worker) thread and adds it to the replica's local delivery.
+    pub fn start_here(self) -> Addr<Registry> {
+        let fanout = self.fanout.clone();
+        let addr = self.start();
+        fanout.add_registry(RegistryInbox {
+            dispatch: addr.clone().recipient(),
+            forget: addr.clone().recipient(),
+            catch_up: addr.clone().recipient(),
+            close_all: addr.clone().recipient(),
+        });
+        addr
+    }
+
+    /// Counts a subscriber in; the observer hears of a channel's first one.
+    fn subscriber_joined(fanout: &Fanout, observer: &dyn ChannelObserver, channel: &Arc<str>) {
+        if fanout.subscriber_joined(channel) == 1 {
+            observer.subscribers_changed(channel, 1);
+        }
+    }
+
+    /// Counts a subscriber out; the observer hears of a channel's last one.
+    fn subscriber_left(fanout: &Fanout, observer: &dyn ChannelObserver, channel: &Arc<str>) {
+        if fanout.subscriber_left(channel) == 0 {
+            observer.subscribers_changed(channel, 0);
         }
     }
 
@@ -113,7 +160,7 @@ impl Registry {
     }
 
     fn dispatch(&mut self, publication: Arc<Publication>) {
-        let stats = self.hub.stats();
+        let stats = &self.stats;
         let frame = publication.wire();
         let mut delivered = 0u64;
         let mut slow = std::mem::take(&mut self.slow);
@@ -204,7 +251,7 @@ impl Registry {
     /// close (1008); reconnecting gives it a fresh snapshot, which is the honest recovery for a latest-value feed.
     fn drop_slow(&mut self, id: SessionId) {
         if let Some(session) = self.sessions.get(&id) {
-            Stats::add(&self.hub.stats().slow_consumer_disconnects, 1);
+            Stats::add(&self.stats.slow_consumer_disconnects, 1);
             // The close frame goes behind the full queue: it is written if the client reads again, and the
             // transport drops the socket after its linger either way.
             session.outbox.close_slow_consumer();
@@ -236,11 +283,11 @@ impl Registry {
         if !was_active && before == entry.pending.len() {
             return;
         }
-        self.hub.subscriber_left(channel);
+        Self::subscriber_left(&self.fanout, &*self.observer, channel);
         if entry.active.is_empty() && entry.pending.is_empty() {
             let entry = self.channels.remove(channel).expect("looked up above");
             if entry.watched {
-                self.hub.unwatch(channel.clone());
+                self.engine.unsubscribe(channel.clone());
             }
         }
     }
@@ -250,11 +297,11 @@ impl Registry {
             let waited = entry.waiting.len();
             entry.waiting.retain(|(w, _)| *w != id);
             if entry.subscribers.remove(&id).is_some() || entry.waiting.len() != waited {
-                self.hub.pattern_subscriber_left(prefix);
+                self.fanout.pattern_subscriber_left(prefix);
             }
             if entry.subscribers.is_empty() && entry.waiting.is_empty() {
                 self.patterns.remove(prefix);
-                self.hub.unwatch_pattern(prefix.clone());
+                self.engine.unsubscribe_pattern(prefix.clone());
             }
         }
     }
@@ -274,8 +321,8 @@ impl Registry {
         }
         session.channels.push(channel.clone());
         let outbox = session.outbox.clone();
-        self.hub.subscriber_joined(&channel);
-        let stats = self.hub.stats();
+        Self::subscriber_joined(&self.fanout, &*self.observer, &channel);
+        let stats = &self.stats;
         let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
             self.next_epoch += 1;
             ChannelEntry {
@@ -313,16 +360,16 @@ impl Registry {
         let watch = !entry.watched;
         entry.watched = true;
         let epoch = entry.epoch;
-        let hub = self.hub.clone();
+        let engine = self.engine.clone();
         // Sent now, not from the future: an unsubscribe right behind this subscribe must reach the bridge after
         // the watch, or the bridge would keep a Redis subscription nobody needs.
-        let confirmed = watch.then(|| hub.watch(channel.clone()));
+        let confirmed = watch.then(|| engine.subscribe(channel.clone()));
         let fill = async move {
             if let Some(confirmed) = confirmed {
                 confirmed.await;
             }
             let read_at = Instant::now();
-            let latest = hub.cached_latest(&channel).await;
+            let latest = engine.latest(&channel).await;
             (channel, latest, read_at)
         };
         ctx.spawn(
@@ -349,7 +396,7 @@ impl Registry {
             return;
         }
         entry.filling = false;
-        let stats = self.hub.stats();
+        let stats = &self.stats;
         let backlog = std::mem::take(&mut entry.backlog);
         if entry.latest.is_none() {
             entry.latest = cached.clone();
@@ -357,7 +404,7 @@ impl Registry {
         let mut acks = std::mem::take(&mut entry.acks);
         if cached.is_none() && backlog.is_empty() {
             Stats::add(&stats.cache_misses, entry.pending.len() as u64);
-            let awaiting = self.hub.request_fill(&channel, read_at);
+            let awaiting = self.observer.request_fill(&channel, read_at);
             for id in &entry.pending {
                 if let (Some(session), Some(ack)) = (self.sessions.get(id), acks.remove(id)) {
                     let _ = session.outbox.push(ack);
@@ -445,7 +492,7 @@ impl Registry {
             return;
         }
         session.patterns.push(prefix.clone());
-        self.hub.pattern_subscriber_joined(&prefix);
+        self.fanout.pattern_subscriber_joined(&prefix);
         let entry = self.patterns.entry(prefix.clone()).or_default();
         if entry.live {
             let outbox = session.outbox.clone();
@@ -464,7 +511,7 @@ impl Registry {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         entry.epoch = epoch;
-        let fut = self.hub.watch_pattern(prefix.clone());
+        let fut = self.engine.subscribe_pattern(prefix.clone());
         ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| {
             let Some(entry) = act.patterns.get_mut(&prefix) else {
                 return;
@@ -492,8 +539,8 @@ impl Registry {
         ids: Vec<SessionId>,
         ctx: &mut Context<Self>,
     ) {
-        let hub = self.hub.clone();
-        let fut = async move { hub.pattern_snapshots(&prefix).await };
+        let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
+        let fut = async move { engine.latest_matching(&prefix, limit).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
             let frames: Vec<Bytes> = snapshots.iter().map(|p| p.snapshot_wire()).collect();
             for id in ids {

@@ -8,12 +8,11 @@
 //! between the desired state and what Redis confirmed, so however watches, unwatches and replies interleave,
 //! Redis converges to exactly the channels and patterns that have local subscribers.
 //!
-//! Publishing goes through the pooled publish script (`store::redis`), so a message reaches this replica's
+//! Publishing goes through the pooled publish script (`store`), so a message reaches this replica's
 //! subscribers the same way it reaches every other replica's: as the echo from Redis, in Redis's order.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -22,13 +21,65 @@ use deadpool_redis::redis::{self, Msg};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::hub::Hub;
-use crate::ingest::Route;
-use crate::keys::Keys;
-use crate::messages::{Unwatch, UnwatchPattern, Watch, WatchPattern};
-use crate::publication::Publication;
+use super::keys::Keys;
+use super::link::Link;
+use super::store::{RedisStore, decode_payload, escape_glob};
+use crate::core::config::Config;
+use crate::core::ingest::Route;
+use crate::core::publication::Publication;
+use crate::engine::seam::BrokerEventHandler;
 use crate::stats::Stats;
-use crate::store::redis::decode_payload;
+
+/// This replica needs messages of a channel from Redis. Sent with `do_send` at the moment a registry
+/// decides, like `Unwatch`, so the bridge applies a registry's watches and unwatches in the order they were
+/// made; `confirmed` is answered once Redis confirmed the SUBSCRIBE (or at once when Redis is unreachable:
+/// local delivery never waits on Redis).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub channel: Arc<str>,
+    pub confirmed: oneshot::Sender<()>,
+}
+
+/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`); sent and
+/// answered like `Watch`, once Redis confirmed the PSUBSCRIBE.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchPattern {
+    pub prefix: Arc<str>,
+    pub confirmed: oneshot::Sender<()>,
+}
+
+/// A registry no longer has subscribers of the pattern.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnwatchPattern {
+    pub prefix: Arc<str>,
+}
+
+/// A registry no longer has subscribers of the channel.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    pub channel: Arc<str>,
+}
+
+/// What the bridge is built from: everything it needs, given at start.
+pub struct BridgeParts {
+    pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
+    /// The pooled store, for probes, catch-up reads and ingest caching.
+    pub store: Arc<RedisStore>,
+    /// Link liveness and echo bookkeeping, shared with the publish path.
+    pub link: Arc<Link>,
+    /// Where relayed messages and link events go.
+    pub handler: Arc<dyn BrokerEventHandler>,
+    /// The dedicated pub/sub connection is opened from this client.
+    pub client: redis::Client,
+    /// Outside producers' channels relayed into relayhub channels (compiled at start).
+    pub routes: Vec<Route>,
+    pub instance_id: String,
+}
 
 /// First reconnect delay; doubles per failed attempt up to `MAX_BACKOFF`, with jitter.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -106,7 +157,11 @@ impl Batch {
 }
 
 pub struct Bridge {
-    hub: Hub,
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    store: Arc<RedisStore>,
+    link: Arc<Link>,
+    handler: Arc<dyn BrokerEventHandler>,
     client: redis::Client,
     keys: Keys,
     probe_channel: String,
@@ -148,15 +203,15 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    pub fn new(hub: Hub, client: redis::Client) -> Bridge {
-        let config = &hub.config().redis;
+    pub fn new(parts: BridgeParts) -> Bridge {
+        let config = &parts.config.redis;
         let keys = Keys::new(&config.prefix);
         Bridge {
-            probe_channel: keys.probe(hub.instance_id()),
+            probe_channel: keys.probe(&parts.instance_id),
             probe_interval: config.probe_interval,
             connect_timeout: config.connect_timeout,
             keys,
-            client,
+            client: parts.client,
             sink: None,
             generation: 0,
             stream: None,
@@ -165,10 +220,7 @@ impl Bridge {
             last_probe_seen: Instant::now(),
             connected_once: false,
             last_reject_log: None,
-            // Validated with the configuration at start.
-            routes: Arc::new(
-                crate::ingest::compile_routes(&hub.config().ingest).unwrap_or_default(),
-            ),
+            routes: Arc::new(parts.routes),
             patterns: HashMap::new(),
             via_pattern: HashMap::new(),
             subscribed: HashSet::new(),
@@ -177,15 +229,16 @@ impl Bridge {
             dirty_patterns: HashSet::new(),
             syncing: false,
             ingest_writes: None,
-            hub,
+            config: parts.config,
+            stats: parts.stats,
+            store: parts.store,
+            link: parts.link,
+            handler: parts.handler,
         }
     }
 
     fn set_active(&self, active: bool) {
-        self.hub
-            .stats()
-            .pubsub_active
-            .store(active, Ordering::Relaxed);
+        self.link.set_active(active);
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
@@ -260,7 +313,7 @@ impl Bridge {
     ) {
         let reconnected = self.connected_once;
         if reconnected {
-            Stats::add(&self.hub.stats().redis_reconnects, 1);
+            Stats::add(&self.stats.redis_reconnects, 1);
             log::info!(
                 "redis pub/sub connection restored; resubscribed to {} channels",
                 subscribed.len()
@@ -309,15 +362,17 @@ impl Bridge {
         if reconnected {
             // Messages published during the outage never reached this replica: deliver the latest value of
             // each channel its subscribers missed (full history recovery is not built yet).
-            let hub = self.hub.clone();
-            let channels = subscribed;
-            actix::spawn(async move { hub.catch_up(channels).await });
+            actix::spawn(catch_up(
+                self.store.clone(),
+                self.handler.clone(),
+                subscribed,
+            ));
         }
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
-        self.hub.clear_local_echoes();
-        self.hub.pubsub_link_down();
+        self.link.clear_local_echoes();
+        self.handler.on_link_down();
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
         self.drop_stream(ctx);
@@ -349,10 +404,7 @@ impl Bridge {
 
     /// The Redis pattern covering a relayhub pattern prefix: `<prefix>ch:prices:*`.
     fn pattern_name(&self, prefix: &str) -> String {
-        format!(
-            "{}*",
-            crate::store::redis::escape_glob(&self.keys.pubsub_channel(prefix))
-        )
+        format!("{}*", escape_glob(&self.keys.pubsub_channel(prefix)))
     }
 
     /// Sends the next batch that brings Redis closer to the desired state, unless one is in flight (its answer
@@ -474,20 +526,18 @@ impl Bridge {
             self.disconnected("probe not received: connection open but silent", ctx);
             return;
         }
-        let hub = self.hub.clone();
+        let store = self.store.clone();
         let channel = self.probe_channel.clone();
         actix::spawn(async move {
-            if let Some(redis) = hub.store().redis() {
-                let _ = redis
-                    .with_conn(|mut c| async move {
-                        redis::cmd("PUBLISH")
-                            .arg(channel)
-                            .arg("probe")
-                            .query_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await;
-            }
+            let _ = store
+                .with_conn(|mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg("probe")
+                        .query_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
         });
     }
 
@@ -517,7 +567,7 @@ impl Bridge {
                     Ok(publication)
                         if self.is_duplicate(&publication, pattern.as_deref())
                             || self
-                                .hub
+                                .link
                                 .take_local_echo(&publication.channel, publication.seq) =>
                     {
                         return;
@@ -527,11 +577,11 @@ impl Bridge {
             }
             None => self.ingest(&msg),
         };
-        let stats = self.hub.stats();
+        let stats = &self.stats;
         match result {
             Ok(publication) => {
                 Stats::add(&stats.relayed_in, 1);
-                self.hub.dispatch_local(Arc::new(publication));
+                self.handler.on_publication(Arc::new(publication));
             }
             Err(why) => {
                 Stats::add(&stats.rejected_messages, 1);
@@ -624,7 +674,7 @@ impl Bridge {
                 data: text.to_string(),
             };
             if writes.try_send(write).is_err() {
-                Stats::add(&self.hub.stats().ingest_cache_dropped, 1);
+                Stats::add(&self.stats.ingest_cache_dropped, 1);
             }
         }
         Ok(Publication::new(channel.into(), text, None, None))
@@ -635,14 +685,15 @@ impl Bridge {
 /// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
 /// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
 /// row, so A, B, A caches A last and A, A, A keeps three snapshots.
-async fn cache_ingested(hub: Hub, mut rx: tokio::sync::mpsc::Receiver<IngestWrite>) {
+async fn cache_ingested(
+    store: Arc<RedisStore>,
+    config: Arc<Config>,
+    mut rx: tokio::sync::mpsc::Receiver<IngestWrite>,
+) {
     use std::hash::{Hash, Hasher};
     // Per routed channel: the hash of the previous message and how many equal ones came in a row.
     let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(write) = rx.recv().await {
-        let Some(redis) = hub.store().redis() else {
-            continue;
-        };
         // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (&write.source, &write.data).hash(&mut hasher);
@@ -656,11 +707,10 @@ async fn cache_ingested(hub: Hub, mut rx: tokio::sync::mpsc::Receiver<IngestWrit
         (own, chain.0, repeat).hash(&mut hasher);
         let identity = hasher.finish();
         *chain = (own, repeat);
-        let policy = hub
-            .config()
+        let policy = config
             .policy(&write.channel)
-            .unwrap_or_else(|| hub.config().default_policy());
-        if let Err(e) = redis
+            .unwrap_or_else(|| config.default_policy());
+        if let Err(e) = store
             .ingest_cache(identity, &write.channel, &write.data, policy)
             .await
         {
@@ -672,13 +722,31 @@ async fn cache_ingested(hub: Hub, mut rx: tokio::sync::mpsc::Receiver<IngestWrit
     }
 }
 
+/// After a pub/sub outage: reads the cached latest values of `channels` and hands them to the handler, which
+/// delivers the ones its subscribers have not seen.
+async fn catch_up(
+    store: Arc<RedisStore>,
+    handler: Arc<dyn BrokerEventHandler>,
+    channels: Vec<Arc<str>>,
+) {
+    let mut found = Vec::new();
+    for chunk in channels.chunks(500) {
+        match store.latest_many(chunk).await {
+            Ok(values) => found.extend(values.into_iter().flatten().map(Arc::new)),
+            Err(e) => {
+                log::warn!("catching up after the pub/sub outage failed: {e}");
+                return;
+            }
+        }
+    }
+    if !found.is_empty() {
+        handler.on_catch_up(Arc::new(found));
+    }
+}
+
 /// Exponential backoff with jitter: between half and all of `MIN_BACKOFF * 2^attempts`, capped.
 fn backoff(attempts: u32) -> Duration {
-    let ceiling = MIN_BACKOFF
-        .saturating_mul(1u32 << attempts.min(16))
-        .min(MAX_BACKOFF);
-    let half = ceiling / 2;
-    half + half.mul_f64(crate::random_fraction())
+    crate::core::backoff::reconnect_delay(attempts, MIN_BACKOFF, MAX_BACKOFF)
 }
 
 impl Actor for Bridge {
@@ -689,7 +757,7 @@ impl Actor for Bridge {
         if self.routes.iter().any(|r| r.cache) {
             let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
             self.ingest_writes = Some(tx);
-            actix::spawn(cache_ingested(self.hub.clone(), rx));
+            actix::spawn(cache_ingested(self.store.clone(), self.config.clone(), rx));
         }
         self.connect(ctx);
         ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::ChannelPolicy;
-use crate::publication::Publication;
+use crate::core::config::ChannelPolicy;
+use crate::core::publication::Publication;
 
 /// Bookkeeping bytes counted per channel and per kept message on top of their frames (map entries, index
 /// entries, the allocations' own headers): an estimate, so the bound holds for many tiny values too.
@@ -142,7 +142,7 @@ impl MemoryStore {
             name.clone(),
             data,
             Some(seq),
-            Some(&crate::protocol::now_ts()),
+            Some(&crate::core::protocol::now_ts()),
         ));
         let added = message_bytes(&publication);
         let expires = now + policy.ttl;
@@ -273,10 +273,6 @@ impl MemoryStore {
     /// Channels with a value (expired ones not reclaimed yet included).
     pub fn len(&self) -> usize {
         self.lock().channels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Bytes counted against `channels.max_memory`.

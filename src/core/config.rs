@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// The configuration embedded in the binary: what `relayhub` runs with when no file is given.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
 
 /// Everything relayhub can be told.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -464,7 +464,8 @@ impl Config {
         Ok(())
     }
 
-    /// Checks what types alone cannot: ranges, names and templates. Errors name the key.
+    /// Checks what types alone cannot: ranges and names, each value on its own. Errors name the key. Polling
+    /// sources and ingest routes are compiled where they are used, at start (`relayhub::check_config` does both).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, msg: &str| Err(ConfigError(format!("config key `{key}`: {msg}")));
         if self.websocket.max_message_bytes < 64 {
@@ -549,7 +550,7 @@ impl Config {
         }
         for name in self.namespaces.keys() {
             if name.is_empty()
-                || !name.bytes().all(crate::protocol::is_channel_byte)
+                || !name.bytes().all(crate::core::protocol::is_channel_byte)
                 || name.contains(':')
             {
                 return err(
@@ -591,10 +592,6 @@ impl Config {
                 _ => {}
             }
         }
-        crate::poller::source::compile_sources(self, "http://127.0.0.1:0")
-            .map_err(|e| ConfigError(format!("config key {e}")))?;
-        crate::ingest::compile_routes(&self.ingest)
-            .map_err(|e| ConfigError(format!("config key {e}")))?;
         for (i, route) in self.ingest.iter().enumerate() {
             if route.redis_channel.is_empty() {
                 return err(&format!("ingest[{i}].redis_channel"), "is required");

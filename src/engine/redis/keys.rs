@@ -14,10 +14,6 @@ impl Keys {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// Pub/sub channel carrying a relayhub channel's messages: `<prefix>ch:<channel>`.
     pub fn pubsub_channel(&self, channel: &str) -> String {
         format!("{}ch:{channel}", self.prefix)
