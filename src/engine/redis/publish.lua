@@ -6,9 +6,8 @@ local seq = redis.call('INCR', KEYS[1])
 local ttl = tonumber(ARGV[3])
 -- The counter lives as long as the channel's longest-lived value: extended, never shortened, so a publish
 -- with a shorter TTL (a polling source's) cannot make the sequence start over while a longer value is cached.
-if redis.call('TTL', KEYS[1]) < ttl then
-  redis.call('EXPIRE', KEYS[1], ttl)
-end
+-- Always the same two commands, so the Redis work per publish does not depend on the key's state.
+redis.call('EXPIRE', KEYS[1], math.max(ttl, redis.call('TTL', KEYS[1])))
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 local keep = tonumber(ARGV[4])
 if keep > 0 then
