@@ -37,6 +37,10 @@ use crate::core::protocol::close;
 
 /// How long a closing connection waits for the client to acknowledge before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Bytes a closing connection reads and throws away while it waits for the client's end of the stream. Past
+/// it the socket is no longer read: a client that keeps streaming (the rest of an oversized frame, garbage)
+/// is held back by TCP flow control until the linger ends, instead of being read at line rate.
+const MAX_DISCARD: usize = 64 * 1024;
 /// Frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// Bytes read per `read` call, into a stack buffer.
@@ -134,6 +138,8 @@ pub struct Transport<S> {
     stall: Option<Pin<Box<Sleep>>>,
     /// Bytes were written since `stall` was last set.
     progressed: bool,
+    /// Bytes read and thrown away since the connection started closing.
+    discarded: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
@@ -155,6 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             linger_short: false,
             stall: None,
             progressed: false,
+            discarded: 0,
         }
     }
 
@@ -308,6 +315,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             if open && self.hold_input(act, cx.waker()) {
                 return Poll::Pending;
             }
+            if !open && self.discarded > MAX_DISCARD {
+                // The linger timer (polled by `drive`) ends the connection; nothing more is read until then.
+                return Poll::Pending;
+            }
             // Uninitialised, so the wake-ups that find nothing to read do not clear 4 KiB each time.
             let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut buf = ReadBuf::uninit(&mut chunk);
@@ -318,7 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
                     self.process_input(act, ctx, cx.waker());
                 }
                 // Closing: the client's remaining frames are read only to reach its end of the stream.
-                Ok(()) => {}
+                Ok(()) => self.discarded += buf.filled().len(),
                 Err(error) => {
                     log::debug!("websocket read failed: {error}");
                     return Poll::Ready(());
