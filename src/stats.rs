@@ -41,6 +41,10 @@ pub struct Stats {
     pub rate_limit_disconnects: AtomicU64,
     /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
     pub patterns_refused: AtomicU64,
+    /// Subscriptions refused by `websocket.max_subscriptions_per_connection`.
+    pub subscriptions_refused: AtomicU64,
+    /// Connections closed with 1008 for sending nothing, not even a pong, for `websocket.client_timeout`.
+    pub heartbeat_timeouts: AtomicU64,
     /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
     pub jobs_refused: AtomicU64,
     /// Ingested messages not cached because the queue of cache writes was full.

@@ -55,6 +55,8 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "requests_rate_limited": Stats::get(&s.requests_rate_limited),
         "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
         "patterns_refused": Stats::get(&s.patterns_refused),
+        "subscriptions_refused": Stats::get(&s.subscriptions_refused),
+        "heartbeat_timeouts": Stats::get(&s.heartbeat_timeouts),
         "jobs_refused": Stats::get(&s.jobs_refused),
         "ingest_cache_dropped": Stats::get(&s.ingest_cache_dropped),
         "pattern_scans_truncated": Stats::get(&s.pattern_scans_truncated),

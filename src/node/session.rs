@@ -179,6 +179,7 @@ impl Session {
         ctx.run_interval(self.limits.heartbeat_interval, |act, _| {
             if act.last_seen.elapsed() > act.limits.client_timeout {
                 if act.outbox.close(close::POLICY, "heartbeat timeout") {
+                    Stats::add(&act.hub.stats().heartbeat_timeouts, 1);
                     log::debug!("session {}: heartbeat timeout", act.id);
                 }
                 return;
@@ -274,6 +275,7 @@ impl Session {
             ));
         }
         if self.subscriptions.len() >= self.limits.max_subscriptions {
+            Stats::add(&self.hub.stats().subscriptions_refused, 1);
             return Err(ProtocolError::new(
                 ErrorCode::TooManySubscriptions,
                 format!(
