@@ -3,8 +3,9 @@
 #   1. makes sure redis-server is on PATH (installs Debian's redis-server when missing and possible),
 #   2. builds and runs the Rust tests of the workspace (the hub and the load generator; unit and integration:
 #      real hubs on port 0, private redis-servers, real upstream HTTP servers, real WebSocket and HTTP clients),
-#   3. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
-#   4. runs a short smoke run of the load generator (it works and prints numbers; no speed is asserted).
+#   3. checks the client's TypeScript declarations with tsc (scripts/test-types.sh),
+#   4. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
+#   5. runs a short smoke run of the load generator (it works and prints numbers; no speed is asserted).
 # Ends with one line "tests: N passed, M failed"; exits non-zero when anything failed. Binaries and the log
 # (test-output.log) are in cargo's target directory, which honours CARGO_TARGET_DIR.
 set -uo pipefail
@@ -40,6 +41,7 @@ step() { # step NAME COMMAND...: runs a step, teeing its output into the log
 
 step "cargo build" cargo build --workspace --bins
 step "cargo test" cargo test --workspace --no-fail-fast
+step "client types" bash scripts/test-types.sh
 step "browser tests" env RELAYHUB_BIN="$target_dir/debug/relayhub" bash scripts/test-browser.sh
 step "load generator smoke run" env RELAYHUB_BIN="$target_dir/debug/relayhub" \
     BENCH_BIN="$target_dir/debug/relayhub-bench" bash scripts/bench.sh smoke
