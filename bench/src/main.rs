@@ -3,7 +3,7 @@
 //! hub's CPU and memory cost. Independent of the `relayhub` library: it speaks only the wire protocol.
 //!
 //! # Layout
-//! - `args`: the `--flag value` command line.
+//! - `args`: the command line (clap).
 //! - `run`: one run, phase by phase (connect, subscribe, publish or hold, drain), building the report.
 //! - `connections`: the subscriber fleet (receiver threads, one WebSocket task per connection).
 //! - `frames`: cheap parsing of what the hub sends.
@@ -27,18 +27,15 @@ mod run;
 
 use std::process::ExitCode;
 
-use args::{Args, ParseOutcome, USAGE};
+use args::Mode;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(ParseOutcome::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(ParseOutcome::Calibrate) => return calibrate(),
-        Err(ParseOutcome::ServeReference(addr)) => {
+    let args = match args::parse(std::env::args_os()) {
+        Ok(Mode::Bench(args)) => args,
+        Ok(Mode::Calibrate) => return calibrate(),
+        Ok(Mode::ServeReference(addr)) => {
             return match reference::serve(&addr) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -47,9 +44,13 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Err(ParseOutcome::Invalid(message)) => {
-            eprintln!("relayhub-bench: {message}");
-            return ExitCode::from(1);
+        Err(error) => {
+            // Help goes to stdout with status 0; a bad flag to stderr with status 1 (2 means "ran, with losses").
+            let _ = error.print();
+            return match error.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            };
         }
     };
     match run::run(&args) {
