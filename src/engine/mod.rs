@@ -241,6 +241,30 @@ impl Engine {
         }
     }
 
+    /// Takes a turn of the request budget `budget` (requests spaced `interval` apart, shared by every
+    /// replica of a shared backend): zero when the request may go now, else how long to wait first.
+    pub async fn take_turn(
+        &self,
+        budget: &str,
+        interval: Duration,
+    ) -> Result<Duration, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.take_turn(budget, interval)),
+            Engine::Redis(r) => r.take_turn(budget, interval).await,
+        }
+    }
+
+    /// Keeps a channel's cached value for `ttl` more without publishing (an unchanged polled value).
+    pub async fn touch(&self, channel: &str, ttl: Duration) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(m) => {
+                m.touch(channel, ttl);
+                Ok(())
+            }
+            Engine::Redis(r) => r.touch(channel, ttl).await,
+        }
+    }
+
     /// The replica holding a job's lease, if any.
     pub async fn holder(&self, id: &str) -> Result<Option<String>, EngineError> {
         match self {

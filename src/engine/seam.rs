@@ -104,4 +104,19 @@ pub struct JobStatus {
     pub fetches: u64,
     /// The owner's local subscribers of the job's channel.
     pub subscribers: usize,
+    /// When the current owner took the job (the start of `stale` when nothing succeeded yet).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// When the job last published a changed value.
+    #[serde(default)]
+    pub last_change: Option<String>,
+    /// Fetches answered 304 Not Modified (nothing published).
+    #[serde(default)]
+    pub not_modified: u64,
+    /// Fetches whose value equalled the last one published (`publish = "on_change"`: nothing published).
+    #[serde(default)]
+    pub unchanged: u64,
+    /// The upstream asked (`Retry-After`) not to be fetched before this time.
+    #[serde(default)]
+    pub retry_at: Option<String>,
 }

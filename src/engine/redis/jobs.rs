@@ -27,6 +27,7 @@ pub struct RedisJobs {
     release: redis::Script,
     put: redis::Script,
     scan: redis::Script,
+    rate_turn: redis::Script,
 }
 
 impl RedisJobs {
@@ -36,6 +37,7 @@ impl RedisJobs {
             release: redis::Script::new(RELEASE),
             put: redis::Script::new(include_str!("put_job.lua")),
             scan: redis::Script::new(include_str!("scan_leases.lua")),
+            rate_turn: redis::Script::new(include_str!("rate_turn.lua")),
         }
     }
 
@@ -162,6 +164,60 @@ impl RedisJobs {
                 .arg(json)
                 .arg("PX")
                 .arg(ttl.as_millis() as u64)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Takes a turn of a fleet-wide budget of requests spaced `interval` apart: zero when the request may
+    /// go now, else how long to wait before asking again. Timed by Redis's clock, so replicas agree.
+    pub async fn take_turn(
+        &self,
+        r: &RedisStore,
+        budget: &str,
+        interval: Duration,
+    ) -> Result<Duration, EngineError> {
+        let mut call = self.rate_turn.prepare_invoke();
+        call.key(r.keys().rate_limit(budget))
+            .arg(interval.as_millis().max(1) as u64);
+        let wait: u64 = r
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(Duration::from_millis(wait))
+    }
+
+    /// Keeps a channel's cached value (and its snapshots and sequence counter) for `ttl` more, as a publish
+    /// would, without publishing: an unchanged polled value stays cached.
+    pub async fn touch(
+        &self,
+        r: &RedisStore,
+        channel: &str,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let keys = r.keys();
+        let (cache, snapshots, seq) = (
+            keys.cache(channel),
+            keys.snapshots(channel),
+            keys.seq(channel),
+        );
+        let secs = ttl.as_secs().max(1);
+        r.with_conn(|mut c| async move {
+            // GT on the counter: extended, never shortened (as the publish script does).
+            redis::pipe()
+                .cmd("EXPIRE")
+                .arg(cache)
+                .arg(secs)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(snapshots)
+                .arg(secs)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(seq)
+                .arg(secs)
+                .arg("GT")
+                .ignore()
                 .query_async::<()>(&mut c)
                 .await
         })

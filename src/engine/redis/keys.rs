@@ -72,6 +72,11 @@ impl Keys {
         format!("{}ingested:{channel}:{hash:016x}", self.prefix)
     }
 
+    /// A polling source's fleet-wide request budget (when its next request may go): `<prefix>ratelimit:<source>`.
+    pub fn rate_limit(&self, source: &str) -> String {
+        format!("{}ratelimit:{source}", self.prefix)
+    }
+
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
     pub fn fill_lock(&self, channel: &str) -> String {
         format!("{}fill:{channel}", self.prefix)
