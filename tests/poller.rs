@@ -809,3 +809,61 @@ async fn three_replicas_share_one_max_requests_per_minute_budget() {
     }
     assert_eq!(owners.len(), 3, "{body}");
 }
+
+#[actix_web::test]
+async fn refresh_fetches_now_from_any_replica_and_concurrent_refreshes_share_one_request() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": 1})));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "").replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // Started on the first replica, which owns it from then on.
+    let id = start_job(&hubs[0], "ticker", json!({"symbol": "RF"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(
+        Duration::from_secs(10),
+        "the first fetch published",
+        || async { channel_seq(&hubs[0], "ticker:RF").await == Some(1) },
+    )
+    .await;
+    assert_eq!(upstream.requests("/ticker/RF"), 1);
+    // Ten refreshes at once, while the upstream takes its time: one request.
+    upstream.set_mode(Mode::Hang);
+    let url = hubs[0].http("/api/polling/refresh");
+    let body = json!({"job": id});
+    let answers =
+        futures_util::future::join_all((0..10).map(|_| post_json(&url, &body, &[]))).await;
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_eq!(answer["owner_here"], true, "{answer}");
+    }
+    // The hanging request times out after 500 ms.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(upstream.requests("/ticker/RF"), 2);
+    // From the replica that does not own it: the owner fetches at its next scan.
+    upstream.set_mode(Mode::Ok(json!({"v": 2})));
+    let (status, answer) = post_json(&hubs[1].http("/api/polling/refresh"), &body, &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["owner_here"], false, "{answer}");
+    eventually(Duration::from_secs(10), "the refreshed value", || async {
+        get_json(&hubs[1].http("/api/channels/ticker:RF")).await.1["data"]["v"] == 2
+    })
+    .await;
+    assert_eq!(upstream.requests("/ticker/RF"), 3);
+    let (status, _) = post_json(
+        &hubs[1].http("/api/polling/refresh"),
+        &json!({"job": "ticker@nope"}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404);
+}

@@ -254,6 +254,15 @@ impl Engine {
         }
     }
 
+    /// Asks the owner replica of a job to fetch at once; its next scan takes the request (which expires after
+    /// `hold`). In memory mode every job is this replica's, so there is nobody to ask.
+    pub async fn request_refresh(&self, id: &str, hold: Duration) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.request_refresh(id, hold).await,
+        }
+    }
+
     /// Keeps a channel's cached value for `ttl` more without publishing (an unchanged polled value).
     pub async fn touch(&self, channel: &str, ttl: Duration) -> Result<(), EngineError> {
         match self {

@@ -89,6 +89,8 @@ pub struct ScanReport<J> {
     pub acquired: Vec<String>,
     /// For each kept `auto_stop` job: whether any replica has a subscriber of its channel (exact or pattern).
     pub listening: HashMap<String, bool>,
+    /// Jobs this replica runs that another replica asked to fetch at once.
+    pub refresh: Vec<String>,
 }
 
 /// What the owner reports about a job.

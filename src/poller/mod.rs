@@ -64,6 +64,14 @@ pub struct StopJob {
     pub id: String,
 }
 
+/// Fetch a job now, from whichever replica owns it. Answers whether this replica owns it (then the fetch is
+/// under way) or the owner was asked (it fetches at its next scan, within a quarter lease).
+#[derive(Message)]
+#[rtype(result = "Result<bool, PollError>")]
+pub struct RefreshJob {
+    pub id: String,
+}
+
 /// Every job of the fleet with its owner and status.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Value>, PollError>")]
@@ -96,6 +104,7 @@ struct Scan {
     acquired: Vec<String>,
     lost: Vec<String>,
     listening: HashMap<String, bool>,
+    refresh: Vec<String>,
     previous: HashMap<String, Option<Value>>,
 }
 
@@ -547,6 +556,7 @@ impl Poller {
                 acquired: report.acquired,
                 lost: report.lost,
                 listening: report.listening,
+                refresh: report.refresh,
                 previous,
             })
         };
@@ -570,6 +580,9 @@ impl Poller {
         }
         for id in &scan.lost {
             self.disown(id, ctx);
+        }
+        for id in &scan.refresh {
+            self.fetch(id, true, ctx);
         }
         for job in scan.jobs.iter().filter(|j| scan.acquired.contains(&j.id)) {
             let previous = scan.previous.remove(&job.id).flatten();
@@ -877,6 +890,28 @@ impl Handler<StopJob> for Poller {
             } else {
                 Err(PollError::UnknownJob(id))
             }
+        };
+        Box::pin(fut.into_actor(self))
+    }
+}
+
+impl Handler<RefreshJob> for Poller {
+    type Result = ResponseActFuture<Self, Result<bool, PollError>>;
+
+    fn handle(&mut self, msg: RefreshJob, ctx: &mut Self::Context) -> Self::Result {
+        if self.owned.contains_key(&msg.id) {
+            // Single flight: a fetch under way is the refresh; otherwise one starts now.
+            self.fetch(&msg.id, true, ctx);
+            return Box::pin(fut::ready(Ok(true)));
+        }
+        let store = self.store.clone();
+        let lease = self.lease;
+        let fut = async move {
+            if !store.list().await?.iter().any(|j| j.id == msg.id) {
+                return Err(PollError::UnknownJob(msg.id));
+            }
+            store.request_refresh(&msg.id, lease).await?;
+            Ok(false)
         };
         Box::pin(fut.into_actor(self))
     }

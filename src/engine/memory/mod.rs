@@ -192,6 +192,7 @@ impl MemoryEngine {
             lost,
             acquired,
             listening,
+            refresh: Vec::new(),
         })
     }
 }

@@ -268,6 +268,9 @@ impl RedisJobs {
                         "t"
                     });
                 }
+                for job in &jobs {
+                    call.key(keys.refresh(job.id()));
+                }
                 let held_now: Vec<i64> = if jobs.is_empty() {
                     Vec::new()
                 } else {
@@ -347,10 +350,12 @@ impl RedisJobs {
             .map(|h| h.id.clone())
             .collect();
         let mut acquired = Vec::new();
+        let mut refresh = Vec::new();
         for (job, now) in all.iter().zip(&held_now) {
-            match (held_ids.contains(job.id()), *now == 1) {
-                (true, false) => lost.push(job.id().to_string()),
-                (false, true) => acquired.push(job.id().to_string()),
+            match (held_ids.contains(job.id()), *now) {
+                (true, 0) => lost.push(job.id().to_string()),
+                (true, 2) => refresh.push(job.id().to_string()),
+                (false, 1 | 2) => acquired.push(job.id().to_string()),
                 _ => {}
             }
         }
@@ -367,6 +372,27 @@ impl RedisJobs {
             lost,
             acquired,
             listening,
+            refresh,
         })
+    }
+
+    /// Asks the owner of a job to fetch at once: a flag its next scan takes (it expires after `hold`).
+    pub async fn request_refresh(
+        &self,
+        r: &RedisStore,
+        id: &str,
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        let key = r.keys().refresh(id);
+        r.with_conn(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(hold.as_millis() as u64)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
     }
 }

@@ -77,6 +77,11 @@ impl Keys {
         format!("{}ratelimit:{source}", self.prefix)
     }
 
+    /// A request that a job's owner fetch at once, taken by its next scan: `<prefix>refresh:<job>`.
+    pub fn refresh(&self, job: &str) -> String {
+        format!("{}refresh:{job}", self.prefix)
+    }
+
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
     pub fn fill_lock(&self, channel: &str) -> String {
         format!("{}fill:{channel}", self.prefix)

@@ -289,6 +289,13 @@ impl RedisEngine {
             .await
     }
 
+    pub async fn request_refresh(&self, id: &str, hold: Duration) -> Result<(), EngineError> {
+        self.shared
+            .jobs
+            .request_refresh(self.store(), id, hold)
+            .await
+    }
+
     pub async fn touch(&self, channel: &str, ttl: Duration) -> Result<(), EngineError> {
         self.shared.jobs.touch(self.store(), channel, ttl).await
     }
