@@ -49,6 +49,14 @@ pub struct Stats {
     pub jobs_refused: AtomicU64,
     /// Ingested messages not cached because the queue of cache writes was full.
     pub ingest_cache_dropped: AtomicU64,
+    /// Polls answered 304 Not Modified (conditional requests; nothing published).
+    pub poll_not_modified: AtomicU64,
+    /// Polls whose value equalled the last one published under `publish = "on_change"` (nothing published).
+    pub poll_unchanged: AtomicU64,
+    /// Polls put off because their source's `max_requests_per_minute` budget was spent (delayed, not dropped).
+    pub poll_delayed: AtomicU64,
+    /// Upstream 429 / 503 answers with a `Retry-After` that put the next fetch off.
+    pub poll_retry_after: AtomicU64,
     /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
     pub pattern_scans_truncated: AtomicU64,
 }

@@ -588,3 +588,282 @@ async fn a_pattern_subscriber_on_another_replica_keeps_an_auto_stop_job_running(
     })
     .await;
 }
+
+/// A fast source (200 ms) on the memory engine, with `extra` source keys.
+async fn fast_hub(upstream: &Upstream, extra: &str) -> TestHub {
+    TestHub::start(
+        &source_config(upstream, extra).replace("interval = \"1s\"", "interval = \"200ms\""),
+    )
+    .await
+}
+
+async fn channel_seq(hub: &TestHub, channel: &str) -> Option<u64> {
+    get_json(&hub.http(&format!("/api/channels/{channel}")))
+        .await
+        .1["seq"]
+        .as_u64()
+}
+
+#[actix_web::test]
+async fn conditional_requests_send_the_validators_back_and_a_304_publishes_nothing() {
+    let upstream = Upstream::start();
+    let etag = "\"v1\"";
+    let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+    upstream.set_mode(Mode::Conditional {
+        value: json!({"price": 10}),
+        etag: etag.into(),
+        last_modified: date.into(),
+    });
+    let hub = fast_hub(&upstream, "").await;
+    let mut ws = hub.connect().await;
+    ws.subscribe("ticker:CND").await;
+    let id = start_job(&hub, "ticker", json!({"symbol": "CND"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(ws.recv_type("message").await["data"], json!({"price": 10}));
+    eventually(Duration::from_secs(10), "three 304 answers", || async {
+        upstream.not_modified() >= 3
+    })
+    .await;
+    // The first request is unconditional; the later ones carry both validators.
+    let conditions = upstream.conditions();
+    assert_eq!(conditions[0], (String::new(), String::new()));
+    assert_eq!(conditions[1], (etag.to_string(), date.to_string()));
+    // Nothing published after the first value.
+    assert_eq!(channel_seq(&hub, "ticker:CND").await, Some(1));
+    let status = job_status(&hub, &id).await;
+    assert!(status["not_modified"].as_u64().unwrap() >= 3, "{status}");
+    assert_eq!(status["consecutive_failures"], 0, "{status}");
+    assert!(hub.stats().await["poll_not_modified"].as_u64().unwrap() >= 3);
+    // A new document is published (and its new ETag used from then on).
+    upstream.set_mode(Mode::Conditional {
+        value: json!({"price": 11}),
+        etag: "\"v2\"".into(),
+        last_modified: date.into(),
+    });
+    assert_eq!(ws.recv_type("message").await["data"], json!({"price": 11}));
+    let before = upstream.not_modified();
+    eventually(
+        Duration::from_secs(10),
+        "a 304 for the new ETag",
+        || async { upstream.not_modified() > before },
+    )
+    .await;
+    assert_eq!(channel_seq(&hub, "ticker:CND").await, Some(2));
+}
+
+#[actix_web::test]
+async fn retry_after_in_seconds_or_as_a_date_puts_the_next_fetch_off() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::RetryAfter(429, "4".into()));
+    let hub = fast_hub(&upstream, "").await;
+    let id = start_job(&hub, "ticker", json!({"symbol": "RA"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(10), "retry_at shown", || async {
+        job_status(&hub, &id).await["retry_at"].is_string()
+    })
+    .await;
+    // Backoff from a 200 ms interval would have asked several times by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(upstream.requests("/ticker/RA"), 1);
+    assert_eq!(hub.stats().await["poll_retry_after"], 1);
+
+    // An HTTP date, 4 s ahead, on a 503.
+    let upstream = Upstream::start();
+    let at = std::time::SystemTime::now() + Duration::from_secs(4);
+    upstream.set_mode(Mode::RetryAfter(503, httpdate::fmt_http_date(at)));
+    let hub = fast_hub(&upstream, "").await;
+    start_job(&hub, "ticker", json!({"symbol": "RB"})).await;
+    eventually(Duration::from_secs(10), "first request", || async {
+        upstream.requests("/ticker/RB") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(upstream.requests("/ticker/RB"), 1);
+}
+
+#[actix_web::test]
+async fn a_retry_after_longer_than_max_retry_after_is_cut_short() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::RetryAfter(429, "86400".into()));
+    let hub = fast_hub(&upstream, "max_retry_after = \"300ms\"").await;
+    start_job(&hub, "ticker", json!({"symbol": "RC"})).await;
+    eventually(Duration::from_secs(10), "asked again soon", || async {
+        upstream.requests("/ticker/RC") >= 3
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn on_change_publishes_an_unchanged_value_once_and_keeps_it_cached() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(json!({"v": 1})));
+    let hub = fast_hub(&upstream, "ttl = \"2s\"").await;
+    let id = start_job(&hub, "ticker", json!({"symbol": "OC"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(10), "ten fetches", || async {
+        upstream.requests("/ticker/OC") >= 10
+    })
+    .await;
+    // Past the 2 s TTL of the one value published: still cached, never published again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(channel_seq(&hub, "ticker:OC").await, Some(1));
+    let status = job_status(&hub, &id).await;
+    assert!(status["unchanged"].as_u64().unwrap() >= 9, "{status}");
+    assert!(status["last_change"].is_string(), "{status}");
+    assert_eq!(status["stale"], false, "{status}");
+    assert!(hub.stats().await["poll_unchanged"].as_u64().unwrap() >= 9);
+    // A change is published.
+    upstream.set_mode(Mode::Fixed(json!({"v": 2})));
+    eventually(Duration::from_secs(10), "the change published", || async {
+        channel_seq(&hub, "ticker:OC").await == Some(2)
+    })
+    .await;
+
+    // `publish = "always"` publishes every fetch.
+    let hub = fast_hub(&upstream, "publish = \"always\"").await;
+    start_job(&hub, "ticker", json!({"symbol": "AL"})).await;
+    eventually(Duration::from_secs(10), "every fetch published", || async {
+        channel_seq(&hub, "ticker:AL").await >= Some(4)
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn a_job_without_success_for_stale_after_is_stale() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Status(500));
+    let hub = fast_hub(&upstream, "stale_after = \"500ms\"").await;
+    let id = start_job(&hub, "ticker", json!({"symbol": "ST"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(10), "stale", || async {
+        job_status(&hub, &id).await["stale"] == true
+    })
+    .await;
+    upstream.set_mode(Mode::Ok(json!({})));
+    eventually(Duration::from_secs(20), "fresh again", || async {
+        job_status(&hub, &id).await["stale"] == false
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn three_replicas_share_one_max_requests_per_minute_budget() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "max_requests_per_minute = 60")
+            .replace("interval = \"1s\"", "interval = \"200ms\"")
+    );
+    let hubs = [
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+        TestHub::start(&config).await,
+    ];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // Two jobs started on each replica: each replica owns the ones it started.
+    for (i, symbol) in ["A", "B", "C", "D", "E", "F"].iter().enumerate() {
+        start_job(&hubs[i % 3], "ticker", json!({"symbol": symbol})).await;
+    }
+    let start = upstream.requests("");
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let made = upstream.requests("") - start;
+    let seconds = began.elapsed().as_secs_f64();
+    // One request a second fleet-wide (30 a second without the budget).
+    assert!(
+        (made as f64) <= seconds + 2.0,
+        "{made} requests in {seconds:.1} s"
+    );
+    assert!(made >= 3, "{made} requests in {seconds:.1} s");
+    let mut delayed = 0;
+    let mut owners = std::collections::HashSet::new();
+    for hub in &hubs {
+        delayed += hub.stats().await["poll_delayed"].as_u64().unwrap();
+    }
+    assert!(delayed > 0);
+    // Delayed, not dropped: every job gets its turns.
+    eventually(Duration::from_secs(30), "every job fetched", || async {
+        let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+        body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["fetches"].as_u64().unwrap_or(0) >= 1)
+    })
+    .await;
+    let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
+    for job in body["jobs"].as_array().unwrap() {
+        owners.insert(job["owner"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(owners.len(), 3, "{body}");
+}
+
+#[actix_web::test]
+async fn refresh_fetches_now_from_any_replica_and_concurrent_refreshes_share_one_request() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Ok(json!({"v": 1})));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "").replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // Started on the first replica, which owns it from then on.
+    let id = start_job(&hubs[0], "ticker", json!({"symbol": "RF"})).await["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(
+        Duration::from_secs(10),
+        "the first fetch published",
+        || async { channel_seq(&hubs[0], "ticker:RF").await == Some(1) },
+    )
+    .await;
+    assert_eq!(upstream.requests("/ticker/RF"), 1);
+    // Ten refreshes at once, while the upstream takes its time: one request.
+    upstream.set_mode(Mode::Hang);
+    let url = hubs[0].http("/api/polling/refresh");
+    let body = json!({"job": id});
+    let answers =
+        futures_util::future::join_all((0..10).map(|_| post_json(&url, &body, &[]))).await;
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_eq!(answer["owner_here"], true, "{answer}");
+    }
+    // The hanging request times out after 500 ms.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(upstream.requests("/ticker/RF"), 2);
+    // From the replica that does not own it: the owner fetches at its next scan.
+    upstream.set_mode(Mode::Ok(json!({"v": 2})));
+    let (status, answer) = post_json(&hubs[1].http("/api/polling/refresh"), &body, &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["owner_here"], false, "{answer}");
+    eventually(Duration::from_secs(10), "the refreshed value", || async {
+        get_json(&hubs[1].http("/api/channels/ticker:RF")).await.1["data"]["v"] == 2
+    })
+    .await;
+    assert_eq!(upstream.requests("/ticker/RF"), 3);
+    let (status, _) = post_json(
+        &hubs[1].http("/api/polling/refresh"),
+        &json!({"job": "ticker@nope"}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404);
+}

@@ -284,6 +284,26 @@ pub struct SourceConfig {
     pub idle_grace: Duration,
     /// Largest upstream body accepted.
     pub max_body_bytes: usize,
+    /// `on_change` (default): a transformed value equal to the last one published is not published again
+    /// (its cached copy is kept alive); `always`: every successful fetch is published.
+    pub publish: PublishMode,
+    /// Upstream requests allowed per minute for all of this source's jobs together, fleet-wide (0: no
+    /// limit). Fetches past it wait for their turn; none is dropped.
+    pub max_requests_per_minute: u32,
+    /// Longest wait a `Retry-After` from the upstream may impose (a longer one is cut to this).
+    #[serde(deserialize_with = "de_duration")]
+    pub max_retry_after: Duration,
+    /// A job is reported `stale` after this long without a successful fetch (default: 3 intervals).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub stale_after: Option<Duration>,
+}
+
+/// When a polling source publishes what it fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    Always,
+    OnChange,
 }
 
 impl Default for SourceConfig {
@@ -304,6 +324,10 @@ impl Default for SourceConfig {
             auto_start: false,
             idle_grace: Duration::from_secs(60),
             max_body_bytes: 4 * 1024 * 1024,
+            publish: PublishMode::OnChange,
+            max_requests_per_minute: 0,
+            max_retry_after: Duration::from_secs(3600),
+            stale_after: None,
         }
     }
 }
@@ -590,6 +614,18 @@ impl Config {
                     return err(&format!("{key}.fields"), "is required for redis sources");
                 }
                 _ => {}
+            }
+            if source.max_requests_per_minute > 60_000 {
+                return err(
+                    &format!("{key}.max_requests_per_minute"),
+                    "must be at most 60000 (0 for no limit)",
+                );
+            }
+            if source.max_retry_after.is_zero() {
+                return err(&format!("{key}.max_retry_after"), "must be more than 0");
+            }
+            if source.stale_after.is_some_and(|d| d.is_zero()) {
+                return err(&format!("{key}.stale_after"), "must be more than 0");
             }
         }
         for (i, route) in self.ingest.iter().enumerate() {

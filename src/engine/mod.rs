@@ -241,6 +241,39 @@ impl Engine {
         }
     }
 
+    /// Takes a turn of the request budget `budget` (requests spaced `interval` apart, shared by every
+    /// replica of a shared backend): zero when the request may go now, else how long to wait first.
+    pub async fn take_turn(
+        &self,
+        budget: &str,
+        interval: Duration,
+    ) -> Result<Duration, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.take_turn(budget, interval)),
+            Engine::Redis(r) => r.take_turn(budget, interval).await,
+        }
+    }
+
+    /// Asks the owner replica of a job to fetch at once; its next scan takes the request (which expires after
+    /// `hold`). In memory mode every job is this replica's, so there is nobody to ask.
+    pub async fn request_refresh(&self, id: &str, hold: Duration) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.request_refresh(id, hold).await,
+        }
+    }
+
+    /// Keeps a channel's cached value for `ttl` more without publishing (an unchanged polled value).
+    pub async fn touch(&self, channel: &str, ttl: Duration) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(m) => {
+                m.touch(channel, ttl);
+                Ok(())
+            }
+            Engine::Redis(r) => r.touch(channel, ttl).await,
+        }
+    }
+
     /// The replica holding a job's lease, if any.
     pub async fn holder(&self, id: &str) -> Result<Option<String>, EngineError> {
         match self {

@@ -89,6 +89,8 @@ pub struct ScanReport<J> {
     pub acquired: Vec<String>,
     /// For each kept `auto_stop` job: whether any replica has a subscriber of its channel (exact or pattern).
     pub listening: HashMap<String, bool>,
+    /// Jobs this replica runs that another replica asked to fetch at once.
+    pub refresh: Vec<String>,
 }
 
 /// What the owner reports about a job.
@@ -104,4 +106,19 @@ pub struct JobStatus {
     pub fetches: u64,
     /// The owner's local subscribers of the job's channel.
     pub subscribers: usize,
+    /// When the current owner took the job (the start of `stale` when nothing succeeded yet).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// When the job last published a changed value.
+    #[serde(default)]
+    pub last_change: Option<String>,
+    /// Fetches answered 304 Not Modified (nothing published).
+    #[serde(default)]
+    pub not_modified: u64,
+    /// Fetches whose value equalled the last one published (`publish = "on_change"`: nothing published).
+    #[serde(default)]
+    pub unchanged: u64,
+    /// The upstream asked (`Retry-After`) not to be fetched before this time.
+    #[serde(default)]
+    pub retry_at: Option<String>,
 }

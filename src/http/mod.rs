@@ -41,6 +41,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 )
                 .route("/polling/start", web::post().to(polling::start))
                 .route("/polling/stop", web::post().to(polling::stop))
+                .route("/polling/refresh", web::post().to(polling::refresh))
                 .route("/polling/status", web::get().to(polling::status))
                 .route("/polling/sources", web::get().to(polling::sources))
                 .default_service(web::to(not_found)),

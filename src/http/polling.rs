@@ -12,7 +12,7 @@ use crate::http::admission::Admission;
 use crate::http::auth::{bearer_token, constant_time_eq};
 use crate::http::reply::ApiError;
 use crate::node::hub::Hub;
-use crate::poller::{ListJobs, PollError, Poller, StartJob, StopJob};
+use crate::poller::{ListJobs, PollError, Poller, RefreshJob, StartJob, StopJob};
 
 /// What the polling API talks to: the poller, and its sources as listed.
 pub struct PollerApi {
@@ -145,6 +145,22 @@ pub async fn stop(
     let job = body.job.clone();
     ask(&api, StopJob { id: body.job }).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job": job, "stopped": true })))
+}
+
+/// Makes the job's owner fetch at once (single flight: concurrent refreshes and a fetch under way share one
+/// request). From a replica that does not own the job, the owner fetches at its next scan (a quarter lease).
+pub async fn refresh(
+    req: HttpRequest,
+    body: web::Bytes,
+    hub: web::Data<Hub>,
+    api: web::Data<PollerApi>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &hub)?;
+    let body: StopBody = parse(&body, r#"{"job": string}"#)?;
+    let job = body.job.clone();
+    let here = ask(&api, RefreshJob { id: body.job }).await?;
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "job": job, "refreshing": true, "owner_here": here })))
 }
 
 pub async fn status(

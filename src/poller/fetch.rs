@@ -1,9 +1,11 @@
 //! Fetches one upstream JSON document over HTTP(S) for the poller: the shared client setup ([`build_client`])
 //! and one GET with a whole-request timeout, a body size limit and errors the poller can log and count.
+//! A GET can be conditional ([`Validators`]: the `ETag` and `Last-Modified` of the last answer), and a 429 or
+//! 503 with `Retry-After` says when the upstream wants to be asked again.
 
 use std::fmt;
 use std::sync::Once;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use awc::error::SendRequestError;
 use awc::http::header;
@@ -27,6 +29,9 @@ pub enum FetchError {
     Timeout,
     /// The upstream answered with a non-2xx status; the string holds the first 200 characters of its body.
     Status(u16, String),
+    /// A 429 or 503 with a usable `Retry-After`: ask again no sooner than this (capped by the caller's
+    /// maximum).
+    RetryAfter(u16, Duration),
     /// The body is larger than the allowed size (after decompression).
     TooLarge,
     /// The body is not valid JSON; the string is the parser's message.
@@ -42,6 +47,11 @@ impl fmt::Display for FetchError {
                 write!(f, "HTTP status {status}")
             }
             FetchError::Status(status, body) => write!(f, "HTTP status {status}: {body}"),
+            FetchError::RetryAfter(status, after) => write!(
+                f,
+                "HTTP status {status}, retry after {}",
+                crate::core::config::format_duration(*after)
+            ),
             FetchError::TooLarge => f.write_str("response body too large"),
             FetchError::InvalidJson(reason) => write!(f, "invalid JSON: {reason}"),
         }
@@ -84,11 +94,29 @@ fn install_crypto_provider() {
     });
 }
 
+/// The validators of the last successful answer, sent back as `If-None-Match` / `If-Modified-Since` so an
+/// unchanged document costs the upstream a 304 and no body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// What a conditional GET brought.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    /// A document, with the validators to send next time (none when the upstream sent none).
+    Body(Value, Validators),
+    /// 304: the document is the one the validators describe.
+    NotModified,
+}
+
 /// GETs `url` with `headers` (name, value) and parses the body as JSON.
 ///
 /// - `timeout` covers the whole request: connecting, the response head and reading the body.
 /// - The body may be at most `max_bytes` long after gzip decoding; beyond that the read stops at once.
 /// - Any non-2xx status is [`FetchError::Status`]; redirects are followed first.
+#[cfg(test)]
 pub async fn fetch_json(
     client: &awc::Client,
     url: &str,
@@ -96,21 +124,63 @@ pub async fn fetch_json(
     timeout: Duration,
     max_bytes: usize,
 ) -> Result<Value, FetchError> {
-    tokio::time::timeout(timeout, fetch(client, url, headers, max_bytes))
+    match fetch_conditional(
+        client,
+        url,
+        headers,
+        &Validators::default(),
+        timeout,
+        max_bytes,
+    )
+    .await?
+    {
+        Fetched::Body(value, _) => Ok(value),
+        // Nothing conditional was asked: a 304 here is the upstream's mistake.
+        Fetched::NotModified => Err(FetchError::Status(304, String::new())),
+    }
+}
+
+/// [`fetch_json`], conditional on `validators`: a 304 answer is [`Fetched::NotModified`].
+pub async fn fetch_conditional(
+    client: &awc::Client,
+    url: &str,
+    headers: &[(String, String)],
+    validators: &Validators,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<Fetched, FetchError> {
+    tokio::time::timeout(timeout, fetch(client, url, headers, validators, max_bytes))
         .await
         .unwrap_or(Err(FetchError::Timeout))
 }
 
-/// [`fetch_json`] without the timeout.
+/// `Retry-After` as a delay from now: delta-seconds or an HTTP date (a date in the past is no delay).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// [`fetch_conditional`] without the timeout.
 async fn fetch(
     client: &awc::Client,
     url: &str,
     headers: &[(String, String)],
+    validators: &Validators,
     max_bytes: usize,
-) -> Result<Value, FetchError> {
+) -> Result<Fetched, FetchError> {
     let mut request = client
         .get(url)
         .insert_header((header::ACCEPT, "application/json"));
+    if let Some(etag) = &validators.etag {
+        request = request.insert_header((header::IF_NONE_MATCH, etag.as_str()));
+    }
+    if let Some(date) = &validators.last_modified {
+        request = request.insert_header((header::IF_MODIFIED_SINCE, date.as_str()));
+    }
     for (name, value) in headers {
         request = request.insert_header((name.as_str(), value.as_str()));
     }
@@ -120,7 +190,18 @@ async fn fetch(
     })?;
 
     let status = response.status();
+    if status == awc::http::StatusCode::NOT_MODIFIED {
+        return Ok(Fetched::NotModified);
+    }
     if !status.is_success() {
+        let retry_after = matches!(status.as_u16(), 429 | 503)
+            .then(|| response.headers().get(header::RETRY_AFTER))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        if let Some(after) = retry_after {
+            return Err(FetchError::RetryAfter(status.as_u16(), after));
+        }
         // At most 4 bytes per character; a body that cannot be read leaves the snippet short or empty.
         let (body, _) = read_body(&mut response, STATUS_BODY_CHARS * 4).await;
         let snippet = String::from_utf8_lossy(&body)
@@ -154,7 +235,20 @@ async fn fetch(
             )));
         }
     }
-    serde_json::from_slice(&body).map_err(|err| FetchError::InvalidJson(err.to_string()))
+    let header_text = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let validators = Validators {
+        etag: header_text(header::ETAG),
+        last_modified: header_text(header::LAST_MODIFIED),
+    };
+    let value =
+        serde_json::from_slice(&body).map_err(|err| FetchError::InvalidJson(err.to_string()))?;
+    Ok(Fetched::Body(value, validators))
 }
 
 /// How a body read ended.
@@ -424,6 +518,26 @@ mod tests {
         let _first = build_client();
         let _second = build_client();
         assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        // 2015-10-21 07:28:00 GMT is `now`; a minute later is a minute away.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 
     #[test]

@@ -77,6 +77,11 @@ impl JobStore {
         self.engine.write_status(id, status, ttl).await
     }
 
+    /// Asks a job's owner to fetch at once (taken by its next scan, forgotten after `hold`).
+    pub async fn request_refresh(&self, id: &str, hold: Duration) -> Result<(), RedisError> {
+        self.engine.request_refresh(id, hold).await
+    }
+
     /// The replica holding a job's lease, if any.
     pub async fn holder(&self, id: &str) -> Result<Option<String>, RedisError> {
         self.engine.holder(id).await

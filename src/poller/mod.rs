@@ -24,6 +24,7 @@ use crate::core::config::format_duration;
 use crate::engine::EngineError as RedisError;
 use crate::node::hub::Hub;
 use crate::node::observer::ChannelObserver;
+use crate::poller::fetch::{FetchError, Fetched, Validators};
 use crate::poller::jobs::{Held, JobStatus, JobStore, Put};
 use crate::poller::source::{JobSpec, ParamError, Source};
 use crate::stats::Stats;
@@ -63,6 +64,14 @@ pub struct StopJob {
     pub id: String,
 }
 
+/// Fetch a job now, from whichever replica owns it. Answers whether this replica owns it (then the fetch is
+/// under way) or the owner was asked (it fetches at its next scan, within a quarter lease).
+#[derive(Message)]
+#[rtype(result = "Result<bool, PollError>")]
+pub struct RefreshJob {
+    pub id: String,
+}
+
 /// Every job of the fleet with its owner and status.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Value>, PollError>")]
@@ -95,6 +104,7 @@ struct Scan {
     acquired: Vec<String>,
     lost: Vec<String>,
     listening: HashMap<String, bool>,
+    refresh: Vec<String>,
     previous: HashMap<String, Option<Value>>,
 }
 
@@ -111,6 +121,27 @@ struct OwnedJob {
     idle_since: Option<Instant>,
     /// When the job last published a value.
     published_at: Option<Instant>,
+    /// `ETag` / `Last-Modified` of the last document fetched, for the next conditional request.
+    validators: Validators,
+}
+
+/// What one fetch did (when it did not fail).
+enum Outcome {
+    /// Published this value.
+    Published(Value),
+    /// The value equals the last one published (`publish = "on_change"`): not published, cache kept.
+    Unchanged,
+    /// 304 Not Modified: nothing published, cache kept.
+    NotModified,
+    /// The source's request budget was spent: no request made; try again after this long.
+    Delayed(Duration),
+}
+
+/// One fetch's result: the outcome, or why it failed and when the upstream asked to be tried again.
+struct Fetch {
+    result: Result<Outcome, (String, Option<Duration>)>,
+    /// The validators of a fetched document (replacing the old ones).
+    validators: Option<Validators>,
 }
 
 /// The sources and the jobs last seen, shared with the hub's observer (which must answer synchronously).
@@ -319,6 +350,7 @@ impl Poller {
         let status = JobStatus {
             state: "running".into(),
             interval: format_duration(source.interval),
+            since: Some(crate::core::protocol::now_ts()),
             ..JobStatus::default()
         };
         self.owned.insert(
@@ -332,9 +364,10 @@ impl Poller {
                 timer: None,
                 idle_since: None,
                 published_at: None,
+                validators: Validators::default(),
             },
         );
-        self.fetch(&id, ctx);
+        self.fetch(&id, false, ctx);
     }
 
     /// Stops running a job here (it was stopped, lost or is idle).
@@ -349,7 +382,7 @@ impl Poller {
 
     fn schedule(&mut self, id: &str, after: Duration, ctx: &mut Context<Self>) {
         let key = id.to_string();
-        let handle = ctx.run_later(after, move |act, ctx| act.fetch(&key, ctx));
+        let handle = ctx.run_later(after, move |act, ctx| act.fetch(&key, false, ctx));
         if let Some(job) = self.owned.get_mut(id) {
             if let Some(old) = job.timer.replace(handle) {
                 ctx.cancel_future(old);
@@ -358,8 +391,9 @@ impl Poller {
         }
     }
 
-    /// One fetch of an owned job: fetch, transform, publish, then schedule the next by the outcome.
-    fn fetch(&mut self, id: &str, ctx: &mut Context<Self>) {
+    /// One fetch of an owned job: fetch, transform, publish, then schedule the next by the outcome. `force`
+    /// (a fill or a refresh) asks unconditionally and publishes even an unchanged value.
+    fn fetch(&mut self, id: &str, force: bool, ctx: &mut Context<Self>) {
         let Some(job) = self.owned.get_mut(id) else {
             return;
         };
@@ -367,7 +401,9 @@ impl Poller {
             return;
         }
         job.in_flight = true;
-        job.timer = None;
+        if let Some(timer) = job.timer.take() {
+            ctx.cancel_future(timer);
+        }
         let client = self
             .client
             .clone()
@@ -376,7 +412,10 @@ impl Poller {
         let source = job.source.clone();
         let spec = job.spec.clone();
         let previous = job.previous.clone();
-        let fut = async move { run_fetch(&client, &hub, &source, &spec, previous).await };
+        let validators = (!force).then(|| job.validators.clone());
+        let fut = async move {
+            run_fetch(&client, &hub, &source, &spec, previous, validators.as_ref()).await
+        };
         let id = id.to_string();
         ctx.spawn(
             fut.into_actor(self)
@@ -384,34 +423,56 @@ impl Poller {
         );
     }
 
-    fn fetched(
-        &mut self,
-        id: &str,
-        outcome: Result<Option<Value>, String>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn fetched(&mut self, id: &str, fetch: Fetch, ctx: &mut Context<Self>) {
         let subscribers = self
             .hub
             .local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
+        let hub = self.hub.clone();
+        let stats = hub.stats();
         let Some(job) = self.owned.get_mut(id) else {
             return;
         };
         job.in_flight = false;
-        job.status.fetches += 1;
         job.status.subscribers = subscribers;
+        if let Some(validators) = fetch.validators {
+            job.validators = validators;
+        }
         let interval = job.source.interval;
-        let delay = match outcome {
-            Ok(value) => {
-                if let Some(value) = value {
-                    job.previous = Some(value);
-                    job.published_at = Some(Instant::now());
-                }
-                job.status.state = "running".into();
-                job.status.consecutive_failures = 0;
-                job.status.last_success = Some(crate::core::protocol::now_ts());
+        let now = crate::core::protocol::now_ts;
+        let success = |job: &mut OwnedJob| {
+            job.status.fetches += 1;
+            job.status.state = "running".into();
+            job.status.consecutive_failures = 0;
+            job.status.retry_at = None;
+            job.status.last_success = Some(now());
+        };
+        let delay = match fetch.result {
+            Ok(Outcome::Published(value)) => {
+                success(job);
+                job.previous = Some(value);
+                job.published_at = Some(Instant::now());
+                job.status.last_change = job.status.last_success.clone();
                 interval
             }
-            Err(e) => {
+            Ok(Outcome::Unchanged) => {
+                success(job);
+                job.status.unchanged += 1;
+                Stats::add(&stats.poll_unchanged, 1);
+                interval
+            }
+            Ok(Outcome::NotModified) => {
+                success(job);
+                job.status.not_modified += 1;
+                Stats::add(&stats.poll_not_modified, 1);
+                interval
+            }
+            Ok(Outcome::Delayed(wait)) => {
+                Stats::add(&stats.poll_delayed, 1);
+                // Spread the jobs waiting on one budget, so they do not all ask at the same instant.
+                backoff::jitter(wait, 0.2)
+            }
+            Err((e, retry_after)) => {
+                job.status.fetches += 1;
                 job.status.consecutive_failures += 1;
                 job.status.state = "backoff".into();
                 log::warn!(
@@ -419,10 +480,21 @@ impl Poller {
                     job.status.consecutive_failures
                 );
                 job.status.last_error = Some(e);
-                backoff::jitter(
-                    backoff::retry_delay(interval, job.status.consecutive_failures),
-                    0.1,
-                )
+                match retry_after {
+                    Some(after) if !after.is_zero() => {
+                        Stats::add(&stats.poll_retry_after, 1);
+                        let after = after.min(job.source.max_retry_after);
+                        job.status.retry_at = Some(rfc3339_in(after));
+                        after
+                    }
+                    _ => {
+                        job.status.retry_at = None;
+                        backoff::jitter(
+                            backoff::retry_delay(interval, job.status.consecutive_failures),
+                            0.1,
+                        )
+                    }
+                }
             }
         };
         self.schedule(id, delay, ctx);
@@ -484,6 +556,7 @@ impl Poller {
                 acquired: report.acquired,
                 lost: report.lost,
                 listening: report.listening,
+                refresh: report.refresh,
                 previous,
             })
         };
@@ -507,6 +580,9 @@ impl Poller {
         }
         for id in &scan.lost {
             self.disown(id, ctx);
+        }
+        for id in &scan.refresh {
+            self.fetch(id, true, ctx);
         }
         for job in scan.jobs.iter().filter(|j| scan.acquired.contains(&j.id)) {
             let previous = scan.previous.remove(&job.id).flatten();
@@ -572,7 +648,11 @@ impl Poller {
                     .fill_lock(&spec.channel, FILL_LOCK)
                     .await
                     .unwrap_or(false);
-            if locked && let Err(e) = run_fetch(&client, &hub, &source, &spec, None).await {
+            if locked
+                && let Err((e, _)) = run_fetch(&client, &hub, &source, &spec, None, None)
+                    .await
+                    .result
+            {
                 log::warn!("filling `{}` failed: {e}", spec.channel);
             }
             spec.channel
@@ -589,37 +669,94 @@ async fn previous_value(hub: &Hub, channel: &str) -> Option<Value> {
     serde_json::from_str(latest.data()).ok()
 }
 
-/// Fetches, transforms and publishes one value. `Ok(None)`: fetched but unchanged (`only_on_change`).
+/// Fetches, transforms and publishes one value. `validators` make the request conditional; `None` (a fill
+/// or a refresh) also publishes a value equal to `previous`.
 async fn run_fetch(
     client: &awc::Client,
     hub: &Hub,
     source: &Source,
     spec: &JobSpec,
     previous: Option<Value>,
-) -> Result<Option<Value>, String> {
+    validators: Option<&Validators>,
+) -> Fetch {
+    let mut fetched_validators = None;
+    let result = fetch_and_publish(
+        client,
+        hub,
+        source,
+        spec,
+        previous,
+        validators,
+        &mut fetched_validators,
+    )
+    .await;
+    Fetch {
+        result,
+        validators: fetched_validators,
+    }
+}
+
+async fn fetch_and_publish(
+    client: &awc::Client,
+    hub: &Hub,
+    source: &Source,
+    spec: &JobSpec,
+    previous: Option<Value>,
+    validators: Option<&Validators>,
+    fetched_validators: &mut Option<Validators>,
+) -> Result<Outcome, (String, Option<Duration>)> {
+    let fail = |e: String| (e, None);
     let raw = match source.kind {
         crate::core::config::SourceKind::Http => {
             let url = source
                 .url_for(spec)
-                .ok_or("the job's URL cannot be built")?;
-            fetch::fetch_json(
+                .ok_or_else(|| fail("the job's URL cannot be built".into()))?;
+            if let Some(spacing) = source.request_spacing {
+                let wait = hub
+                    .engine()
+                    .take_turn(&source.name, spacing)
+                    .await
+                    .map_err(|e| fail(format!("the request budget is unavailable: {e}")))?;
+                if !wait.is_zero() {
+                    return Ok(Outcome::Delayed(wait));
+                }
+            }
+            let fetched = fetch::fetch_conditional(
                 client,
                 &url,
                 &source.headers,
+                validators.unwrap_or(&Validators::default()),
                 source.timeout,
                 source.max_body_bytes,
             )
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| match e {
+                FetchError::RetryAfter(_, after) => (e.to_string(), Some(after)),
+                e => fail(e.to_string()),
+            })?;
+            match fetched {
+                Fetched::Body(value, v) => {
+                    *fetched_validators = Some(v);
+                    value
+                }
+                Fetched::NotModified if validators.is_some() && previous.is_some() => {
+                    keep_cached(hub, source, spec).await;
+                    return Ok(Outcome::NotModified);
+                }
+                // A 304 to an unconditional request (or with no value to keep) has nothing to publish.
+                Fetched::NotModified => {
+                    return Err(fail("HTTP status 304 to an unconditional request".into()));
+                }
+            }
         }
-        crate::core::config::SourceKind::Redis => read_redis_fields(hub, source).await?,
+        crate::core::config::SourceKind::Redis => {
+            read_redis_fields(hub, source).await.map_err(fail)?
+        }
     };
-    let value = transform::apply_all(&source.transforms, raw, previous.as_ref())?;
-    if source.kind == crate::core::config::SourceKind::Redis
-        && source.only_on_change
-        && previous.as_ref() == Some(&value)
-    {
-        return Ok(None);
+    let value = transform::apply_all(&source.transforms, raw, previous.as_ref()).map_err(fail)?;
+    if source.only_on_change && validators.is_some() && previous.as_ref() == Some(&value) {
+        keep_cached(hub, source, spec).await;
+        return Ok(Outcome::Unchanged);
     }
     let text = value.to_string();
     if text.len()
@@ -629,15 +766,29 @@ async fn run_fetch(
             .max_message_bytes
             .max(source.max_body_bytes)
     {
-        return Err(format!(
+        return Err(fail(format!(
             "transformed value is {} bytes, over the limit",
             text.len()
-        ));
+        )));
     }
     hub.publish_with(&spec.channel, &text, source.ttl)
         .await
-        .map_err(|crate::node::hub::PublishError::Unavailable(e)| e)?;
-    Ok(Some(value))
+        .map_err(|crate::node::hub::PublishError::Unavailable(e)| fail(e))?;
+    Ok(Outcome::Published(value))
+}
+
+/// An unchanged value stays cached as long as a publish would keep it (a failure only logs: the value is
+/// still there until its TTL ends).
+async fn keep_cached(hub: &Hub, source: &Source, spec: &JobSpec) {
+    let ttl = source.ttl.unwrap_or_else(|| {
+        hub.config()
+            .policy(&spec.channel)
+            .unwrap_or_else(|| hub.config().default_policy())
+            .ttl
+    });
+    if let Err(e) = hub.engine().touch(&spec.channel, ttl).await {
+        log::debug!("keeping `{}` cached failed: {e}", spec.channel);
+    }
 }
 
 /// Reads a `redis` source's keys in one round trip and builds one object: numbers as numbers, missing as null.
@@ -653,6 +804,17 @@ async fn read_redis_fields(hub: &Hub, source: &Source) -> Result<Value, String> 
         object.insert(name.clone(), value);
     }
     Ok(Value::Object(object))
+}
+
+/// Whether a job has gone `stale_after` without a success (counted from when its owner took it when it
+/// never succeeded).
+fn is_stale(status: &JobStatus, stale_after: Duration) -> bool {
+    let since = status.last_success.as_ref().or(status.since.as_ref());
+    let Some(at) = since.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return false;
+    };
+    let age = chrono::Utc::now().signed_duration_since(at);
+    age.to_std().unwrap_or_default() > stale_after
 }
 
 fn rfc3339_in(after: Duration) -> String {
@@ -733,6 +895,28 @@ impl Handler<StopJob> for Poller {
     }
 }
 
+impl Handler<RefreshJob> for Poller {
+    type Result = ResponseActFuture<Self, Result<bool, PollError>>;
+
+    fn handle(&mut self, msg: RefreshJob, ctx: &mut Self::Context) -> Self::Result {
+        if self.owned.contains_key(&msg.id) {
+            // Single flight: a fetch under way is the refresh; otherwise one starts now.
+            self.fetch(&msg.id, true, ctx);
+            return Box::pin(fut::ready(Ok(true)));
+        }
+        let store = self.store.clone();
+        let lease = self.lease;
+        let fut = async move {
+            if !store.list().await?.iter().any(|j| j.id == msg.id) {
+                return Err(PollError::UnknownJob(msg.id));
+            }
+            store.request_refresh(&msg.id, lease).await?;
+            Ok(false)
+        };
+        Box::pin(fut.into_actor(self))
+    }
+}
+
 impl Handler<ListJobs> for Poller {
     type Result = ResponseActFuture<Self, Result<Vec<Value>, PollError>>;
 
@@ -751,7 +935,12 @@ impl Handler<ListJobs> for Poller {
                 .into_iter()
                 .zip(states)
                 .map(|(spec, (owner, status))| {
-                    let interval = act.source(&spec.source).map(|s| format_duration(s.interval));
+                    let source = act.source(&spec.source);
+                    let interval = source.as_ref().map(|s| format_duration(s.interval));
+                    let stale = match (&source, &status) {
+                        (Some(source), Some(status)) => Some(is_stale(status, source.stale_after)),
+                        _ => None,
+                    };
                     let status = status.unwrap_or_default();
                     json!({
                         "id": spec.id,
@@ -767,6 +956,11 @@ impl Handler<ListJobs> for Poller {
                         "fetches": status.fetches,
                         "subscribers": act.hub.local_subscribers(&spec.channel),
                         "next_run": status.next_run,
+                        "last_change": status.last_change,
+                        "stale": stale,
+                        "not_modified": status.not_modified,
+                        "unchanged": status.unchanged,
+                        "retry_at": status.retry_at,
                     })
                 })
                 .collect())
@@ -816,7 +1010,7 @@ impl Handler<Fill> for Poller {
             // A value published since the request is already on its way to the waiting subscribers; else
             // fetch now (single flight: `fetch` does nothing while one is under way).
             if !published_since {
-                self.fetch(&id, ctx);
+                self.fetch(&id, true, ctx);
             }
             return;
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::core::config::{Config, SourceConfig, SourceKind, format_duration};
+use crate::core::config::{Config, PublishMode, SourceConfig, SourceKind, format_duration};
 use crate::poller::template::{Encoding, Template, expand_env};
 use crate::poller::transform::{Transform, parse_all};
 
@@ -24,7 +24,12 @@ pub struct Source {
     pub transforms: Vec<Transform>,
     /// `redis` sources: (field name, command, key).
     pub fields: Vec<(String, String, String)>,
+    /// Publish only a value that differs from the last one published (`publish = "on_change"`).
     pub only_on_change: bool,
+    /// Requests spaced at least this far apart fleet-wide (`max_requests_per_minute`), if limited.
+    pub request_spacing: Option<Duration>,
+    pub max_retry_after: Duration,
+    pub stale_after: Duration,
     pub auto_stop: bool,
     pub auto_start: bool,
     pub idle_grace: Duration,
@@ -109,7 +114,11 @@ impl Source {
             headers,
             transforms,
             fields,
-            only_on_change: config.only_on_change,
+            only_on_change: config.only_on_change && config.publish == PublishMode::OnChange,
+            request_spacing: (config.max_requests_per_minute > 0)
+                .then(|| Duration::from_secs(60) / config.max_requests_per_minute),
+            max_retry_after: config.max_retry_after,
+            stale_after: config.stale_after.unwrap_or(config.interval * 3),
             auto_stop: config.auto_stop,
             auto_start: config.auto_start,
             idle_grace: config.idle_grace,

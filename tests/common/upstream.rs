@@ -30,6 +30,17 @@ pub enum Mode {
     Hang,
     /// 200 with `Content-Type: application/json` and a body that is not JSON.
     BadJson,
+    /// 200 with exactly this JSON (no `"n"`): the same document every time.
+    Fixed(Value),
+    /// This JSON (no `"n"`) with `ETag` and `Last-Modified`; a request whose `If-None-Match` is the ETag gets
+    /// 304 Not Modified and no body.
+    Conditional {
+        value: Value,
+        etag: String,
+        last_modified: String,
+    },
+    /// This status with a `Retry-After` header of this text.
+    RetryAfter(u16, String),
 }
 
 /// State shared by the test and the server's handler.
@@ -40,6 +51,10 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     /// Requests seen so far; the next request's number is this plus one.
     counter: AtomicU64,
+    /// `If-None-Match` and `If-Modified-Since` of every request (empty when absent), in arrival order.
+    conditions: Mutex<Vec<(String, String)>>,
+    /// Answers sent with 304.
+    not_modified: AtomicU64,
 }
 
 /// A real upstream HTTP server on `127.0.0.1:<free port>`, running on its own thread with its own actix
@@ -67,6 +82,8 @@ impl Upstream {
             mode: Mutex::new(Mode::Ok(json!({}))),
             requests: Mutex::new(Vec::new()),
             counter: AtomicU64::new(0),
+            conditions: Mutex::new(Vec::new()),
+            not_modified: AtomicU64::new(0),
         });
         let data = web::Data::from(Arc::clone(&shared));
         let (handle_tx, handle_rx) = mpsc::channel();
@@ -122,6 +139,16 @@ impl Upstream {
             .count()
     }
 
+    /// `(If-None-Match, If-Modified-Since)` of every request so far (empty strings when absent).
+    pub fn conditions(&self) -> Vec<(String, String)> {
+        lock(&self.shared.conditions).clone()
+    }
+
+    /// How many requests were answered 304 Not Modified.
+    pub fn not_modified(&self) -> u64 {
+        self.shared.not_modified.load(Ordering::SeqCst)
+    }
+
     /// Changes what every later request gets.
     pub fn set_mode(&self, mode: Mode) {
         *lock(&self.shared.mode) = mode;
@@ -148,6 +175,15 @@ async fn respond(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
         .path_and_query()
         .map_or_else(|| req.path().to_owned(), |pq| pq.as_str().to_owned());
     lock(&shared.requests).push(target);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let if_none_match = header("if-none-match");
+    lock(&shared.conditions).push((if_none_match.clone(), header("if-modified-since")));
     let mode = lock(&shared.mode).clone();
     match mode {
         Mode::Ok(mut value) => {
@@ -168,6 +204,29 @@ async fn respond(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
         Mode::BadJson => HttpResponse::Ok()
             .content_type("application/json")
             .body("{\"truncated\": "),
+        Mode::Fixed(value) => HttpResponse::Ok().json(value),
+        Mode::Conditional {
+            value,
+            etag,
+            last_modified,
+        } => {
+            if if_none_match == etag {
+                shared.not_modified.fetch_add(1, Ordering::SeqCst);
+                return HttpResponse::NotModified()
+                    .insert_header(("ETag", etag))
+                    .finish();
+            }
+            HttpResponse::Ok()
+                .insert_header(("ETag", etag))
+                .insert_header(("Last-Modified", last_modified))
+                .json(value)
+        }
+        Mode::RetryAfter(code, after) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            HttpResponse::build(status)
+                .insert_header(("Retry-After", after))
+                .json(json!({"error": "slow down"}))
+        }
     }
 }
 

@@ -7,7 +7,7 @@ pub mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use self::store::MemoryStore;
 use crate::core::config::{ChannelPolicy, Config};
@@ -25,6 +25,8 @@ struct Jobs {
     /// Job definitions as stored (JSON), by id.
     specs: HashMap<String, String>,
     statuses: HashMap<String, JobStatus>,
+    /// When each request budget's next request may go (one entry per rate-limited source).
+    turns: HashMap<String, Instant>,
 }
 
 struct Shared {
@@ -137,6 +139,23 @@ impl MemoryEngine {
             .collect()
     }
 
+    /// [`crate::engine::Engine::take_turn`] for this replica alone.
+    pub fn take_turn(&self, budget: &str, interval: Duration) -> Duration {
+        let now = Instant::now();
+        let mut jobs = self.jobs();
+        let next = jobs.turns.entry(budget.to_string()).or_insert(now);
+        if *next > now {
+            return *next - now;
+        }
+        *next = now + interval;
+        Duration::ZERO
+    }
+
+    /// Keeps a channel's latest value for `ttl` more.
+    pub fn touch(&self, channel: &str, ttl: Duration) {
+        self.shared.store.touch(channel, ttl);
+    }
+
     pub fn write_status(&self, id: &str, status: &JobStatus) {
         let mut jobs = self.jobs();
         if jobs.specs.contains_key(id) {
@@ -173,6 +192,7 @@ impl MemoryEngine {
             lost,
             acquired,
             listening,
+            refresh: Vec::new(),
         })
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::core::config::ChannelPolicy;
 use crate::core::publication::Publication;
@@ -213,6 +213,27 @@ impl MemoryStore {
                         inner.bytes -= freed;
                     }
                 }
+            }
+        }
+    }
+
+    /// Makes a live channel expire `ttl` from now, never sooner than it would have.
+    pub fn touch(&self, channel: &str, ttl: Duration) {
+        let mut inner = self.lock();
+        if !self.live(&mut inner, channel) {
+            return;
+        }
+        let expires = Instant::now() + ttl;
+        let inner = &mut *inner;
+        let Some((name, entry)) = inner.channels.get_key_value(channel) else {
+            return;
+        };
+        let (name, old, tick) = (name.clone(), entry.expires, entry.tick);
+        if expires > old {
+            inner.expiry.remove(&(old, tick));
+            inner.expiry.insert((expires, tick), name.clone());
+            if let Some(entry) = inner.channels.get_mut(&name) {
+                entry.expires = expires;
             }
         }
     }

@@ -27,6 +27,7 @@ pub struct RedisJobs {
     release: redis::Script,
     put: redis::Script,
     scan: redis::Script,
+    rate_turn: redis::Script,
 }
 
 impl RedisJobs {
@@ -36,6 +37,7 @@ impl RedisJobs {
             release: redis::Script::new(RELEASE),
             put: redis::Script::new(include_str!("put_job.lua")),
             scan: redis::Script::new(include_str!("scan_leases.lua")),
+            rate_turn: redis::Script::new(include_str!("rate_turn.lua")),
         }
     }
 
@@ -168,6 +170,60 @@ impl RedisJobs {
         .await
     }
 
+    /// Takes a turn of a fleet-wide budget of requests spaced `interval` apart: zero when the request may
+    /// go now, else how long to wait before asking again. Timed by Redis's clock, so replicas agree.
+    pub async fn take_turn(
+        &self,
+        r: &RedisStore,
+        budget: &str,
+        interval: Duration,
+    ) -> Result<Duration, EngineError> {
+        let mut call = self.rate_turn.prepare_invoke();
+        call.key(r.keys().rate_limit(budget))
+            .arg(interval.as_millis().max(1) as u64);
+        let wait: u64 = r
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(Duration::from_millis(wait))
+    }
+
+    /// Keeps a channel's cached value (and its snapshots and sequence counter) for `ttl` more, as a publish
+    /// would, without publishing: an unchanged polled value stays cached.
+    pub async fn touch(
+        &self,
+        r: &RedisStore,
+        channel: &str,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let keys = r.keys();
+        let (cache, snapshots, seq) = (
+            keys.cache(channel),
+            keys.snapshots(channel),
+            keys.seq(channel),
+        );
+        let secs = ttl.as_secs().max(1);
+        r.with_conn(|mut c| async move {
+            // GT on the counter: extended, never shortened (as the publish script does).
+            redis::pipe()
+                .cmd("EXPIRE")
+                .arg(cache)
+                .arg(secs)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(snapshots)
+                .arg(secs)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(seq)
+                .arg(secs)
+                .arg("GT")
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     pub async fn holder(&self, r: &RedisStore, id: &str) -> Result<Option<String>, EngineError> {
         let key = r.keys().lease(id);
         r.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
@@ -211,6 +267,9 @@ impl RedisJobs {
                     } else {
                         "t"
                     });
+                }
+                for job in &jobs {
+                    call.key(keys.refresh(job.id()));
                 }
                 let held_now: Vec<i64> = if jobs.is_empty() {
                     Vec::new()
@@ -291,10 +350,12 @@ impl RedisJobs {
             .map(|h| h.id.clone())
             .collect();
         let mut acquired = Vec::new();
+        let mut refresh = Vec::new();
         for (job, now) in all.iter().zip(&held_now) {
-            match (held_ids.contains(job.id()), *now == 1) {
-                (true, false) => lost.push(job.id().to_string()),
-                (false, true) => acquired.push(job.id().to_string()),
+            match (held_ids.contains(job.id()), *now) {
+                (true, 0) => lost.push(job.id().to_string()),
+                (true, 2) => refresh.push(job.id().to_string()),
+                (false, 1 | 2) => acquired.push(job.id().to_string()),
                 _ => {}
             }
         }
@@ -311,6 +372,27 @@ impl RedisJobs {
             lost,
             acquired,
             listening,
+            refresh,
         })
+    }
+
+    /// Asks the owner of a job to fetch at once: a flag its next scan takes (it expires after `hold`).
+    pub async fn request_refresh(
+        &self,
+        r: &RedisStore,
+        id: &str,
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        let key = r.keys().refresh(id);
+        r.with_conn(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(hold.as_millis() as u64)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
     }
 }

@@ -72,6 +72,16 @@ impl Keys {
         format!("{}ingested:{channel}:{hash:016x}", self.prefix)
     }
 
+    /// A polling source's fleet-wide request budget (when its next request may go): `<prefix>ratelimit:<source>`.
+    pub fn rate_limit(&self, source: &str) -> String {
+        format!("{}ratelimit:{source}", self.prefix)
+    }
+
+    /// A request that a job's owner fetch at once, taken by its next scan: `<prefix>refresh:<job>`.
+    pub fn refresh(&self, job: &str) -> String {
+        format!("{}refresh:{job}", self.prefix)
+    }
+
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
     pub fn fill_lock(&self, channel: &str) -> String {
         format!("{}fill:{channel}", self.prefix)

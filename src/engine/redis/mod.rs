@@ -278,6 +278,28 @@ impl RedisEngine {
         self.shared.jobs.holder(self.store(), id).await
     }
 
+    pub async fn take_turn(
+        &self,
+        budget: &str,
+        interval: Duration,
+    ) -> Result<Duration, EngineError> {
+        self.shared
+            .jobs
+            .take_turn(self.store(), budget, interval)
+            .await
+    }
+
+    pub async fn request_refresh(&self, id: &str, hold: Duration) -> Result<(), EngineError> {
+        self.shared
+            .jobs
+            .request_refresh(self.store(), id, hold)
+            .await
+    }
+
+    pub async fn touch(&self, channel: &str, ttl: Duration) -> Result<(), EngineError> {
+        self.shared.jobs.touch(self.store(), channel, ttl).await
+    }
+
     pub async fn scan<J: Job>(
         &self,
         held: &[Held],
