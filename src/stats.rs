@@ -59,6 +59,14 @@ pub struct Stats {
     pub poll_retry_after: AtomicU64,
     /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
     pub pattern_scans_truncated: AtomicU64,
+    /// Subscribes with `since` answered `recovered:true` (every missed message replayed).
+    pub subscribes_recovered: AtomicU64,
+    /// Subscribes with `since` answered `recovered:false` (history no longer held it: a snapshot instead).
+    pub subscribes_unrecovered: AtomicU64,
+    /// Messages replayed from history: to recovering subscribers and after pub/sub outages.
+    pub messages_replayed: AtomicU64,
+    /// Copies a subscriber had been given already (by seq), dropped by the ordering rule.
+    pub duplicates_dropped: AtomicU64,
 }
 
 impl Stats {

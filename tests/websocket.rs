@@ -16,9 +16,12 @@ async fn subscribe_receive_unsubscribe() {
     let mut ws = hub.connect().await;
     ws.send(json!({"op": "subscribe", "channel": "prices:BTC", "id": 1}))
         .await;
+    let ack = ws.recv().await;
+    let epoch = ack["epoch"].as_str().expect("subscribed names the epoch");
+    assert!(!epoch.is_empty());
     assert_eq!(
-        ws.recv().await,
-        json!({"type": "subscribed", "id": 1, "channel": "prices:BTC"})
+        ack,
+        json!({"type": "subscribed", "id": 1, "channel": "prices:BTC", "epoch": epoch, "seq": 0})
     );
 
     let published = hub

@@ -193,8 +193,12 @@ pub struct ChannelsConfig {
     /// Default lifetime of a channel's latest value and snapshots.
     #[serde(deserialize_with = "de_duration")]
     pub ttl: Duration,
-    /// Default number of snapshots kept per channel.
+    /// Default number of snapshots kept per channel: the history a resubscribing client recovers from.
     pub history_size: usize,
+    /// Default age past which a message no longer counts as history (a client that missed it gets
+    /// `recovered:false` and a snapshot).
+    #[serde(deserialize_with = "de_duration")]
+    pub history_ttl: Duration,
     /// Most snapshots sent when a pattern subscription starts.
     pub max_pattern_snapshots: usize,
     /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
@@ -215,6 +219,7 @@ impl Default for ChannelsConfig {
             strict_namespaces: false,
             ttl: Duration::from_secs(24 * 3600),
             history_size: 3,
+            history_ttl: Duration::from_secs(600),
             max_pattern_snapshots: 100,
             max_memory: 256 * 1024 * 1024,
             max_pattern_scan: 10_000,
@@ -236,6 +241,9 @@ pub struct NamespaceConfig {
     pub ttl: Option<Duration>,
     /// Snapshots kept per channel.
     pub history_size: Option<usize>,
+    /// Age past which a message no longer counts as history.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub history_ttl: Option<Duration>,
 }
 
 /// The effective settings for one channel, resolved from its namespace and the defaults.
@@ -245,6 +253,7 @@ pub struct ChannelPolicy {
     pub patterns: bool,
     pub ttl: Duration,
     pub history_size: usize,
+    pub history_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -510,6 +519,17 @@ impl Config {
                 "must be at least websocket.max_message_bytes",
             );
         }
+        if self.channels.history_ttl.is_zero() {
+            return err("channels.history_ttl", "must be more than zero");
+        }
+        for (name, ns) in &self.namespaces {
+            if ns.history_ttl.is_some_and(|t| t.is_zero()) {
+                return err(
+                    &format!("namespaces.{name}.history_ttl"),
+                    "must be more than zero",
+                );
+            }
+        }
         if self.websocket.write_timeout.is_zero() {
             return err("websocket.write_timeout", "must be more than zero");
         }
@@ -655,6 +675,7 @@ impl Config {
                 patterns: ns.patterns,
                 ttl: ns.ttl.unwrap_or(defaults.ttl),
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
+                history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
             }),
             None if defaults.strict_namespaces => None,
             None => Some(self.default_policy()),
@@ -668,6 +689,7 @@ impl Config {
             patterns: false,
             ttl: self.channels.ttl,
             history_size: self.channels.history_size,
+            history_ttl: self.channels.history_ttl,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod config;
 pub mod frame;
 pub mod ingest;
+pub mod position;
 pub mod protocol;
 pub mod publication;
 pub mod random;

@@ -95,6 +95,8 @@ pub type RequestId = Option<Box<RawValue>>;
 pub enum ClientFrame {
     Subscribe {
         channel: String,
+        /// Where the client stands (`"since":{"epoch","seq"}`): recover what it missed after it.
+        since: Option<crate::core::position::Position>,
     },
     Unsubscribe {
         channel: String,
@@ -122,7 +124,20 @@ struct RawFrame<'a> {
     channel: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
 }
+
+/// `"since":{"epoch":"E","seq":41}` as a client sends it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Since {
+    epoch: String,
+    seq: u64,
+}
+
+/// Longest epoch accepted in `since` (the hub's own are 12 characters).
+const MAX_EPOCH_LEN: usize = 64;
 
 /// Parses a text frame. Never fails as a whole: a bad frame yields a `ProtocolError` to send back.
 pub fn parse_client_frame(text: &str) -> ParsedFrame {
@@ -175,9 +190,30 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
         }
     };
     match op.as_str() {
-        "subscribe" => Ok(ClientFrame::Subscribe {
-            channel: channel()?,
-        }),
+        "subscribe" => {
+            let since = match raw.since {
+                None => None,
+                Some(since) if since.get() == "null" => None,
+                Some(since) => {
+                    let since: Since = serde_json::from_str(since.get()).map_err(|_| {
+                        bad("`since` must be {\"epoch\": string, \"seq\": number}".into())
+                    })?;
+                    if since.epoch.len() > MAX_EPOCH_LEN {
+                        return Err(bad(format!(
+                            "`since.epoch` is at most {MAX_EPOCH_LEN} characters"
+                        )));
+                    }
+                    Some(crate::core::position::Position {
+                        epoch: since.epoch,
+                        seq: since.seq,
+                    })
+                }
+            };
+            Ok(ClientFrame::Subscribe {
+                channel: channel()?,
+                since,
+            })
+        }
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
             channel: channel()?,
         }),
@@ -275,6 +311,25 @@ pub fn subscribed_frame(id: &RequestId, channel: &str) -> ByteString {
     reply("subscribed", id, Some(channel), "")
 }
 
+/// `subscribed` for a channel, with where it stood when the subscription went live, and whether the
+/// client's `since` was recovered (absent when it sent none).
+pub fn positioned_subscribed_frame(
+    id: &RequestId,
+    channel: &str,
+    epoch: &str,
+    seq: u64,
+    recovered: Option<bool>,
+) -> ByteString {
+    let mut extra = String::with_capacity(48 + epoch.len());
+    extra.push_str(",\"epoch\":");
+    write_json_str(&mut extra, epoch);
+    let _ = write!(extra, ",\"seq\":{seq}");
+    if let Some(recovered) = recovered {
+        let _ = write!(extra, ",\"recovered\":{recovered}");
+    }
+    reply("subscribed", id, Some(channel), &extra)
+}
+
 pub fn unsubscribed_frame(id: &RequestId, channel: &str) -> ByteString {
     reply("unsubscribed", id, Some(channel), "")
 }
@@ -316,7 +371,7 @@ mod tests {
         let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
         assert!(
-            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel } if channel == "prices:BTC")
+            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None } if channel == "prices:BTC")
         );
         let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
         assert!(p.id.is_none());
@@ -345,6 +400,31 @@ mod tests {
             ErrorCode::BadRequest
         );
         assert_eq!(err(r#"{"op":"dance"}"#).code, ErrorCode::UnknownOp);
+        // A `since` that is not a position is refused, not ignored.
+        for since in [
+            r#""x""#,
+            r#"{"epoch":"E"}"#,
+            r#"{"epoch":"E","seq":-1}"#,
+            r#"{"epoch":1,"seq":2}"#,
+        ] {
+            let text = format!(r#"{{"op":"subscribe","channel":"a","since":{since}}}"#);
+            assert_eq!(err(&text).code, ErrorCode::BadRequest, "{since}");
+        }
+        let long = format!(
+            r#"{{"op":"subscribe","channel":"a","since":{{"epoch":"{}","seq":1}}}}"#,
+            "e".repeat(65)
+        );
+        assert_eq!(err(&long).code, ErrorCode::BadRequest);
+        match parse_client_frame(
+            r#"{"op":"subscribe","channel":"a","since":{"epoch":"E","seq":41}}"#,
+        )
+        .frame
+        {
+            Ok(ClientFrame::Subscribe { since: Some(p), .. }) => {
+                assert_eq!((p.epoch.as_str(), p.seq), ("E", 41))
+            }
+            other => panic!("{other:?}"),
+        }
         // The id survives a bad op so the error can echo it.
         assert_eq!(
             parse_client_frame(r#"{"op":"dance","id":9}"#)

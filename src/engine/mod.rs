@@ -20,6 +20,7 @@ use self::memory::MemoryEngine;
 use self::redis::RedisEngine;
 pub use self::seam::{
     BrokerEventHandler, EngineError, Held, Job, JobStatus, MemoryUsage, Published, Put, ScanReport,
+    Window,
 };
 use crate::core::config::ChannelPolicy;
 use crate::core::publication::Publication;
@@ -107,6 +108,19 @@ impl Engine {
         match self {
             Engine::Memory(m) => Ok(m.history(channel, limit)),
             Engine::Redis(r) => r.history(channel, limit).await,
+        }
+    }
+
+    /// The channel's epoch, newest seq, latest value and history (younger than `history_ttl`), read in one
+    /// atomic step; the epoch is created here when the channel has none yet.
+    pub async fn window(
+        &self,
+        channel: &str,
+        policy: ChannelPolicy,
+    ) -> Result<Window, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.window(channel, policy)),
+            Engine::Redis(r) => r.window(channel, policy).await,
         }
     }
 

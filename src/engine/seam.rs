@@ -3,9 +3,8 @@
 //! return (publish results, job storage and leases). Kept apart from the `Engine` dispatch so the engines
 //! depend on this file and never on each other or on the dispatch.
 //!
-//! Built to grow: history is read by channel and newest-first today, and positions are `(seq)` per channel;
-//! recovery by position (epoch, seq) and presence (add, remove, list, count) are further methods of the same
-//! seam, with further callbacks here (`on_join`, `on_leave`) when they come.
+//! Built to grow: presence (add, remove, list, count) is a further method group of the same seam, with further
+//! callbacks here (`on_join`, `on_leave`) when it comes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,9 +20,9 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// The link to the backend went down: what it numbered may restart (a Redis restart starts sequences
     /// over), so positions remembered per channel are forgotten.
     fn on_link_down(&self);
-    /// The link is back after an outage: the latest values of channels this replica carries, to deliver
+    /// The link is back after an outage: the history windows of channels this replica carries, to replay
     /// where subscribers have not seen them.
-    fn on_catch_up(&self, latest: Arc<Vec<Arc<Publication>>>);
+    fn on_catch_up(&self, windows: Arc<Vec<(Arc<str>, Window)>>);
 }
 
 /// Why a backend operation failed, as text for logs and error replies.
@@ -34,6 +33,48 @@ impl std::fmt::Display for EngineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// A channel's state read in one atomic step: where its numbering stands and what history it still holds.
+/// Subscribes start from it (the position in `subscribed`, the snapshot, the replay of a recovering client).
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// The channel's epoch (created by this read when the channel had none yet).
+    pub epoch: Arc<str>,
+    /// The newest sequence number (0 when nothing was published under this epoch).
+    pub seq: u64,
+    /// The latest value, if any (a value an outside producer SET directly has no seq).
+    pub latest: Option<Arc<Publication>>,
+    /// The history younger than `history_ttl`, newest first (sequenced messages only).
+    pub history: Vec<Arc<Publication>>,
+}
+
+impl Window {
+    /// The messages after `since`, oldest first, when the history still holds every one of them.
+    pub fn replay_after(
+        &self,
+        since: &crate::core::position::Position,
+    ) -> Option<Vec<Arc<Publication>>> {
+        crate::core::position::replay_after(
+            since,
+            &self.epoch,
+            self.seq,
+            self.history
+                .iter()
+                .filter_map(|p| p.seq.map(|seq| (seq, p.clone()))),
+        )
+    }
+}
+
+/// Whether a stored message's `ts` is recent enough to count as history (unparsable or missing: not).
+pub fn within(ts: Option<&str>, cutoff: chrono::DateTime<chrono::Utc>) -> bool {
+    ts.and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok())
+        .is_some_and(|t| t >= cutoff)
+}
+
+/// The oldest publish time still inside `history_ttl`.
+pub fn history_cutoff(history_ttl: std::time::Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::from_std(history_ttl).unwrap_or(chrono::Duration::MAX)
 }
 
 /// What one publish did.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use actix::Recipient;
 
 use crate::core::publication::Publication;
-use crate::engine::BrokerEventHandler;
+use crate::engine::{BrokerEventHandler, Window};
 use crate::node::messages::{CatchUp, CloseAll, Dispatch, ForgetLatest};
 
 /// Subscriber counts by channel (or pattern).
@@ -144,9 +144,9 @@ impl BrokerEventHandler for Fanout {
         }
     }
 
-    fn on_catch_up(&self, latest: Arc<Vec<Arc<Publication>>>) {
+    fn on_catch_up(&self, windows: Arc<Vec<(Arc<str>, Window)>>) {
         for registry in self.registries().iter() {
-            registry.catch_up.do_send(CatchUp(latest.clone()));
+            registry.catch_up.do_send(CatchUp(windows.clone()));
         }
     }
 }

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytes::Bytes;
 
-use crate::core::protocol::Target;
+use crate::core::config::ChannelPolicy;
+use crate::core::position::Position;
+use crate::core::protocol::{RequestId, Target};
 use crate::core::publication::Publication;
+use crate::engine::Window;
 use crate::transport::Outbox;
 
 /// Identifies one WebSocket connection for the lifetime of the process.
@@ -35,7 +38,14 @@ pub struct Disconnect {
 pub struct Subscribe {
     pub id: SessionId,
     pub target: Target,
-    /// The encoded `subscribed` frame.
+    /// The client's request id, echoed in the `subscribed` frame the registry builds for a channel (with the
+    /// channel's position, known only once the subscription is live).
+    pub request: RequestId,
+    /// Where the client stood in the channel, to recover from.
+    pub since: Option<Position>,
+    /// The channel's settings (how much history to read).
+    pub policy: ChannelPolicy,
+    /// The encoded `subscribed` frame of a pattern subscription.
     pub ack: Bytes,
 }
 
@@ -52,17 +62,17 @@ pub struct Unsubscribe {
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<Publication>);
 
-/// The pub/sub connection went down: the sequence floors of new subscribers go (Redis may restart and start
-/// its sequences over).
+/// The pub/sub connection went down: the epochs known per channel may be stale (Redis may restart and start
+/// its sequences over), so new subscribers read them again.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct ForgetLatest;
 
-/// After a pub/sub outage: the cached latest values of channels this replica carries. Each one newer than what
-/// a registry delivered last is delivered now, so subscribers catch up with the latest value they missed.
+/// After a pub/sub outage: the history windows of channels this replica carries. Under an unchanged epoch
+/// each subscriber gets, in order, the messages above its position; under a new one, the latest value.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct CatchUp(pub Arc<Vec<Arc<Publication>>>);
+pub struct CatchUp(pub Arc<Vec<(Arc<str>, Window)>>);
 
 /// Close every connection with 1001 (graceful shutdown).
 #[derive(Message, Clone)]

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 
-use crate::core::protocol::{Target, close};
+use crate::core::config::ChannelPolicy;
+use crate::core::position::{Position, Verdict, admit};
+use crate::core::protocol::{self, RequestId, Target, close};
 use crate::core::publication::Publication;
-use crate::engine::Engine;
+use crate::engine::{Engine, Window};
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
     CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
@@ -43,21 +45,41 @@ struct SessionEntry {
     patterns: Vec<Arc<str>>,
 }
 
+/// A subscriber receiving a channel's messages, with its position (the newest seq it was given under the
+/// channel's epoch; 0: none yet): the ordering rule of `core::position` runs on it.
+struct Subscriber {
+    outbox: Outbox,
+    seq: u64,
+    /// The position held when the pub/sub link went down (0: none). During an outage the backend may start
+    /// numbering over, so `seq` restarts from 0; the catch-up restores this one if the epoch did not change.
+    before_outage: u64,
+}
+
+/// A subscriber waiting for the channel's window (position, snapshot, history) before it receives anything.
+struct Waiting {
+    id: SessionId,
+    request: RequestId,
+    since: Option<Position>,
+    /// Acknowledged already (a job channel waiting for its first value).
+    acked: bool,
+}
+
 /// Local state of one channel with at least one subscriber.
 struct ChannelEntry {
     /// Subscribers receiving messages.
-    active: HashMap<SessionId, Outbox>,
-    /// Subscribers waiting for the channel's snapshot before they receive anything.
-    pending: Vec<SessionId>,
-    /// `subscribed` frames not sent yet, by pending subscriber.
-    acks: HashMap<SessionId, Bytes>,
+    active: HashMap<SessionId, Subscriber>,
+    /// Subscribers waiting for the channel's window before they receive anything.
+    pending: Vec<Waiting>,
+    /// The channel's epoch as last read; `None` until read.
+    history_epoch: Option<Arc<str>>,
+    /// The pub/sub link went down since `history_epoch` was read: it may be stale until the catch-up.
+    epoch_stale: bool,
+    /// The channel's settings, from its first subscribe.
+    policy: ChannelPolicy,
     /// The newest message seen on this channel while it had subscribers here.
     latest: Option<Arc<Publication>>,
-    /// Messages that arrived while the cache was being read, delivered after the snapshot.
+    /// Messages that arrived while the window was being read, delivered after it by the ordering rule.
     backlog: Vec<Arc<Publication>>,
-    /// Subscribers let in with a snapshot of this `seq`: the echo of that message (or an older one) may still
-    /// be on its way from Redis and must not reach them again. Cleared per session by its first newer message.
-    floors: HashMap<SessionId, u64>,
     /// Whether the bridge has been asked to listen to this channel.
     watched: bool,
     /// A cache read is in flight.
@@ -170,21 +192,26 @@ impl Registry {
             if entry
                 .latest
                 .as_ref()
-                .is_some_and(|latest| same_message(latest, &publication))
+                .is_none_or(|latest| latest.seq.is_none() || latest.seq < publication.seq)
             {
-                // The same message a second time in a row: after a pub/sub outage the catch-up can deliver
-                // a channel's latest value just before that message's own echo (or local delivery) arrives.
-                return;
+                entry.latest = Some(publication.clone());
             }
-            entry.latest = Some(publication.clone());
             if entry.awaiting_publish {
-                // The first value of a freshly filled job channel: pending subscribers get it as their snapshot.
+                // The first value of a freshly filled job channel: pending subscribers get it as their
+                // snapshot, and their position moves to it, so the same message is not delivered again below.
                 entry.awaiting_publish = false;
                 let snapshot = publication.snapshot_wire();
-                for id in std::mem::take(&mut entry.pending) {
-                    if let Some(session) = self.sessions.get(&id) {
-                        Self::offer(stats, &mut slow, id, &session.outbox, &snapshot);
-                        entry.active.insert(id, session.outbox.clone());
+                for waiting in std::mem::take(&mut entry.pending) {
+                    if let Some(session) = self.sessions.get(&waiting.id) {
+                        Self::offer(stats, &mut slow, waiting.id, &session.outbox, &snapshot);
+                        entry.active.insert(
+                            waiting.id,
+                            Subscriber {
+                                outbox: session.outbox.clone(),
+                                seq: publication.seq.unwrap_or(0),
+                                before_outage: 0,
+                            },
+                        );
                     }
                 }
             }
@@ -194,23 +221,17 @@ impl Registry {
                 }
                 entry.backlog.push(publication.clone());
             }
-            if entry.floors.is_empty() {
-                for (id, to) in &entry.active {
-                    Self::offer(stats, &mut slow, *id, to, &frame);
-                }
-            } else {
-                let seq = publication.seq;
-                for (id, to) in &entry.active {
-                    match (entry.floors.get(id), seq) {
-                        (Some(&floor), Some(seq)) if seq <= floor => continue,
-                        _ => Self::offer(stats, &mut slow, *id, to, &frame),
+            let mut dropped = 0u64;
+            for (id, to) in entry.active.iter_mut() {
+                match admit(&mut to.seq, publication.seq) {
+                    Verdict::Drop => dropped += 1,
+                    Verdict::Deliver | Verdict::Gap { .. } => {
+                        Self::offer(stats, &mut slow, *id, &to.outbox, &frame);
+                        delivered += 1;
                     }
                 }
-                if let Some(seq) = seq {
-                    entry.floors.retain(|_, floor| *floor >= seq);
-                }
             }
-            delivered += entry.active.len() as u64;
+            Stats::add(&stats.duplicates_dropped, dropped);
             exact_subscribers = Some(&*entry);
         }
         if !self.patterns.is_empty() {
@@ -228,7 +249,7 @@ impl Registry {
                 for (id, to) in &entry.subscribers {
                     // A session subscribed to the channel itself got it (or gets it after its snapshot).
                     if exact_subscribers.is_some_and(|exact| {
-                        exact.active.contains_key(id) || exact.pending.contains(id)
+                        exact.active.contains_key(id) || exact.pending.iter().any(|w| w.id == *id)
                     }) {
                         continue;
                     }
@@ -277,9 +298,7 @@ impl Registry {
         };
         let was_active = entry.active.remove(&id).is_some();
         let before = entry.pending.len();
-        entry.pending.retain(|p| *p != id);
-        entry.acks.remove(&id);
-        entry.floors.remove(&id);
+        entry.pending.retain(|w| w.id != id);
         if !was_active && before == entry.pending.len() {
             return;
         }
@@ -310,7 +329,7 @@ impl Registry {
         &mut self,
         id: SessionId,
         channel: Arc<str>,
-        ack: Bytes,
+        msg: Subscribe,
         ctx: &mut Context<Self>,
     ) {
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -328,38 +347,62 @@ impl Registry {
             ChannelEntry {
                 active: HashMap::new(),
                 pending: Vec::new(),
-                acks: HashMap::new(),
+                history_epoch: None,
+                epoch_stale: false,
+                policy: msg.policy,
                 latest: None,
                 backlog: Vec::new(),
-                floors: HashMap::new(),
                 watched: false,
                 filling: false,
                 awaiting_publish: false,
                 epoch: self.next_epoch,
             }
         });
-        if let Some(latest) = &entry.latest {
+        if let (Some(latest), Some(epoch), None, false) = (
+            &entry.latest,
+            &entry.history_epoch,
+            &msg.since,
+            entry.epoch_stale,
+        ) {
             // The local latest value is current: this registry has been receiving the channel all along.
             Stats::add(&stats.cache_hits, 1);
-            let _ = outbox.push(ack);
+            let seq = latest.seq.unwrap_or(0);
+            let ack =
+                protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
+            let _ = outbox.push(crate::transport::frame::text(&ack));
             let _ = outbox.push(latest.snapshot_wire());
-            entry.active.insert(id, outbox);
+            entry.active.insert(
+                id,
+                Subscriber {
+                    outbox,
+                    seq,
+                    before_outage: 0,
+                },
+            );
             return;
         }
-        entry.pending.push(id);
-        if entry.awaiting_publish {
+        let acked = entry.awaiting_publish;
+        if acked {
             // Acknowledged now; the job's first value follows as the snapshot.
-            let _ = outbox.push(ack);
-            return;
+            let _ = outbox.push(crate::transport::frame::text(&protocol::subscribed_frame(
+                &msg.request,
+                &channel,
+            )));
         }
-        entry.acks.insert(id, ack);
-        if entry.filling {
+        entry.pending.push(Waiting {
+            id,
+            request: msg.request,
+            since: msg.since,
+            acked,
+        });
+        if acked || entry.filling {
             return;
         }
         entry.filling = true;
         let watch = !entry.watched;
         entry.watched = true;
         let epoch = entry.epoch;
+        let policy = entry.policy;
         let engine = self.engine.clone();
         // Sent now, not from the future: an unsubscribe right behind this subscribe must reach the bridge after
         // the watch, or the bridge would keep a Redis subscription nobody needs.
@@ -369,23 +412,31 @@ impl Registry {
                 confirmed.await;
             }
             let read_at = Instant::now();
-            let latest = engine.latest(&channel).await;
-            (channel, latest, read_at)
+            let window = match engine.window(&channel, policy).await {
+                Ok(window) => Some(window),
+                Err(e) => {
+                    log::warn!("reading the position of `{channel}` failed: {e}");
+                    None
+                }
+            };
+            (channel, window, read_at)
         };
         ctx.spawn(
             fill.into_actor(self)
-                .map(move |(channel, latest, read_at), act, ctx| {
-                    act.filled(channel, epoch, latest, read_at, ctx);
+                .map(move |(channel, window, read_at), act, ctx| {
+                    act.filled(channel, epoch, window, read_at, ctx);
                 }),
         );
     }
 
-    /// The cache read of a channel finished: let its pending subscribers in, with the newest value known.
+    /// The window read of a channel finished: let its pending subscribers in. A subscriber whose `since` the
+    /// history still covers gets every message after it, in order; any other gets the newest value as its
+    /// snapshot. Messages that arrived meanwhile follow, through the ordering rule.
     fn filled(
         &mut self,
         channel: Arc<str>,
         epoch: u64,
-        cached: Option<Arc<Publication>>,
+        window: Option<Window>,
         read_at: Instant,
         ctx: &mut Context<Self>,
     ) {
@@ -398,16 +449,38 @@ impl Registry {
         entry.filling = false;
         let stats = &self.stats;
         let backlog = std::mem::take(&mut entry.backlog);
+        // A failed read: no position to offer, the subscription still starts (as with an empty channel).
+        let window = window.unwrap_or_else(|| Window {
+            epoch: "".into(),
+            seq: 0,
+            latest: None,
+            history: Vec::new(),
+        });
+        if !window.epoch.is_empty() {
+            entry.history_epoch = Some(window.epoch.clone());
+            entry.epoch_stale = false;
+        }
+        let cached = window.latest.clone().or_else(|| entry.latest.clone());
         if entry.latest.is_none() {
             entry.latest = cached.clone();
         }
-        let mut acks = std::mem::take(&mut entry.acks);
-        if cached.is_none() && backlog.is_empty() {
+        let ack = |w: &Waiting, recovered: Option<bool>| {
+            crate::transport::frame::text(&protocol::positioned_subscribed_frame(
+                &w.request,
+                &channel,
+                &window.epoch,
+                window.seq,
+                recovered,
+            ))
+        };
+        let recovering = entry.pending.iter().any(|w| w.since.is_some());
+        if cached.is_none() && backlog.is_empty() && !recovering {
             Stats::add(&stats.cache_misses, entry.pending.len() as u64);
             let awaiting = self.observer.request_fill(&channel, read_at);
-            for id in &entry.pending {
-                if let (Some(session), Some(ack)) = (self.sessions.get(id), acks.remove(id)) {
-                    let _ = session.outbox.push(ack);
+            for waiting in &mut entry.pending {
+                if let Some(session) = self.sessions.get(&waiting.id) {
+                    let _ = session.outbox.push(ack(waiting, None));
+                    waiting.acked = true;
                 }
             }
             if awaiting {
@@ -415,15 +488,21 @@ impl Registry {
                 entry.awaiting_publish = true;
                 ctx.run_later(FILL_WAIT, move |act, _| act.stop_waiting(&channel, epoch));
             } else {
-                for id in std::mem::take(&mut entry.pending) {
-                    if let Some(session) = self.sessions.get(&id) {
-                        entry.active.insert(id, session.outbox.clone());
+                for waiting in std::mem::take(&mut entry.pending) {
+                    if let Some(session) = self.sessions.get(&waiting.id) {
+                        entry.active.insert(
+                            waiting.id,
+                            Subscriber {
+                                outbox: session.outbox.clone(),
+                                seq: window.seq,
+                                before_outage: 0,
+                            },
+                        );
                     }
                 }
             }
             return;
         }
-        // The cached value as the snapshot, then every message that arrived while it was read and is newer.
         let counter = if cached.is_some() {
             &stats.cache_hits
         } else {
@@ -431,35 +510,57 @@ impl Registry {
         };
         Stats::add(counter, entry.pending.len() as u64);
         // With no cached value, the first message that arrived meanwhile is the value the subscription starts from.
-        let (cached, backlog) = match cached {
+        let (snapshot, backlog) = match cached {
             Some(cached) => (Some(cached), backlog),
             None => {
                 let mut backlog = backlog.into_iter();
                 (backlog.next(), backlog.collect())
             }
         };
-        let snapshot = cached.as_ref().map(|c| c.snapshot_wire());
-        let snapshot_seq = cached.as_ref().and_then(|c| c.seq);
-        let newer: Vec<_> = backlog
-            .iter()
-            .filter(|m| match (snapshot_seq, m.seq) {
-                (Some(s), Some(m)) => m > s,
-                _ => true,
-            })
-            .map(|m| m.wire())
-            .collect();
-        // What the new subscribers have now seen: later echoes up to it are not theirs to receive again.
-        let floor = newer_seq_max(snapshot_seq, &backlog);
-        for id in std::mem::take(&mut entry.pending) {
-            if let Some(floor) = floor {
-                entry.floors.insert(id, floor);
-            }
-            if let Some(session) = self.sessions.get(&id) {
-                for frame in acks.remove(&id).iter().chain(&snapshot).chain(&newer) {
-                    let _ = session.outbox.push(frame.clone());
+        for waiting in std::mem::take(&mut entry.pending) {
+            let Some(session) = self.sessions.get(&waiting.id) else {
+                continue;
+            };
+            let outbox = &session.outbox;
+            let replay = waiting
+                .since
+                .as_ref()
+                .and_then(|since| window.replay_after(since));
+            let mut seq = window.seq;
+            match (&waiting.since, replay) {
+                (Some(since), Some(missed)) => {
+                    Stats::add(&stats.subscribes_recovered, 1);
+                    Stats::add(&stats.messages_replayed, missed.len() as u64);
+                    let _ = outbox.push(ack(&waiting, Some(true)));
+                    for message in &missed {
+                        let _ = outbox.push(message.wire());
+                    }
+                    seq = seq.max(since.seq);
                 }
-                entry.active.insert(id, session.outbox.clone());
+                (since, _) => {
+                    if since.is_some() {
+                        Stats::add(&stats.subscribes_unrecovered, 1);
+                    }
+                    let _ = outbox.push(ack(&waiting, since.as_ref().map(|_| false)));
+                    if let Some(snapshot) = &snapshot {
+                        let _ = outbox.push(snapshot.snapshot_wire());
+                        seq = seq.max(snapshot.seq.unwrap_or(0));
+                    }
+                }
             }
+            for message in &backlog {
+                if admit(&mut seq, message.seq) != Verdict::Drop {
+                    let _ = outbox.push(message.wire());
+                }
+            }
+            entry.active.insert(
+                waiting.id,
+                Subscriber {
+                    outbox: outbox.clone(),
+                    seq,
+                    before_outage: 0,
+                },
+            );
         }
     }
 
@@ -471,9 +572,16 @@ impl Registry {
             return;
         }
         entry.awaiting_publish = false;
-        for id in std::mem::take(&mut entry.pending) {
-            if let Some(session) = self.sessions.get(&id) {
-                entry.active.insert(id, session.outbox.clone());
+        for waiting in std::mem::take(&mut entry.pending) {
+            if let Some(session) = self.sessions.get(&waiting.id) {
+                entry.active.insert(
+                    waiting.id,
+                    Subscriber {
+                        outbox: session.outbox.clone(),
+                        seq: 0,
+                        before_outage: 0,
+                    },
+                );
             }
         }
     }
@@ -554,17 +662,6 @@ impl Registry {
     }
 }
 
-/// Whether two publications are one message: same sequence number, publish time and data. A sequence number
-/// alone is not enough, since a Redis restarted without persistence starts its sequences over.
-fn same_message(a: &Publication, b: &Publication) -> bool {
-    a.seq.is_some() && a.seq == b.seq && a.ts() == b.ts() && a.data() == b.data()
-}
-
-/// The highest sequence number among a snapshot and the backlog delivered after it.
-fn newer_seq_max(snapshot: Option<u64>, backlog: &[Arc<Publication>]) -> Option<u64> {
-    backlog.iter().filter_map(|p| p.seq).chain(snapshot).max()
-}
-
 impl Actor for Registry {
     type Context = Context<Self>;
 }
@@ -597,10 +694,14 @@ impl Handler<Subscribe> for Registry {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
         match msg.target {
-            Target::Channel(channel) => {
-                self.subscribe_channel(msg.id, channel.into(), msg.ack, ctx)
+            Target::Channel(ref channel) => {
+                let channel: Arc<str> = channel.as_str().into();
+                self.subscribe_channel(msg.id, channel, msg, ctx)
             }
-            Target::Pattern(prefix) => self.subscribe_pattern(msg.id, prefix.into(), msg.ack, ctx),
+            Target::Pattern(ref prefix) => {
+                let prefix: Arc<str> = prefix.as_str().into();
+                self.subscribe_pattern(msg.id, prefix, msg.ack, ctx)
+            }
         }
     }
 }
@@ -644,7 +745,11 @@ impl Handler<ForgetLatest> for Registry {
 
     fn handle(&mut self, _: ForgetLatest, _: &mut Context<Self>) {
         for entry in self.channels.values_mut() {
-            entry.floors.clear();
+            entry.epoch_stale = true;
+            for subscriber in entry.active.values_mut() {
+                subscriber.before_outage = subscriber.before_outage.max(subscriber.seq);
+                subscriber.seq = 0;
+            }
         }
     }
 }
@@ -653,17 +758,32 @@ impl Handler<CatchUp> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: CatchUp, _: &mut Context<Self>) {
-        for publication in msg.0.iter() {
-            let Some(entry) = self.channels.get(&publication.channel) else {
+        for (channel, window) in msg.0.iter() {
+            let Some(entry) = self.channels.get_mut(channel) else {
                 continue;
             };
-            let newer = match (&entry.latest, publication.seq) {
-                (None, _) => true,
-                (Some(latest), Some(seq)) => latest.seq.is_none_or(|l| seq > l),
-                (Some(latest), None) => latest.data() != publication.data(),
-            };
-            if newer {
-                self.dispatch(publication.clone());
+            let known = entry.history_epoch.replace(window.epoch.clone());
+            entry.epoch_stale = false;
+            let same_epoch = known.is_some_and(|known| known == window.epoch);
+            for subscriber in entry.active.values_mut() {
+                if same_epoch {
+                    subscriber.seq = subscriber.seq.max(subscriber.before_outage);
+                }
+                subscriber.before_outage = 0;
+            }
+            if !same_epoch {
+                // Numbering started over (Redis lost its data): old positions mean nothing under the new epoch.
+                if let Some(latest) = window.latest.clone() {
+                    self.dispatch(latest);
+                }
+                continue;
+            }
+            // Oldest first: each subscriber gets, in order, what is above its position.
+            for message in window.history.iter().rev() {
+                let before = Stats::get(&self.stats.messages_delivered);
+                self.dispatch(message.clone());
+                let replayed = Stats::get(&self.stats.messages_delivered).saturating_sub(before);
+                Stats::add(&self.stats.messages_replayed, replayed);
             }
         }
     }
@@ -678,35 +798,5 @@ impl Handler<CloseAll> for Registry {
                 .outbox
                 .close(close::GOING_AWAY, "server shutting down");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_is_its_seq_time_and_data() {
-        let at = |seq, ts, data| Publication::new("c".into(), data, seq, ts);
-        let one = at(Some(7), Some("2026-01-01T00:00:00.000Z"), "1");
-        assert!(same_message(
-            &one,
-            &at(Some(7), Some("2026-01-01T00:00:00.000Z"), "1")
-        ));
-        // Sequences restart with a Redis that lost its data: the same seq is then another message.
-        assert!(!same_message(
-            &one,
-            &at(Some(7), Some("2026-01-01T00:00:05.000Z"), "1")
-        ));
-        assert!(!same_message(
-            &one,
-            &at(Some(7), Some("2026-01-01T00:00:00.000Z"), "2")
-        ));
-        assert!(!same_message(
-            &one,
-            &at(Some(8), Some("2026-01-01T00:00:00.000Z"), "1")
-        ));
-        // Raw messages (no seq) are never taken for repeats.
-        assert!(!same_message(&at(None, None, "1"), &at(None, None, "1")));
     }
 }

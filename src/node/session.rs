@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::core::config::WebsocketConfig;
+use crate::core::position::Position;
 use crate::core::protocol::{
     self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
     parse_target,
@@ -232,7 +233,7 @@ impl Session {
                 self.outbox.push_text(&protocol::pong_frame(&id));
                 Ok(())
             }
-            ClientFrame::Subscribe { channel } => self.subscribe(&id, channel),
+            ClientFrame::Subscribe { channel, since } => self.subscribe(&id, channel, since),
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
             ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
         };
@@ -241,7 +242,12 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
+    fn subscribe(
+        &mut self,
+        id: &RequestId,
+        name: String,
+        since: Option<Position>,
+    ) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
         let policy_channel = match &target {
             Target::Channel(c) => c.as_str(),
@@ -287,9 +293,14 @@ impl Session {
         let ack = frame::text(&protocol::subscribed_frame(id, &name));
         self.subscriptions.insert(name);
         self.patterns += usize::from(is_pattern);
+        // Patterns do not recover: `since` applies to one channel's numbering.
+        let since = since.filter(|_| !is_pattern);
         self.registry.do_send(Subscribe {
             id: self.id,
             target,
+            request: id.clone(),
+            since,
+            policy,
             ack,
         });
         Ok(())

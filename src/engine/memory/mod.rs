@@ -14,6 +14,7 @@ use crate::core::config::{ChannelPolicy, Config};
 use crate::core::publication::Publication;
 use crate::engine::seam::{
     BrokerEventHandler, EngineError, Held, Job, JobStatus, MemoryUsage, Published, Put, ScanReport,
+    Window,
 };
 
 /// How often expired values are reclaimed, and at most how many per sweep (the lock is held for it).
@@ -93,6 +94,10 @@ impl MemoryEngine {
 
     pub fn history(&self, channel: &str, limit: usize) -> Vec<Arc<Publication>> {
         self.shared.store.history(channel, limit)
+    }
+
+    pub fn window(&self, channel: &str, policy: ChannelPolicy) -> Window {
+        self.shared.store.window(channel, policy.history_ttl)
     }
 
     pub fn usage(&self) -> MemoryUsage {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::config::ChannelPolicy;
 use crate::core::publication::Publication;
+use crate::engine::seam::{Window, history_cutoff, within};
 
 /// Bookkeeping bytes counted per channel and per kept message on top of their frames (map entries, index
 /// entries, the allocations' own headers): an estimate, so the bound holds for many tiny values too.
@@ -81,6 +82,8 @@ pub struct MemoryStore {
     evictions: AtomicU64,
     /// Expired channels reclaimed (`store_expired`).
     expired: AtomicU64,
+    /// Chosen at start: a restarted process numbers from 1 again under another epoch.
+    started_as: u64,
 }
 
 impl MemoryStore {
@@ -91,6 +94,42 @@ impl MemoryStore {
             max_memory,
             evictions: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            started_as: crate::core::random::u64(),
+        }
+    }
+
+    /// The epoch of every channel: this process's, and how many channels it dropped so far. A dropped channel
+    /// (evicted or expired) numbers from 1 again, so every drop changes the epoch: coarse (other channels'
+    /// clients lose recovery too) but never a replay of another message under a seq already seen.
+    fn epoch(&self) -> Arc<str> {
+        let dropped = self.evictions.load(Ordering::Relaxed) + self.expired.load(Ordering::Relaxed);
+        format!("{:x}-{dropped}", self.started_as).into()
+    }
+
+    /// The channel's epoch, newest seq, latest value and the history younger than `history_ttl`.
+    pub fn window(&self, channel: &str, history_ttl: std::time::Duration) -> Window {
+        let mut inner = self.lock();
+        let live = self.live(&mut inner, channel);
+        let epoch = self.epoch();
+        let cutoff = history_cutoff(history_ttl);
+        match inner.channels.get(channel).filter(|_| live) {
+            Some(entry) => Window {
+                epoch,
+                seq: entry.seq,
+                latest: entry.history.front().cloned(),
+                history: entry
+                    .history
+                    .iter()
+                    .take_while(|p| within(p.ts(), cutoff))
+                    .cloned()
+                    .collect(),
+            },
+            None => Window {
+                epoch,
+                seq: 0,
+                latest: None,
+                history: Vec::new(),
+            },
         }
     }
 
@@ -323,6 +362,7 @@ mod tests {
             patterns: false,
             ttl,
             history_size,
+            history_ttl: Duration::from_secs(600),
         }
     }
 

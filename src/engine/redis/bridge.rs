@@ -360,9 +360,10 @@ impl Bridge {
         );
         self.set_active(true);
         if reconnected {
-            // Messages published during the outage never reached this replica: deliver the latest value of
-            // each channel its subscribers missed (full history recovery is not built yet).
+            // Messages published during the outage never reached this replica: its subscribers get what they
+            // missed from each channel's history.
             actix::spawn(catch_up(
+                self.config.clone(),
                 self.store.clone(),
                 self.handler.clone(),
                 subscribed,
@@ -722,24 +723,29 @@ async fn cache_ingested(
     }
 }
 
-/// After a pub/sub outage: reads the cached latest values of `channels` and hands them to the handler, which
-/// delivers the ones its subscribers have not seen.
+/// After a pub/sub outage: reads the history window of each of `channels` and hands them to the handler,
+/// which replays to each subscriber what it has not seen. One script run per channel, in batches, so a
+/// replica carrying many channels sends its first replays early.
 async fn catch_up(
+    config: Arc<Config>,
     store: Arc<RedisStore>,
     handler: Arc<dyn BrokerEventHandler>,
     channels: Vec<Arc<str>>,
 ) {
-    let mut found = Vec::new();
-    for chunk in channels.chunks(500) {
-        match store.latest_many(chunk).await {
-            Ok(values) => found.extend(values.into_iter().flatten().map(Arc::new)),
-            Err(e) => {
-                log::warn!("catching up after the pub/sub outage failed: {e}");
-                return;
+    for chunk in channels.chunks(100) {
+        let mut found = Vec::with_capacity(chunk.len());
+        for channel in chunk {
+            let policy = config
+                .policy(channel)
+                .unwrap_or_else(|| config.default_policy());
+            match store.window(channel, policy).await {
+                Ok(window) => found.push((channel.clone(), window)),
+                Err(e) => {
+                    log::warn!("catching up after the pub/sub outage failed: {e}");
+                    return;
+                }
             }
         }
-    }
-    if !found.is_empty() {
         handler.on_catch_up(Arc::new(found));
     }
 }

@@ -36,6 +36,12 @@ impl Keys {
         format!("{}snap:{channel}", self.prefix)
     }
 
+    /// The epoch of a channel's sequence numbers, living exactly as long as the counter:
+    /// `<prefix>epoch:<channel>`.
+    pub fn epoch(&self, channel: &str) -> String {
+        format!("{}epoch:{channel}", self.prefix)
+    }
+
     /// Per-channel sequence counter: `<prefix>seq:<channel>`.
     pub fn seq(&self, channel: &str) -> String {
         format!("{}seq:{channel}", self.prefix)

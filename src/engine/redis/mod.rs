@@ -25,7 +25,7 @@ use crate::core::config::{ChannelPolicy, Config};
 use crate::core::ingest::Route;
 use crate::core::publication::Publication;
 use crate::engine::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, Published, Put, ScanReport,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, Published, Put, ScanReport, Window,
 };
 use crate::stats::Stats;
 
@@ -186,6 +186,14 @@ impl RedisEngine {
     ) -> Result<Vec<Arc<Publication>>, EngineError> {
         let found = self.store().history(channel, limit).await?;
         Ok(found.into_iter().map(Arc::new).collect())
+    }
+
+    pub async fn window(
+        &self,
+        channel: &str,
+        policy: ChannelPolicy,
+    ) -> Result<Window, EngineError> {
+        self.store().window(channel, policy).await
     }
 
     /// Asks the bridge to listen to `channel` (queued behind every earlier subscribe and unsubscribe of this

@@ -1,13 +1,19 @@
 -- Records and publishes one relayhub message atomically.
--- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list
--- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel
+-- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list (the channel's history), KEYS[4] epoch
+-- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel,
+-- ARGV[6] a fresh epoch, used when the channel has none
 -- Returns {seq, number of pub/sub receivers}.
 local seq = redis.call('INCR', KEYS[1])
 local ttl = tonumber(ARGV[3])
 -- The counter lives as long as the channel's longest-lived value: extended, never shortened, so a publish
 -- with a shorter TTL (a polling source's) cannot make the sequence start over while a longer value is cached.
--- Always the same two commands, so the Redis work per publish does not depend on the key's state.
-redis.call('EXPIRE', KEYS[1], math.max(ttl, redis.call('TTL', KEYS[1])))
+-- Always the same commands, so the Redis work per publish does not depend on the key's state.
+local keep_for = math.max(ttl, redis.call('TTL', KEYS[1]))
+redis.call('EXPIRE', KEYS[1], keep_for)
+-- The epoch names this run of sequence numbers: it lives exactly as long as the counter, so a counter that
+-- starts over (expired, flushed, a restart without persistence) starts under a new epoch.
+local epoch = redis.call('GET', KEYS[4]) or ARGV[6]
+redis.call('SET', KEYS[4], epoch, 'EX', keep_for)
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 local keep = tonumber(ARGV[4])
 if keep > 0 then

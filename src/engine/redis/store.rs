@@ -14,12 +14,16 @@ use serde_json::value::RawValue;
 use super::keys::Keys;
 use crate::core::config::{ChannelPolicy, RedisConfig};
 use crate::core::publication::Publication;
+use crate::engine::seam::{Window, history_cutoff, within};
 
 /// Marks a relayhub envelope on a pub/sub channel: raw JSON can never start with it.
 pub const ENVELOPE_MARK: u8 = 0x1e;
 
 /// INCR the sequence, SET the latest value with its TTL, LPUSH+LTRIM the snapshot list, PUBLISH the envelope.
 const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+
+/// Epoch (created when missing), seq, latest value and history of a channel in one atomic read.
+const WINDOW_SCRIPT: &str = include_str!("window.lua");
 
 /// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
 const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
@@ -57,6 +61,7 @@ pub struct RedisStore {
     keys: Keys,
     script: redis::Script,
     ingest_script: redis::Script,
+    window_script: redis::Script,
     command_timeout: Duration,
 }
 
@@ -88,6 +93,7 @@ impl RedisStore {
             keys: Keys::new(&config.prefix),
             script: redis::Script::new(PUBLISH_SCRIPT),
             ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
+            window_script: redis::Script::new(WINDOW_SCRIPT),
             command_timeout: config.command_timeout,
         };
         store.ping().await?;
@@ -139,15 +145,51 @@ impl RedisStore {
             .key(keys.seq(channel))
             .key(keys.cache(channel))
             .key(keys.snapshots(channel))
+            .key(keys.epoch(channel))
             .arg(data)
             .arg(ts)
             .arg(policy.ttl.as_secs().max(1))
             .arg(policy.history_size)
-            .arg(keys.pubsub_channel(channel));
+            .arg(keys.pubsub_channel(channel))
+            .arg(new_epoch());
         let (seq, receivers): (u64, u64) = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         Ok(Published { seq, receivers })
+    }
+
+    /// The channel's epoch, newest seq, latest value and history younger than `history_ttl`, read in one
+    /// script run.
+    pub async fn window(&self, channel: &str, policy: ChannelPolicy) -> Result<Window, RedisError> {
+        let keys = &self.keys;
+        let mut invocation = self.window_script.prepare_invoke();
+        invocation
+            .key(keys.seq(channel))
+            .key(keys.epoch(channel))
+            .key(keys.cache(channel))
+            .key(keys.snapshots(channel))
+            .arg(new_epoch())
+            .arg(policy.history_size)
+            .arg(policy.ttl.as_secs().max(1));
+        let (epoch, seq, latest, items): (String, u64, Option<String>, Vec<String>) = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        let name: Arc<str> = channel.into();
+        let cutoff = history_cutoff(policy.history_ttl);
+        let history = items
+            .iter()
+            .filter_map(|item| serde_json::from_str::<SnapshotEntry>(item).ok())
+            .filter(|e| e.seq.is_some())
+            .take_while(|e| within(e.ts, cutoff))
+            .map(|e| Arc::new(Publication::new(name.clone(), e.data.get(), e.seq, e.ts)))
+            .collect();
+        let latest = decode_latest(name, latest.as_deref(), items.first().map(|s| s.as_str()));
+        Ok(Window {
+            epoch: epoch.into(),
+            seq,
+            latest: latest.map(Arc::new),
+            history,
+        })
     }
 
     /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
@@ -307,6 +349,11 @@ fn decode_latest(
         return Some(Publication::new(channel, value, entry.seq, entry.ts));
     }
     Some(Publication::new(channel, value, None, None))
+}
+
+/// A fresh epoch: short, random, the same for every replica once one of them stored it.
+fn new_epoch() -> String {
+    format!("{:x}", crate::core::random::u64() >> 16)
 }
 
 /// Escapes Redis glob metacharacters so a prefix matches literally.
