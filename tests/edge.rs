@@ -344,6 +344,40 @@ async fn refused_requests_are_not_run() {
 }
 
 #[actix_web::test]
+async fn a_flood_is_held_back_not_read_at_line_rate() {
+    let hub = TestHub::start("").await; // 50 requests/s, burst 200
+    let mut ws = hub.connect().await;
+    // 5,000 requests in one write, far over the budget; the client reads everything that comes back.
+    let started = Instant::now();
+    for n in 0..5000 {
+        ws.stream
+            .feed(Message::text(json!({"op": "ping", "id": n}).to_string()))
+            .await
+            .unwrap();
+    }
+    ws.stream.flush().await.unwrap();
+    let mut answered = 0u64;
+    while started.elapsed() < Duration::from_millis(1500) {
+        match tokio::time::timeout(Duration::from_millis(100), ws.stream.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => answered += 1,
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(other) => panic!("the connection ended: {other:?}"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil();
+    // Each second at most the burst is refused (and answered); then the socket is not read until the next
+    // second, so the hub parses and answers a bounded number of requests however fast the client sends.
+    let bound = (200.0 + 50.0 * seconds + 200.0 * seconds) as u64;
+    assert!(
+        answered <= bound,
+        "{answered} requests answered in {seconds} s (bound {bound})"
+    );
+    let stats = hub.stats().await;
+    assert!(stats["requests_rate_limited"].as_u64().unwrap() <= 200 * seconds as u64, "{stats}");
+    assert!(answered >= 400, "the burst and its refusals are answered: {answered}");
+}
+
+#[actix_web::test]
 async fn a_connection_that_stays_over_the_rate_is_closed_with_1008() {
     let hub = TestHub::start(
         "[websocket]\nrequests_per_second = 10\nrequest_burst = 10\nrate_limited_close_after = \"2s\"\n",
@@ -382,8 +416,10 @@ async fn a_connection_that_stays_over_the_rate_is_closed_with_1008() {
     let stats = hub.stats().await;
     assert_eq!(stats["rate_limit_disconnects"], 1, "{stats}");
     assert_eq!(stats["slow_consumer_disconnects"], 0, "{stats}");
+    // At most `request_burst` refusals are answered a second (then the socket waits unread until the next
+    // one), for the 2 s the flood lasts.
     assert!(
-        stats["requests_rate_limited"].as_u64().unwrap() > 100,
+        stats["requests_rate_limited"].as_u64().unwrap() >= 15,
         "{stats}"
     );
 

@@ -137,12 +137,20 @@ pub struct Session {
     patterns: usize,
     /// Requests this connection may still make now.
     budget: RequestBudget,
+    /// Refused requests answered in the current second (`refusals_since`). Past `request_burst` of them the
+    /// connection's input is paused until the second is over: a flood then costs at most
+    /// `requests_per_second + 2 × request_burst` frames a second, the rest waits in the kernel and TCP holds
+    /// the client back.
+    refusals: u32,
+    refusals_since: Instant,
+    /// Input is paused for the rest of the current second (see `refusals`).
+    throttled: bool,
     /// Frames to the client, shared with the registry and written by the transport.
     outbox: Outbox,
     /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
     /// publishes keep their order.
     publishing: bool,
-    /// The transport, parked while `publishing`.
+    /// The transport, parked while `publishing` or `throttled`.
     resume_input: Option<Waker>,
     /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
     _permit: Permit,
@@ -165,6 +173,9 @@ impl Session {
             subscriptions: HashSet::new(),
             patterns: 0,
             budget: RequestBudget::new(&limits, Instant::now()),
+            refusals: 0,
+            refusals_since: Instant::now(),
+            throttled: false,
             outbox,
             publishing: false,
             resume_input: None,
@@ -191,8 +202,9 @@ impl Session {
 
     /// Spends one request of the budget; `false` when the request must not run (it has been answered, or the
     /// connection is being closed).
-    fn admit_request(&mut self, id: &RequestId) -> bool {
-        match self.budget.take(&self.limits, Instant::now()) {
+    fn admit_request(&mut self, id: &RequestId, ctx: &mut Context<Self>) -> bool {
+        let now = Instant::now();
+        match self.budget.take(&self.limits, now) {
             Verdict::Run => true,
             Verdict::Refuse => {
                 Stats::add(&self.hub.stats().requests_rate_limited, 1);
@@ -201,6 +213,7 @@ impl Session {
                     self.limits.requests_per_second
                 );
                 self.send_error(id, &ProtocolError::new(ErrorCode::RateLimited, message));
+                self.count_refusal(now, ctx);
                 false
             }
             Verdict::Close => {
@@ -214,11 +227,40 @@ impl Session {
         }
     }
 
+    /// Counts an answered refusal; past `request_burst` of them in one second, reading pauses until the
+    /// second is over.
+    fn count_refusal(&mut self, now: Instant, ctx: &mut Context<Self>) {
+        if now.saturating_duration_since(self.refusals_since) >= Duration::from_secs(1) {
+            self.refusals = 0;
+            self.refusals_since = now;
+        }
+        self.refusals += 1;
+        if f64::from(self.refusals) < self.limits.request_burst || self.throttled {
+            return;
+        }
+        self.throttled = true;
+        let resume = (self.refusals_since + Duration::from_secs(1)).saturating_duration_since(now);
+        ctx.run_later(resume, |act, _| {
+            let now = Instant::now();
+            act.throttled = false;
+            act.refusals = 0;
+            act.refusals_since = now;
+            // The pause was spent over the rate (the client's requests waited unread): it does not break the
+            // run of refusals that closes a connection after `rate_limited_close_after`.
+            act.budget.last_refused = now;
+            if !act.publishing
+                && let Some(waker) = act.resume_input.take()
+            {
+                waker.wake();
+            }
+        });
+    }
+
     fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let parsed = parse_client_frame(text);
         let id = parsed.id;
         // Malformed frames spend the budget too: each one costs a parse and an answer.
-        if !self.admit_request(&id) {
+        if !self.admit_request(&id, ctx) {
             return;
         }
         let frame = match parsed.frame {
@@ -361,7 +403,9 @@ impl Session {
                 }
             }
             act.publishing = false;
-            if let Some(waker) = act.resume_input.take() {
+            if !act.throttled
+                && let Some(waker) = act.resume_input.take()
+            {
                 waker.wake();
             }
         }));
@@ -396,8 +440,8 @@ impl Endpoint for Session {
         self.handle_text(text, ctx);
     }
 
-    fn on_unsupported(&mut self, what: &'static str, _: &mut Context<Self>) {
-        if self.admit_request(&None) {
+    fn on_unsupported(&mut self, what: &'static str, ctx: &mut Context<Self>) {
+        if self.admit_request(&None, ctx) {
             self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
         }
     }
@@ -417,13 +461,14 @@ impl Endpoint for Session {
     }
 
     fn input_paused(&mut self, waker: &Waker) -> bool {
-        if self.publishing {
+        let paused = self.publishing || self.throttled;
+        if paused {
             match &self.resume_input {
                 Some(parked) if parked.will_wake(waker) => {}
                 _ => self.resume_input = Some(waker.clone()),
             }
         }
-        self.publishing
+        paused
     }
 }
 
