@@ -373,8 +373,14 @@ async fn a_flood_is_held_back_not_read_at_line_rate() {
         "{answered} requests answered in {seconds} s (bound {bound})"
     );
     let stats = hub.stats().await;
-    assert!(stats["requests_rate_limited"].as_u64().unwrap() <= 200 * seconds as u64, "{stats}");
-    assert!(answered >= 400, "the burst and its refusals are answered: {answered}");
+    assert!(
+        stats["requests_rate_limited"].as_u64().unwrap() <= 200 * seconds as u64,
+        "{stats}"
+    );
+    assert!(
+        answered >= 400,
+        "the burst and its refusals are answered: {answered}"
+    );
 }
 
 #[actix_web::test]

@@ -26,7 +26,7 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         ),
         None => (Value::Null, Value::Null, Value::Null, Value::Null),
     };
-    HttpResponse::Ok().json(json!({
+    let mut body = json!({
         "instance_id": hub.instance_id(),
         "mode": hub.mode(),
         "pubsub_active": hub.link_active(),
@@ -38,39 +38,15 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "subscribers": subscribers,
         "pattern_subscriptions": pattern_subscriptions,
         "pattern_subscribers": pattern_subscribers,
-        "messages_published": Stats::get(&s.messages_published),
-        "messages_delivered": Stats::get(&s.messages_delivered),
-        "slow_consumer_drops": Stats::get(&s.slow_consumer_drops),
-        "slow_consumer_disconnects": Stats::get(&s.slow_consumer_disconnects),
-        "relayed_in": Stats::get(&s.relayed_in),
-        "relayed_out": Stats::get(&s.relayed_out),
-        "redis_reconnects": Stats::get(&s.redis_reconnects),
-        "cache_hits": Stats::get(&s.cache_hits),
-        "cache_misses": Stats::get(&s.cache_misses),
-        "rejected_messages": Stats::get(&s.rejected_messages),
-        "write_timeouts": Stats::get(&s.write_timeouts),
-        "frames_too_big": Stats::get(&s.frames_too_big),
-        "protocol_errors": Stats::get(&s.protocol_errors),
-        "connections_refused": Stats::get(&s.connections_refused),
-        "requests_rate_limited": Stats::get(&s.requests_rate_limited),
-        "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
-        "patterns_refused": Stats::get(&s.patterns_refused),
-        "subscriptions_refused": Stats::get(&s.subscriptions_refused),
-        "heartbeat_timeouts": Stats::get(&s.heartbeat_timeouts),
-        "jobs_refused": Stats::get(&s.jobs_refused),
-        "ingest_cache_dropped": Stats::get(&s.ingest_cache_dropped),
-        "pattern_scans_truncated": Stats::get(&s.pattern_scans_truncated),
-        "poll_not_modified": Stats::get(&s.poll_not_modified),
-        "poll_unchanged": Stats::get(&s.poll_unchanged),
-        "poll_delayed": Stats::get(&s.poll_delayed),
-        "poll_retry_after": Stats::get(&s.poll_retry_after),
-        "subscribes_recovered": Stats::get(&s.subscribes_recovered),
-        "subscribes_unrecovered": Stats::get(&s.subscribes_unrecovered),
-        "messages_replayed": Stats::get(&s.messages_replayed),
-        "duplicates_dropped": Stats::get(&s.duplicates_dropped),
         "store_evictions": store_evictions,
         "store_expired": store_expired,
         "store_channels": store_channels,
         "store_bytes": store_bytes,
-    }))
+    });
+    if let Value::Object(fields) = &mut body {
+        for (name, value) in s.counters() {
+            fields.insert(name.to_string(), json!(value));
+        }
+    }
+    HttpResponse::Ok().json(body)
 }
