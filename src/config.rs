@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub instance_id: String,
     /// Directory served at `/`.
     pub web_root: String,
+    /// A second address (`127.0.0.1:9090`) that serves only `GET /metrics`, for a scraper kept off the
+    /// public port; empty serves metrics on the main port only. They are on the main port either way.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             instance_id: String::new(),
             web_root: "web".into(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -516,6 +520,15 @@ impl Config {
             parse_proxy(entry)
                 .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
         }
+        if !self.server.metrics_listen.is_empty()
+            && std::net::ToSocketAddrs::to_socket_addrs(self.server.metrics_listen.as_str())
+                .is_err()
+        {
+            return err(
+                "server.metrics_listen",
+                "must be an address with a port, like 127.0.0.1:9090",
+            );
+        }
         if self.channels.max_channels == 0 {
             return err("channels.max_channels", "must be at least 1");
         }
@@ -614,9 +627,8 @@ impl Config {
 
     /// Resolves a channel's settings from its namespace; `None` when strict namespaces refuse it.
     pub fn policy(&self, channel: &str) -> Option<ChannelPolicy> {
-        let namespace = channel.split_once(':').map(|(ns, _)| ns).unwrap_or("");
         let defaults = &self.channels;
-        match self.namespaces.get(namespace) {
+        match self.namespaces.get(namespace_of(channel)) {
             Some(ns) => Some(ChannelPolicy {
                 client_publish: ns.client_publish,
                 patterns: ns.patterns,
@@ -637,6 +649,11 @@ impl Config {
             history_size: self.channels.history_size,
         }
     }
+}
+
+/// The namespace of a channel: the part of its name before the first `:`.
+pub fn namespace_of(channel: &str) -> &str {
+    channel.split_once(':').map(|(ns, _)| ns).unwrap_or("")
 }
 
 /// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).

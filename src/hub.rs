@@ -102,6 +102,8 @@ struct Inner {
     config: Arc<Config>,
     instance_id: String,
     stats: Stats,
+    /// The labeled counters of `GET /metrics`.
+    metrics: crate::metrics::Metrics,
     store: Store,
     /// One registry per HTTP worker thread, added as the workers start.
     registries: RwLock<Vec<Addr<Registry>>>,
@@ -126,11 +128,13 @@ impl Hub {
     pub fn new(config: Arc<Config>, store: Store, instance_id: String) -> Hub {
         let pattern_scans =
             tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
+        let metrics = crate::metrics::Metrics::new(&config);
         Hub {
             inner: Arc::new(Inner {
                 config,
                 instance_id,
                 stats: Stats::default(),
+                metrics,
                 store,
                 registries: RwLock::new(Vec::new()),
                 bridge: OnceLock::new(),
@@ -153,6 +157,11 @@ impl Hub {
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// The labeled counters of `GET /metrics` (the plain ones are in `stats`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     pub fn store(&self) -> &Store {
@@ -377,6 +386,7 @@ impl Hub {
             policy.ttl = ttl;
         }
         Stats::add(&self.inner.stats.messages_published, 1);
+        self.inner.metrics.published(channel);
         match &self.inner.store {
             Store::Memory(memory) => {
                 let publication =

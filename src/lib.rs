@@ -15,6 +15,7 @@
 //! - `store`: latest values and snapshots, in memory or in Redis (`keys` names every Redis key).
 //! - `bridge`: the pubsub-bridge actor, relaying Redis pub/sub to the registries; `ingest` routes outside
 //!   producers' own Redis channels into relayhub channels.
+//! - `metrics`: the labeled counters of `GET /metrics` (the plain ones are `stats`).
 //! - `poller`: the poller actor and its jobs (upstream fetches, leases, transforms).
 //! - `http`: the HTTP API and static files. `demo`: the built-in synthetic upstream.
 //!
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod ingest;
 pub mod keys;
 pub mod messages;
+pub mod metrics;
 pub mod poller;
 pub mod protocol;
 pub mod publication;
@@ -92,6 +94,8 @@ pub struct Running {
     poller: Addr<poller::Poller>,
     server: actix_server::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The `server.metrics_listen` listener, when configured.
+    metrics_server: Option<actix_server::ServerHandle>,
 }
 
 impl Running {
@@ -101,6 +105,9 @@ impl Running {
         let deadline = tokio::time::Instant::now() + timeout;
         log::info!("shutting down: closing connections with 1001, releasing polling leases");
         self.hub.begin_shutdown();
+        if let Some(metrics) = &self.metrics_server {
+            metrics.stop(false).await;
+        }
         let hub = self.hub.clone();
         let poller = self.poller.clone();
         let server = self.server.clone();
@@ -128,6 +135,9 @@ impl Running {
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
         self.poller.do_send(poller::Halt);
+        if let Some(metrics) = &self.metrics_server {
+            metrics.stop(false).await;
+        }
         self.server.stop(false).await;
         let _ = self.server_task.await;
     }
@@ -307,6 +317,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let descriptions = serde_json::Value::Array(sources.iter().map(|s| s.describe()).collect());
     let poller = poller::Poller::start(hub.clone(), sources);
     let _ = poller_slot.set((poller.clone(), descriptions));
+    let metrics_server = match config.server.metrics_listen.as_str() {
+        "" => None,
+        listen => {
+            let server = http::metrics::serve(listen, hub.clone())
+                .map_err(|e| StartError::Bind(format!("server.metrics_listen {listen}: {e}")))?;
+            let handle = server.handle();
+            actix_web::rt::spawn(server);
+            log::info!("metrics on http://{listen}/metrics");
+            Some(handle)
+        }
+    };
     let server = server.run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
@@ -317,5 +338,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         poller,
         server: handle,
         server_task,
+        metrics_server,
     })
 }

@@ -194,6 +194,9 @@ impl Registry {
             }
         }
         Stats::add(&stats.messages_delivered, delivered);
+        self.hub
+            .metrics()
+            .delivered(&publication.channel, delivered);
         for id in slow.drain(..) {
             self.drop_slow(id);
         }

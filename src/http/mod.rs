@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod channels;
 pub mod health;
+pub mod metrics;
 pub mod polling;
 pub mod publish;
 pub mod static_files;
@@ -64,6 +65,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(crate::transport::not_an_upgrade))
         .route("/health", web::get().to(health::health))
         .route("/ready", web::get().to(health::ready))
+        .route("/metrics", web::get().to(metrics::metrics))
         .service(
             web::scope("/api")
                 .wrap(actix_web::middleware::from_fn(refuse_foreign_writes))

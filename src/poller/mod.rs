@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::config::format_duration;
 use crate::hub::{ChannelObserver, Hub};
+use crate::metrics::FetchResult;
 use crate::poller::jobs::{Held, JobStatus, JobStore, Put};
 use crate::poller::source::{JobSpec, ParamError, Source};
 use crate::stats::Stats;
@@ -374,11 +375,15 @@ impl Poller {
         let source = job.source.clone();
         let spec = job.spec.clone();
         let previous = job.previous.clone();
-        let fut = async move { run_fetch(&client, &hub, &source, &spec, previous).await };
+        let fut = async move {
+            let started = Instant::now();
+            let outcome = run_fetch(&client, &hub, &source, &spec, previous).await;
+            (outcome, started.elapsed())
+        };
         let id = id.to_string();
         ctx.spawn(
             fut.into_actor(self)
-                .map(move |outcome, act, ctx| act.fetched(&id, outcome, ctx)),
+                .map(move |(outcome, took), act, ctx| act.fetched(&id, outcome, took, ctx)),
         );
     }
 
@@ -386,6 +391,7 @@ impl Poller {
         &mut self,
         id: &str,
         outcome: Result<Option<Value>, String>,
+        took: Duration,
         ctx: &mut Context<Self>,
     ) {
         let subscribers = self
@@ -398,6 +404,11 @@ impl Poller {
         job.status.fetches += 1;
         job.status.subscribers = subscribers;
         let interval = job.source.interval;
+        let result = match &outcome {
+            Ok(Some(_)) => FetchResult::Published,
+            Ok(None) => FetchResult::Unchanged,
+            Err(_) => FetchResult::Error,
+        };
         let delay = match outcome {
             Ok(value) => {
                 if let Some(value) = value {
@@ -423,8 +434,24 @@ impl Poller {
                 )
             }
         };
+        self.record_fetch(id, result, took);
         self.schedule(id, delay, ctx);
         self.write_status(id);
+    }
+
+    /// The fetch metrics of the job's source; its failure gauge is the worst of the source's jobs here.
+    fn record_fetch(&self, id: &str, result: FetchResult, took: Duration) {
+        let Some(source) = self.owned.get(id).map(|job| job.source.name.as_str()) else {
+            return;
+        };
+        let failures = self
+            .owned
+            .values()
+            .filter(|job| job.source.name == source)
+            .map(|job| job.status.consecutive_failures)
+            .max()
+            .unwrap_or(0);
+        self.hub.metrics().fetched(source, result, took, failures);
     }
 
     fn write_status(&self, id: &str) {
