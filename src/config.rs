@@ -34,6 +34,34 @@ pub struct Config {
     pub demo: DemoConfig,
     /// The poller's fleet coordination.
     pub poller: PollerConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (one object a line, for a log shipper). `RELAYHUB_LOG_FORMAT` overrides.
+    pub format: LogFormat,
+    /// The log filter when `RUST_LOG` is not set: a level (`info`) or env_logger directives
+    /// (`warn,relayhub=debug`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -446,6 +474,17 @@ impl Config {
         if let Some(id) = var("RELAYHUB_INSTANCE_ID") {
             self.server.instance_id = id;
         }
+        if let Some(format) = var("RELAYHUB_LOG_FORMAT") {
+            self.log.format = match format.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable RELAYHUB_LOG_FORMAT: `{format}` is not text or json"
+                    )));
+                }
+            };
+        }
         if let Some(url) = var("REDIS_URL") {
             self.redis.url = url;
         } else if let Some(host) = var("REDIS_HOST") {
@@ -519,6 +558,20 @@ impl Config {
         for entry in &self.server.trusted_proxies {
             parse_proxy(entry)
                 .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
+        }
+        for directive in self.log.level.split(',').map(str::trim) {
+            let level = directive
+                .rsplit_once('=')
+                .map_or(directive, |(_, level)| level);
+            let known = ["off", "error", "warn", "info", "debug", "trace"];
+            // A bare word may also be a module name (`relayhub::poller`): all its levels.
+            let is_module = !directive.contains('=') && !level.is_empty();
+            if !(known.contains(&level.to_ascii_lowercase().as_str()) || is_module) {
+                return err(
+                    "log.level",
+                    &format!("`{directive}` is not a level (off, error, warn, info, debug, trace)"),
+                );
+            }
         }
         if !self.server.metrics_listen.is_empty()
             && std::net::ToSocketAddrs::to_socket_addrs(self.server.metrics_listen.as_str())
@@ -623,6 +676,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Problems that do not stop the hub but are likely mistakes: `check-config` prints them, the hub logs
+    /// them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for name in self.namespaces.keys() {
+            if name.len() > crate::protocol::MAX_CHANNEL_LEN {
+                warnings.push(format!(
+                    "[namespaces.{name}] matches no channel: channel names are at most {} bytes",
+                    crate::protocol::MAX_CHANNEL_LEN
+                ));
+            }
+        }
+        warnings
     }
 
     /// Resolves a channel's settings from its namespace; `None` when strict namespaces refuse it.
@@ -889,6 +957,28 @@ mod tests {
         assert!(parse_duration("3 weeks").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+    }
+
+    #[test]
+    fn log_settings_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.log.format, LogFormat::Text);
+        assert_eq!(defaults.log.level, "info");
+        for level in ["debug", "warn,relayhub=debug", "relayhub::poller", "off"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            c.validate().unwrap();
+        }
+        for level in ["", "relayhub=loud", "info,,"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            let e = c.validate().unwrap_err().0;
+            assert!(e.contains("log.level"), "{level}: {e}");
+        }
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "RELAYHUB_LOG_FORMAT").then(|| "json".to_string()))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   producers' own Redis channels into relayhub channels.
 //! - `metrics`: the labeled counters of `GET /metrics` (the plain ones are `stats`).
 //! - `poller`: the poller actor and its jobs (upstream fetches, leases, transforms).
+//! - `logging`: the process's logger, text or one JSON object a line.
 //! - `http`: the HTTP API and static files. `demo`: the built-in synthetic upstream.
 //!
 //! `start` builds and runs everything; the binary in `main.rs` only parses arguments and waits for a signal,
@@ -29,6 +30,7 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod keys;
+pub mod logging;
 pub mod messages;
 pub mod metrics;
 pub mod poller;
@@ -270,6 +272,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let store = open_store(&config).await?;
     let redis_url = store.redis().map(|r| r.url().to_string());
     let hub = Hub::new(config.clone(), store, instance_id(&config));
+    logging::set_instance_id(hub.instance_id());
     log::info!(
         "instance {} starting in {} mode",
         hub.instance_id(),
