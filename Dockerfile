@@ -4,6 +4,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member: cargo reads its manifest even when building only the hub.
+COPY bench ./bench
 COPY config ./config
 RUN cargo build --release --bin relayhub
 

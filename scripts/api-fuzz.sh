@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION="4.32.5"
 MAX_EXAMPLES="${API_FUZZ_MAX_EXAMPLES:-50}"
-TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+# Cargo's target directory (CARGO_TARGET_DIR, a cargo config, or target/), where the build below puts the binary.
+TARGET_DIR="$(bash scripts/target-dir.sh)"
 VENV="$TARGET_DIR/api-fuzz-venv"
 
 if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then

@@ -28,15 +28,16 @@
 #   RUNS=3              run the scenario N times (a fresh hub each time) and print the median of the key figures
 #   HUB_CPU=0 BENCH_CPU=1   cores to pin the hub and the bench to
 #   PORT=18080          first port used (hub A; hub B is PORT+1, Redis is PORT+2)
-#   RELAYHUB_BIN, BENCH_BIN   binaries (default: target/release, else target/debug, else `cargo build --release`);
-#                       BENCH_BIN is also the reference relay of the ref-* scenarios
+#   RELAYHUB_BIN, BENCH_BIN   binaries (default: the newer of release/ and debug/ in cargo's target directory,
+#                       which honours CARGO_TARGET_DIR, else `cargo build --release`); BENCH_BIN is also the
+#                       reference relay of the ref-* scenarios
 #   PROFILE=perf        record the hub with perf (DWARF call graphs) during the bench: $OUT/<scenario>.perf.data
-#   OUT=target/bench    where JSON lines and logs go
+#   OUT=<target dir>/bench   where JSON lines and logs go
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 scenario="${1:-}"
-[[ -n "$scenario" ]] || { sed -n '2,34p' "$0"; exit 64; }
+[[ -n "$scenario" ]] || { sed -n '2,35p' "$0"; exit 64; }
 shift
 extra=("$@")
 scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish soak calibrate"
@@ -50,14 +51,15 @@ RUNS="${RUNS:-1}"
 HUB_CPU="${HUB_CPU:-0}"
 BENCH_CPU="${BENCH_CPU:-1}"
 PORT="${PORT:-18080}"
-OUT="${OUT:-target/bench}"
+TARGET_DIR="$(bash scripts/target-dir.sh)"
+OUT="${OUT:-$TARGET_DIR/bench}"
 PROFILE="${PROFILE:-}"
 mkdir -p "$OUT"
 
 # --- binaries --------------------------------------------------------------------------------------------
-pick() { # pick NAME: the newest of target/release/NAME and target/debug/NAME
+pick() { # pick NAME: the newest of release/NAME and debug/NAME in the target directory
     local found=""
-    for candidate in target/release/"$1" target/debug/"$1"; do
+    for candidate in "$TARGET_DIR"/release/"$1" "$TARGET_DIR"/debug/"$1"; do
         if [[ -x "$candidate" && ( -z "$found" || "$candidate" -nt "$found" ) ]]; then found="$candidate"; fi
     done
     echo "$found"
@@ -69,9 +71,9 @@ needs_hub=true
 case "$scenario" in ref-* | calibrate) needs_hub=false ;; esac
 if [[ -z "$BENCH_BIN" || ( "$needs_hub" == true && -z "$RELAYHUB_BIN" ) ]]; then
     echo "bench.sh: building release binaries" >&2
-    cargo build --release --bins
-    RELAYHUB_BIN="${RELAYHUB_BIN:-target/release/relayhub}"
-    BENCH_BIN="${BENCH_BIN:-target/release/relayhub-bench}"
+    cargo build --release --workspace --bins
+    RELAYHUB_BIN="${RELAYHUB_BIN:-$TARGET_DIR/release/relayhub}"
+    BENCH_BIN="${BENCH_BIN:-$TARGET_DIR/release/relayhub-bench}"
 fi
 # The binary measured: the hub, or relayhub-bench itself as the reference relay.
 SERVER_BIN="$RELAYHUB_BIN"

@@ -29,7 +29,16 @@ for target in "${targets[@]}"; do
     echo "==> fuzz $target for ${seconds}s"
     mkdir -p "$scratch/$target"
     cp -r "fuzz/corpus/$target/." "$scratch/$target/"
+    # libFuzzer's progress lines (`#1234 NEW ...`) are dropped; everything else, a crash report included, stays.
+    set +e
     cargo fuzz run --fuzz-dir fuzz -O --debug-assertions "$target" "$scratch/$target" -- \
-        -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+        -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
+        | grep -Ev '^#[0-9]+[[:space:]]'
+    status="${PIPESTATUS[0]}"
+    set -e
+    if [[ "$status" -ne 0 ]]; then
+        echo "fuzz.sh: $target failed (exit $status); the input is in fuzz/artifacts/$target/" >&2
+        exit 1
+    fi
 done
 echo "fuzz.sh: ${#targets[@]} targets ran ${seconds}s each without a crash"

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Runs the browser tests (tests/browser) against an already built hub: installs Chromium and the node packages
 # when missing (scripts/browser-deps.sh), then runs node's test runner. Builds nothing.
-#   RELAYHUB_BIN   hub binary to test (default: target/debug/relayhub)
+#   RELAYHUB_BIN   hub binary to test (default: debug/relayhub in cargo's target directory, which honours
+#                  CARGO_TARGET_DIR)
 #   CHROMIUM_BIN   browser (default: /usr/bin/chromium)
-# Exits non-zero when a test fails or something is missing. Screenshots land in target/dashboard*.png.
+# Exits non-zero when a test fails or something is missing. Screenshots land in <target dir>/dashboard*.png.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 bash "$repo/scripts/browser-deps.sh"
 
-bin="${RELAYHUB_BIN:-$repo/target/debug/relayhub}"
+target_dir="$(bash "$repo/scripts/target-dir.sh")"
+bin="${RELAYHUB_BIN:-$target_dir/debug/relayhub}"
 case "$bin" in
     /*) ;;
     *) bin="$PWD/$bin" ;;
@@ -21,6 +23,8 @@ if [[ ! -x "$bin" ]]; then
     exit 1
 fi
 export RELAYHUB_BIN="$bin"
+# Where the dashboard test leaves its screenshots.
+export RELAYHUB_TARGET_DIR="$target_dir"
 
 cd "$repo/tests/browser"
 # client.test.mjs drives relayhub.js from node itself; node 20 has WebSocket only behind a flag.

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The test command: every test of relayhub, against real parts.
-#   1. makes sure redis-server is on PATH (installs Debian's redis-server when missing and possible),
-#   2. builds and runs the Rust tests (unit and integration: real hubs on port 0, private redis-servers,
-#      real upstream HTTP servers, real WebSocket and HTTP clients),
-#   3. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
-#   4. runs a short smoke run of the load generator (it works and prints numbers; no speed is asserted).
-# Ends with one line "tests: N passed, M failed"; exits non-zero when anything failed.
+#   1. makes sure redis-server and nginx are installed (installs Debian's packages when missing and possible),
+#   2. builds and runs the Rust tests of the workspace (the hub and the load generator; unit and integration:
+#      real hubs on port 0, private redis-servers, real upstream HTTP servers, real WebSocket and HTTP clients),
+#   3. checks the client's TypeScript declarations with tsc (scripts/test-types.sh),
+#   4. runs the browser tests in headless Chromium (scripts/test-browser.sh installs Chromium when missing),
+#   5. runs a short smoke run of the load generator (it works and prints numbers; no speed is asserted).
+# Ends with one line "tests: N passed, M failed"; exits non-zero when anything failed. Binaries and the log
+# (test-output.log) are in cargo's target directory, which honours CARGO_TARGET_DIR.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-mkdir -p target
-log="target/test-output.log"
+target_dir="$(bash scripts/target-dir.sh)" || exit 1
+mkdir -p "$target_dir"
+log="$target_dir/test-output.log"
 : > "$log"
 
 need_redis() {
@@ -27,6 +30,19 @@ need_redis() {
 }
 need_redis
 
+need_nginx() { # the proxy tests run a real nginx in front of a hub
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] && return 0
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: nginx not found; installing Debian's nginx-light" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >&2 || true
+    fi
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] && return 0
+    echo "test.sh: error: nginx is required by tests/nginx.rs (it runs a private one on a free port)." >&2
+    echo "test.sh: install it: apt-get install nginx-light (Debian/Ubuntu) or brew install nginx (macOS)." >&2
+    exit 1
+}
+need_nginx
+
 failed_steps=()
 step() { # step NAME COMMAND...: runs a step, teeing its output into the log
     local name="$1"; shift
@@ -36,11 +52,12 @@ step() { # step NAME COMMAND...: runs a step, teeing its output into the log
     fi
 }
 
-step "cargo build" cargo build --bins
-step "cargo test" cargo test --no-fail-fast
-step "browser tests" bash scripts/test-browser.sh
-step "load generator smoke run" env RELAYHUB_BIN=target/debug/relayhub BENCH_BIN=target/debug/relayhub-bench \
-    bash scripts/bench.sh smoke
+step "cargo build" cargo build --workspace --bins
+step "cargo test" cargo test --workspace --no-fail-fast
+step "client types" bash scripts/test-types.sh
+step "browser tests" env RELAYHUB_BIN="$target_dir/debug/relayhub" bash scripts/test-browser.sh
+step "load generator smoke run" env RELAYHUB_BIN="$target_dir/debug/relayhub" \
+    BENCH_BIN="$target_dir/debug/relayhub-bench" bash scripts/bench.sh smoke
 
 # Totals over every runner: cargo's "test result:" lines and node's "# pass / # fail".
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

@@ -2,9 +2,7 @@
 //! `GET /demo/prices/{symbol}` (a quote) and `GET /demo/chain/{symbol}` (an option chain, for the `/data`
 //! and `diff:strike` transforms). Every request moves that symbol's random walk a step. Mounted by the app.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::sync::{Mutex, PoisonError};
 
 use actix_web::{HttpResponse, web};
@@ -75,16 +73,8 @@ impl Default for DemoState {
     }
 }
 
-/// Registers the demo routes with their own fresh [`DemoState`].
-///
-/// `HttpServer` calls its app factory once per worker, so each worker would get its own walks; to have one
-/// walk per symbol across workers, create one `web::Data<DemoState>` outside the factory and use
-/// [`configure_with`].
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    configure_with(cfg, web::Data::new(DemoState::new()));
-}
-
-/// Registers the demo routes over the given (possibly shared) state.
+/// Registers the demo routes over the given state. The app factory runs once per worker: the state is created
+/// once outside it, so there is one walk per symbol across workers.
 pub fn configure_with(cfg: &mut web::ServiceConfig, state: web::Data<DemoState>) {
     cfg.service(
         web::resource("/demo/prices/{symbol}")
@@ -355,13 +345,13 @@ fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// A small xorshift64* generator seeded from std's per-process random hash keys; plenty for demo data.
+/// A small xorshift64* generator with a random seed; plenty for demo data.
 struct Rng(u64);
 
 impl Rng {
     fn new() -> Rng {
         // `| 1`: xorshift must not start at zero.
-        Rng(RandomState::new().hash_one(0x5eed_u64) | 1)
+        Rng(crate::core::random::u64() | 1)
     }
 
     /// A pseudo-random number in `[0, 1)`.
@@ -377,6 +367,11 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo routes with their own fresh state.
+    fn configure(cfg: &mut web::ServiceConfig) {
+        configure_with(cfg, web::Data::new(DemoState::new()));
+    }
     use actix_web::App;
     use actix_web::http::StatusCode;
     use actix_web::test as actix_test;

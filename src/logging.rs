@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::core::config::{LogConfig, LogFormat};
 
 /// This replica's name, added to every JSON line once the hub has chosen it (lines before that have none).
 static INSTANCE_ID: OnceLock<String> = OnceLock::new();

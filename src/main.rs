@@ -69,7 +69,7 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
     config
         .apply_env(|name| std::env::var(name).ok())
         .map_err(|e| e.to_string())?;
-    config.validate().map_err(|e| e.to_string())?;
+    relayhub::check_config(&config)?;
     Ok(config)
 }
 

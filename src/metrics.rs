@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 
-use crate::config::Config;
-use crate::protocol::{ErrorCode, close};
+use crate::core::config::Config;
+use crate::core::protocol::{ErrorCode, close};
 
 /// The label of channels whose namespace has no `[namespaces.*]` table.
 pub const OTHER: &str = "other";
@@ -94,7 +94,7 @@ impl ByNamespace {
 
     fn get(&self, channel: &str) -> &IntCounter {
         self.named
-            .get(crate::config::namespace_of(channel))
+            .get(crate::core::config::namespace_of(channel))
             .unwrap_or(&self.other)
     }
 }

@@ -1,7 +1,7 @@
 //! Counters every component bumps and `GET /api/stats` reads. Plain relaxed atomics: each is independent and
-//! read only for reporting.
+//! read only for reporting. State (such as whether the pub/sub link is live) belongs to its owner, not here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -41,14 +41,16 @@ pub struct Stats {
     pub rate_limit_disconnects: AtomicU64,
     /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
     pub patterns_refused: AtomicU64,
+    /// Subscriptions refused by `websocket.max_subscriptions_per_connection`.
+    pub subscriptions_refused: AtomicU64,
+    /// Connections closed with 1008 for sending nothing, not even a pong, for `websocket.client_timeout`.
+    pub heartbeat_timeouts: AtomicU64,
     /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
     pub jobs_refused: AtomicU64,
     /// Ingested messages not cached because the queue of cache writes was full.
     pub ingest_cache_dropped: AtomicU64,
     /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
     pub pattern_scans_truncated: AtomicU64,
-    /// Whether the Redis pub/sub connection is live (always false in memory mode).
-    pub pubsub_active: AtomicBool,
 }
 
 impl Stats {

@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{RedisServer, TestHub, Ws, eventually, get_json, wait_ready, wait_subscribers};
+use common::{
+    RedisServer, TestHub, Ws, eventually, get_json, int_reply, wait_ready, wait_subscribers,
+};
 
 /// Config of a replica using `url`, with extra `[redis]` keys and any other tables.
 fn config(url: &str, redis_extra: &str, rest: &str) -> String {
@@ -39,15 +41,6 @@ async fn subscribe_with_snapshot(ws: &mut Ws, channel: &str) -> Value {
     let snapshot = ws.recv_type("snapshot").await;
     assert_eq!(snapshot["channel"], channel);
     snapshot
-}
-
-/// A Redis integer reply (`:42\r\n`) as a number.
-fn int_reply(reply: &str) -> i64 {
-    reply
-        .trim()
-        .trim_start_matches(':')
-        .parse()
-        .unwrap_or_else(|_| panic!("not an integer reply: {reply:?}"))
 }
 
 fn redis_int(redis: &RedisServer, args: &[&str]) -> i64 {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{RedisServer, TestHub, eventually, get_json, wait_ready};
+use common::{RedisServer, TestHub, eventually, get_json, int_reply, wait_ready};
 
 fn redis_config(redis: &RedisServer, rest: &str) -> String {
     format!(
@@ -31,14 +31,6 @@ fn resp_strings(reply: &str) -> Vec<String> {
         }
     }
     out
-}
-
-fn int_reply(reply: &str) -> i64 {
-    reply
-        .trim()
-        .trim_start_matches(':')
-        .parse()
-        .unwrap_or_else(|_| panic!("not an integer reply: {reply:?}"))
 }
 
 /// Redis pub/sub channels relayhub listens to for its own channels (probe channels excluded).

@@ -488,6 +488,36 @@ async fn a_huge_declared_length_closes_1009_at_once_and_buffers_nothing() {
 }
 
 #[actix_web::test]
+async fn after_a_1009_the_rest_of_the_stream_is_not_read_at_line_rate() {
+    let hub = TestHub::start("").await;
+    let mut ws = Raw::connect(hub.addr, b"").await;
+    let mut header = vec![0x80 | TEXT, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 32).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    ws.tcp.write_all(&header).await.unwrap();
+    // Keep streaming the announced payload until the hub lets go of the socket. While it lingers for the
+    // client's end it reads a little and then nothing: TCP flow control holds the client back, so what it
+    // manages to send is bounded by the socket buffers, not by how fast the hub can read and discard.
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut sent = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sent < 1 << 30 {
+        match tokio::time::timeout_at(deadline, ws.tcp.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(_)) => break, // the hub dropped the socket after its linger
+            Err(_) => panic!("the hub still held the socket after 30 s"),
+        }
+    }
+    assert!(
+        sent < 64 << 20,
+        "the hub read {} MiB of a refused frame while closing",
+        sent >> 20
+    );
+    let stats = stats_until(&hub, FRAME_TIMEOUT, |s| s["connections"] == 0).await;
+    assert_eq!(stats["frames_too_big"], 1);
+}
+
+#[actix_web::test]
 async fn a_fragmented_message_over_the_limit_closes_1009() {
     let hub = TestHub::start("[websocket]\nmax_message_bytes = 1000\n").await;
     // Each fragment is within the limit; their running total is not.

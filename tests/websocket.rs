@@ -191,6 +191,7 @@ async fn bad_input_gets_an_error_and_the_connection_survives() {
     hub.publish("ok:3", json!(1)).await;
     hub.publish("ok:1", json!(2)).await;
     assert_eq!(ws.recv_type("message").await["channel"], "ok:1");
+    assert_eq!(hub.stats().await["subscriptions_refused"], 1);
 }
 
 #[actix_web::test]
@@ -257,6 +258,7 @@ async fn silent_client_is_closed_by_the_heartbeat() {
     }
     assert_eq!(silent.await.unwrap(), Some(1008));
     lively.ping().await;
+    assert_eq!(hub.stats().await["heartbeat_timeouts"], 1);
 }
 
 #[actix_web::test]

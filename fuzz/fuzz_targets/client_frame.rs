@@ -20,7 +20,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(json["channel"].as_str(), Some(channel.as_str()));
             answer
         }
-        Ok(ClientFrame::Publish { channel, .. }) => protocol::published_frame(&parsed.id, channel, Some(1)),
+        Ok(ClientFrame::Publish { channel, .. }) => {
+            protocol::published_frame(&parsed.id, channel, Some(1))
+        }
         Ok(ClientFrame::Ping) => protocol::pong_frame(&parsed.id),
         Err(error) => protocol::error_frame(&parsed.id, error),
     };

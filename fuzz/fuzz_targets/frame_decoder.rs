@@ -19,9 +19,19 @@ fn decode_in_pieces(wire: &[u8], max: usize, piece: usize) -> Decoded {
         loop {
             match decoder::decode(&mut input, max) {
                 Ok(Some(frame)) => {
-                    let limit = if frame.opcode.is_control() { MAX_CONTROL_PAYLOAD } else { max };
-                    assert!(frame.payload.len() <= limit, "a frame over its limit was handed over");
-                    assert!(frame.fin || !frame.opcode.is_control(), "a fragmented control frame");
+                    let limit = if frame.opcode.is_control() {
+                        MAX_CONTROL_PAYLOAD
+                    } else {
+                        max
+                    };
+                    assert!(
+                        frame.payload.len() <= limit,
+                        "a frame over its limit was handed over"
+                    );
+                    assert!(
+                        frame.fin || !frame.opcode.is_control(),
+                        "a fragmented control frame"
+                    );
                     frames.push((frame.fin, frame.opcode, frame.payload.to_vec()));
                 }
                 Ok(None) => break,
@@ -40,8 +50,14 @@ fuzz_target!(|data: &[u8]| {
     let whole = decode_in_pieces(wire, max, wire.len().max(1));
     let split = decode_in_pieces(wire, max, usize::from(*piece).max(1));
     // With an error the bytes left over depend on where the pieces ended; everything before it must match.
-    assert_eq!(whole.0, split.0, "frames differ when the input arrives in pieces");
-    assert_eq!(whole.1, split.1, "the verdict differs when the input arrives in pieces");
+    assert_eq!(
+        whole.0, split.0,
+        "frames differ when the input arrives in pieces"
+    );
+    assert_eq!(
+        whole.1, split.1,
+        "the verdict differs when the input arrives in pieces"
+    );
     if whole.1.is_none() {
         assert_eq!(whole.2, split.2, "a different amount is left waiting");
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use ipnet::IpNet;
 
-use crate::config::{Config, parse_proxy};
+use crate::core::config::{Config, parse_proxy};
 use crate::stats::Stats;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -5,11 +5,10 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde_json::value::RawValue;
 
-use crate::http::error_response;
-use crate::hub::Hub;
-use crate::protocol::validate_channel;
-use crate::publication::Publication;
-use crate::store::Store;
+use crate::core::protocol::validate_channel;
+use crate::core::publication::Publication;
+use crate::http::reply::error_response;
+use crate::node::hub::Hub;
 
 pub async fn latest(hub: web::Data<Hub>, channel: web::Path<String>) -> HttpResponse {
     if let Err(e) = validate_channel(&channel) {
@@ -72,12 +71,9 @@ pub async fn history(
         .unwrap_or_else(|| hub.config().default_policy())
         .history_size;
     let limit = query.limit.unwrap_or(kept).min(kept.max(1)).min(1000);
-    match hub.store() {
-        Store::Memory(memory) => render(&channel, &memory.history(&channel, limit)),
-        Store::Redis(redis) => match redis.history(&channel, limit).await {
-            Ok(found) => render(&channel, &found),
-            Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
-        },
+    match hub.engine().history(&channel, limit).await {
+        Ok(found) => render(&channel, &found),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
     }
 }
 

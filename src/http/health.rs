@@ -4,7 +4,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 
-use crate::hub::Hub;
+use crate::node::hub::Hub;
 
 pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
@@ -12,8 +12,9 @@ pub async fn health() -> HttpResponse {
 
 pub async fn ready(hub: web::Data<Hub>) -> HttpResponse {
     match hub.readiness() {
-        Ok(()) => HttpResponse::Ok()
-            .json(serde_json::json!({ "status": "ready", "mode": hub.store().mode() })),
+        Ok(()) => {
+            HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "mode": hub.mode() }))
+        }
         Err(reason) => HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE)
             .json(serde_json::json!({ "status": "unavailable", "reason": reason })),
     }

@@ -8,7 +8,7 @@ use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
-use crate::hub::Hub;
+use crate::node::hub::Hub;
 use crate::stats::Stats;
 
 /// Families built from plain numbers, one per call.
@@ -42,12 +42,8 @@ pub fn render(hub: &Hub) -> String {
         &["instance_id", "mode", "version"],
     )
     .expect("a valid metric definition");
-    info.with_label_values(&[
-        hub.instance_id(),
-        hub.store().mode(),
-        env!("CARGO_PKG_VERSION"),
-    ])
-    .set(1);
+    info.with_label_values(&[hub.instance_id(), hub.mode(), env!("CARGO_PKG_VERSION")])
+        .set(1);
     out.0.extend(info.collect());
     out.gauge(
         "relayhub_up",
@@ -82,9 +78,9 @@ pub fn render(hub: &Hub) -> String {
     out.gauge(
         "relayhub_redis_pubsub_up",
         "1 while the Redis pub/sub link is live (always 0 in memory mode).",
-        s.pubsub_active.load(std::sync::atomic::Ordering::Relaxed) as i64,
+        hub.link_active() as i64,
     );
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 18] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 20] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -161,6 +157,16 @@ pub fn render(hub: &Hub) -> String {
             &s.patterns_refused,
         ),
         (
+            "relayhub_subscriptions_refused_total",
+            "Subscriptions refused by websocket.max_subscriptions_per_connection.",
+            &s.subscriptions_refused,
+        ),
+        (
+            "relayhub_heartbeat_timeouts_total",
+            "Connections closed with 1008 for sending nothing, not even a pong, for websocket.client_timeout.",
+            &s.heartbeat_timeouts,
+        ),
+        (
             "relayhub_jobs_refused_total",
             "Polling jobs not created because poller.max_jobs were stored.",
             &s.jobs_refused,
@@ -179,26 +185,26 @@ pub fn render(hub: &Hub) -> String {
     for (name, help, counter) in counters {
         out.counter(name, help, Stats::get(counter));
     }
-    if let crate::store::Store::Memory(memory) = hub.store() {
+    if let Some(memory) = hub.memory_usage() {
         out.gauge(
             "relayhub_store_channels",
             "Memory mode: channels whose latest value is kept.",
-            memory.len() as i64,
+            memory.channels as i64,
         );
         out.gauge(
             "relayhub_store_bytes",
             "Memory mode: bytes of latest values and snapshots kept.",
-            memory.bytes() as i64,
+            memory.bytes as i64,
         );
         out.counter(
             "relayhub_store_evictions_total",
             "Memory mode: channels evicted by channels.max_channels or max_memory.",
-            memory.evictions(),
+            memory.evictions,
         );
         out.counter(
             "relayhub_store_expired_total",
             "Memory mode: expired values reclaimed.",
-            memory.expired(),
+            memory.expired,
         );
     }
     out.0.extend(hub.metrics().gather());

@@ -1,72 +1,36 @@
 //! The HTTP edge: routes, the JSON error shape, origin checks and CORS. One file per route group.
 
 pub mod admission;
+pub mod auth;
 pub mod channels;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod polling;
 pub mod publish;
+pub mod reply;
+pub mod server;
 pub mod static_files;
 pub mod stats;
+pub mod upgrade;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::config::Config;
-use crate::hub::Hub;
-
-/// `{"error":{"code":"...","message":"..."}}` with a status: every API error looks like this.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({
-        "error": { "code": code, "message": message }
-    }))
-}
-
-/// An error answered by the API: status, code and message, rendered as the JSON error shape.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl actix_web::ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.status
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        error_response(self.status, self.code, &self.message)
-    }
-}
+use crate::http::auth::origin_allowed;
+use crate::http::reply::error_response;
+use crate::node::hub::Hub;
 
 /// Registers every route. `/api` gets CORS for the allowed origins.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(one(
         "/ws",
         Method::GET,
-        web::get().to(crate::transport::not_an_upgrade),
+        web::get().to(crate::http::upgrade::not_an_upgrade),
     ))
     .service(one("/health", Method::GET, web::get().to(health::health)))
     .service(one("/ready", Method::GET, web::get().to(health::ready)))
@@ -167,44 +131,6 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
-/// Whether the request's `Origin` (if any) may use this hub. Requests without one are not from a browser.
-pub fn origin_allowed(headers: &HeaderMap, config: &Config) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
-        return true;
-    };
-    // `self` compares with the host the browser used: behind a proxy, the one it forwarded.
-    let host = [
-        header::HeaderName::from_static("x-forwarded-host"),
-        header::HOST,
-    ]
-    .iter()
-    .find_map(|name| headers.get(name).and_then(|h| h.to_str().ok()))
-    .and_then(|h| h.split(',').next())
-    .map(str::trim)
-    .unwrap_or("");
-    config
-        .server
-        .allowed_origins
-        .iter()
-        .any(|allowed| origin_matches(allowed, origin, host))
-}
-
-fn origin_matches(allowed: &str, origin: &str, own_host: &str) -> bool {
-    match allowed {
-        "*" => true,
-        "self" => origin
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(own_host)),
-        _ => match allowed.strip_suffix(":*") {
-            Some(base) => origin
-                .strip_prefix(base)
-                .and_then(|rest| rest.strip_prefix(':'))
-                .is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())),
-            None => allowed.eq_ignore_ascii_case(origin),
-        },
-    }
-}
-
 /// Every state-changing request (anything but GET, HEAD and OPTIONS) from a browser page whose origin is not
 /// allowed gets 403. CORS only hides the answer from a page; a form or `text/plain` POST from any site would
 /// still act through its visitors' browsers, loopback ones included. Browsers always send `Origin` on a
@@ -260,66 +186,4 @@ async fn cors(
         headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
     }
     Ok(response)
-}
-
-/// Compares two secrets in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The bearer token of a request, if any.
-pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .split_once(' ')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origins() {
-        assert!(origin_matches(
-            "http://localhost:*",
-            "http://localhost:3000",
-            "x"
-        ));
-        assert!(!origin_matches(
-            "http://localhost:*",
-            "http://localhost.evil.com:3000",
-            "x"
-        ));
-        assert!(!origin_matches(
-            "http://localhost:*",
-            "http://localhost",
-            "x"
-        ));
-        assert!(origin_matches(
-            "self",
-            "https://hub.example.com",
-            "hub.example.com"
-        ));
-        assert!(!origin_matches(
-            "self",
-            "https://evil.com",
-            "hub.example.com"
-        ));
-        assert!(origin_matches(
-            "https://app.example.com",
-            "https://app.example.com",
-            "x"
-        ));
-        assert!(origin_matches("*", "https://anything", "x"));
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 }

@@ -3,19 +3,22 @@
 //! that came through a proxy (a proxy on the same host would make everyone behind it look like loopback).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 
 use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::http::admission::Admission;
-use crate::http::{ApiError, bearer_token, constant_time_eq};
-use crate::hub::Hub;
+use crate::http::auth::{bearer_token, constant_time_eq};
+use crate::http::reply::ApiError;
+use crate::node::hub::Hub;
 use crate::poller::{ListJobs, PollError, Poller, StartJob, StopJob};
 
-/// The poller's address, set once it starts (after the listener is bound).
-pub type PollerSlot = Arc<OnceLock<(Addr<Poller>, serde_json::Value)>>;
+/// What the polling API talks to: the poller, and its sources as listed.
+pub struct PollerApi {
+    pub poller: Addr<Poller>,
+    pub sources: serde_json::Value,
+}
 
 fn authorize(req: &HttpRequest, hub: &Hub) -> Result<(), ApiError> {
     let token = &hub.config().server.admin_token;
@@ -51,16 +54,6 @@ fn authorize(req: &HttpRequest, hub: &Hub) -> Result<(), ApiError> {
             "missing or wrong admin token",
         )),
     }
-}
-
-fn poller(slot: &PollerSlot) -> Result<&Addr<Poller>, ApiError> {
-    slot.get().map(|(addr, _)| addr).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the poller is not running",
-        )
-    })
 }
 
 fn poll_error(e: PollError) -> ApiError {
@@ -106,13 +99,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, 
 }
 
 /// Sends one request to the poller and maps both failure layers (poller gone, request refused) to API errors.
-async fn ask<M, T>(slot: &PollerSlot, message: M) -> Result<T, ApiError>
+async fn ask<M, T>(api: &PollerApi, message: M) -> Result<T, ApiError>
 where
     M: actix::Message<Result = Result<T, PollError>> + Send + 'static,
     T: Send + 'static,
     Poller: actix::Handler<M>,
 {
-    poller(slot)?
+    api.poller
         .send(message)
         .await
         .map_err(|_| {
@@ -129,7 +122,7 @@ pub async fn start(
     req: HttpRequest,
     body: web::Bytes,
     hub: web::Data<Hub>,
-    slot: web::Data<PollerSlot>,
+    api: web::Data<PollerApi>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &hub)?;
     let body: StartBody = parse(&body, r#"{"source": string, "params": {name: string}}"#)?;
@@ -137,7 +130,7 @@ pub async fn start(
         source: body.source,
         params: body.params,
     };
-    let spec = ask(&slot, message).await?;
+    let spec = ask(&api, message).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job": spec.id, "channel": spec.channel })))
 }
 
@@ -145,39 +138,30 @@ pub async fn stop(
     req: HttpRequest,
     body: web::Bytes,
     hub: web::Data<Hub>,
-    slot: web::Data<PollerSlot>,
+    api: web::Data<PollerApi>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &hub)?;
     let body: StopBody = parse(&body, r#"{"job": string}"#)?;
     let job = body.job.clone();
-    ask(&slot, StopJob { id: body.job }).await?;
+    ask(&api, StopJob { id: body.job }).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job": job, "stopped": true })))
 }
 
 pub async fn status(
     req: HttpRequest,
     hub: web::Data<Hub>,
-    slot: web::Data<PollerSlot>,
+    api: web::Data<PollerApi>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &hub)?;
-    let jobs = ask(&slot, ListJobs).await?;
+    let jobs = ask(&api, ListJobs).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "jobs": jobs })))
 }
 
 pub async fn sources(
     req: HttpRequest,
     hub: web::Data<Hub>,
-    slot: web::Data<PollerSlot>,
+    api: web::Data<PollerApi>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &hub)?;
-    match slot.get() {
-        Some((_, sources)) => {
-            Ok(HttpResponse::Ok().json(serde_json::json!({ "sources": sources })))
-        }
-        None => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the poller is not running",
-        )),
-    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "sources": api.sources })))
 }

@@ -7,9 +7,10 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
-use crate::http::{bearer_token, constant_time_eq, error_response};
-use crate::hub::{Hub, PublishError};
-use crate::protocol::validate_channel;
+use crate::core::protocol::validate_channel;
+use crate::http::auth::{bearer_token, constant_time_eq};
+use crate::http::reply::error_response;
+use crate::node::hub::{Hub, PublishError};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

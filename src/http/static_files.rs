@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 
-use crate::http::error_response;
-use crate::hub::Hub;
+use crate::http::reply::error_response;
+use crate::node::hub::Hub;
 
 pub async fn index(hub: web::Data<Hub>) -> HttpResponse {
     serve(&hub, "index.html").await

@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, web};
 use serde_json::{Map, Value, json};
 
-use crate::hub::Hub;
+use crate::node::hub::Hub;
 use crate::stats::Stats;
 
 pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
@@ -17,19 +17,19 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         patterns.into_iter().map(|(c, n)| (c, json!(n))).collect();
     // Memory mode only: what the in-memory backend holds and reclaimed (in Redis mode, Redis's own INFO and
     // key TTLs say it).
-    let (store_channels, store_bytes, store_evictions, store_expired) = match hub.store() {
-        crate::store::Store::Memory(m) => (
-            json!(m.len()),
-            json!(m.bytes()),
-            json!(m.evictions()),
-            json!(m.expired()),
+    let (store_channels, store_bytes, store_evictions, store_expired) = match hub.memory_usage() {
+        Some(m) => (
+            json!(m.channels),
+            json!(m.bytes),
+            json!(m.evictions),
+            json!(m.expired),
         ),
-        crate::store::Store::Redis(_) => (Value::Null, Value::Null, Value::Null, Value::Null),
+        None => (Value::Null, Value::Null, Value::Null, Value::Null),
     };
     HttpResponse::Ok().json(json!({
         "instance_id": hub.instance_id(),
-        "mode": hub.store().mode(),
-        "pubsub_active": s.pubsub_active.load(std::sync::atomic::Ordering::Relaxed),
+        "mode": hub.mode(),
+        "pubsub_active": hub.link_active(),
         "ready": hub.readiness().is_ok(),
         "uptime_seconds": hub.uptime().as_secs(),
         "connections": Stats::get(&s.connections),
@@ -55,6 +55,8 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "requests_rate_limited": Stats::get(&s.requests_rate_limited),
         "rate_limit_disconnects": Stats::get(&s.rate_limit_disconnects),
         "patterns_refused": Stats::get(&s.patterns_refused),
+        "subscriptions_refused": Stats::get(&s.subscriptions_refused),
+        "heartbeat_timeouts": Stats::get(&s.heartbeat_timeouts),
         "jobs_refused": Stats::get(&s.jobs_refused),
         "ingest_cache_dropped": Stats::get(&s.ingest_cache_dropped),
         "pattern_scans_truncated": Stats::get(&s.pattern_scans_truncated),

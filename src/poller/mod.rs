@@ -6,7 +6,6 @@
 //!
 //! The actor runs on its own arbiter because awc's client is not `Send` (one client per thread).
 
-pub mod backoff;
 pub mod fetch;
 pub mod jobs;
 pub mod source;
@@ -20,13 +19,15 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::{Value, json};
 
-use crate::config::format_duration;
-use crate::hub::{ChannelObserver, Hub};
+use crate::core::backoff;
+use crate::core::config::format_duration;
+use crate::engine::EngineError as RedisError;
 use crate::metrics::FetchResult;
+use crate::node::hub::Hub;
+use crate::node::observer::ChannelObserver;
 use crate::poller::jobs::{Held, JobStatus, JobStore, Put};
 use crate::poller::source::{JobSpec, ParamError, Source};
 use crate::stats::Stats;
-use crate::store::RedisError;
 
 /// How long a fill lock holds off other replicas from fetching the same empty channel.
 const FILL_LOCK: Duration = Duration::from_secs(5);
@@ -136,7 +137,7 @@ pub struct Poller {
     initial: Vec<(String, BTreeMap<String, String>)>,
 }
 
-/// The hub's view of the poller: answers `request_fill` from what the poller last saw, and forwards events.
+/// The registries' view of the poller: answers `request_fill` from what the poller last saw, and forwards events.
 pub struct PollerObserver {
     addr: Addr<Poller>,
     sources: Arc<Vec<Arc<Source>>>,
@@ -179,8 +180,9 @@ impl ChannelObserver for PollerObserver {
 }
 
 impl Poller {
-    /// Starts the poller on its own arbiter and registers it with the hub.
-    pub fn start(hub: Hub, sources: Vec<Source>) -> Addr<Poller> {
+    /// Starts the poller on its own arbiter. Returns its address and the observer the registries tell about
+    /// their channels.
+    pub fn start(hub: Hub, sources: Vec<Source>) -> (Addr<Poller>, Arc<PollerObserver>) {
         let sources: Arc<Vec<Arc<Source>>> = Arc::new(sources.into_iter().map(Arc::new).collect());
         let known = Arc::new(Mutex::new(Known::default()));
         let config = hub.config();
@@ -220,12 +222,12 @@ impl Poller {
             stopping: false,
             initial,
         });
-        hub.set_observer(Arc::new(PollerObserver {
+        let observer = Arc::new(PollerObserver {
             addr: addr.clone(),
             sources,
             known,
-        }));
-        addr
+        });
+        (addr, observer)
     }
 
     fn source(&self, name: &str) -> Option<Arc<Source>> {
@@ -417,7 +419,7 @@ impl Poller {
                 }
                 job.status.state = "running".into();
                 job.status.consecutive_failures = 0;
-                job.status.last_success = Some(crate::protocol::now_ts());
+                job.status.last_success = Some(crate::core::protocol::now_ts());
                 interval
             }
             Err(e) => {
@@ -623,7 +625,7 @@ async fn run_fetch(
     previous: Option<Value>,
 ) -> Result<Option<Value>, String> {
     let raw = match source.kind {
-        crate::config::SourceKind::Http => {
+        crate::core::config::SourceKind::Http => {
             let url = source
                 .url_for(spec)
                 .ok_or("the job's URL cannot be built")?;
@@ -637,10 +639,10 @@ async fn run_fetch(
             .await
             .map_err(|e| e.to_string())?
         }
-        crate::config::SourceKind::Redis => read_redis_fields(hub, source).await?,
+        crate::core::config::SourceKind::Redis => read_redis_fields(hub, source).await?,
     };
     let value = transform::apply_all(&source.transforms, raw, previous.as_ref())?;
-    if source.kind == crate::config::SourceKind::Redis
+    if source.kind == crate::core::config::SourceKind::Redis
         && source.only_on_change
         && previous.as_ref() == Some(&value)
     {
@@ -661,75 +663,23 @@ async fn run_fetch(
     }
     hub.publish_with(&spec.channel, &text, source.ttl)
         .await
-        .map_err(|crate::hub::PublishError::Unavailable(e)| e)?;
+        .map_err(|crate::node::hub::PublishError::Unavailable(e)| e)?;
     Ok(Some(value))
 }
 
-/// Reads a `redis` source's keys in one pipeline and builds one object: numbers as numbers, missing as null.
+/// Reads a `redis` source's keys in one round trip and builds one object: numbers as numbers, missing as null.
 async fn read_redis_fields(hub: &Hub, source: &Source) -> Result<Value, String> {
-    let Some(redis) = hub.store().redis() else {
-        return Err("redis sources need Redis (the hub runs in memory mode)".into());
-    };
-    let mut pipe = deadpool_redis::redis::pipe();
-    for (_, command, key) in &source.fields {
-        pipe.cmd(command).arg(key);
-    }
-    let values: Vec<deadpool_redis::redis::Value> = redis
-        .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-        .await
-        .map_err(|e| e.0)?;
+    let commands: Vec<(String, String)> = source
+        .fields
+        .iter()
+        .map(|(_, command, key)| (command.clone(), key.clone()))
+        .collect();
+    let values = hub.engine().read_fields(&commands).await?;
     let mut object = serde_json::Map::new();
     for ((name, _, _), value) in source.fields.iter().zip(values) {
-        object.insert(name.clone(), redis_to_json(value));
+        object.insert(name.clone(), value);
     }
     Ok(Value::Object(object))
-}
-
-fn redis_to_json(value: deadpool_redis::redis::Value) -> Value {
-    use deadpool_redis::redis::Value as R;
-    let text = |bytes: &[u8]| {
-        let s = String::from_utf8_lossy(bytes).into_owned();
-        match s.parse::<i64>() {
-            Ok(n) => json!(n),
-            Err(_) => match s.parse::<f64>() {
-                Ok(f) if f.is_finite() => json!(f),
-                _ => json!(s),
-            },
-        }
-    };
-    match value {
-        R::Nil => Value::Null,
-        R::Int(n) => json!(n),
-        R::BulkString(bytes) => text(&bytes),
-        R::SimpleString(s) => text(s.as_bytes()),
-        R::Okay => json!("OK"),
-        R::Double(f) => json!(f),
-        R::Boolean(b) => json!(b),
-        R::Map(pairs) => Value::Object(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (redis_key_text(k), redis_to_json(v)))
-                .collect(),
-        ),
-        // HGETALL over RESP2 answers a flat array of field, value, field, value.
-        R::Array(items) => {
-            let mut object = serde_json::Map::new();
-            let mut it = items.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                object.insert(redis_key_text(k), redis_to_json(v));
-            }
-            Value::Object(object)
-        }
-        _ => Value::Null,
-    }
-}
-
-fn redis_key_text(value: deadpool_redis::redis::Value) -> String {
-    match value {
-        deadpool_redis::redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        deadpool_redis::redis::Value::SimpleString(s) => s,
-        other => format!("{other:?}"),
-    }
 }
 
 fn rfc3339_in(after: Duration) -> String {

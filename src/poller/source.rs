@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::config::{Config, SourceConfig, SourceKind, format_duration};
+use crate::core::config::{Config, SourceConfig, SourceKind, format_duration};
 use crate::poller::template::{Encoding, Template, expand_env};
 use crate::poller::transform::{Transform, parse_all};
 
@@ -123,7 +123,7 @@ impl Source {
             .channel
             .render(&params, Encoding::Raw)
             .map_err(|e| ParamError(e.to_string()))?;
-        crate::protocol::validate_channel(&channel).map_err(|e| {
+        crate::core::protocol::validate_channel(&channel).map_err(|e| {
             ParamError(format!(
                 "the job's channel `{channel}` is invalid: {}",
                 e.message

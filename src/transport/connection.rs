@@ -28,16 +28,19 @@ use actix::fut::ActorFuture;
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::decoder::{self, DecodeError, Opcode};
-use super::frame;
 use super::outbox::Outbox;
-use crate::protocol::close;
+use crate::core::frame;
+use crate::core::protocol::close;
 
 /// How long a closing connection waits for the client to acknowledge before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Bytes a closing connection reads and throws away while it waits for the client's end of the stream. Past
+/// it the socket is no longer read: a client that keeps streaming (the rest of an oversized frame, garbage)
+/// is held back by TCP flow control until the linger ends, instead of being read at line rate.
+const MAX_DISCARD: usize = 64 * 1024;
 /// Frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// Bytes read per `read` call, into a stack buffer.
@@ -107,8 +110,10 @@ pub struct TransportLimits {
     pub write_timeout: Duration,
 }
 
-pub struct Transport {
-    io: TcpStream,
+/// Generic over the socket (`S`): a TCP stream in the server, any other byte stream (TLS, an in-memory
+/// duplex in tests) works the same.
+pub struct Transport<S> {
+    io: S,
     outbox: Outbox,
     /// Frames taken from the outbox and not yet fully written (the first one possibly in part).
     writing: VecDeque<bytes::Bytes>,
@@ -133,17 +138,14 @@ pub struct Transport {
     stall: Option<Pin<Box<Sleep>>>,
     /// Bytes were written since `stall` was last set.
     progressed: bool,
+    /// Bytes read and thrown away since the connection started closing.
+    discarded: usize,
 }
 
-impl Transport {
+impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
     /// `input` holds bytes the HTTP layer read past the upgrade request (a client may send its first frame
     /// right behind it).
-    pub fn new(
-        io: TcpStream,
-        input: BytesMut,
-        outbox: Outbox,
-        limits: TransportLimits,
-    ) -> Transport {
+    pub fn new(io: S, input: BytesMut, outbox: Outbox, limits: TransportLimits) -> Transport<S> {
         Transport {
             io,
             outbox,
@@ -159,6 +161,7 @@ impl Transport {
             linger_short: false,
             stall: None,
             progressed: false,
+            discarded: 0,
         }
     }
 
@@ -312,6 +315,10 @@ impl Transport {
             if open && self.hold_input(act, cx.waker()) {
                 return Poll::Pending;
             }
+            if !open && self.discarded > MAX_DISCARD {
+                // The linger timer (polled by `drive`) ends the connection; nothing more is read until then.
+                return Poll::Pending;
+            }
             // Uninitialised, so the wake-ups that find nothing to read do not clear 4 KiB each time.
             let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut buf = ReadBuf::uninit(&mut chunk);
@@ -322,7 +329,7 @@ impl Transport {
                     self.process_input(act, ctx, cx.waker());
                 }
                 // Closing: the client's remaining frames are read only to reach its end of the stream.
-                Ok(()) => {}
+                Ok(()) => self.discarded += buf.filled().len(),
                 Err(error) => {
                     log::debug!("websocket read failed: {error}");
                     return Poll::Ready(());
@@ -481,7 +488,7 @@ fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-impl<A: Endpoint> ActorFuture<A> for Transport {
+impl<A: Endpoint, S: AsyncRead + AsyncWrite + Unpin> ActorFuture<A> for Transport<S> {
     type Output = ();
 
     fn poll(

@@ -21,7 +21,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
-use super::frame;
+use crate::core::frame;
 
 /// One connection's outgoing queue. Cloning shares it.
 ///
@@ -109,7 +109,7 @@ impl Outbox {
 
     /// Closes with 1008: the client stopped reading.
     pub fn close_slow_consumer(&self) -> bool {
-        self.close(crate::protocol::close::POLICY, SLOW_CONSUMER)
+        self.close(crate::core::protocol::close::POLICY, SLOW_CONSUMER)
     }
 
     /// Queues a close frame behind what is queued and accepts nothing after it. Returns false when the

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { Hub, launchBrowser, openPage, repoRoot, waitFor, waitForRow, waitForStatus } from "./harness.mjs";
+import { Hub, launchBrowser, openPage, targetDir, waitFor, waitForRow, waitForStatus } from "./harness.mjs";
 
 /** Per-test limit: generous, since every wait inside is bounded by its own timeout. */
 const LONG = { timeout: 90_000 };
@@ -329,7 +329,7 @@ describe("dashboard against a real hub", () => {
         await hub.publish(`demo:${symbol}`, { symbol, price: 100 * (i + 1) });
       }
     }
-    const target = path.join(repoRoot, "target");
+    const target = targetDir;
     fs.mkdirSync(target, { recursive: true });
     const channels = symbols.map((s) => `demo:${s}`);
 

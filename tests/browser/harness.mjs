@@ -15,8 +15,13 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 /** The repository root (tests/browser/../..). */
 export const repoRoot = path.resolve(here, "..", "..");
 
-/** The hub binary: `RELAYHUB_BIN`, or target/debug/relayhub of this repository. */
-export const hubBin = path.resolve(here, process.env.RELAYHUB_BIN ?? "../../target/debug/relayhub");
+/** Cargo's target directory: `RELAYHUB_TARGET_DIR` (scripts/test-browser.sh asks cargo), or target/ here. */
+export const targetDir = path.resolve(here, process.env.RELAYHUB_TARGET_DIR ?? "../../target");
+
+/** The hub binary: `RELAYHUB_BIN`, or debug/relayhub in the target directory. */
+export const hubBin = process.env.RELAYHUB_BIN
+  ? path.resolve(here, process.env.RELAYHUB_BIN)
+  : path.join(targetDir, "debug", "relayhub");
 
 /** Debian's Chromium; the tests never download a browser. */
 export const chromiumBin = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";

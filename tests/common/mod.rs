@@ -2,6 +2,7 @@
 //! (killable and restartable), real WebSocket and HTTP clients. Nothing here fakes Redis or the network.
 #![allow(dead_code)]
 
+pub mod nginx;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
@@ -275,6 +276,15 @@ fn redis_server_binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!("redis-server is not on PATH: install it (Debian: apt-get install redis-server) or run scripts/test.sh, which does")
         })
+}
+
+/// A Redis integer reply (`:42\r\n`) as a number.
+pub fn int_reply(reply: &str) -> i64 {
+    reply
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap_or_else(|_| panic!("not an integer reply: {reply:?}"))
 }
 
 pub fn free_port() -> u16 {

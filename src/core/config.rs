@@ -1,0 +1,998 @@
+//! Typed configuration: one struct per component, read once at start (file, then environment) and handed down.
+//! Every field has a default, so a config file sets only the keys it changes; unknown keys and bad values are
+//! errors that name the key, and the binary exits with code 2 on them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The configuration embedded in the binary: what `relayhub` runs with when no file is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
+
+/// Everything relayhub can be told.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener, HTTP API and shutdown.
+    pub server: ServerConfig,
+    /// Per-connection limits and heartbeat.
+    pub websocket: WebsocketConfig,
+    /// Redis connection; empty `url` means the in-memory backend.
+    pub redis: RedisConfig,
+    /// Defaults that apply to every channel whose namespace has no table of its own.
+    pub channels: ChannelsConfig,
+    /// Per-namespace settings (`[namespaces.chat]`), keyed by the part of a channel name before the first `:`.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Upstream sources the poller can run jobs from.
+    pub sources: Vec<SourceConfig>,
+    /// Routes that relay a Redis channel of an outside producer into relayhub channels.
+    pub ingest: Vec<IngestConfig>,
+    /// The built-in synthetic upstream, so a fresh start shows moving data.
+    pub demo: DemoConfig,
+    /// The poller's fleet coordination.
+    pub poller: PollerConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (one object a line, for a log shipper). `RELAYHUB_LOG_FORMAT` overrides.
+    pub format: LogFormat,
+    /// The log filter when `RUST_LOG` is not set: a level (`info`) or env_logger directives
+    /// (`warn,relayhub=debug`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (`PORT` overrides it).
+    pub port: u16,
+    /// HTTP worker threads; 0 means one per available core.
+    pub workers: usize,
+    /// Origins allowed to open a WebSocket and to call the HTTP API from a browser. Entries: an exact origin
+    /// (`https://app.example.com`), one with a wildcard port (`http://localhost:*`), `self` (the hub's own
+    /// origin, whatever host it is reached by) or `*` (anyone; logged as a warning).
+    pub allowed_origins: Vec<String>,
+    /// Key required by `POST /api/publish` as `Authorization: Bearer <key>`; empty leaves the API open.
+    pub api_key: String,
+    /// Token required by the polling control API; empty restricts it to loopback clients that did not come
+    /// through a proxy.
+    pub admin_token: String,
+    /// Reverse proxies (IPs or CIDR ranges, `10.0.0.0/8`) whose `X-Forwarded-For` names the client for the
+    /// per-address connection budget. Without an admin token, a request from one of them is never trusted
+    /// as loopback.
+    pub trusted_proxies: Vec<String>,
+    /// Open WebSocket connections this replica accepts; past it, a handshake is answered 503.
+    pub max_connections: usize,
+    /// Open WebSocket connections one client address may hold; past it, a handshake is answered 503.
+    pub max_connections_per_ip: usize,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+    /// This replica's name in stats and job ownership; empty picks `<hostname>-<pid>-<random>`.
+    pub instance_id: String,
+    /// Directory served at `/`.
+    pub web_root: String,
+    /// A second address (`127.0.0.1:9090`) that serves only `GET /metrics`, for a scraper kept off the
+    /// public port; empty serves metrics on the main port only. They are on the main port either way.
+    pub metrics_listen: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8080,
+            workers: 0,
+            allowed_origins: vec![
+                "self".into(),
+                "http://localhost:*".into(),
+                "http://127.0.0.1:*".into(),
+            ],
+            api_key: String::new(),
+            admin_token: String::new(),
+            trusted_proxies: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 1000,
+            shutdown_timeout: Duration::from_secs(10),
+            instance_id: String::new(),
+            web_root: "web".into(),
+            metrics_listen: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebsocketConfig {
+    /// How often the server pings each client.
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat_interval: Duration,
+    /// A client that sends nothing (not even a pong) for this long is disconnected.
+    #[serde(deserialize_with = "de_duration")]
+    pub client_timeout: Duration,
+    /// Largest accepted frame; a larger one closes the connection with 1009. Also the HTTP publish body limit.
+    pub max_message_bytes: usize,
+    /// Subscriptions one connection may hold at once.
+    pub max_subscriptions_per_connection: usize,
+    /// Outgoing messages queued for one connection before it counts as a slow consumer.
+    pub mailbox_size: usize,
+    /// Outgoing bytes owed to one connection (queued or being written) before it counts as a slow consumer.
+    /// Past half of it (or half of `mailbox_size`) the connection's own requests are not read until it drains.
+    pub max_queued_bytes: usize,
+    /// A connection owing bytes whose socket takes none for this long is aborted (socket dropped, no close
+    /// handshake): a client that stopped reading cannot hold its socket, session and queue forever.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
+    /// Pattern subscriptions (`prices:*`) one connection may hold at once; each one is checked against every
+    /// message of its namespace, so they cost more than exact channels.
+    pub max_patterns_per_connection: usize,
+    /// Requests (text frames) per second one connection may make on average; more are answered `rate_limited`.
+    pub requests_per_second: u32,
+    /// Requests one connection may make at once above the average rate (the token bucket's size).
+    pub request_burst: u32,
+    /// A connection refused at least once in every second for this long is closed with 1008.
+    #[serde(deserialize_with = "de_duration")]
+    pub rate_limited_close_after: Duration,
+}
+
+impl Default for WebsocketConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(60),
+            max_message_bytes: 64 * 1024,
+            max_subscriptions_per_connection: 128,
+            mailbox_size: 1024,
+            max_queued_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            max_patterns_per_connection: 16,
+            requests_per_second: 50,
+            request_burst: 200,
+            rate_limited_close_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`; empty means memory mode. `REDIS_URL`, or `REDIS_HOST`,
+    /// `REDIS_PORT` and `REDIS_PASSWORD`, override it.
+    pub url: String,
+    /// When true, a Redis that cannot be reached at start is fatal instead of a fall back to memory mode.
+    pub required: bool,
+    /// Prefix of every key and channel relayhub uses.
+    pub prefix: String,
+    /// Pooled connections for commands (the pub/sub connection is separate).
+    pub pool_size: usize,
+    /// Time allowed to open a connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one command or script.
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    /// How often the bridge sends a probe through its own pub/sub connection to prove it is alive.
+    #[serde(deserialize_with = "de_duration")]
+    pub probe_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            required: false,
+            prefix: "relayhub:".into(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// Most channels whose latest value the in-memory backend keeps; the least recently published is evicted.
+    pub max_channels: usize,
+    /// When true, channels in namespaces with no `[namespaces.X]` table are refused with `invalid_channel`.
+    pub strict_namespaces: bool,
+    /// Default lifetime of a channel's latest value and snapshots.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Default number of snapshots kept per channel.
+    pub history_size: usize,
+    /// Most snapshots sent when a pattern subscription starts.
+    pub max_pattern_snapshots: usize,
+    /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
+    /// are evicted first.
+    pub max_memory: usize,
+    /// Redis mode: most keys a pattern subscription's snapshot look-up examines (SCAN work), however many
+    /// keys Redis holds.
+    pub max_pattern_scan: usize,
+    /// Redis mode: pattern snapshot look-ups running at once; more wait, so they never take the pool from
+    /// publishes.
+    pub max_concurrent_pattern_scans: usize,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            max_channels: 100_000,
+            strict_namespaces: false,
+            ttl: Duration::from_secs(24 * 3600),
+            history_size: 3,
+            max_pattern_snapshots: 100,
+            max_memory: 256 * 1024 * 1024,
+            max_pattern_scan: 10_000,
+            max_concurrent_pattern_scans: 2,
+        }
+    }
+}
+
+/// Settings of one namespace; unset fields take the `[channels]` defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Whether WebSocket clients may publish to channels of this namespace.
+    pub client_publish: bool,
+    /// Whether clients may subscribe to patterns such as `prices:*` here.
+    pub patterns: bool,
+    /// Lifetime of the latest value and snapshots.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// Snapshots kept per channel.
+    pub history_size: Option<usize>,
+}
+
+/// The effective settings for one channel, resolved from its namespace and the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelPolicy {
+    pub client_publish: bool,
+    pub patterns: bool,
+    pub ttl: Duration,
+    pub history_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used by the polling API.
+    pub name: String,
+    /// `http` (fetch a URL) or `redis` (read keys).
+    pub kind: SourceKind,
+    /// URL template with `{param}` placeholders (http sources). `{self}` is this hub's own loopback address.
+    pub url: String,
+    /// Channel template with the same placeholders.
+    pub channel: String,
+    /// Time between fetches.
+    #[serde(deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// Lifetime of the cached latest value.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// Time allowed for one fetch.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Request headers; values may name environment variables as `${NAME}`.
+    pub headers: BTreeMap<String, String>,
+    /// Transforms applied in order: JSON Pointers (`/data`) and `diff` / `diff:<key>`.
+    pub transform: Vec<String>,
+    /// Fields of a `redis` source: field name = one read command (`GET key`, `LLEN key`, `HGETALL key`, `ZCARD key`).
+    pub fields: BTreeMap<String, String>,
+    /// Publish only when the value changed (redis sources).
+    pub only_on_change: bool,
+    /// Stop the job once its channel has had no subscriber for `idle_grace`.
+    pub auto_stop: bool,
+    /// Start a job when a client subscribes to a channel matching the template.
+    pub auto_start: bool,
+    /// How long a job may run without subscribers before `auto_stop` stops it.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_grace: Duration,
+    /// Largest upstream body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: SourceKind::Http,
+            url: String::new(),
+            channel: String::new(),
+            interval: Duration::from_secs(5),
+            ttl: None,
+            timeout: Duration::from_secs(5),
+            headers: BTreeMap::new(),
+            transform: Vec::new(),
+            fields: BTreeMap::new(),
+            only_on_change: true,
+            auto_stop: false,
+            auto_start: false,
+            idle_grace: Duration::from_secs(60),
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Http,
+    Redis,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The producer's Redis channel, or a pattern (a `*` makes it a PSUBSCRIBE).
+    pub redis_channel: String,
+    /// Target channel template; `{field}` or `{/json/pointer}` are taken from each message.
+    pub channel: String,
+    /// Also update the latest value and snapshots.
+    pub cache: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serve `/demo/` and define the `demo` source (prices that random-walk).
+    pub enabled: bool,
+    /// Symbols whose demo jobs start with the hub.
+    pub symbols: Vec<String>,
+    /// Interval of the demo jobs.
+    #[serde(deserialize_with = "de_duration")]
+    pub interval: Duration,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            symbols: Vec::new(),
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollerConfig {
+    /// How long a replica owns a job without renewing it; renewed every third of it.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease: Duration,
+    /// Most polling jobs the fleet keeps (counted where jobs are stored: in Redis, fleet-wide). Every new
+    /// `auto_start` channel creates one, so without a bound anyone who can subscribe can grow the job set.
+    /// Past it `POST /api/polling/start` answers 429 `too_many_jobs` and auto-start starts nothing.
+    pub max_jobs: usize,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+            max_jobs: 1000,
+        }
+    }
+}
+
+/// A configuration problem: which key (or variable, or file) and what is wrong with it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses a TOML document; errors name the offending key (`server.port: invalid type ...`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config is not valid TOML: {e}")))?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document laid over the embedded defaults: tables merge key by key, any other value
+    /// (including an array such as `[[sources]]`) replaces the default.
+    pub fn from_toml_over_defaults(text: &str) -> Result<Config, ConfigError> {
+        let mut base: toml::Table = EMBEDDED_DEFAULT
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("embedded default config: {e}")))?;
+        let overlay: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config is not valid TOML: {e}")))?;
+        merge(&mut base, overlay);
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(base))
+            .map_err(|e| ConfigError(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        Ok(config)
+    }
+
+    /// Reads the given file over the embedded defaults, or the embedded defaults alone when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config {}: {e}", path.display()))
+                })?;
+                Config::from_toml_over_defaults(&text)
+                    .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+            }
+            None => Config::from_toml(EMBEDDED_DEFAULT),
+        }
+    }
+
+    /// Applies environment overrides from `vars` (the process environment in production, a map in tests).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(port) = var("PORT") {
+            self.server.port = port.trim().parse().map_err(|_| {
+                ConfigError(format!(
+                    "environment variable PORT: `{port}` is not a port number"
+                ))
+            })?;
+        }
+        if let Some(host) = var("HOST") {
+            self.server.host = host;
+        }
+        if let Some(key) = var("RELAYHUB_API_KEY") {
+            self.server.api_key = key;
+        }
+        if let Some(token) = var("RELAYHUB_ADMIN_TOKEN") {
+            self.server.admin_token = token;
+        }
+        if let Some(id) = var("RELAYHUB_INSTANCE_ID") {
+            self.server.instance_id = id;
+        }
+        if let Some(format) = var("RELAYHUB_LOG_FORMAT") {
+            self.log.format = match format.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable RELAYHUB_LOG_FORMAT: `{format}` is not text or json"
+                    )));
+                }
+            };
+        }
+        if let Some(url) = var("REDIS_URL") {
+            self.redis.url = url;
+        } else if let Some(host) = var("REDIS_HOST") {
+            let port = var("REDIS_PORT").unwrap_or_else(|| "6379".into());
+            port.parse::<u16>().map_err(|_| {
+                ConfigError(format!(
+                    "environment variable REDIS_PORT: `{port}` is not a port number"
+                ))
+            })?;
+            self.redis.url = match var("REDIS_PASSWORD") {
+                Some(password) if !password.is_empty() => {
+                    format!(
+                        "redis://:{}@{host}:{port}",
+                        percent_encode_userinfo(&password)
+                    )
+                }
+                _ => format!("redis://{host}:{port}"),
+            };
+        }
+        Ok(())
+    }
+
+    /// Checks what types alone cannot: ranges and names, each value on its own. Errors name the key. Polling
+    /// sources and ingest routes are compiled where they are used, at start (`relayhub::check_config` does both).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: &str| Err(ConfigError(format!("config key `{key}`: {msg}")));
+        if self.websocket.max_message_bytes < 64 {
+            return err("websocket.max_message_bytes", "must be at least 64");
+        }
+        if self.websocket.max_subscriptions_per_connection == 0 {
+            return err(
+                "websocket.max_subscriptions_per_connection",
+                "must be at least 1",
+            );
+        }
+        if self.websocket.mailbox_size < 2 {
+            return err("websocket.mailbox_size", "must be at least 2");
+        }
+        if self.websocket.max_queued_bytes < self.websocket.max_message_bytes {
+            return err(
+                "websocket.max_queued_bytes",
+                "must be at least websocket.max_message_bytes",
+            );
+        }
+        if self.websocket.write_timeout.is_zero() {
+            return err("websocket.write_timeout", "must be more than zero");
+        }
+        if self.websocket.heartbeat_interval.is_zero() {
+            return err("websocket.heartbeat_interval", "must be more than zero");
+        }
+        if self.websocket.client_timeout <= self.websocket.heartbeat_interval {
+            return err(
+                "websocket.client_timeout",
+                "must be longer than websocket.heartbeat_interval",
+            );
+        }
+        if self.websocket.requests_per_second == 0 {
+            return err("websocket.requests_per_second", "must be at least 1");
+        }
+        if self.websocket.request_burst == 0 {
+            return err("websocket.request_burst", "must be at least 1");
+        }
+        if self.websocket.rate_limited_close_after < Duration::from_secs(1) {
+            return err("websocket.rate_limited_close_after", "must be at least 1s");
+        }
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be at least 1");
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return err("server.max_connections_per_ip", "must be at least 1");
+        }
+        for entry in &self.server.trusted_proxies {
+            parse_proxy(entry)
+                .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
+        }
+        for directive in self.log.level.split(',').map(str::trim) {
+            let level = directive
+                .rsplit_once('=')
+                .map_or(directive, |(_, level)| level);
+            let known = ["off", "error", "warn", "info", "debug", "trace"];
+            // A bare word may also be a module name (`relayhub::poller`): all its levels.
+            let is_module = !directive.contains('=') && !level.is_empty();
+            if !(known.contains(&level.to_ascii_lowercase().as_str()) || is_module) {
+                return err(
+                    "log.level",
+                    &format!("`{directive}` is not a level (off, error, warn, info, debug, trace)"),
+                );
+            }
+        }
+        if !self.server.metrics_listen.is_empty()
+            && std::net::ToSocketAddrs::to_socket_addrs(self.server.metrics_listen.as_str())
+                .is_err()
+        {
+            return err(
+                "server.metrics_listen",
+                "must be an address with a port, like 127.0.0.1:9090",
+            );
+        }
+        if self.channels.max_channels == 0 {
+            return err("channels.max_channels", "must be at least 1");
+        }
+        if self.channels.max_memory < 64 * 1024 {
+            return err("channels.max_memory", "must be at least 65536 (bytes)");
+        }
+        if self.channels.max_pattern_scan == 0 {
+            return err("channels.max_pattern_scan", "must be at least 1");
+        }
+        if self.channels.max_concurrent_pattern_scans == 0 {
+            return err(
+                "channels.max_concurrent_pattern_scans",
+                "must be at least 1",
+            );
+        }
+        if self.redis.pool_size == 0 {
+            return err("redis.pool_size", "must be at least 1");
+        }
+        let schemes = ["redis://", "rediss://", "unix://"];
+        if !self.redis.url.is_empty() && !schemes.iter().any(|s| self.redis.url.starts_with(s)) {
+            return err(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            );
+        }
+        if self.poller.lease < Duration::from_millis(300) {
+            return err("poller.lease", "must be at least 300ms");
+        }
+        if self.poller.max_jobs == 0 {
+            return err("poller.max_jobs", "must be at least 1");
+        }
+        for name in self.namespaces.keys() {
+            if name.is_empty()
+                || !name.bytes().all(crate::core::protocol::is_channel_byte)
+                || name.contains(':')
+            {
+                return err(
+                    &format!("namespaces.{name}"),
+                    "is not a valid namespace name",
+                );
+            }
+        }
+        for origin in &self.server.allowed_origins {
+            if origin.is_empty() {
+                return err("server.allowed_origins", "contains an empty entry");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            let key = format!("sources[{i}]");
+            if source.name.is_empty() {
+                return err(&format!("{key}.name"), "is required");
+            }
+            if !names.insert(source.name.as_str()) {
+                return err(
+                    &format!("{key}.name"),
+                    &format!("`{}` is defined twice", source.name),
+                );
+            }
+            if source.channel.is_empty() {
+                return err(&format!("{key}.channel"), "is required");
+            }
+            if source.interval < Duration::from_millis(100) {
+                return err(&format!("{key}.interval"), "must be at least 100ms");
+            }
+            match source.kind {
+                SourceKind::Http if source.url.is_empty() => {
+                    return err(&format!("{key}.url"), "is required for http sources");
+                }
+                SourceKind::Redis if source.fields.is_empty() => {
+                    return err(&format!("{key}.fields"), "is required for redis sources");
+                }
+                _ => {}
+            }
+        }
+        for (i, route) in self.ingest.iter().enumerate() {
+            if route.redis_channel.is_empty() {
+                return err(&format!("ingest[{i}].redis_channel"), "is required");
+            }
+            if route.redis_channel.starts_with(&self.redis.prefix) {
+                return err(
+                    &format!("ingest[{i}].redis_channel"),
+                    "must not be under redis.prefix (relayhub's own channels are relayed already)",
+                );
+            }
+            if route.channel.is_empty() {
+                return err(&format!("ingest[{i}].channel"), "is required");
+            }
+        }
+        Ok(())
+    }
+
+    /// Problems that do not stop the hub but are likely mistakes: `check-config` prints them, the hub logs
+    /// them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for name in self.namespaces.keys() {
+            if name.len() > crate::core::protocol::MAX_CHANNEL_LEN {
+                warnings.push(format!(
+                    "[namespaces.{name}] matches no channel: channel names are at most {} bytes",
+                    crate::core::protocol::MAX_CHANNEL_LEN
+                ));
+            }
+        }
+        warnings
+    }
+
+    /// Resolves a channel's settings from its namespace; `None` when strict namespaces refuse it.
+    pub fn policy(&self, channel: &str) -> Option<ChannelPolicy> {
+        let defaults = &self.channels;
+        match self.namespaces.get(namespace_of(channel)) {
+            Some(ns) => Some(ChannelPolicy {
+                client_publish: ns.client_publish,
+                patterns: ns.patterns,
+                ttl: ns.ttl.unwrap_or(defaults.ttl),
+                history_size: ns.history_size.unwrap_or(defaults.history_size),
+            }),
+            None if defaults.strict_namespaces => None,
+            None => Some(self.default_policy()),
+        }
+    }
+
+    /// The settings of a channel in a namespace with no table of its own.
+    pub fn default_policy(&self) -> ChannelPolicy {
+        ChannelPolicy {
+            client_publish: false,
+            patterns: false,
+            ttl: self.channels.ttl,
+            history_size: self.channels.history_size,
+        }
+    }
+}
+
+/// The namespace of a channel: the part of its name before the first `:`.
+pub fn namespace_of(channel: &str) -> &str {
+    channel.split_once(':').map(|(ns, _)| ns).unwrap_or("")
+}
+
+/// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{entry}` is not an IP address or a CIDR range like 10.0.0.0/8"))
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn percent_encode_userinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"2d"` (one number, one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m, h or d)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like \"500ms\", \"30s\" or \"24h\""))?;
+    let millis = match unit {
+        "ms" => value,
+        "s" => value * 1e3,
+        "m" => value * 60e3,
+        "h" => value * 3600e3,
+        "d" => value * 86_400e3,
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    if !millis.is_finite() || !(0.0..=1e13).contains(&millis) {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(Duration::from_micros((millis * 1e3) as u64))
+}
+
+/// Formats a duration the way config writes it (`"1500ms"`, `"30s"`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_validates() {
+        let config = Config::load(None).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.server.port, 8080);
+        assert!(config.policy("chat:lobby").unwrap().client_publish);
+        assert!(!config.policy("prices:BTC").unwrap().client_publish);
+    }
+
+    #[test]
+    fn a_file_sets_only_what_it_changes() {
+        let config = Config::from_toml_over_defaults(
+            "[server]\nport = 9000\n[namespaces.extra]\nclient_publish = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.server.port, 9000);
+        assert_eq!(config.server.host, "0.0.0.0");
+        assert_eq!(config.websocket.max_message_bytes, 65536);
+        assert_eq!(config.websocket.heartbeat_interval, Duration::from_secs(30));
+        assert!(config.policy("chat:x").unwrap().client_publish);
+        assert!(config.policy("extra:x").unwrap().client_publish);
+        // The struct defaults agree with the embedded file.
+        let bare = Config::from_toml("").unwrap();
+        let config = Config::load(None).unwrap();
+        assert_eq!(bare.server.port, config.server.port);
+        assert_eq!(bare.websocket.mailbox_size, config.websocket.mailbox_size);
+        assert_eq!(bare.redis.prefix, config.redis.prefix);
+        assert_eq!(bare.channels.ttl, config.channels.ttl);
+        assert_eq!(bare.server.max_connections, config.server.max_connections);
+        assert_eq!(
+            bare.server.max_connections_per_ip,
+            config.server.max_connections_per_ip
+        );
+        assert_eq!(bare.server.trusted_proxies, config.server.trusted_proxies);
+        let (b, c) = (&bare.websocket, &config.websocket);
+        assert_eq!(b.max_patterns_per_connection, c.max_patterns_per_connection);
+        assert_eq!(b.requests_per_second, c.requests_per_second);
+        assert_eq!(b.request_burst, c.request_burst);
+        assert_eq!(b.rate_limited_close_after, c.rate_limited_close_after);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::from_toml("[server]\nprot = 1\n").unwrap_err().0;
+        assert!(e.contains("server") && e.contains("prot"), "{e}");
+        let e = Config::from_toml("[server]\nport = \"x\"\n").unwrap_err().0;
+        assert!(e.contains("server.port"), "{e}");
+        let e = Config::from_toml("[websocket]\nclient_timeout = \"10 parsecs\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("websocket.client_timeout"), "{e}");
+        let e = Config::from_toml("[namespaces.chat]\nclient_publish = \"yes\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("namespaces.chat.client_publish"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::default();
+        c.websocket.client_timeout = Duration::from_secs(1);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .0
+                .contains("websocket.client_timeout")
+        );
+        let mut c = Config::default();
+        assert_eq!(c.poller.max_jobs, 1000);
+        c.poller.max_jobs = 0;
+        assert!(c.validate().unwrap_err().0.contains("poller.max_jobs"));
+    }
+
+    #[test]
+    fn transport_bounds_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.websocket.max_queued_bytes, 1_048_576);
+        assert_eq!(defaults.websocket.write_timeout, Duration::from_secs(10));
+        let mut c = Config::default();
+        c.websocket.max_queued_bytes = c.websocket.max_message_bytes - 1;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.max_queued_bytes"), "{e}");
+        let mut c = Config::default();
+        c.websocket.write_timeout = Duration::ZERO;
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
+        let e = Config::from_toml("[websocket]\nwrite_timeout = \"soon\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("websocket.write_timeout"), "{e}");
+    }
+
+    #[test]
+    fn edge_limits_are_validated_by_key() {
+        for (toml, key) in [
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"proxy.local\"]\n",
+                "server.trusted_proxies",
+            ),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nmax_connections_per_ip = 0\n",
+                "server.max_connections_per_ip",
+            ),
+            (
+                "[websocket]\nrequests_per_second = 0\n",
+                "websocket.requests_per_second",
+            ),
+            (
+                "[websocket]\nrequest_burst = 0\n",
+                "websocket.request_burst",
+            ),
+            (
+                "[websocket]\nrate_limited_close_after = \"0s\"\n",
+                "websocket.rate_limited_close_after",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap().validate().unwrap_err().0;
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let ok = Config::from_toml(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"]\n",
+        );
+        ok.unwrap().validate().unwrap();
+        assert_eq!(parse_proxy("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+    }
+
+    #[test]
+    fn log_settings_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.log.format, LogFormat::Text);
+        assert_eq!(defaults.log.level, "info");
+        for level in ["debug", "warn,relayhub=debug", "relayhub::poller", "off"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            c.validate().unwrap();
+        }
+        for level in ["", "relayhub=loud", "info,,"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            let e = c.validate().unwrap_err().0;
+            assert!(e.contains("log.level"), "{level}: {e}");
+        }
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "RELAYHUB_LOG_FORMAT").then(|| "json".to_string()))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "PORT" => Some("9100".to_string()),
+            "REDIS_HOST" => Some("redis.internal".to_string()),
+            "REDIS_PASSWORD" => Some("p@ss".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert_eq!(c.server.port, 9100);
+        assert_eq!(c.redis.url, "redis://:p%40ss@redis.internal:6379");
+        let e = c
+            .apply_env(|k| (k == "PORT").then(|| "http".to_string()))
+            .unwrap_err();
+        assert!(e.0.contains("PORT"));
+    }
+}

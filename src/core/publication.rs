@@ -1,0 +1,213 @@
+//! One published message, encoded once as the WebSocket frame every subscriber receives.
+//! The frame bytes are shared (`Bytes` clones share one buffer), so fan-out copies no JSON and frames nothing
+//! per subscriber; the snapshot frame and the REST view are derived from the same bytes.
+
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::core::frame as wire;
+use crate::core::protocol::write_json_str;
+
+const MESSAGE_HEAD: &str = "{\"type\":\"message\",";
+const SNAPSHOT_HEAD: &str = "{\"type\":\"snapshot\",";
+
+/// A message on one channel, ready to send.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// The concrete channel.
+    pub channel: Arc<str>,
+    /// Per-channel sequence number; `None` for messages outside producers published raw.
+    pub seq: Option<u64>,
+    /// The WebSocket text frame carrying `frame`, built once and written as is to every subscriber.
+    wire: Bytes,
+    /// `{"type":"message","channel":..,"data":..,"seq":..,"ts":..}`: the payload of `wire`, same buffer.
+    frame: ByteString,
+    /// Where `data` sits inside `frame`.
+    data: Range<usize>,
+    /// Where the `ts` string (without quotes) sits inside `frame`; empty when there is none.
+    ts: Range<usize>,
+    /// The `snapshot` frame, built the first time a subscriber needs it and shared by the next ones.
+    snapshot: OnceLock<Bytes>,
+}
+
+impl Publication {
+    /// Builds the frame. `data` must be valid JSON (callers validate it or received it from relayhub itself).
+    pub fn new(channel: Arc<str>, data: &str, seq: Option<u64>, ts: Option<&str>) -> Publication {
+        let mut out = String::with_capacity(MESSAGE_HEAD.len() + channel.len() + data.len() + 64);
+        out.push_str(MESSAGE_HEAD);
+        out.push_str("\"channel\":");
+        write_json_str(&mut out, &channel);
+        out.push_str(",\"data\":");
+        let start = out.len();
+        out.push_str(data);
+        let data_range = start..out.len();
+        if let Some(seq) = seq {
+            out.push_str(",\"seq\":");
+            out.push_str(itoa_u64(seq).as_str());
+        }
+        let mut ts_range = 0..0;
+        if let Some(ts) = ts {
+            out.push_str(",\"ts\":\"");
+            let start = out.len();
+            // Timestamps come from chrono or from relayhub's own envelope: no characters that need escaping.
+            out.push_str(ts);
+            ts_range = start..out.len();
+            out.push('"');
+        }
+        out.push('}');
+        let wire = wire::text(&out);
+        let frame = ByteString::try_from(wire.slice(wire::header_len(out.len())..))
+            .expect("the payload was a String");
+        Publication {
+            channel,
+            seq,
+            wire,
+            frame,
+            data: data_range,
+            ts: ts_range,
+            snapshot: OnceLock::new(),
+        }
+    }
+
+    /// The `message` frame's JSON.
+    pub fn frame(&self) -> &str {
+        &self.frame
+    }
+
+    /// The `message` frame as WebSocket bytes, shared.
+    pub fn wire(&self) -> Bytes {
+        self.wire.clone()
+    }
+
+    /// The `snapshot` frame as WebSocket bytes: the same fields under `"type":"snapshot"`.
+    pub fn snapshot_wire(&self) -> Bytes {
+        self.snapshot
+            .get_or_init(|| {
+                wire::text_from_parts(&[SNAPSHOT_HEAD, &self.frame[MESSAGE_HEAD.len()..]])
+            })
+            .clone()
+    }
+
+    /// The published JSON, unchanged.
+    pub fn data(&self) -> &str {
+        &self.frame[self.data.clone()]
+    }
+
+    /// The publish time, RFC 3339.
+    pub fn ts(&self) -> Option<&str> {
+        (!self.ts.is_empty()).then(|| &self.frame[self.ts.clone()])
+    }
+
+    /// Bytes held by this publication, for memory accounting.
+    pub fn size(&self) -> usize {
+        self.wire.len() + self.channel.len()
+    }
+
+    /// `{"channel","data","seq","ts"}`: the REST view of the latest value.
+    pub fn to_rest_json(&self) -> String {
+        let mut out = String::with_capacity(self.frame.len());
+        out.push_str("{\"channel\":");
+        write_json_str(&mut out, &self.channel);
+        out.push_str(",\"data\":");
+        out.push_str(self.data());
+        out.push_str(",\"seq\":");
+        match self.seq {
+            Some(seq) => out.push_str(itoa_u64(seq).as_str()),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"ts\":");
+        match self.ts() {
+            Some(ts) => {
+                out.push('"');
+                out.push_str(ts);
+                out.push('"');
+            }
+            None => out.push_str("null"),
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// Formats an integer without going through `fmt` machinery's allocation.
+fn itoa_u64(mut n: u64) -> SmallStr {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    SmallStr { buf, start: i }
+}
+
+struct SmallStr {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl SmallStr {
+    fn as_str(&self) -> &str {
+        // Only ASCII digits were written.
+        std::str::from_utf8(&self.buf[self.start..]).expect("digits are UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// The JSON a client reads out of a server text frame.
+    fn payload(frame: &Bytes) -> Value {
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        let (fin, op, payload) = actix_http::ws::Parser::parse(&mut buf, false, usize::MAX)
+            .unwrap()
+            .unwrap();
+        assert!(fin && op == actix_http::ws::OpCode::Text && buf.is_empty());
+        serde_json::from_slice(&payload.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn frames_are_the_protocol() {
+        let p = Publication::new(
+            "prices:BTC".into(),
+            r#"{"p": 1.5}"#,
+            Some(42),
+            Some("2026-01-01T00:00:00.000Z"),
+        );
+        let v: Value = serde_json::from_str(p.frame()).unwrap();
+        assert_eq!(v, payload(&p.wire()));
+        assert_eq!(
+            v,
+            json!({"type":"message","channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"})
+        );
+        assert_eq!(p.data(), r#"{"p": 1.5}"#);
+        assert_eq!(p.ts(), Some("2026-01-01T00:00:00.000Z"));
+        let s = payload(&p.snapshot_wire());
+        assert_eq!(s["type"], "snapshot");
+        assert_eq!(s["seq"], 42);
+        let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
+        assert_eq!(
+            r,
+            json!({"channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"})
+        );
+    }
+
+    #[test]
+    fn raw_messages_have_no_seq() {
+        let p = Publication::new("a".into(), "7", None, None);
+        let v = payload(&p.wire());
+        assert_eq!(v, json!({"type":"message","channel":"a","data":7}));
+        let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
+        assert_eq!(r, json!({"channel":"a","data":7,"seq":null,"ts":null}));
+        assert_eq!(itoa_u64(0).as_str(), "0");
+        assert_eq!(itoa_u64(u64::MAX).as_str(), "18446744073709551615");
+    }
+}

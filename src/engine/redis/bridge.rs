@@ -1,0 +1,885 @@
+//! The pubsub-bridge actor: this replica's one Redis pub/sub connection. It listens to exactly the channels
+//! that have local subscribers (SUBSCRIBE on the first, UNSUBSCRIBE after the last), relays what arrives to
+//! the local registries, and keeps the connection alive: reconnect with backoff and jitter forever,
+//! resubscribe everything, and a probe through its own channel to catch a connection that is open but deaf.
+//!
+//! Watches and unwatches only change reference counts (the desired state). What Redis listens to follows by
+//! reconciliation: one SUBSCRIBE/UNSUBSCRIBE batch in flight at a time, each computed from the difference
+//! between the desired state and what Redis confirmed, so however watches, unwatches and replies interleave,
+//! Redis converges to exactly the channels and patterns that have local subscribers.
+//!
+//! Publishing goes through the pooled publish script (`store`), so a message reaches this replica's
+//! subscribers the same way it reaches every other replica's: as the echo from Redis, in Redis's order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use deadpool_redis::redis::aio::PubSubSink;
+use deadpool_redis::redis::{self, Msg};
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+
+use super::keys::Keys;
+use super::link::Link;
+use super::store::{RedisStore, decode_payload, escape_glob};
+use crate::core::config::Config;
+use crate::core::ingest::Route;
+use crate::core::publication::Publication;
+use crate::engine::seam::BrokerEventHandler;
+use crate::stats::Stats;
+
+/// This replica needs messages of a channel from Redis. Sent with `do_send` at the moment a registry
+/// decides, like `Unwatch`, so the bridge applies a registry's watches and unwatches in the order they were
+/// made; `confirmed` is answered once Redis confirmed the SUBSCRIBE (or at once when Redis is unreachable:
+/// local delivery never waits on Redis).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub channel: Arc<str>,
+    pub confirmed: oneshot::Sender<()>,
+}
+
+/// This replica needs every message of channels under a pattern prefix (`prices:` for `prices:*`); sent and
+/// answered like `Watch`, once Redis confirmed the PSUBSCRIBE.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchPattern {
+    pub prefix: Arc<str>,
+    pub confirmed: oneshot::Sender<()>,
+}
+
+/// A registry no longer has subscribers of the pattern.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnwatchPattern {
+    pub prefix: Arc<str>,
+}
+
+/// A registry no longer has subscribers of the channel.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    pub channel: Arc<str>,
+}
+
+/// What the bridge is built from: everything it needs, given at start.
+pub struct BridgeParts {
+    pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
+    /// The pooled store, for probes, catch-up reads and ingest caching.
+    pub store: Arc<RedisStore>,
+    /// Link liveness and echo bookkeeping, shared with the publish path.
+    pub link: Arc<Link>,
+    /// Where relayed messages and link events go.
+    pub handler: Arc<dyn BrokerEventHandler>,
+    /// The dedicated pub/sub connection is opened from this client.
+    pub client: redis::Client,
+    /// Outside producers' channels relayed into relayhub channels (compiled at start).
+    pub routes: Vec<Route>,
+    pub instance_id: String,
+}
+
+/// First reconnect delay; doubles per failed attempt up to `MAX_BACKOFF`, with jitter.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Probes that may go unanswered before the connection is declared dead.
+const PROBE_MISSES: u32 = 3;
+/// Ingested messages waiting to be cached; past this, cache writes are dropped and counted
+/// (`ingest_cache_dropped`) rather than queued without bound.
+const INGEST_QUEUE: usize = 10_000;
+/// Routed channels whose previous ingested message is remembered (to tell repeats apart); past this the
+/// memory is cleared, which at worst lets one message per channel be cached twice.
+const INGEST_CHAINS: usize = 100_000;
+
+/// One ingested message to cache, in the order received.
+struct IngestWrite {
+    source: String,
+    channel: String,
+    data: String,
+}
+
+/// Something from one pub/sub connection, tagged with the connection it came from.
+enum Event {
+    Message(u64, Msg),
+    Ended(u64),
+}
+
+impl actix::Message for Event {
+    type Result = ();
+}
+
+struct WatchedPattern {
+    /// Registries with subscribers of this pattern.
+    refs: usize,
+    /// The Redis pattern listened to, `<prefix>ch:prices:*`, built once (compared on every pattern message).
+    redis_name: String,
+    /// Redis has confirmed the PSUBSCRIBE on the current connection.
+    confirmed: bool,
+    /// Registries waiting for the confirmation.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+struct Watched {
+    /// Registries (one per worker) with subscribers of this channel.
+    refs: usize,
+    /// Redis has confirmed the SUBSCRIBE on the current connection.
+    confirmed: bool,
+    /// Registries waiting for the confirmation.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// Answers everyone waiting for a subscription.
+fn confirm(waiters: &mut Vec<oneshot::Sender<()>>) {
+    for waiter in waiters.drain(..) {
+        let _ = waiter.send(());
+    }
+}
+
+/// One reconciliation step: what is sent to Redis in one go.
+#[derive(Default)]
+struct Batch {
+    subscribe: Vec<Arc<str>>,
+    unsubscribe: Vec<Arc<str>>,
+    /// Pattern prefixes with their Redis pattern.
+    psubscribe: Vec<(Arc<str>, String)>,
+    punsubscribe: Vec<(Arc<str>, String)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.subscribe.is_empty()
+            && self.unsubscribe.is_empty()
+            && self.psubscribe.is_empty()
+            && self.punsubscribe.is_empty()
+    }
+}
+
+pub struct Bridge {
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    store: Arc<RedisStore>,
+    link: Arc<Link>,
+    handler: Arc<dyn BrokerEventHandler>,
+    client: redis::Client,
+    keys: Keys,
+    probe_channel: String,
+    probe_interval: Duration,
+    connect_timeout: Duration,
+    /// Sends SUBSCRIBE/UNSUBSCRIBE on the live connection; `None` while disconnected.
+    sink: Option<PubSubSink>,
+    /// Number of the current connection; events of older ones are ignored.
+    generation: u64,
+    /// The current connection's message stream in this actor's context. Cancelled when the connection is given
+    /// up: dropping the stream is what closes the socket, and a deaf connection never ends by itself.
+    stream: Option<SpawnHandle>,
+    channels: HashMap<Arc<str>, Watched>,
+    /// Failed connection attempts in a row.
+    attempts: u32,
+    last_probe_seen: Instant,
+    /// Whether any connection has succeeded yet (the first one is not a "reconnect").
+    connected_once: bool,
+    /// Rate limit for logging rejected messages.
+    last_reject_log: Option<Instant>,
+    /// Outside producers' channels relayed into relayhub channels.
+    routes: Arc<Vec<Route>>,
+    /// Pattern prefixes (`prices:`) with local subscribers.
+    patterns: HashMap<Arc<str>, WatchedPattern>,
+    /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
+    /// yet: the exact copies of those messages are duplicates.
+    via_pattern: HashMap<Arc<str>, u64>,
+    /// Channels the current connection is subscribed to, as Redis confirmed (or as last sent, see `sync`).
+    subscribed: HashSet<Arc<str>>,
+    /// Pattern prefixes the current connection is subscribed to, with their Redis pattern.
+    psubscribed: HashMap<Arc<str>, String>,
+    /// Channels and pattern prefixes whose desired state changed since the last batch was computed.
+    dirty: HashSet<Arc<str>>,
+    dirty_patterns: HashSet<Arc<str>>,
+    /// A batch is in flight; the next one is computed when it is answered, so Redis sees them in order.
+    syncing: bool,
+    /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
+    ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
+}
+
+impl Bridge {
+    pub fn new(parts: BridgeParts) -> Bridge {
+        let config = &parts.config.redis;
+        let keys = Keys::new(&config.prefix);
+        Bridge {
+            probe_channel: keys.probe(&parts.instance_id),
+            probe_interval: config.probe_interval,
+            connect_timeout: config.connect_timeout,
+            keys,
+            client: parts.client,
+            sink: None,
+            generation: 0,
+            stream: None,
+            channels: HashMap::new(),
+            attempts: 0,
+            last_probe_seen: Instant::now(),
+            connected_once: false,
+            last_reject_log: None,
+            routes: Arc::new(parts.routes),
+            patterns: HashMap::new(),
+            via_pattern: HashMap::new(),
+            subscribed: HashSet::new(),
+            psubscribed: HashMap::new(),
+            dirty: HashSet::new(),
+            dirty_patterns: HashSet::new(),
+            syncing: false,
+            ingest_writes: None,
+            config: parts.config,
+            stats: parts.stats,
+            store: parts.store,
+            link: parts.link,
+            handler: parts.handler,
+        }
+    }
+
+    fn set_active(&self, active: bool) {
+        self.link.set_active(active);
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let client = self.client.clone();
+        let probe = self.probe_channel.clone();
+        let wanted: Vec<Arc<str>> = self.channels.keys().cloned().collect();
+        let names: Vec<String> = wanted.iter().map(|c| self.keys.pubsub_channel(c)).collect();
+        let timeout = self.connect_timeout;
+        let routes = self.routes.clone();
+        let wanted_patterns: Vec<(Arc<str>, String)> = self
+            .patterns
+            .iter()
+            .map(|(prefix, p)| (prefix.clone(), p.redis_name.clone()))
+            .collect();
+        let patterns: Vec<String> = wanted_patterns.iter().map(|(_, n)| n.clone()).collect();
+        let fut = async move {
+            let work = async {
+                let (mut sink, stream) = client.get_async_pubsub().await?.split();
+                sink.subscribe(&probe).await?;
+                for route in routes.iter() {
+                    if route.is_pattern {
+                        sink.psubscribe(&route.redis_channel).await?;
+                    } else {
+                        sink.subscribe(&route.redis_channel).await?;
+                    }
+                }
+                if !names.is_empty() {
+                    sink.subscribe(&names).await?;
+                }
+                if !patterns.is_empty() {
+                    sink.psubscribe(&patterns).await?;
+                }
+                Ok::<_, redis::RedisError>((sink, stream))
+            };
+            match tokio::time::timeout(timeout * 2, work).await {
+                Ok(Ok(pair)) => Ok(pair),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            if generation != act.generation {
+                return;
+            }
+            match result {
+                Ok((sink, stream)) => {
+                    act.connected(generation, sink, stream, wanted, wanted_patterns, ctx)
+                }
+                Err(e) => {
+                    act.attempts += 1;
+                    let delay = backoff(act.attempts);
+                    log::warn!(
+                        "redis pub/sub connection failed ({e}); retrying in {} ms",
+                        delay.as_millis()
+                    );
+                    ctx.run_later(delay, |act, ctx| act.connect(ctx));
+                }
+            }
+        }));
+    }
+
+    fn connected(
+        &mut self,
+        generation: u64,
+        sink: PubSubSink,
+        stream: redis::aio::PubSubStream,
+        subscribed: Vec<Arc<str>>,
+        psubscribed: Vec<(Arc<str>, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let reconnected = self.connected_once;
+        if reconnected {
+            Stats::add(&self.stats.redis_reconnects, 1);
+            log::info!(
+                "redis pub/sub connection restored; resubscribed to {} channels",
+                subscribed.len()
+            );
+        } else {
+            log::info!("redis pub/sub connection is live");
+        }
+        self.connected_once = true;
+        self.attempts = 0;
+        self.via_pattern.clear();
+        self.last_probe_seen = Instant::now();
+        // What the connection listens to now; whatever was watched or dropped while it was being made is
+        // reconciled by `sync`.
+        self.subscribed = subscribed.iter().cloned().collect();
+        self.psubscribed = psubscribed.into_iter().collect();
+        self.syncing = false;
+        self.dirty.extend(self.channels.keys().cloned());
+        self.dirty.extend(self.subscribed.iter().cloned());
+        self.dirty_patterns.extend(self.patterns.keys().cloned());
+        self.dirty_patterns.extend(self.psubscribed.keys().cloned());
+        for (channel, watched) in self.channels.iter_mut() {
+            if self.subscribed.contains(channel) {
+                watched.confirmed = true;
+                confirm(&mut watched.waiters);
+            }
+        }
+        for (prefix, watched) in self.patterns.iter_mut() {
+            if self.psubscribed.contains_key(prefix) {
+                watched.confirmed = true;
+                confirm(&mut watched.waiters);
+            }
+        }
+        self.sink = Some(sink);
+        self.sync(ctx);
+        self.drop_stream(ctx);
+        self.stream = Some(
+            ctx.add_stream(
+                stream
+                    .map(move |msg| Event::Message(generation, msg))
+                    .chain(futures_util::stream::once(async move {
+                        Event::Ended(generation)
+                    })),
+            ),
+        );
+        self.set_active(true);
+        if reconnected {
+            // Messages published during the outage never reached this replica: deliver the latest value of
+            // each channel its subscribers missed (full history recovery is not built yet).
+            actix::spawn(catch_up(
+                self.store.clone(),
+                self.handler.clone(),
+                subscribed,
+            ));
+        }
+    }
+
+    fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
+        self.link.clear_local_echoes();
+        self.handler.on_link_down();
+        log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
+        self.sink = None;
+        self.drop_stream(ctx);
+        self.generation += 1;
+        self.set_active(false);
+        for watched in self.channels.values_mut() {
+            watched.confirmed = false;
+        }
+        for watched in self.patterns.values_mut() {
+            watched.confirmed = false;
+        }
+        // The next connection subscribes to the desired state from scratch.
+        self.subscribed.clear();
+        self.psubscribed.clear();
+        self.dirty.clear();
+        self.dirty_patterns.clear();
+        self.syncing = false;
+        self.attempts += 1;
+        let delay = backoff(self.attempts);
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    /// Closes the current connection's stream, if any (and with it the connection).
+    fn drop_stream(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.stream.take() {
+            ctx.cancel_future(handle);
+        }
+    }
+
+    /// The Redis pattern covering a relayhub pattern prefix: `<prefix>ch:prices:*`.
+    fn pattern_name(&self, prefix: &str) -> String {
+        format!("{}*", escape_glob(&self.keys.pubsub_channel(prefix)))
+    }
+
+    /// Sends the next batch that brings Redis closer to the desired state, unless one is in flight (its answer
+    /// calls this again) or there is no connection (the next one subscribes to everything desired).
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        if self.syncing {
+            return;
+        }
+        let Some(mut sink) = self.sink.clone() else {
+            return;
+        };
+        let mut batch = Batch::default();
+        for channel in self.dirty.drain() {
+            let have = self.subscribed.contains(&channel);
+            match self.channels.get_mut(&channel) {
+                Some(_) if !have => batch.subscribe.push(channel),
+                Some(watched) => {
+                    // Re-watched before its UNSUBSCRIBE was sent: Redis never stopped listening.
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                }
+                None if have => batch.unsubscribe.push(channel),
+                None => {}
+            }
+        }
+        for prefix in self.dirty_patterns.drain() {
+            let have = self.psubscribed.get(&prefix).cloned();
+            match (self.patterns.get_mut(&prefix), have) {
+                (Some(watched), None) => {
+                    batch.psubscribe.push((prefix, watched.redis_name.clone()));
+                }
+                (Some(watched), Some(_)) => {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                }
+                (None, Some(name)) => batch.punsubscribe.push((prefix, name)),
+                (None, None) => {}
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        self.syncing = true;
+        let generation = self.generation;
+        let keys = self.keys.clone();
+        let names = |channels: &[Arc<str>]| -> Vec<String> {
+            channels.iter().map(|c| keys.pubsub_channel(c)).collect()
+        };
+        let subscribe = names(&batch.subscribe);
+        let unsubscribe = names(&batch.unsubscribe);
+        let psubscribe: Vec<String> = batch.psubscribe.iter().map(|(_, n)| n.clone()).collect();
+        let punsubscribe: Vec<String> = batch.punsubscribe.iter().map(|(_, n)| n.clone()).collect();
+        let fut = async move {
+            if !subscribe.is_empty() {
+                sink.subscribe(&subscribe).await?;
+            }
+            if !psubscribe.is_empty() {
+                sink.psubscribe(&psubscribe).await?;
+            }
+            if !unsubscribe.is_empty() {
+                sink.unsubscribe(&unsubscribe).await?;
+            }
+            if !punsubscribe.is_empty() {
+                sink.punsubscribe(&punsubscribe).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            if generation != act.generation {
+                // That connection is gone; the next one starts from the desired state.
+                return;
+            }
+            act.syncing = false;
+            if let Err(e) = result {
+                // The connection is failing; its end triggers a reconnect that subscribes to the desired state
+                // from scratch. Until then the batch counts as done, so nobody waits on it.
+                log::warn!("SUBSCRIBE/UNSUBSCRIBE on the pub/sub connection failed: {e}");
+            }
+            for channel in batch.subscribe {
+                if let Some(watched) = act.channels.get_mut(&channel) {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                } else {
+                    // Unwatched while the SUBSCRIBE was in flight: the next batch unsubscribes it.
+                    act.dirty.insert(channel.clone());
+                }
+                act.subscribed.insert(channel);
+            }
+            for channel in batch.unsubscribe {
+                act.subscribed.remove(&channel);
+                if act.channels.contains_key(&channel) {
+                    act.dirty.insert(channel);
+                }
+            }
+            for (prefix, name) in batch.psubscribe {
+                if let Some(watched) = act.patterns.get_mut(&prefix) {
+                    watched.confirmed = true;
+                    confirm(&mut watched.waiters);
+                } else {
+                    act.dirty_patterns.insert(prefix.clone());
+                }
+                act.psubscribed.insert(prefix, name);
+            }
+            for (prefix, _) in batch.punsubscribe {
+                act.psubscribed.remove(&prefix);
+                if act.patterns.contains_key(&prefix) {
+                    act.dirty_patterns.insert(prefix);
+                }
+            }
+            act.sync(ctx);
+        }));
+    }
+
+    fn probe(&mut self, ctx: &mut Context<Self>) {
+        if self.sink.is_none() {
+            return;
+        }
+        if self.last_probe_seen.elapsed() > self.probe_interval * PROBE_MISSES {
+            self.disconnected("probe not received: connection open but silent", ctx);
+            return;
+        }
+        let store = self.store.clone();
+        let channel = self.probe_channel.clone();
+        actix::spawn(async move {
+            let _ = store
+                .with_conn(|mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg("probe")
+                        .query_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    fn relay(&mut self, msg: Msg) {
+        let name = msg.get_channel_name();
+        if name == self.probe_channel {
+            self.last_probe_seen = Instant::now();
+            return;
+        }
+        let from_pattern = msg.from_pattern();
+        let result = match self.keys.channel_of(name) {
+            Some(channel) => {
+                let pattern: Option<String> = if from_pattern {
+                    msg.get_pattern().ok()
+                } else {
+                    None
+                };
+                if from_pattern
+                    && !pattern
+                        .as_deref()
+                        .is_some_and(|p| self.is_relayhub_pattern(p))
+                {
+                    // An ingest pattern broad enough to match relayhub's own channels: not an ingest message.
+                    return;
+                }
+                match decode_payload(channel.into(), msg.get_payload_bytes()) {
+                    Ok(publication)
+                        if self.is_duplicate(&publication, pattern.as_deref())
+                            || self
+                                .link
+                                .take_local_echo(&publication.channel, publication.seq) =>
+                    {
+                        return;
+                    }
+                    other => other.map_err(str::to_string),
+                }
+            }
+            None => self.ingest(&msg),
+        };
+        let stats = &self.stats;
+        match result {
+            Ok(publication) => {
+                Stats::add(&stats.relayed_in, 1);
+                self.handler.on_publication(Arc::new(publication));
+            }
+            Err(why) => {
+                Stats::add(&stats.rejected_messages, 1);
+                let now = Instant::now();
+                if self
+                    .last_reject_log
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                {
+                    self.last_reject_log = Some(now);
+                    log::warn!(
+                        "dropped a message on redis channel `{name}`: {why} (logged at most every 10 s)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
+        self.patterns
+            .values()
+            .any(|p| p.redis_name == redis_pattern)
+            || self.psubscribed.values().any(|p| p == redis_pattern)
+    }
+
+    /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
+    /// and pmessage); exactly one copy is relayed: the exact one once its SUBSCRIBE is confirmed, the pattern
+    /// one before that (remembered by `seq`, so the exact copy of the same message is then dropped).
+    fn is_duplicate(&mut self, publication: &Publication, pattern: Option<&str>) -> bool {
+        let channel = &publication.channel;
+        let exact = self.channels.get(channel).map(|w| w.confirmed);
+        if let Some(pattern) = pattern {
+            // Nested patterns (`a:*` and `a:b:*`) each send a copy: keep the copy of the longest prefix.
+            let longest = self
+                .patterns
+                .iter()
+                .filter(|(prefix, _)| channel.starts_with(&***prefix))
+                .max_by_key(|(prefix, _)| prefix.len());
+            if longest.is_some_and(|(_, watched)| watched.redis_name != pattern) {
+                return true;
+            }
+            match exact {
+                Some(true) => true,
+                Some(false) => {
+                    if let Some(seq) = publication.seq {
+                        self.via_pattern.insert(channel.clone(), seq);
+                    }
+                    false
+                }
+                None => false,
+            }
+        } else {
+            match (self.via_pattern.get(channel), publication.seq) {
+                (Some(&seen), Some(seq)) if seq <= seen => true,
+                (Some(_), _) => {
+                    self.via_pattern.remove(channel);
+                    false
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// Routes a message of an ingest route to its relayhub channel; caches it when the route says so.
+    fn ingest(&self, msg: &Msg) -> Result<Publication, String> {
+        let name = msg.get_channel_name();
+        let pattern: Option<String> = if msg.from_pattern() {
+            msg.get_pattern().ok()
+        } else {
+            None
+        };
+        let route = self
+            .routes
+            .iter()
+            .find(|r| match &pattern {
+                Some(p) => r.is_pattern && r.redis_channel == *p,
+                None => !r.is_pattern && r.redis_channel == name,
+            })
+            .ok_or("not a channel relayhub listens to")?;
+        let text =
+            std::str::from_utf8(msg.get_payload_bytes()).map_err(|_| "message is not UTF-8")?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|_| "message is not JSON")?;
+        let channel = route.target(&value)?;
+        if route.cache
+            && let Some(writes) = &self.ingest_writes
+        {
+            let write = IngestWrite {
+                source: name.to_string(),
+                channel: channel.clone(),
+                data: text.to_string(),
+            };
+            if writes.try_send(write).is_err() {
+                Stats::add(&self.stats.ingest_cache_dropped, 1);
+            }
+        }
+        Ok(Publication::new(channel.into(), text, None, None))
+    }
+}
+
+/// Caches ingested messages one at a time, in the order they were received: every replica receives the same
+/// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
+/// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
+/// row, so A, B, A caches A last and A, A, A keeps three snapshots.
+async fn cache_ingested(
+    store: Arc<RedisStore>,
+    config: Arc<Config>,
+    mut rx: tokio::sync::mpsc::Receiver<IngestWrite>,
+) {
+    use std::hash::{Hash, Hasher};
+    // Per routed channel: the hash of the previous message and how many equal ones came in a row.
+    let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
+    while let Some(write) = rx.recv().await {
+        // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&write.source, &write.data).hash(&mut hasher);
+        let own = hasher.finish();
+        if chains.len() >= INGEST_CHAINS && !chains.contains_key(&write.channel) {
+            chains.clear();
+        }
+        let chain = chains.entry(write.channel.clone()).or_insert((0, 0));
+        let repeat = if chain.0 == own { chain.1 + 1 } else { 0 };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (own, chain.0, repeat).hash(&mut hasher);
+        let identity = hasher.finish();
+        *chain = (own, repeat);
+        let policy = config
+            .policy(&write.channel)
+            .unwrap_or_else(|| config.default_policy());
+        if let Err(e) = store
+            .ingest_cache(identity, &write.channel, &write.data, policy)
+            .await
+        {
+            log::warn!(
+                "caching an ingested message for `{}` failed: {e}",
+                write.channel
+            );
+        }
+    }
+}
+
+/// After a pub/sub outage: reads the cached latest values of `channels` and hands them to the handler, which
+/// delivers the ones its subscribers have not seen.
+async fn catch_up(
+    store: Arc<RedisStore>,
+    handler: Arc<dyn BrokerEventHandler>,
+    channels: Vec<Arc<str>>,
+) {
+    let mut found = Vec::new();
+    for chunk in channels.chunks(500) {
+        match store.latest_many(chunk).await {
+            Ok(values) => found.extend(values.into_iter().flatten().map(Arc::new)),
+            Err(e) => {
+                log::warn!("catching up after the pub/sub outage failed: {e}");
+                return;
+            }
+        }
+    }
+    if !found.is_empty() {
+        handler.on_catch_up(Arc::new(found));
+    }
+}
+
+/// Exponential backoff with jitter: between half and all of `MIN_BACKOFF * 2^attempts`, capped.
+fn backoff(attempts: u32) -> Duration {
+    crate::core::backoff::reconnect_delay(attempts, MIN_BACKOFF, MAX_BACKOFF)
+}
+
+impl Actor for Bridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.set_active(false);
+        if self.routes.iter().any(|r| r.cache) {
+            let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
+            self.ingest_writes = Some(tx);
+            actix::spawn(cache_ingested(self.store.clone(), self.config.clone(), rx));
+        }
+        self.connect(ctx);
+        ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));
+    }
+}
+
+impl StreamHandler<Event> for Bridge {
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
+        match event {
+            Event::Message(generation, msg) if generation == self.generation => self.relay(msg),
+            Event::Ended(generation) if generation == self.generation => {
+                self.disconnected("connection closed", ctx)
+            }
+            _ => {}
+        }
+    }
+
+    /// A finished stream is one dead connection, never the end of the bridge.
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Watch> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) {
+        let connected = self.sink.is_some();
+        let watched = self.channels.entry(msg.channel.clone()).or_insert(Watched {
+            refs: 0,
+            confirmed: false,
+            waiters: Vec::new(),
+        });
+        watched.refs += 1;
+        if !connected || watched.confirmed {
+            // Without a connection nothing waits on Redis; the reconnect subscribes this channel.
+            let _ = msg.confirmed.send(());
+        } else {
+            watched.waiters.push(msg.confirmed);
+        }
+        if watched.refs == 1 {
+            self.dirty.insert(msg.channel);
+            self.sync(ctx);
+        }
+    }
+}
+
+impl Handler<WatchPattern> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: WatchPattern, ctx: &mut Self::Context) {
+        let connected = self.sink.is_some();
+        let redis_name = self.pattern_name(&msg.prefix);
+        let watched = self
+            .patterns
+            .entry(msg.prefix.clone())
+            .or_insert(WatchedPattern {
+                refs: 0,
+                redis_name,
+                confirmed: false,
+                waiters: Vec::new(),
+            });
+        watched.refs += 1;
+        if !connected || watched.confirmed {
+            let _ = msg.confirmed.send(());
+        } else {
+            watched.waiters.push(msg.confirmed);
+        }
+        if watched.refs == 1 {
+            self.dirty_patterns.insert(msg.prefix);
+            self.sync(ctx);
+        }
+    }
+}
+
+impl Handler<UnwatchPattern> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnwatchPattern, ctx: &mut Self::Context) {
+        let Some(watched) = self.patterns.get_mut(&msg.prefix) else {
+            log::debug!("unwatch of pattern `{}*` that is not watched", msg.prefix);
+            return;
+        };
+        watched.refs -= 1;
+        if watched.refs == 0 {
+            let mut watched = self.patterns.remove(&msg.prefix).expect("looked up above");
+            // Anyone still waiting has gone (its registry unwatched); answer so nothing hangs.
+            confirm(&mut watched.waiters);
+            self.dirty_patterns.insert(msg.prefix);
+            self.sync(ctx);
+        }
+    }
+}
+
+impl Handler<Unwatch> for Bridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unwatch, ctx: &mut Self::Context) {
+        let Some(watched) = self.channels.get_mut(&msg.channel) else {
+            log::debug!("unwatch of channel `{}` that is not watched", msg.channel);
+            return;
+        };
+        watched.refs -= 1;
+        if watched.refs == 0 {
+            let mut watched = self.channels.remove(&msg.channel).expect("looked up above");
+            confirm(&mut watched.waiters);
+            self.via_pattern.remove(&msg.channel);
+            self.dirty.insert(msg.channel);
+            self.sync(ctx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempts in 0..40 {
+            let d = backoff(attempts);
+            assert!(d <= MAX_BACKOFF, "{d:?}");
+            assert!(d >= MIN_BACKOFF / 2, "{d:?}");
+        }
+        assert!(backoff(10) >= MAX_BACKOFF / 2);
+    }
+}

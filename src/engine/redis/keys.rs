@@ -1,0 +1,93 @@
+//! Every Redis key and pub/sub channel name relayhub uses, built from the configured prefix in this one place.
+//! The `ch:` and `cache:` names are a public contract: outside producers PUBLISH and SET them directly.
+
+/// Builds key and channel names under one prefix (`relayhub:` by default).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Pub/sub channel carrying a relayhub channel's messages: `<prefix>ch:<channel>`.
+    pub fn pubsub_channel(&self, channel: &str) -> String {
+        format!("{}ch:{channel}", self.prefix)
+    }
+
+    /// The relayhub channel a pub/sub channel name carries, if it is one of ours.
+    pub fn channel_of<'a>(&self, pubsub_channel: &'a str) -> Option<&'a str> {
+        pubsub_channel
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("ch:")
+    }
+
+    /// Latest value (raw JSON string, with a TTL): `<prefix>cache:<channel>`.
+    pub fn cache(&self, channel: &str) -> String {
+        format!("{}cache:{channel}", self.prefix)
+    }
+
+    /// Last N snapshots, newest first (list of `{"seq","ts","data"}`): `<prefix>snap:<channel>`.
+    pub fn snapshots(&self, channel: &str) -> String {
+        format!("{}snap:{channel}", self.prefix)
+    }
+
+    /// Per-channel sequence counter: `<prefix>seq:<channel>`.
+    pub fn seq(&self, channel: &str) -> String {
+        format!("{}seq:{channel}", self.prefix)
+    }
+
+    /// One replica's probe channel, proving its pub/sub connection alive: `<prefix>probe:<instance>`.
+    pub fn probe(&self, instance_id: &str) -> String {
+        format!("{}probe:{instance_id}", self.prefix)
+    }
+
+    /// Hash of every polling job's definition, by job id: `<prefix>jobs`.
+    pub fn jobs(&self) -> String {
+        format!("{}jobs", self.prefix)
+    }
+
+    /// A job's lease, held by the owning replica: `<prefix>lease:<job>`.
+    pub fn lease(&self, job: &str) -> String {
+        format!("{}lease:{job}", self.prefix)
+    }
+
+    /// A job's status, written by its owner: `<prefix>jobstatus:<job>`.
+    pub fn job_status(&self, job: &str) -> String {
+        format!("{}jobstatus:{job}", self.prefix)
+    }
+
+    /// Marks that some replica has pattern subscribers of a prefix, refreshed by its poller and expiring
+    /// when not (an `auto_stop` job under the prefix keeps running): `<prefix>patsub:<pattern prefix>`.
+    pub fn pattern_presence(&self, pattern_prefix: &str) -> String {
+        format!("{}patsub:{pattern_prefix}", self.prefix)
+    }
+
+    /// Marks an ingested message as cached, so one replica writes it: `<prefix>ingested:<channel>:<hash>`.
+    pub fn ingested(&self, channel: &str, hash: u64) -> String {
+        format!("{}ingested:{channel}:{hash:016x}", self.prefix)
+    }
+
+    /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
+    pub fn fill_lock(&self, channel: &str) -> String {
+        format!("{}fill:{channel}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let k = Keys::new("t1:");
+        assert_eq!(k.pubsub_channel("prices:BTC"), "t1:ch:prices:BTC");
+        assert_eq!(k.channel_of("t1:ch:prices:BTC"), Some("prices:BTC"));
+        assert_eq!(k.channel_of("other:ch:x"), None);
+        assert_eq!(k.cache("a"), "t1:cache:a");
+    }
+}

@@ -1,0 +1,299 @@
+//! The Redis engine: the broker seam over one Redis, shared by every replica. Everything Redis-specific lives
+//! in this folder: key names ([`keys`]), the Lua scripts, the pooled store ([`store`]), the pubsub-bridge
+//! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state and
+//! exactly-once bookkeeping across link outages ([`link`]), job storage and leases ([`jobs`]) and the reads of
+//! `redis` polling sources ([`fields`]).
+
+pub mod bridge;
+pub mod fields;
+pub mod jobs;
+pub mod keys;
+pub mod link;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use self::bridge::{Bridge, BridgeParts, Unwatch, UnwatchPattern, Watch, WatchPattern};
+use self::jobs::RedisJobs;
+use self::link::Link;
+use self::store::RedisStore;
+use crate::core::config::{ChannelPolicy, Config};
+use crate::core::ingest::Route;
+use crate::core::publication::Publication;
+use crate::engine::seam::{
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, Published, Put, ScanReport,
+};
+use crate::stats::Stats;
+
+struct Shared {
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    store: Arc<RedisStore>,
+    link: Arc<Link>,
+    bridge: Addr<Bridge>,
+    jobs: RedisJobs,
+    handler: Arc<dyn BrokerEventHandler>,
+    /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
+    pattern_scans: tokio::sync::Semaphore,
+}
+
+/// A cheap-to-clone handle on the Redis engine.
+#[derive(Clone)]
+pub struct RedisEngine {
+    shared: Arc<Shared>,
+}
+
+impl RedisEngine {
+    /// Builds the pool, checks that Redis answers, and starts the pubsub-bridge actor.
+    pub async fn connect(
+        config: Arc<Config>,
+        stats: Arc<Stats>,
+        handler: Arc<dyn BrokerEventHandler>,
+        routes: Vec<Route>,
+        instance_id: &str,
+    ) -> Result<RedisEngine, EngineError> {
+        let store = Arc::new(RedisStore::connect(&config.redis).await?);
+        let client = deadpool_redis::redis::Client::open(config.redis.url.as_str())?;
+        let link = Arc::new(Link::default());
+        let bridge = Bridge::new(BridgeParts {
+            config: config.clone(),
+            stats: stats.clone(),
+            store: store.clone(),
+            link: link.clone(),
+            handler: handler.clone(),
+            client,
+            routes,
+            instance_id: instance_id.to_string(),
+        })
+        .start();
+        let pattern_scans =
+            tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
+        Ok(RedisEngine {
+            shared: Arc::new(Shared {
+                config,
+                stats,
+                store,
+                link,
+                bridge,
+                jobs: RedisJobs::new(instance_id),
+                handler,
+                pattern_scans,
+            }),
+        })
+    }
+
+    fn store(&self) -> &RedisStore {
+        &self.shared.store
+    }
+
+    /// Whether the pub/sub link is live (reported as `pubsub_active`; `/ready` is 503 without it).
+    pub fn link_active(&self) -> bool {
+        self.shared.link.is_active()
+    }
+
+    /// Records and publishes one message through the publish script. The echo from Redis delivers it here
+    /// like on every replica, unless the link is (or was, during the script) down: then it is delivered here
+    /// directly, and the link's bookkeeping drops the echo if one still comes. If Redis cannot take it, it is
+    /// delivered to this replica's subscribers only.
+    pub async fn publish(&self, channel: &str, data: &str, policy: ChannelPolicy) -> Published {
+        let shared = &self.shared;
+        let ts = crate::core::protocol::now_ts();
+        // The echo is certain only if the link was live before the script ran and still is after.
+        let live_before = shared.link.is_active();
+        let name: Arc<str> = channel.into();
+        if !live_before {
+            shared.link.begin_unlinked_publish(&name);
+        }
+        match self.store().publish(channel, data, &ts, policy).await {
+            Ok(published) => {
+                Stats::add(&shared.stats.relayed_out, 1);
+                let live_after = shared.link.is_active();
+                if !(live_before && live_after) {
+                    let publication = Publication::new(name, data, Some(published.seq), Some(&ts));
+                    shared
+                        .link
+                        .finish_unlinked_publish(publication, !live_before, |p| {
+                            shared.handler.on_publication(p)
+                        });
+                }
+                Published {
+                    seq: Some(published.seq),
+                    receivers: Some(published.receivers),
+                    relayed: true,
+                }
+            }
+            Err(e) => {
+                if !live_before {
+                    shared.link.cancel_unlinked_publish(&name);
+                }
+                log::warn!(
+                    "publish to `{channel}` through redis failed ({e}); delivering locally only"
+                );
+                let publication = Publication::new(name, data, None, Some(&ts));
+                shared.handler.on_publication(Arc::new(publication));
+                Published {
+                    seq: None,
+                    receivers: None,
+                    relayed: false,
+                }
+            }
+        }
+    }
+
+    pub async fn latest(&self, channel: &str) -> Option<Arc<Publication>> {
+        match self.store().latest(channel).await {
+            Ok(p) => p.map(Arc::new),
+            Err(e) => {
+                log::warn!("reading the cached value of `{channel}` failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Latest values under a pattern prefix: the look-up examines at most `channels.max_pattern_scan` keys and
+    /// waits its turn behind `channels.max_concurrent_pattern_scans` others, so many pattern subscribes cannot
+    /// take the connection pool from publishes.
+    pub async fn latest_matching(&self, prefix: &str, limit: usize) -> Vec<Arc<Publication>> {
+        let _permit = self
+            .shared
+            .pattern_scans
+            .acquire()
+            .await
+            .expect("the scan semaphore is never closed");
+        let max_scan = self.shared.config.channels.max_pattern_scan;
+        match self.store().latest_matching(prefix, limit, max_scan).await {
+            Ok((found, truncated)) => {
+                if truncated {
+                    Stats::add(&self.shared.stats.pattern_scans_truncated, 1);
+                }
+                found.into_iter().map(Arc::new).collect()
+            }
+            Err(e) => {
+                log::warn!("reading cached values under `{prefix}*` failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    pub async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<Arc<Publication>>, EngineError> {
+        let found = self.store().history(channel, limit).await?;
+        Ok(found.into_iter().map(Arc::new).collect())
+    }
+
+    /// Asks the bridge to listen to `channel` (queued behind every earlier subscribe and unsubscribe of this
+    /// thread); the future resolves once Redis confirmed it, or after `redis.command_timeout`.
+    pub fn subscribe(&self, channel: Arc<str>) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = oneshot::channel();
+        self.shared.bridge.do_send(Watch { channel, confirmed });
+        confirmation(rx, self.shared.config.redis.command_timeout)
+    }
+
+    pub fn subscribe_pattern(
+        &self,
+        prefix: Arc<str>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let (confirmed, rx) = oneshot::channel();
+        self.shared
+            .bridge
+            .do_send(WatchPattern { prefix, confirmed });
+        confirmation(rx, self.shared.config.redis.command_timeout)
+    }
+
+    pub fn unsubscribe(&self, channel: Arc<str>) {
+        self.shared.bridge.do_send(Unwatch { channel });
+    }
+
+    pub fn unsubscribe_pattern(&self, prefix: Arc<str>) {
+        self.shared.bridge.do_send(UnwatchPattern { prefix });
+    }
+
+    pub async fn read_fields(
+        &self,
+        commands: &[(String, String)],
+    ) -> Result<Vec<serde_json::Value>, String> {
+        fields::read(self.store(), commands).await
+    }
+
+    pub async fn put_job<J: Job>(&self, spec: &J, max: usize) -> Result<Put, EngineError> {
+        self.shared.jobs.put(self.store(), spec, max).await
+    }
+
+    pub async fn remove_job(&self, id: &str) -> Result<bool, EngineError> {
+        self.shared.jobs.remove(self.store(), id).await
+    }
+
+    pub async fn list_jobs<J: Job>(&self) -> Result<Vec<J>, EngineError> {
+        self.shared.jobs.list(self.store()).await
+    }
+
+    pub async fn acquire(&self, id: &str, lease: Duration) -> Result<bool, EngineError> {
+        self.shared
+            .jobs
+            .hold(self.store(), |keys| keys.lease(id), lease)
+            .await
+    }
+
+    pub async fn fill_lock(&self, channel: &str, hold: Duration) -> Result<bool, EngineError> {
+        self.shared
+            .jobs
+            .hold(self.store(), |keys| keys.fill_lock(channel), hold)
+            .await
+    }
+
+    pub async fn release(&self, id: &str) -> Result<(), EngineError> {
+        self.shared.jobs.release(self.store(), id).await
+    }
+
+    pub async fn owners_and_statuses(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(Option<String>, Option<JobStatus>)>, EngineError> {
+        self.shared
+            .jobs
+            .owners_and_statuses(self.store(), ids)
+            .await
+    }
+
+    pub async fn write_status(
+        &self,
+        id: &str,
+        status: &JobStatus,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        self.shared
+            .jobs
+            .write_status(self.store(), id, status, ttl)
+            .await
+    }
+
+    pub async fn holder(&self, id: &str) -> Result<Option<String>, EngineError> {
+        self.shared.jobs.holder(self.store(), id).await
+    }
+
+    pub async fn scan<J: Job>(
+        &self,
+        held: &[Held],
+        patterns: &[String],
+        lease: Duration,
+        locally_heard: impl Fn(&str) -> bool,
+    ) -> Result<ScanReport<J>, EngineError> {
+        self.shared
+            .jobs
+            .scan(self.store(), held, patterns, lease, locally_heard)
+            .await
+    }
+}
+
+/// Waits for Redis to confirm a subscription, never longer than `timeout` (local delivery never waits on a
+/// Redis that does not answer).
+async fn confirmation(rx: oneshot::Receiver<()>, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, rx).await;
+}

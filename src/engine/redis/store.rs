@@ -1,0 +1,372 @@
+//! The Redis store: latest values, snapshot lists and sequence numbers in Redis, written and published in
+//! one Lua script per message (one round trip, one atomic step), through a deadpool connection pool.
+//!
+//! Pub/sub payloads that relayhub publishes are envelopes: byte 0x1E, the sequence number, a space, the
+//! timestamp, a space, then the JSON. Anything else on a `ch:` channel is an outside producer's raw JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use serde_json::value::RawValue;
+
+use super::keys::Keys;
+use crate::core::config::{ChannelPolicy, RedisConfig};
+use crate::core::publication::Publication;
+
+/// Marks a relayhub envelope on a pub/sub channel: raw JSON can never start with it.
+pub const ENVELOPE_MARK: u8 = 0x1e;
+
+/// INCR the sequence, SET the latest value with its TTL, LPUSH+LTRIM the snapshot list, PUBLISH the envelope.
+const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+
+/// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
+const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
+
+/// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
+/// keeps Redis busy for long.
+const SCAN_STEP: usize = 500;
+
+/// How long an ingested message is remembered so that only one replica caches it.
+const INGEST_DEDUPE_MS: u64 = 60_000;
+
+pub use crate::engine::seam::EngineError as RedisError;
+
+impl From<redis::RedisError> for RedisError {
+    fn from(e: redis::RedisError) -> Self {
+        RedisError(e.to_string())
+    }
+}
+
+impl From<deadpool_redis::PoolError> for RedisError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        RedisError(format!("redis pool: {e}"))
+    }
+}
+
+/// Result of one publish script run.
+pub struct Published {
+    pub seq: u64,
+    /// Redis pub/sub receivers: the replicas listening to the channel.
+    pub receivers: u64,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    script: redis::Script,
+    ingest_script: redis::Script,
+    command_timeout: Duration,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotEntry<'a> {
+    seq: Option<u64>,
+    #[serde(borrow)]
+    ts: Option<&'a str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+impl RedisStore {
+    /// Builds the pool and checks that Redis answers.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, RedisError> {
+        let mut pool_config = PoolConfig::new(config.pool_size);
+        pool_config.timeouts = Timeouts {
+            wait: Some(config.command_timeout),
+            create: Some(config.connect_timeout),
+            recycle: Some(config.command_timeout),
+        };
+        let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
+        cfg.pool = Some(pool_config);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| RedisError(format!("bad redis.url: {e}")))?;
+        let store = RedisStore {
+            pool,
+            keys: Keys::new(&config.prefix),
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
+            command_timeout: config.command_timeout,
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Runs `f` on a pooled connection within the command timeout.
+    pub async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, RedisError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let work = async {
+            let conn = self.pool.get().await?;
+            f(conn).await.map_err(RedisError::from)
+        };
+        match tokio::time::timeout(self.command_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError(format!(
+                "redis did not answer within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        self.with_conn(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Records and publishes one message in a single script run.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        ts: &str,
+        policy: ChannelPolicy,
+    ) -> Result<Published, RedisError> {
+        let keys = &self.keys;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.seq(channel))
+            .key(keys.cache(channel))
+            .key(keys.snapshots(channel))
+            .arg(data)
+            .arg(ts)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(keys.pubsub_channel(channel));
+        let (seq, receivers): (u64, u64) = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(Published { seq, receivers })
+    }
+
+    /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
+    /// replica receives it and calls this with the same `identity`; a marker keyed by it lets only the first
+    /// write.
+    pub async fn ingest_cache(
+        &self,
+        identity: u64,
+        channel: &str,
+        data: &str,
+        policy: ChannelPolicy,
+    ) -> Result<bool, RedisError> {
+        let marker = self.keys.ingested(channel, identity);
+        let mut invocation = self.ingest_script.prepare_invoke();
+        invocation
+            .key(marker)
+            .key(self.keys.cache(channel))
+            .key(self.keys.snapshots(channel))
+            .arg(data)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(INGEST_DEDUPE_MS);
+        let wrote: i64 = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(wrote == 1)
+    }
+
+    /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
+    /// data; a value an outside producer SET directly has neither.
+    pub async fn latest(&self, channel: &str) -> Result<Option<Publication>, RedisError> {
+        let mut found = self.latest_many(&[Arc::from(channel)]).await?;
+        Ok(found.pop().flatten())
+    }
+
+    /// The cached latest values of several channels in one round trip (in the order asked).
+    pub async fn latest_many(
+        &self,
+        channels: &[Arc<str>],
+    ) -> Result<Vec<Option<Publication>>, RedisError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.get(self.keys.cache(channel))
+                .lindex(self.keys.snapshots(channel), 0);
+        }
+        let replies: Vec<Option<String>> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(channels
+            .iter()
+            .zip(replies.chunks(2))
+            .map(|(channel, pair)| {
+                decode_latest(channel.clone(), pair[0].as_deref(), pair[1].as_deref())
+            })
+            .collect())
+    }
+
+    /// Up to `limit` snapshots, newest first, as publications.
+    pub async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<Publication>, RedisError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.snapshots(channel);
+        let items: Vec<String> = self
+            .with_conn(|mut c| async move { c.lrange(key, 0, limit as isize - 1).await })
+            .await?;
+        let channel: Arc<str> = channel.into();
+        Ok(items
+            .iter()
+            .filter_map(|item| serde_json::from_str::<SnapshotEntry>(item).ok())
+            .map(|e| Publication::new(channel.clone(), e.data.get(), e.seq, e.ts))
+            .collect())
+    }
+
+    /// Latest values of cached channels starting with `prefix`: at most `limit` of them, found by SCAN within
+    /// about `max_scan` keys examined. Each SCAN step takes a pooled connection only for its own round trip,
+    /// so a long scan never holds one that publishes need. The flag says the bound stopped the scan early.
+    pub async fn latest_matching(
+        &self,
+        prefix: &str,
+        limit: usize,
+        max_scan: usize,
+    ) -> Result<(Vec<Publication>, bool), RedisError> {
+        let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
+        let step = SCAN_STEP.min(max_scan).max(1);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        let mut examined = 0;
+        let mut truncated = false;
+        loop {
+            let pattern = pattern.clone();
+            let (next, batch): (u64, Vec<String>) = self
+                .with_conn(|mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(step)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            examined += step;
+            if cursor == 0 || keys.len() >= limit {
+                break;
+            }
+            if examined >= max_scan {
+                truncated = true;
+                break;
+            }
+        }
+        keys.truncate(limit);
+        let cache_prefix = self.keys.cache("");
+        let channels: Vec<Arc<str>> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&cache_prefix))
+            .filter(|channel| crate::core::protocol::validate_channel(channel).is_ok())
+            .map(Arc::from)
+            .collect();
+        // One round trip for all of them.
+        let found = self
+            .latest_many(&channels)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        Ok((found, truncated))
+    }
+}
+
+/// A cached value with the seq and ts of the newest snapshot when that snapshot holds the same data (a value
+/// an outside producer SET directly has neither). A value that is not JSON is ignored (and logged).
+fn decode_latest(
+    channel: Arc<str>,
+    value: Option<&str>,
+    newest: Option<&str>,
+) -> Option<Publication> {
+    let value = value?;
+    if serde_json::from_str::<&RawValue>(value).is_err() {
+        log::warn!("cached value of `{channel}` is not JSON; ignoring it");
+        return None;
+    }
+    if let Some(newest) = newest
+        && let Ok(entry) = serde_json::from_str::<SnapshotEntry>(newest)
+        && entry.data.get() == value
+    {
+        return Some(Publication::new(channel, value, entry.seq, entry.ts));
+    }
+    Some(Publication::new(channel, value, None, None))
+}
+
+/// Escapes Redis glob metacharacters so a prefix matches literally.
+pub fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Decodes a pub/sub payload on a `ch:` channel: relayhub's envelope, or an outside producer's raw JSON.
+pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, &'static str> {
+    if payload.first() == Some(&ENVELOPE_MARK) {
+        let text = std::str::from_utf8(&payload[1..]).map_err(|_| "envelope is not UTF-8")?;
+        let (seq, rest) = text.split_once(' ').ok_or("envelope without seq")?;
+        let (ts, data) = rest.split_once(' ').ok_or("envelope without ts")?;
+        // Anyone who can PUBLISH on the channel can send a payload starting with the mark, and `ts` and `data`
+        // are spliced into the frame as they are: each part is checked, so a crafted envelope cannot add or
+        // replace fields. Once per message received, not per delivery.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("envelope seq is not a number");
+        }
+        let seq: u64 = seq.parse().map_err(|_| "envelope seq is not a number")?;
+        chrono::DateTime::parse_from_rfc3339(ts).map_err(|_| "envelope ts is not RFC 3339")?;
+        serde_json::from_str::<&RawValue>(data).map_err(|_| "envelope data is not JSON")?;
+        return Ok(Publication::new(channel, data, Some(seq), Some(ts)));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
+    serde_json::from_str::<&RawValue>(text).map_err(|_| "message is not JSON")?;
+    Ok(Publication::new(channel, text, None, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads() {
+        let p = decode_payload("a".into(), b"\x1e12 2026-01-01T00:00:00.000Z {\"x\":1}").unwrap();
+        assert_eq!(
+            (p.seq, p.ts(), p.data()),
+            (Some(12), Some("2026-01-01T00:00:00.000Z"), "{\"x\":1}")
+        );
+        let p = decode_payload("a".into(), b" {\"y\": 2}").unwrap();
+        assert_eq!((p.seq, p.data()), (None, " {\"y\": 2}"));
+        assert!(decode_payload("a".into(), b"{broken").is_err());
+        assert!(decode_payload("a".into(), b"\x1ex 1 2").is_err());
+        for crafted in [
+            &b"\x1e7 x\",\"data\":\"forged {}"[..],
+            b"\x1e+7 2026-01-01T00:00:00.000Z 1",
+            b"\x1e7 2026-01-01T00:00:00.000Z {",
+            b"\x1e7 2026-01-01T00:00:00.000Z 1,\"seq\":2",
+            b"\x1e7 2026-01-01 1",
+        ] {
+            assert!(decode_payload("a".into(), crafted).is_err(), "{crafted:?}");
+        }
+        assert_eq!(escape_glob("a*b"), "a\\*b");
+    }
+}

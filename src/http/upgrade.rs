@@ -1,0 +1,144 @@
+//! The WebSocket upgrade: everything decided before a connection becomes a session. Method and path, shutdown,
+//! the handshake, the origin, and the connection budgets (admission), in that order, each refusal answered
+//! with the API's JSON error shape; then the 101 and a session on this worker thread. Token checks belong
+//! here too.
+
+use actix::prelude::*;
+use actix_http::h1;
+use actix_http::ws::{HandshakeError, hash_key, verify_handshake};
+use actix_http::{Method, Request};
+use actix_web::HttpResponse;
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use std::sync::Arc;
+
+use crate::http::admission::Admission;
+use crate::http::auth::origin_allowed;
+use crate::http::reply::{error_body, error_response};
+use crate::node::hub::Hub;
+use crate::node::registry::Registry;
+use crate::node::session::SessionLimits;
+use crate::transport::{Outbox, Transport};
+
+/// The path browsers connect to.
+pub const WS_PATH: &str = "/ws";
+
+/// What actix-http hands over when a request asks for a WebSocket upgrade.
+pub type Upgrade = (Request, actix_codec::Framed<TcpStream, h1::Codec>);
+
+/// Validates a WebSocket upgrade and, if it is acceptable, answers 101 and starts a session on this worker
+/// thread. Refusals get a JSON error like the rest of the HTTP API, and the connection is closed.
+pub async fn accept(
+    (request, framed): Upgrade,
+    hub: Hub,
+    registry: Addr<Registry>,
+    admission: Arc<Admission>,
+) -> Result<(), actix_web::Error> {
+    let parts = framed.into_parts();
+    let mut io = parts.io;
+    let head = request.head();
+    let refusal = if head.method == Method::CONNECT {
+        Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad_request",
+            "CONNECT is not supported",
+        ))
+    } else if head.uri.path() != WS_PATH {
+        Some((StatusCode::NOT_FOUND, "not_found", "no such endpoint"))
+    } else if hub.is_shutting_down() {
+        Some((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "server is shutting down",
+        ))
+    } else if let Err(error) = verify_handshake(head) {
+        Some((
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            handshake_problem(&error),
+        ))
+    } else if !origin_allowed(&head.headers, hub.config()) {
+        Some((StatusCode::FORBIDDEN, "forbidden", "origin not allowed"))
+    } else {
+        None
+    };
+    // Checked last, so a handshake that is refused anyway takes no slot. The permit goes into the session and
+    // is given back when the session's context is dropped, however the connection ends.
+    let admitted = match refusal {
+        Some(refusal) => Err(refusal),
+        None => {
+            let peer = io
+                .peer_addr()
+                .map(|a| a.ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            let ip = admission.client_ip(peer, &head.headers);
+            admission.admit(ip, hub.stats()).map_err(|refused| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_connections",
+                    refused.message(),
+                )
+            })
+        }
+    };
+    let permit = match admitted {
+        Ok(permit) => permit,
+        Err((status, code, message)) => {
+            let body = error_body(code, message).to_string();
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            io.write_all(response.as_bytes()).await?;
+            io.shutdown().await?;
+            return Ok(());
+        }
+    };
+    let key = head
+        .headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| key.as_bytes())
+        .unwrap_or_default();
+    let accept_key = hash_key(key);
+    let limits = SessionLimits::new(&hub.config().websocket);
+    let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes);
+    // The 101 response goes out through the outbox, ahead of anything the session queues.
+    let mut response = Vec::with_capacity(160);
+    response.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
+    response.extend_from_slice(&accept_key);
+    response.extend_from_slice(b"\r\n\r\n");
+    let _ = outbox.push(Bytes::from(response));
+    // Whatever actix-http read past the request is the client's first frames; its 8 KiB buffer is let go.
+    let input = if parts.read_buf.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&parts.read_buf[..])
+    };
+    let transport = Transport::new(io, input, outbox.clone(), limits.transport());
+    crate::node::session::start(hub, registry, limits, transport, outbox, Box::new(permit));
+    Ok(())
+}
+
+fn handshake_problem(error: &HandshakeError) -> &'static str {
+    match error {
+        HandshakeError::GetMethodRequired => "the WebSocket handshake must be a GET",
+        HandshakeError::NoWebsocketUpgrade => "missing `Upgrade: websocket`",
+        HandshakeError::NoConnectionUpgrade => "missing `Connection: Upgrade`",
+        HandshakeError::NoVersionHeader => "missing Sec-WebSocket-Version",
+        HandshakeError::UnsupportedVersion => "only WebSocket version 13 is supported",
+        HandshakeError::BadWebsocketKey => "missing or malformed Sec-WebSocket-Key",
+    }
+}
+
+/// `GET /ws` that reached the app: it did not ask for an upgrade (those never get here).
+pub async fn not_an_upgrade() -> HttpResponse {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "this endpoint speaks WebSocket: send `Upgrade: websocket`",
+    )
+}

@@ -1,0 +1,152 @@
+//! Local delivery: the registries of this replica's worker threads and the subscriber counts across them.
+//! It is the node's side of the broker seam: the engine hands every message to deliver here, and link events,
+//! through [`BrokerEventHandler`]. Registries are held as recipients of their messages, so this file does not
+//! depend on the registry actor (which depends on it for the counts).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use actix::Recipient;
+
+use crate::core::publication::Publication;
+use crate::engine::BrokerEventHandler;
+use crate::node::messages::{CatchUp, CloseAll, Dispatch, ForgetLatest};
+
+/// Subscriber counts by channel (or pattern).
+pub type Counts = Vec<(String, usize)>;
+
+/// One registry, as the messages it takes from here.
+pub struct RegistryInbox {
+    pub dispatch: Recipient<Dispatch>,
+    pub forget: Recipient<ForgetLatest>,
+    pub catch_up: Recipient<CatchUp>,
+    pub close_all: Recipient<CloseAll>,
+}
+
+/// Adds or removes one subscriber of `key` in a count index and returns the new count (a key at zero is
+/// removed; removing from a missing key changes nothing and returns `usize::MAX`, which no caller acts on).
+fn count_change(index: &Mutex<HashMap<Arc<str>, usize>>, key: &Arc<str>, join: bool) -> usize {
+    let mut map = index.lock().expect("subscriber index poisoned");
+    if join {
+        let count = map.entry(key.clone()).or_insert(0);
+        *count += 1;
+        return *count;
+    }
+    let Some(count) = map.get_mut(key) else {
+        return usize::MAX;
+    };
+    *count -= 1;
+    let count = *count;
+    if count == 0 {
+        map.remove(key);
+    }
+    count
+}
+
+#[derive(Default)]
+pub struct Fanout {
+    /// One registry per HTTP worker thread, added as the workers start.
+    registries: RwLock<Vec<RegistryInbox>>,
+    /// Local subscribers per exact channel, across all registries.
+    subscribers: Mutex<HashMap<Arc<str>, usize>>,
+    /// Local subscribers per pattern prefix.
+    pattern_subscribers: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+impl Fanout {
+    pub fn add_registry(&self, inbox: RegistryInbox) {
+        self.registries
+            .write()
+            .expect("registry list lock poisoned")
+            .push(inbox);
+    }
+
+    fn registries(&self) -> std::sync::RwLockReadGuard<'_, Vec<RegistryInbox>> {
+        self.registries.read().expect("registry list lock poisoned")
+    }
+
+    /// Closes every WebSocket with 1001.
+    pub fn close_all(&self) {
+        for registry in self.registries().iter() {
+            registry.close_all.do_send(CloseAll);
+        }
+    }
+
+    /// One more local subscriber of `channel`; returns the new count.
+    pub fn subscriber_joined(&self, channel: &Arc<str>) -> usize {
+        count_change(&self.subscribers, channel, true)
+    }
+
+    /// One less local subscriber of `channel`; returns the new count.
+    pub fn subscriber_left(&self, channel: &Arc<str>) -> usize {
+        count_change(&self.subscribers, channel, false)
+    }
+
+    pub fn pattern_subscriber_joined(&self, prefix: &Arc<str>) {
+        count_change(&self.pattern_subscribers, prefix, true);
+    }
+
+    pub fn pattern_subscriber_left(&self, prefix: &Arc<str>) {
+        count_change(&self.pattern_subscribers, prefix, false);
+    }
+
+    /// Local subscribers of a channel: exact subscriptions plus patterns that match it.
+    pub fn local_subscribers(&self, channel: &str) -> usize {
+        let exact = self
+            .subscribers
+            .lock()
+            .expect("subscriber index poisoned")
+            .get(channel)
+            .copied()
+            .unwrap_or(0);
+        let patterns: usize = self
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned")
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(&***prefix))
+            .map(|(_, n)| *n)
+            .sum();
+        exact + patterns
+    }
+
+    /// Subscriber counts per channel, and per pattern (`prices:*`), for stats.
+    pub fn subscriber_counts(&self) -> (Counts, Counts) {
+        let exact = self
+            .subscribers
+            .lock()
+            .expect("subscriber index poisoned")
+            .iter()
+            .map(|(c, n)| (c.to_string(), *n))
+            .collect();
+        let patterns = self
+            .pattern_subscribers
+            .lock()
+            .expect("pattern index poisoned")
+            .iter()
+            .map(|(p, n)| (format!("{p}*"), *n))
+            .collect();
+        (exact, patterns)
+    }
+}
+
+impl BrokerEventHandler for Fanout {
+    /// Hands a message to every local registry: one mailbox push per worker, not per subscriber.
+    fn on_publication(&self, publication: Arc<Publication>) {
+        for registry in self.registries().iter() {
+            registry.dispatch.do_send(Dispatch(publication.clone()));
+        }
+    }
+
+    fn on_link_down(&self) {
+        for registry in self.registries().iter() {
+            registry.forget.do_send(ForgetLatest);
+        }
+    }
+
+    fn on_catch_up(&self, latest: Arc<Vec<Arc<Publication>>>) {
+        for registry in self.registries().iter() {
+            registry.catch_up.do_send(CatchUp(latest.clone()));
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The session actor: one per WebSocket connection. It answers client frames, keeps the connection's
+//! subscriptions and runs the heartbeat. Its socket is driven by a [`Transport`] spawned into its context;
+//! what it sends goes through the connection's [`Outbox`], the same queue its registry delivers into.
+
+use std::collections::HashSet;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::core::config::WebsocketConfig;
+use crate::core::protocol::{
+    self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
+    parse_target,
+};
+use crate::node::hub::{Hub, PublishError};
+use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
+use crate::node::registry::Registry;
+use crate::stats::Stats;
+use crate::transport::{Endpoint, Failure, Outbox, Transport, TransportLimits, frame};
+
+/// Whatever must live exactly as long as the session: the edge's connection-admission slot, given back when
+/// the session's context is dropped, however the connection ends. Type-erased so the node does not depend on
+/// the edge that admitted it.
+pub type Permit = Box<dyn Send + 'static>;
+
+/// Limits and timings a session needs, copied out of the config once per worker.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub heartbeat_interval: Duration,
+    pub client_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub mailbox_size: usize,
+    pub max_queued_bytes: usize,
+    pub write_timeout: Duration,
+    pub max_patterns: usize,
+    pub requests_per_second: f64,
+    pub request_burst: f64,
+    pub rate_limited_close_after: Duration,
+}
+
+impl SessionLimits {
+    pub fn new(ws: &WebsocketConfig) -> SessionLimits {
+        SessionLimits {
+            heartbeat_interval: ws.heartbeat_interval,
+            client_timeout: ws.client_timeout,
+            max_message_bytes: ws.max_message_bytes,
+            max_subscriptions: ws.max_subscriptions_per_connection,
+            mailbox_size: ws.mailbox_size,
+            max_queued_bytes: ws.max_queued_bytes,
+            write_timeout: ws.write_timeout,
+            max_patterns: ws.max_patterns_per_connection,
+            requests_per_second: f64::from(ws.requests_per_second),
+            request_burst: f64::from(ws.request_burst),
+            rate_limited_close_after: ws.rate_limited_close_after,
+        }
+    }
+
+    /// The part of the limits the connection's transport enforces.
+    pub fn transport(&self) -> TransportLimits {
+        TransportLimits {
+            max_message_bytes: self.max_message_bytes,
+            write_timeout: self.write_timeout,
+        }
+    }
+}
+
+/// A connection's request budget: a token bucket refilled at `requests_per_second` up to `request_burst`.
+/// Refused requests do not run, so a flood costs a parse and an error frame each, not a publish or a
+/// subscribe. A connection that is refused at least once in every second for `rate_limited_close_after` is
+/// not slowing down and is closed.
+#[derive(Debug)]
+struct RequestBudget {
+    tokens: f64,
+    refilled: Instant,
+    /// Start of the current run of refusals without a quiet second in between.
+    limited_since: Option<Instant>,
+    last_refused: Instant,
+}
+
+/// What the budget says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Run,
+    Refuse,
+    Close,
+}
+
+/// A run of refusals ends when a second passes without one.
+const QUIET_GAP: Duration = Duration::from_secs(1);
+
+impl RequestBudget {
+    fn new(limits: &SessionLimits, now: Instant) -> RequestBudget {
+        RequestBudget {
+            tokens: limits.request_burst,
+            refilled: now,
+            limited_since: None,
+            last_refused: now,
+        }
+    }
+
+    fn take(&mut self, limits: &SessionLimits, now: Instant) -> Verdict {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * limits.requests_per_second).min(limits.request_burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Run;
+        }
+        let since = match self.limited_since {
+            Some(since) if now.saturating_duration_since(self.last_refused) < QUIET_GAP => since,
+            _ => now,
+        };
+        self.limited_since = Some(since);
+        self.last_refused = now;
+        if now.saturating_duration_since(since) >= limits.rate_limited_close_after {
+            Verdict::Close
+        } else {
+            Verdict::Refuse
+        }
+    }
+}
+
+pub struct Session {
+    id: SessionId,
+    hub: Hub,
+    registry: Addr<Registry>,
+    limits: SessionLimits,
+    /// Last time anything arrived from the client (frame, ping or pong).
+    last_seen: Instant,
+    /// Exact channels and pattern prefixes (with their `*`) this connection is subscribed to.
+    subscriptions: HashSet<String>,
+    /// How many of `subscriptions` are patterns.
+    patterns: usize,
+    /// Requests this connection may still make now.
+    budget: RequestBudget,
+    /// Frames to the client, shared with the registry and written by the transport.
+    outbox: Outbox,
+    /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
+    /// publishes keep their order.
+    publishing: bool,
+    /// The transport, parked while `publishing`.
+    resume_input: Option<Waker>,
+    /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
+    _permit: Permit,
+}
+
+impl Session {
+    pub fn new(
+        hub: Hub,
+        registry: Addr<Registry>,
+        limits: SessionLimits,
+        outbox: Outbox,
+        permit: Permit,
+    ) -> Session {
+        Session {
+            id: hub.next_session_id(),
+            hub,
+            registry,
+            limits,
+            last_seen: Instant::now(),
+            subscriptions: HashSet::new(),
+            patterns: 0,
+            budget: RequestBudget::new(&limits, Instant::now()),
+            outbox,
+            publishing: false,
+            resume_input: None,
+            _permit: permit,
+        }
+    }
+
+    fn send_error(&self, id: &RequestId, error: &ProtocolError) {
+        self.hub.metrics().rejected(error.code);
+        self.outbox.push_text(&protocol::error_frame(id, error));
+    }
+
+    fn heartbeat(&self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.limits.heartbeat_interval, |act, _| {
+            if act.last_seen.elapsed() > act.limits.client_timeout {
+                if act.outbox.close(close::POLICY, "heartbeat timeout") {
+                    Stats::add(&act.hub.stats().heartbeat_timeouts, 1);
+                    log::debug!("session {}: heartbeat timeout", act.id);
+                }
+                return;
+            }
+            act.outbox.push_or_close(frame::ping());
+        });
+    }
+
+    /// Spends one request of the budget; `false` when the request must not run (it has been answered, or the
+    /// connection is being closed).
+    fn admit_request(&mut self, id: &RequestId) -> bool {
+        match self.budget.take(&self.limits, Instant::now()) {
+            Verdict::Run => true,
+            Verdict::Refuse => {
+                Stats::add(&self.hub.stats().requests_rate_limited, 1);
+                let message = format!(
+                    "more than {} requests per second",
+                    self.limits.requests_per_second
+                );
+                self.send_error(id, &ProtocolError::new(ErrorCode::RateLimited, message));
+                false
+            }
+            Verdict::Close => {
+                Stats::add(&self.hub.stats().requests_rate_limited, 1);
+                if self.outbox.close(close::POLICY, "request rate exceeded") {
+                    Stats::add(&self.hub.stats().rate_limit_disconnects, 1);
+                    log::debug!("session {}: closed for its request rate", self.id);
+                }
+                false
+            }
+        }
+    }
+
+    fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let parsed = parse_client_frame(text);
+        let id = parsed.id;
+        // Malformed frames spend the budget too: each one costs a parse and an answer.
+        if !self.admit_request(&id) {
+            return;
+        }
+        let frame = match parsed.frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                Stats::add(&self.hub.stats().rejected_messages, 1);
+                return self.send_error(&id, &error);
+            }
+        };
+        let result = match frame {
+            ClientFrame::Ping => {
+                self.outbox.push_text(&protocol::pong_frame(&id));
+                Ok(())
+            }
+            ClientFrame::Subscribe { channel } => self.subscribe(&id, channel),
+            ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
+            ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
+        };
+        if let Err(error) = result {
+            self.send_error(&id, &error);
+        }
+    }
+
+    fn subscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
+        let target = parse_target(&name)?;
+        let policy_channel = match &target {
+            Target::Channel(c) => c.as_str(),
+            Target::Pattern(p) => p.as_str(),
+        };
+        let policy =
+            self.hub.config().policy(policy_channel).ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
+            })?;
+        if matches!(target, Target::Pattern(_)) && !policy.patterns {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "pattern subscriptions are not enabled for this namespace",
+            ));
+        }
+        if self.subscriptions.contains(&name) {
+            // Idempotent: answer again, change nothing (no second snapshot).
+            self.outbox
+                .push_text(&protocol::subscribed_frame(id, &name));
+            return Ok(());
+        }
+        let is_pattern = matches!(target, Target::Pattern(_));
+        if is_pattern && self.patterns >= self.limits.max_patterns {
+            Stats::add(&self.hub.stats().patterns_refused, 1);
+            return Err(ProtocolError::new(
+                ErrorCode::TooManyPatterns,
+                format!(
+                    "at most {} pattern subscriptions per connection",
+                    self.limits.max_patterns
+                ),
+            ));
+        }
+        if self.subscriptions.len() >= self.limits.max_subscriptions {
+            Stats::add(&self.hub.stats().subscriptions_refused, 1);
+            return Err(ProtocolError::new(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.max_subscriptions
+                ),
+            ));
+        }
+        let ack = frame::text(&protocol::subscribed_frame(id, &name));
+        self.subscriptions.insert(name);
+        self.patterns += usize::from(is_pattern);
+        self.registry.do_send(Subscribe {
+            id: self.id,
+            target,
+            ack,
+        });
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
+        let target = parse_target(&name)?;
+        if !self.subscriptions.remove(&name) {
+            return Err(ProtocolError::new(
+                ErrorCode::NotSubscribed,
+                format!("not subscribed to `{name}`"),
+            ));
+        }
+        self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
+        self.registry.do_send(Unsubscribe {
+            id: self.id,
+            target,
+        });
+        self.outbox
+            .push_text(&protocol::unsubscribed_frame(id, &name));
+        Ok(())
+    }
+
+    fn publish(
+        &mut self,
+        id: RequestId,
+        channel: String,
+        data: Box<serde_json::value::RawValue>,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), ProtocolError> {
+        protocol::validate_channel(&channel)?;
+        let policy =
+            self.hub.config().policy(&channel).ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
+            })?;
+        if !policy.client_publish {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "clients may not publish to this namespace",
+            ));
+        }
+        let hub = self.hub.clone();
+        let fut = async move {
+            let result = hub.publish(&channel, data.get()).await;
+            (channel, result)
+        };
+        // Input pauses until this publish is answered: a connection's publishes keep their order, while
+        // deliveries to it go on.
+        self.publishing = true;
+        ctx.spawn(fut.into_actor(self).map(move |(channel, result), act, _| {
+            match result {
+                Ok(outcome) => {
+                    act.outbox
+                        .push_text(&protocol::published_frame(&id, &channel, outcome.seq))
+                }
+                Err(PublishError::Unavailable(message)) => {
+                    act.send_error(&id, &ProtocolError::new(ErrorCode::Unavailable, message))
+                }
+            }
+            act.publishing = false;
+            if let Some(waker) = act.resume_input.take() {
+                waker.wake();
+            }
+        }));
+        Ok(())
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        Stats::add(&self.hub.stats().connections, 1);
+        self.heartbeat(ctx);
+        self.registry.do_send(Connect {
+            id: self.id,
+            outbox: self.outbox.clone(),
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.registry.do_send(Disconnect { id: self.id });
+        self.hub.metrics().disconnected(self.outbox.close_code());
+        self.hub
+            .stats()
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Running::Stop
+    }
+}
+
+impl Endpoint for Session {
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        self.handle_text(text, ctx);
+    }
+
+    fn on_unsupported(&mut self, what: &'static str, _: &mut Context<Self>) {
+        if self.admit_request(&None) {
+            self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
+        }
+    }
+
+    fn on_activity(&mut self) {
+        self.last_seen = Instant::now();
+    }
+
+    fn on_failure(&mut self, failure: Failure) {
+        let stats = self.hub.stats();
+        let counter = match failure {
+            Failure::TooBig => &stats.frames_too_big,
+            Failure::Protocol => &stats.protocol_errors,
+            Failure::WriteTimeout => &stats.write_timeouts,
+        };
+        Stats::add(counter, 1);
+    }
+
+    fn input_paused(&mut self, waker: &Waker) -> bool {
+        if self.publishing {
+            match &self.resume_input {
+                Some(parked) if parked.will_wake(waker) => {}
+                _ => self.resume_input = Some(waker.clone()),
+            }
+        }
+        self.publishing
+    }
+}
+
+/// Starts a session for an accepted WebSocket, with its transport in the same actor context.
+pub fn start<S>(
+    hub: Hub,
+    registry: Addr<Registry>,
+    limits: SessionLimits,
+    transport: Transport<S>,
+    outbox: Outbox,
+    permit: Permit,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    Session::create(move |ctx| {
+        ctx.spawn(transport);
+        Session::new(hub, registry, limits, outbox, permit)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> SessionLimits {
+        SessionLimits {
+            heartbeat_interval: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(60),
+            max_message_bytes: 65536,
+            max_subscriptions: 128,
+            mailbox_size: 1024,
+            max_queued_bytes: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            max_patterns: 16,
+            requests_per_second: 10.0,
+            request_burst: 20.0,
+            rate_limited_close_after: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn the_budget_refills_and_closes_only_a_sustained_flood() {
+        let limits = limits();
+        let t0 = Instant::now();
+        let mut budget = RequestBudget::new(&limits, t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        for _ in 0..20 {
+            assert_eq!(budget.take(&limits, t0), Verdict::Run);
+        }
+        assert_eq!(budget.take(&limits, t0), Verdict::Refuse);
+        // 100 ms refill one token at 10 per second.
+        assert_eq!(budget.take(&limits, ms(100)), Verdict::Run);
+        assert_eq!(budget.take(&limits, ms(100)), Verdict::Refuse);
+        // Quiet for more than a second (11 tokens back): the next run of refusals starts over.
+        for _ in 0..11 {
+            assert_eq!(budget.take(&limits, ms(1200)), Verdict::Run);
+        }
+        assert_eq!(budget.take(&limits, ms(1200)), Verdict::Refuse);
+        // Asked every 50 ms, twice the refill rate: refused every other time, for the whole window: closed.
+        let mut verdict = Verdict::Run;
+        let mut at = 1200;
+        while at <= 1200 + 5000 {
+            at += 50;
+            verdict = budget.take(&limits, ms(at));
+            if verdict == Verdict::Close {
+                break;
+            }
+        }
+        assert_eq!(verdict, Verdict::Close);
+        assert!(at >= 1200 + 5000, "closed after {at} ms");
+    }
+}
