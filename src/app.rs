@@ -63,6 +63,8 @@ pub struct Running {
     poller: Addr<poller::Poller>,
     server: actix_server::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The `server.metrics_listen` listener, when configured.
+    metrics_server: Option<actix_server::ServerHandle>,
 }
 
 impl Running {
@@ -72,6 +74,9 @@ impl Running {
         let deadline = tokio::time::Instant::now() + timeout;
         log::info!("shutting down: closing connections with 1001, releasing polling leases");
         self.hub.begin_shutdown();
+        if let Some(metrics) = &self.metrics_server {
+            metrics.stop(false).await;
+        }
         let hub = self.hub.clone();
         let poller = self.poller.clone();
         let server = self.server.clone();
@@ -98,6 +103,9 @@ impl Running {
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
         self.poller.do_send(poller::Halt);
+        if let Some(metrics) = &self.metrics_server {
+            metrics.stop(false).await;
+        }
         self.server.stop(false).await;
         let _ = self.server_task.await;
     }
@@ -232,6 +240,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let fanout = Arc::new(Fanout::default());
     let engine = open_engine(&config, &stats, &fanout, routes, &instance_id).await?;
     let hub = Hub::new(config.clone(), stats, engine, fanout, instance_id);
+    crate::logging::set_instance_id(hub.instance_id());
     log::info!(
         "instance {} starting in {} mode",
         hub.instance_id(),
@@ -258,6 +267,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )
     .map_err(bind_error)?;
     let addr = server.addrs[0];
+    let metrics_server = match config.server.metrics_listen.as_str() {
+        "" => None,
+        listen => {
+            let server = crate::http::metrics::serve(listen, hub.clone())
+                .map_err(|e| StartError::Bind(format!("server.metrics_listen {listen}: {e}")))?;
+            let handle = server.handle();
+            actix_web::rt::spawn(server);
+            log::info!("metrics on http://{listen}/metrics");
+            Some(handle)
+        }
+    };
     let server = server.run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
@@ -268,5 +288,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         poller,
         server: handle,
         server_task,
+        metrics_server,
     })
 }

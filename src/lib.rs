@@ -7,7 +7,8 @@
 //!   and close codes), `frame` (WebSocket frame encoding), `publication` (one message encoded once, shared by
 //!   every subscriber), `config` (typed configuration: file, environment, defaults, value checks; channel
 //!   policies), `ingest` (outside producers' channels routed into relayhub channels), `backoff`, `random`.
-//!   `stats` (plain counters) sits beside it.
+//!   `stats` (plain counters) sits beside it, and so do `metrics` (the labeled counters of `GET /metrics`) and
+//!   `logging` (the process's logger, text or one JSON object a line).
 //! - `transport`: relayhub's WebSocket transport: client frames decoded, frames queued by reference
 //!   (`Outbox`), the socket loop (`connection`).
 //! - `engine`: the broker seam. `Engine` publishes (with sequence numbers, latest values and history),
@@ -33,6 +34,8 @@ mod core;
 mod demo;
 mod engine;
 mod http;
+pub mod logging;
+mod metrics;
 mod node;
 mod poller;
 mod stats;

@@ -1,54 +1,80 @@
-//! The `relayhub` binary: reads arguments and configuration, starts the hub, waits for SIGTERM or Ctrl-C,
-//! then shuts down gracefully. Everything else lives in the library.
+//! The `relayhub` binary: parses the command line, then serves (reads the configuration, starts the hub,
+//! waits for SIGTERM or Ctrl-C, shuts down gracefully), checks a configuration, or publishes one message
+//! through a running hub's HTTP API. Everything else lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
 use relayhub::config::Config;
 
-const USAGE: &str = "usage: relayhub [--config PATH] [--check-config]
+const ENVIRONMENT: &str = "Environment: PORT, HOST, REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD), \
+RELAYHUB_API_KEY, RELAYHUB_ADMIN_TOKEN, RELAYHUB_INSTANCE_ID, RELAYHUB_LOG_FORMAT (text or json), \
+RUST_LOG (default: log.level, info).
 
-  --config PATH    TOML configuration (default: $RELAYHUB_CONFIG, else the embedded config/default.toml)
-  --check-config   validate the configuration and exit (0 valid, 2 invalid)
+Exit codes: 0 stopped normally, 1 publish failed, 2 bad arguments or configuration, 3 Redis required but \
+unreachable, 4 cannot listen.";
 
-Environment: PORT, HOST, REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD), RELAYHUB_API_KEY,
-RELAYHUB_ADMIN_TOKEN, RELAYHUB_INSTANCE_ID, RUST_LOG (default: info).";
-
-/// Exit code for configuration errors.
-const EXIT_CONFIG: u8 = 2;
-
-fn parse_args() -> Result<(Option<PathBuf>, bool), String> {
-    let mut config = std::env::var_os("RELAYHUB_CONFIG").map(PathBuf::from);
-    let mut check = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => {
-                config = Some(args.next().ok_or("--config needs a path")?.into());
-            }
-            "--check-config" => check = true,
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--version" | "-V" => {
-                println!("relayhub {}", env!("CARGO_PKG_VERSION"));
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument `{other}`")),
-        }
-    }
-    Ok((config, check))
+/// A realtime hub: browsers subscribe over WebSocket, Redis stays the shared source of truth.
+#[derive(Parser)]
+#[command(name = "relayhub", version, after_help = ENVIRONMENT)]
+struct Cli {
+    /// TOML configuration laid over the embedded config/default.toml.
+    #[arg(short, long, env = "RELAYHUB_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit (0 valid, 2 invalid); the same as `relayhub check-config`.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn load_config() -> Result<(Config, bool), String> {
-    let (path, check) = parse_args()?;
-    let mut config = Config::load(path.as_deref()).map_err(|e| e.to_string())?;
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (what `relayhub` alone does).
+    Serve {
+        /// TOML configuration laid over the embedded config/default.toml.
+        #[arg(short, long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and exit (0 valid, 2 invalid); prints warnings about likely mistakes.
+    CheckConfig {
+        /// TOML configuration laid over the embedded config/default.toml.
+        #[arg(short, long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Publish one message through a running hub's HTTP API (POST /api/publish).
+    Publish {
+        /// The channel, e.g. prices:BTC.
+        channel: String,
+        /// The message: any JSON value, e.g. '{"price":64000.5}'.
+        json: String,
+        /// The hub's base URL.
+        #[arg(long, env = "RELAYHUB_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The hub's server.api_key, sent as a bearer token.
+        #[arg(long, env = "RELAYHUB_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+}
+
+/// Exit code for bad arguments and configuration errors (clap uses it for its own errors too).
+const EXIT_CONFIG: u8 = 2;
+/// Exit code of a publish the hub did not accept.
+const EXIT_PUBLISH: u8 = 1;
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
     config
         .apply_env(|name| std::env::var(name).ok())
         .map_err(|e| e.to_string())?;
     relayhub::check_config(&config)?;
-    Ok((config, check))
+    Ok(config)
+}
+
+fn init_logging(config: &Config) {
+    relayhub::logging::init(&config.log, std::env::var("RUST_LOG").ok().as_deref());
 }
 
 async fn shutdown_signal() {
@@ -62,17 +88,50 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let (config, check) = match load_config() {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("relayhub: {e}\n\n{USAGE}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let cli = Cli::parse();
+    let command = match cli.command {
+        None if cli.check_config => Command::CheckConfig { config: None },
+        None => Command::Serve { config: None },
+        Some(command) => command,
     };
-    if check {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+    // A path after the subcommand wins over one before it (or in RELAYHUB_CONFIG).
+    match command {
+        Command::Serve { config } => serve(config.or(cli.config)),
+        Command::CheckConfig { config } => check_config(config.or(cli.config)),
+        Command::Publish {
+            channel,
+            json,
+            url,
+            api_key,
+        } => publish(&channel, &json, &url, api_key.as_deref()),
+    }
+}
+
+fn config_error(e: &str) -> ExitCode {
+    eprintln!("relayhub: {e}\n\nRun `relayhub --help` for the options.");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
+    println!("configuration is valid");
+    ExitCode::SUCCESS
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    init_logging(&config);
+    for warning in config.warnings() {
+        log::warn!("{warning}");
     }
     actix_web::rt::System::new().block_on(async move {
         let running = match relayhub::start(config).await {
@@ -87,5 +146,42 @@ fn main() -> ExitCode {
         running.shutdown().await;
         log::info!("stopped");
         ExitCode::SUCCESS
+    })
+}
+
+fn publish(channel: &str, json: &str, url: &str, api_key: Option<&str>) -> ExitCode {
+    // Checked here so a typo is named before anything is sent.
+    let data: serde_json::Value = match serde_json::from_str(json) {
+        Ok(data) => data,
+        Err(e) => return config_error(&format!("the message is not JSON: {e}")),
+    };
+    let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
+    let body = serde_json::json!({ "channel": channel, "data": data });
+    actix_web::rt::System::new().block_on(async move {
+        let mut request = awc::Client::new()
+            .post(&endpoint)
+            .timeout(std::time::Duration::from_secs(10));
+        if let Some(key) = api_key.filter(|k| !k.is_empty()) {
+            request = request.bearer_auth(key);
+        }
+        let mut response = match request.send_json(&body).await {
+            Ok(response) => response,
+            Err(e) => {
+                eprintln!("relayhub: cannot reach {endpoint}: {e}");
+                return ExitCode::from(EXIT_PUBLISH);
+            }
+        };
+        let status = response.status();
+        let text = match response.body().await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => format!("(unreadable answer: {e})"),
+        };
+        if status.is_success() {
+            println!("{text}");
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("relayhub: {endpoint} answered {status}: {text}");
+            ExitCode::from(EXIT_PUBLISH)
+        }
     })
 }

@@ -28,6 +28,8 @@ const ENV_VARS: &[&str] = &[
     "RELAYHUB_ADMIN_TOKEN",
     "RELAYHUB_INSTANCE_ID",
     "UPSTREAM_TOKEN",
+    "RELAYHUB_LOG_FORMAT",
+    "RELAYHUB_URL",
 ];
 
 /// How long a process that should exit by itself may take (generous: a loaded machine).
@@ -300,8 +302,14 @@ fn a_port_in_use_exits_4_before_anything_starts() {
 
 /// Starts the binary on a free loopback port with `config`; returns it once `/health` answers.
 async fn start_binary(config: &ConfigFile) -> (Process, String) {
+    start_binary_with(config, &[]).await
+}
+
+/// [`start_binary`] with more environment variables.
+async fn start_binary_with(config: &ConfigFile, extra: &[(&str, &str)]) -> (Process, String) {
     let port = free_port().to_string();
-    let env = [("PORT", port.as_str()), ("HOST", "127.0.0.1")];
+    let mut env = vec![("PORT", port.as_str()), ("HOST", "127.0.0.1")];
+    env.extend_from_slice(extra);
     let process = Process::spawn(relayhub(&["--config", config.path()], &env));
     let base = format!("127.0.0.1:{port}");
     let health = format!("http://{base}/health");
@@ -369,4 +377,172 @@ async fn sigterm_closes_websockets_with_1001() {
     let status =
         status.unwrap_or_else(|| panic!("no exit within shutdown_timeout:\n{}", process.output()));
     assert_eq!(status.code(), Some(0), "{}", process.output());
+}
+
+#[test]
+fn help_and_version_name_the_commands() {
+    let (code, output) = run(&["--help"], &[]);
+    assert_eq!(code, 0, "{output}");
+    for word in [
+        "serve",
+        "check-config",
+        "publish",
+        "--config",
+        "RELAYHUB_LOG_FORMAT",
+    ] {
+        assert!(
+            output.contains(word),
+            "--help must mention {word}:\n{output}"
+        );
+    }
+    let (code, output) = run(&["--version"], &[]);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains(env!("CARGO_PKG_VERSION")), "{output}");
+    let (code, output) = run(&["publish", "--help"], &[]);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("--api-key") && output.contains("--url"),
+        "{output}"
+    );
+    // A subcommand that does not exist is an argument error, named.
+    let (code, output) = run(&["frobnicate"], &[]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("frobnicate"), "{output}");
+}
+
+#[test]
+fn the_check_config_command_validates_and_warns() {
+    let bad = ConfigFile::new("[websocket]\nclient_timeout = \"10s\"\n");
+    for args in [
+        &["check-config", "--config", bad.path()][..],
+        &["--config", bad.path(), "check-config"],
+    ] {
+        let (code, output) = run(args, &[]);
+        assert_eq!(code, 2, "{args:?}:\n{output}");
+        assert!(output.contains("websocket.client_timeout"), "{output}");
+    }
+    let (code, output) = run(&["check-config"], &[]);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("configuration is valid"), "{output}");
+    assert!(!output.contains("warning"), "{output}");
+    let unmatched = ConfigFile::new(&format!(
+        "[namespaces.{}]\npatterns = true\n",
+        "n".repeat(201)
+    ));
+    let (code, output) = run(&["check-config", "-c", unmatched.path()], &[]);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("warning") && output.contains("matches no channel"),
+        "{output}"
+    );
+}
+
+#[actix_web::test]
+async fn the_publish_command_goes_through_the_http_api() {
+    let config = ConfigFile::new("[server]\napi_key = \"k3y\"\n");
+    let (mut process, base) = start_binary(&config).await;
+    let mut ws = Ws::connect(&format!("ws://{base}/ws")).await;
+    ws.subscribe("chat:cli").await;
+    let url = format!("http://{base}");
+    let (code, output) = run(
+        &[
+            "publish",
+            "chat:cli",
+            r#"{"text":"hi"}"#,
+            "--url",
+            &url,
+            "--api-key",
+            "k3y",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("\"seq\""),
+        "the hub's answer is printed: {output}"
+    );
+    let message = ws.recv_type("message").await;
+    assert_eq!(message["data"], json!({"text": "hi"}), "{message}");
+    // The key may come from the environment.
+    let (code, output) = run(
+        &["publish", "chat:cli", "2"],
+        &[("RELAYHUB_URL", &url), ("RELAYHUB_API_KEY", "k3y")],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(ws.recv_type("message").await["data"], json!(2));
+    // Refused by the hub: exit 1 with its answer; not JSON: exit 2 before anything is sent.
+    let (code, output) = run(&["publish", "chat:cli", "3", "--url", &url], &[]);
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("401"), "{output}");
+    let (code, output) = run(
+        &[
+            "publish",
+            "chat:cli",
+            "{oops",
+            "--url",
+            &url,
+            "--api-key",
+            "k3y",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("not JSON"), "{output}");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let (code, output) = run(&["publish", "chat:cli", "4", "--url", &closed], &[]);
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("cannot reach"), "{output}");
+    // Nothing else arrived: the refused publishes published nothing.
+    ws.ping().await;
+    process.terminate();
+    assert_eq!(
+        process.wait(EXIT_TIMEOUT).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        process.output()
+    );
+}
+
+#[actix_web::test]
+async fn json_logs_are_one_object_a_line() {
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\n");
+    let (mut process, base) = start_binary_with(&config, &[("RELAYHUB_LOG_FORMAT", "json")]).await;
+    // A little traffic, so the log has more than the start.
+    let ws = Ws::connect(&format!("ws://{base}/ws")).await;
+    ws.close().await;
+    process.terminate();
+    assert_eq!(
+        process.wait(EXIT_TIMEOUT).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        process.output()
+    );
+    let output = process.output();
+    let lines: Vec<&str> = output.lines().collect();
+    assert!(lines.len() >= 3, "{output}");
+    let mut with_instance = 0;
+    for line in &lines {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{output}"));
+        for field in ["time", "level", "target", "message"] {
+            assert!(entry[field].is_string(), "{field} missing: {line}");
+        }
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(entry["time"].as_str().unwrap()).is_ok(),
+            "{line}"
+        );
+        with_instance += entry["instance_id"].is_string() as usize;
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("listening on")) && with_instance > 0,
+        "{output}"
+    );
+    // The text format stays the default, and a bad value is a configuration error naming the variable.
+    let (code, output) = run(&["--check-config"], &[("RELAYHUB_LOG_FORMAT", "xml")]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("RELAYHUB_LOG_FORMAT"), "{output}");
+    let bad = ConfigFile::new("[log]\nformat = \"yaml\"\n");
+    let (code, output) = run(&["check-config", "--config", bad.path()], &[]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("log.format"), "{output}");
 }

@@ -34,6 +34,34 @@ pub struct Config {
     pub demo: DemoConfig,
     /// The poller's fleet coordination.
     pub poller: PollerConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (one object a line, for a log shipper). `RELAYHUB_LOG_FORMAT` overrides.
+    pub format: LogFormat,
+    /// The log filter when `RUST_LOG` is not set: a level (`info`) or env_logger directives
+    /// (`warn,relayhub=debug`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +97,9 @@ pub struct ServerConfig {
     pub instance_id: String,
     /// Directory served at `/`.
     pub web_root: String,
+    /// A second address (`127.0.0.1:9090`) that serves only `GET /metrics`, for a scraper kept off the
+    /// public port; empty serves metrics on the main port only. They are on the main port either way.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +121,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             instance_id: String::new(),
             web_root: "web".into(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -475,6 +507,17 @@ impl Config {
         if let Some(id) = var("RELAYHUB_INSTANCE_ID") {
             self.server.instance_id = id;
         }
+        if let Some(format) = var("RELAYHUB_LOG_FORMAT") {
+            self.log.format = match format.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable RELAYHUB_LOG_FORMAT: `{format}` is not text or json"
+                    )));
+                }
+            };
+        }
         if let Some(url) = var("REDIS_URL") {
             self.redis.url = url;
         } else if let Some(host) = var("REDIS_HOST") {
@@ -560,6 +603,29 @@ impl Config {
         for entry in &self.server.trusted_proxies {
             parse_proxy(entry)
                 .map_err(|e| ConfigError(format!("config key `server.trusted_proxies`: {e}")))?;
+        }
+        for directive in self.log.level.split(',').map(str::trim) {
+            let level = directive
+                .rsplit_once('=')
+                .map_or(directive, |(_, level)| level);
+            let known = ["off", "error", "warn", "info", "debug", "trace"];
+            // A bare word may also be a module name (`relayhub::poller`): all its levels.
+            let is_module = !directive.contains('=') && !level.is_empty();
+            if !(known.contains(&level.to_ascii_lowercase().as_str()) || is_module) {
+                return err(
+                    "log.level",
+                    &format!("`{directive}` is not a level (off, error, warn, info, debug, trace)"),
+                );
+            }
+        }
+        if !self.server.metrics_listen.is_empty()
+            && std::net::ToSocketAddrs::to_socket_addrs(self.server.metrics_listen.as_str())
+                .is_err()
+        {
+            return err(
+                "server.metrics_listen",
+                "must be an address with a port, like 127.0.0.1:9090",
+            );
         }
         if self.channels.max_channels == 0 {
             return err("channels.max_channels", "must be at least 1");
@@ -665,11 +731,25 @@ impl Config {
         Ok(())
     }
 
+    /// Problems that do not stop the hub but are likely mistakes: `check-config` prints them, the hub logs
+    /// them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for name in self.namespaces.keys() {
+            if name.len() > crate::core::protocol::MAX_CHANNEL_LEN {
+                warnings.push(format!(
+                    "[namespaces.{name}] matches no channel: channel names are at most {} bytes",
+                    crate::core::protocol::MAX_CHANNEL_LEN
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Resolves a channel's settings from its namespace; `None` when strict namespaces refuse it.
     pub fn policy(&self, channel: &str) -> Option<ChannelPolicy> {
-        let namespace = channel.split_once(':').map(|(ns, _)| ns).unwrap_or("");
         let defaults = &self.channels;
-        match self.namespaces.get(namespace) {
+        match self.namespaces.get(namespace_of(channel)) {
             Some(ns) => Some(ChannelPolicy {
                 client_publish: ns.client_publish,
                 patterns: ns.patterns,
@@ -692,6 +772,11 @@ impl Config {
             history_ttl: self.channels.history_ttl,
         }
     }
+}
+
+/// The namespace of a channel: the part of its name before the first `:`.
+pub fn namespace_of(channel: &str) -> &str {
+    channel.split_once(':').map(|(ns, _)| ns).unwrap_or("")
 }
 
 /// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
@@ -927,6 +1012,28 @@ mod tests {
         assert!(parse_duration("3 weeks").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+    }
+
+    #[test]
+    fn log_settings_are_validated() {
+        let defaults = Config::load(None).unwrap();
+        assert_eq!(defaults.log.format, LogFormat::Text);
+        assert_eq!(defaults.log.level, "info");
+        for level in ["debug", "warn,relayhub=debug", "relayhub::poller", "off"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            c.validate().unwrap();
+        }
+        for level in ["", "relayhub=loud", "info,,"] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            let e = c.validate().unwrap_err().0;
+            assert!(e.contains("log.level"), "{level}: {e}");
+        }
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "RELAYHUB_LOG_FORMAT").then(|| "json".to_string()))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

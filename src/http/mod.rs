@@ -4,6 +4,8 @@ pub mod admission;
 pub mod auth;
 pub mod channels;
 pub mod health;
+pub mod metrics;
+pub mod openapi;
 pub mod polling;
 pub mod publish;
 pub mod reply;
@@ -25,27 +27,100 @@ use crate::node::hub::Hub;
 
 /// Registers every route. `/api` gets CORS for the allowed origins.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(crate::http::upgrade::not_an_upgrade))
-        .route("/health", web::get().to(health::health))
-        .route("/ready", web::get().to(health::ready))
-        .service(
-            web::scope("/api")
-                .wrap(actix_web::middleware::from_fn(refuse_foreign_writes))
-                .wrap(actix_web::middleware::from_fn(cors))
-                .route("/publish", web::post().to(publish::publish))
-                .route("/stats", web::get().to(stats::stats))
-                .route("/channels/{channel}", web::get().to(channels::latest))
-                .route(
-                    "/channels/{channel}/history",
-                    web::get().to(channels::history),
-                )
-                .route("/polling/start", web::post().to(polling::start))
-                .route("/polling/stop", web::post().to(polling::stop))
-                .route("/polling/refresh", web::post().to(polling::refresh))
-                .route("/polling/status", web::get().to(polling::status))
-                .route("/polling/sources", web::get().to(polling::sources))
-                .default_service(web::to(not_found)),
-        );
+    cfg.service(one(
+        "/ws",
+        Method::GET,
+        web::get().to(crate::http::upgrade::not_an_upgrade),
+    ))
+    .service(one("/health", Method::GET, web::get().to(health::health)))
+    .service(one("/ready", Method::GET, web::get().to(health::ready)))
+    .service(one(
+        "/metrics",
+        Method::GET,
+        web::get().to(metrics::metrics),
+    ))
+    .service(
+        web::scope("/api")
+            .wrap(actix_web::middleware::from_fn(refuse_foreign_writes))
+            .wrap(actix_web::middleware::from_fn(cors))
+            .service(one(
+                "/publish",
+                Method::POST,
+                web::post().to(publish::publish),
+            ))
+            .service(one("/stats", Method::GET, web::get().to(stats::stats)))
+            .service(one(
+                "/openapi.json",
+                Method::GET,
+                web::get().to(openapi::openapi),
+            ))
+            .service(one(
+                "/channels/{channel}",
+                Method::GET,
+                web::get().to(channels::latest),
+            ))
+            .service(one(
+                "/channels/{channel}/history",
+                Method::GET,
+                web::get().to(channels::history),
+            ))
+            .service(one(
+                "/polling/start",
+                Method::POST,
+                web::post().to(polling::start),
+            ))
+            .service(one(
+                "/polling/stop",
+                Method::POST,
+                web::post().to(polling::stop),
+            ))
+            .service(one(
+                "/polling/refresh",
+                Method::POST,
+                web::post().to(polling::refresh),
+            ))
+            .service(one(
+                "/polling/status",
+                Method::GET,
+                web::get().to(polling::status),
+            ))
+            .service(one(
+                "/polling/sources",
+                Method::GET,
+                web::get().to(polling::sources),
+            ))
+            .default_service(web::to(not_found)),
+    );
+}
+
+/// A path with its one method; any other method on it gets 405 with an `Allow` header and the JSON error
+/// shape (not 404: the path exists).
+fn one(path: &str, method: Method, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(web::to(move |req: HttpRequest| {
+            let allow = method.clone();
+            async move { method_not_allowed(&req, allow) }
+        }))
+}
+
+fn method_not_allowed(req: &HttpRequest, allow: Method) -> HttpResponse {
+    if req.method() == Method::OPTIONS {
+        return HttpResponse::NoContent()
+            .insert_header((header::ALLOW, format!("{allow}, OPTIONS")))
+            .finish();
+    }
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this endpoint takes {allow} only"),
+    );
+    response.headers_mut().insert(
+        header::ALLOW,
+        header::HeaderValue::from_str(allow.as_str())
+            .expect("a method name is a valid header value"),
+    );
+    response
 }
 
 /// The dashboard and client library; registered last so every other route wins.

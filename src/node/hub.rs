@@ -12,6 +12,7 @@ use actix::prelude::*;
 use crate::core::config::Config;
 use crate::core::publication::Publication;
 use crate::engine::{Engine, MemoryUsage};
+use crate::metrics::Metrics;
 use crate::node::fanout::{Counts, Fanout};
 use crate::node::messages::SessionId;
 use crate::node::observer::ChannelObserver;
@@ -44,6 +45,8 @@ struct Inner {
     config: Arc<Config>,
     instance_id: String,
     stats: Arc<Stats>,
+    /// The labeled counters of `GET /metrics`, shared with the registries' fan-out.
+    metrics: Arc<Metrics>,
     engine: Engine,
     /// The registries of the worker threads and the subscriber counts; the engine delivers through it.
     fanout: Arc<Fanout>,
@@ -60,11 +63,13 @@ impl Hub {
         fanout: Arc<Fanout>,
         instance_id: String,
     ) -> Hub {
+        let metrics = Arc::new(Metrics::new(&config));
         Hub {
             inner: Arc::new(Inner {
                 config,
                 instance_id,
                 stats,
+                metrics,
                 engine,
                 fanout,
                 shutting_down: AtomicBool::new(false),
@@ -80,6 +85,11 @@ impl Hub {
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// The labeled counters of `GET /metrics` (the plain ones are in `stats`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     pub fn engine(&self) -> &Engine {
@@ -120,6 +130,7 @@ impl Hub {
             self.inner.fanout.clone(),
             observer,
             self.inner.stats.clone(),
+            self.inner.metrics.clone(),
             self.config().channels.max_pattern_snapshots,
         )
         .start_here()
@@ -167,6 +178,7 @@ impl Hub {
             policy.ttl = ttl;
         }
         Stats::add(&self.inner.stats.messages_published, 1);
+        self.inner.metrics.published(channel);
         let published = self.inner.engine.publish(channel, data, policy).await;
         Ok(PublishOutcome {
             seq: published.seq,

@@ -18,6 +18,7 @@ use crate::core::position::{Position, Verdict, admit};
 use crate::core::protocol::{self, RequestId, Target, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
+use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
     CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
@@ -111,6 +112,8 @@ pub struct Registry {
     /// Told about first and last subscribers, and asked to fill empty caches.
     observer: Arc<dyn ChannelObserver>,
     stats: Arc<Stats>,
+    /// Deliveries by namespace, for `GET /metrics`.
+    metrics: Arc<Metrics>,
     /// `channels.max_pattern_snapshots`.
     max_pattern_snapshots: usize,
     sessions: HashMap<SessionId, SessionEntry>,
@@ -129,6 +132,7 @@ impl Registry {
         fanout: Arc<Fanout>,
         observer: Arc<dyn ChannelObserver>,
         stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
         max_pattern_snapshots: usize,
     ) -> Registry {
         Registry {
@@ -136,6 +140,7 @@ impl Registry {
             fanout,
             observer,
             stats,
+            metrics,
             max_pattern_snapshots,
             sessions: HashMap::new(),
             channels: HashMap::new(),
@@ -262,6 +267,7 @@ impl Registry {
             }
         }
         Stats::add(&stats.messages_delivered, delivered);
+        self.metrics.delivered(&publication.channel, delivered);
         for id in slow.drain(..) {
             self.drop_slow(id);
         }

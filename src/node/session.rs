@@ -184,6 +184,7 @@ impl Session {
     }
 
     fn send_error(&self, id: &RequestId, error: &ProtocolError) {
+        self.hub.metrics().rejected(error.code);
         self.outbox.push_text(&protocol::error_frame(id, error));
     }
 
@@ -427,6 +428,7 @@ impl Actor for Session {
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.registry.do_send(Disconnect { id: self.id });
+        self.hub.metrics().disconnected(self.outbox.close_code());
         self.hub
             .stats()
             .connections

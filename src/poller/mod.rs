@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::core::backoff;
 use crate::core::config::format_duration;
 use crate::engine::EngineError as RedisError;
+use crate::metrics::FetchResult;
 use crate::node::hub::Hub;
 use crate::node::observer::ChannelObserver;
 use crate::poller::fetch::{FetchError, Fetched, Validators};
@@ -414,16 +415,19 @@ impl Poller {
         let previous = job.previous.clone();
         let validators = (!force).then(|| job.validators.clone());
         let fut = async move {
-            run_fetch(&client, &hub, &source, &spec, previous, validators.as_ref()).await
+            let started = Instant::now();
+            let fetch =
+                run_fetch(&client, &hub, &source, &spec, previous, validators.as_ref()).await;
+            (fetch, started.elapsed())
         };
         let id = id.to_string();
         ctx.spawn(
             fut.into_actor(self)
-                .map(move |outcome, act, ctx| act.fetched(&id, outcome, ctx)),
+                .map(move |(fetch, took), act, ctx| act.fetched(&id, fetch, took, ctx)),
         );
     }
 
-    fn fetched(&mut self, id: &str, fetch: Fetch, ctx: &mut Context<Self>) {
+    fn fetched(&mut self, id: &str, fetch: Fetch, took: Duration, ctx: &mut Context<Self>) {
         let subscribers = self
             .hub
             .local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
@@ -438,6 +442,14 @@ impl Poller {
             job.validators = validators;
         }
         let interval = job.source.interval;
+        // A fetch put off by the request budget made no request: it is not a fetch in the metrics.
+        let result = match &fetch.result {
+            Ok(Outcome::Published(_)) => Some(FetchResult::Published),
+            Ok(Outcome::Unchanged) => Some(FetchResult::Unchanged),
+            Ok(Outcome::NotModified) => Some(FetchResult::NotModified),
+            Ok(Outcome::Delayed(_)) => None,
+            Err(_) => Some(FetchResult::Error),
+        };
         let now = crate::core::protocol::now_ts;
         let success = |job: &mut OwnedJob| {
             job.status.fetches += 1;
@@ -497,8 +509,26 @@ impl Poller {
                 }
             }
         };
+        if let Some(result) = result {
+            self.record_fetch(id, result, took);
+        }
         self.schedule(id, delay, ctx);
         self.write_status(id);
+    }
+
+    /// The fetch metrics of the job's source; its failure gauge is the worst of the source's jobs here.
+    fn record_fetch(&self, id: &str, result: FetchResult, took: Duration) {
+        let Some(source) = self.owned.get(id).map(|job| job.source.name.as_str()) else {
+            return;
+        };
+        let failures = self
+            .owned
+            .values()
+            .filter(|job| job.source.name == source)
+            .map(|job| job.status.consecutive_failures)
+            .max()
+            .unwrap_or(0);
+        self.hub.metrics().fetched(source, result, took, failures);
     }
 
     fn write_status(&self, id: &str) {

@@ -42,6 +42,8 @@ struct Queue {
     waker: Option<Waker>,
     /// A close frame is queued (or the connection is gone): nothing more is accepted.
     closing: bool,
+    /// The code of the close frame queued, if one was (the disconnect counters are by close code).
+    close_code: Option<u16>,
 }
 
 /// The queue is full: the client has stopped reading.
@@ -59,6 +61,7 @@ impl Outbox {
             max_bytes,
             waker: None,
             closing: false,
+            close_code: None,
         })))
     }
 
@@ -117,6 +120,7 @@ impl Outbox {
             return false;
         }
         queue.closing = true;
+        queue.close_code = Some(code);
         let close = frame::close(code, reason);
         queue.bytes += close.len();
         queue.frames.push_back(close);
@@ -124,6 +128,11 @@ impl Outbox {
             waker.wake_by_ref();
         }
         true
+    }
+
+    /// The code of the close frame queued, `None` when the connection ended without one.
+    pub fn close_code(&self) -> Option<u16> {
+        self.lock().close_code
     }
 
     /// Whether a close has been queued (or the connection is gone).
