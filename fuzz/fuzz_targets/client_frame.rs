@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let parsed = protocol::parse_client_frame(text);
     let answer = match &parsed.frame {
-        Ok(ClientFrame::Subscribe { channel }) | Ok(ClientFrame::Unsubscribe { channel }) => {
+        Ok(ClientFrame::Subscribe { channel, .. }) | Ok(ClientFrame::Unsubscribe { channel }) => {
             let _ = protocol::parse_target(channel);
             let answer = protocol::subscribed_frame(&parsed.id, channel);
             let json: Value = serde_json::from_str(&answer).expect("a subscribed frame is JSON");
