@@ -159,15 +159,18 @@ pub fn parse_client_frame(text: &str) -> ParsedFrame {
     let id = match raw.id {
         None => None,
         Some(id) if id.get() == "null" => None,
+        Some(id) if id.get().starts_with('"') => Some(id.to_owned()),
+        // A number is echoed as written, so it must be one every JSON parser can read back: finite as a
+        // double (`1e400` is valid JSON grammar, but serde_json and others refuse it as out of range).
         Some(id)
-            if id.get().starts_with('"')
-                || id
-                    .get()
-                    .starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) =>
+            if id
+                .get()
+                .starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+                && id.get().parse::<f64>().is_ok_and(f64::is_finite) =>
         {
             Some(id.to_owned())
         }
-        Some(_) => return bad("`id` must be a number or a string"),
+        Some(_) => return bad("`id` must be a string or a finite number"),
     };
     let frame = parse_fields(&raw);
     ParsedFrame { id, frame }
@@ -360,6 +363,20 @@ pub fn now_ts() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_id_out_of_a_doubles_range_is_refused() {
+        for text in [
+            r#"{"op":"ping","id":1e400}"#,
+            r#"{"op":"ping","id":33333333333333333333e3333333333}"#,
+        ] {
+            let parsed = parse_client_frame(text);
+            assert!(parsed.id.is_none(), "{text}");
+            assert!(parsed.frame.is_err(), "{text}");
+        }
+        let parsed = parse_client_frame(r#"{"op":"ping","id":123456789012345678901234567890}"#);
+        assert!(parsed.id.is_some() && parsed.frame.is_ok());
+    }
+
     use super::*;
 
     fn err(text: &str) -> ProtocolError {
