@@ -12,6 +12,9 @@ export interface MessageMeta {
   ts: string | null;
   /** True for the latest value sent on subscribe (or read through the REST fallback), false for a live message. */
   snapshot: boolean;
+  /** True for a message the client missed while disconnected, replayed from the hub's history (after a
+   * resubscribe the hub answered `recovered:true`, or read by the REST fallback). */
+  recovered: boolean;
   /** How the value arrived: over the WebSocket, or by the REST fallback. */
   source: "socket" | "rest";
 }
@@ -117,12 +120,21 @@ export interface ErrorInfo {
   dropped?: boolean;
 }
 
+/** Payload of a `gap` event: the hub no longer holds everything the client missed on `channel` (history
+ * trimmed or expired, hub or Redis restarted); the channel's latest value follows as a snapshot. */
+export interface GapInfo {
+  channel: string;
+  /** Where the gap was found: on resubscribing over the WebSocket, or by the REST fallback. */
+  source: "socket" | "rest";
+}
+
 /** Listener signatures by event name. */
 export interface RelayHubEvents {
   status: (state: Status, detail: StatusDetail) => void;
   latency: (ms: number) => void;
   error: (info: ErrorInfo) => void;
   fallback: (active: boolean) => void;
+  gap: (info: GapInfo) => void;
 }
 
 /** The error a refused or failed publish rejects with; `code` is set when the hub (or a full queue) refused. */
@@ -168,7 +180,8 @@ export declare class RelayHub {
 
   /**
    * Subscribes `onMessage` to a channel or a pattern (`prefix:*`): the latest value first (a snapshot, when the
-   * hub has one), then every message. Works offline; renewed after every reconnect.
+   * hub has one), then every message. Works offline; renewed after every reconnect from the channel's
+   * position, so missed messages arrive with `meta.recovered` (or a `gap` event, then a snapshot).
    * @returns a function that removes this callback (and unsubscribes when it was the last one)
    * @throws {TypeError} when the channel name is invalid or `onMessage` is not a function
    */

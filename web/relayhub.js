@@ -5,10 +5,18 @@
 // Layout of this file:
 //   constants and functions    defaults, channel-name check, URL derivation, backoff
 //   class RelayHub             public API (subscribe, publish, on, close, connect, status, latency)
-//     connection               _open, _onOpen, _onFrame, _onClose, _scheduleReconnect
+//     connection               _open, _onOpen, _onFrame, _onSubscribed, _onClose, _scheduleReconnect
 //     outgoing                 _enqueue, _resubscribeAndFlush, _send
+//     delivery                 _deliver, _admit (the position rule)
 //     heartbeat                _tick, _sendPing, _onPong
-//     REST fallback            _startFallback, _stopFallback, _poll
+//     REST fallback            _startFallback, _stopFallback, _poll, _pollChannel
+//
+// Positions: for every exact channel the client keeps where it stands, the hub's (epoch, seq) of the newest
+// message it delivered. A value is handed to the callbacks only when its seq is above that position, which
+// then moves to it; values without seq (outside producers) always pass. After a reconnect every channel is
+// subscribed again with `since` = its position, so the hub replays exactly what was missed (`recovered:true`)
+// or says it cannot (`recovered:false`, a `gap` event, then the snapshot). The REST fallback reads the same
+// history with `since_seq`.
 
 /** Defaults of every option of {@link RelayHub}. */
 export const DEFAULTS = Object.freeze({
@@ -36,6 +44,9 @@ const PATTERN_RE = /^[A-Za-z0-9_.:@-]{1,200}(?<=:)\*$/;
  * same moment, so the first reconnect waits a random time in [0, drainJitter) rather than stampeding.
  */
 const CLOSE_GOING_AWAY = 1001;
+
+/** Most history pages one REST fallback round reads for a channel that is far behind. */
+const MAX_CATCH_UP_PAGES = 10;
 
 /** Error codes after which a subscription is dropped instead of retried on every reconnect. */
 const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "invalid_channel", "too_many_subscriptions", "bad_request"]);
@@ -120,6 +131,8 @@ function safeCall(fn, ...args) {
  * @property {string|null} ts  ISO-8601 time the hub stored the value, when known
  * @property {boolean} snapshot  true for the latest value sent on subscribe (or read through the REST fallback),
  *   false for a live message
+ * @property {boolean} recovered  true for a message the client missed while disconnected, replayed from the
+ *   hub's history (after a resubscribe the hub answered `recovered:true`, or read by the REST fallback)
  * @property {"socket"|"rest"} source  how the value arrived: over the WebSocket, or by the REST fallback
  */
 
@@ -166,8 +179,10 @@ function safeCall(fn, ...args) {
  * in the latter case the REST fallback keeps polling until `close()`, and {@link RelayHub#connect} tries again).
  *
  * Events (see {@link RelayHub#on}): `status` (state, detail), `latency` (ms), `error` ({code, message, channel,
- * op, dropped}), `fallback` (active: boolean). `dropped` is true when the hub refused a subscription for good
- * (forbidden, invalid_channel, too_many_subscriptions, bad_request): the channel is then forgotten.
+ * op, dropped}), `fallback` (active: boolean), `gap` ({channel, source}). `dropped` is true when the hub refused
+ * a subscription for good (forbidden, invalid_channel, too_many_subscriptions, bad_request): the channel is
+ * then forgotten. `gap`: the hub no longer holds everything the client missed on a channel (history trimmed or
+ * expired, hub or Redis restarted); the channel's latest value follows as a snapshot.
  */
 export class RelayHub {
   /**
@@ -187,7 +202,11 @@ export class RelayHub {
     this._fetch = this.options.fetch ?? globalThis.fetch?.bind(globalThis);
     if (typeof this._WebSocket !== "function") throw new TypeError("RelayHub: no WebSocket implementation");
 
-    /** channel -> { handlers: Set<Function>, last: {seq, data} | null } : what the user wants, on or offline. */
+    /**
+     * channel -> { handlers: Set<Function>, last: {data, meta} | null, prefix, pos: {epoch, seq} | null,
+     * replayUntil }: what the user wants, on or offline. `pos` is the position (epoch null until the hub named
+     * it); `replayUntil` the hub's newest seq when it answered `recovered:true` (messages up to it are replays).
+     */
     this._subs = new Map();
     /** Frames waiting for an open socket, in call order. */
     this._queue = [];
@@ -290,7 +309,8 @@ export class RelayHub {
         });
       }
     } else {
-      sub = { handlers: new Set([onMessage]), last: null, prefix: isPattern(channel) ? channel.slice(0, -1) : null };
+      const prefix = isPattern(channel) ? channel.slice(0, -1) : null;
+      sub = { handlers: new Set([onMessage]), last: null, prefix, pos: null, replayUntil: 0 };
       if (sub.prefix !== null) this._patternCount += 1;
       this._subs.set(channel, sub);
       this._enqueue({ op: "subscribe", channel });
@@ -330,8 +350,8 @@ export class RelayHub {
 
   /**
    * Adds a listener. Events: `status` (state, {code, reason, attempt, delay}), `latency` (ms),
-   * `error` ({code, message, channel, op, dropped}), `fallback` (active).
-   * @param {"status"|"latency"|"error"|"fallback"} event
+   * `error` ({code, message, channel, op, dropped}), `fallback` (active), `gap` ({channel, source}).
+   * @param {"status"|"latency"|"error"|"fallback"|"gap"} event
    * @param {Function} fn
    * @returns {() => void} a function that removes the listener
    */
@@ -456,15 +476,19 @@ export class RelayHub {
 
     switch (frame.type) {
       case "message":
-      case "snapshot":
+      case "snapshot": {
+        const seq = typeof frame.seq === "number" ? frame.seq : null;
+        const sub = this._subs.get(frame.channel);
         this._deliver(frame.channel, frame.data, {
           channel: frame.channel,
-          seq: frame.seq ?? null,
+          seq,
           ts: frame.ts ?? null,
           snapshot: frame.type === "snapshot",
+          recovered: frame.type === "message" && seq !== null && sub?.prefix === null && seq <= sub.replayUntil,
           source: "socket",
         });
         break;
+      }
       case "pong":
         this._onPong(frame.id);
         break;
@@ -474,6 +498,9 @@ export class RelayHub {
         break;
       }
       case "subscribed":
+        this._takePending(frame.id);
+        this._onSubscribed(frame);
+        break;
       case "unsubscribed":
         this._takePending(frame.id);
         break;
@@ -483,6 +510,24 @@ export class RelayHub {
       default:
         break; // frame types added later by the server are ignored
     }
+  }
+
+  /**
+   * A channel's subscription is live. `recovered:true`: the missed messages follow, the position stands.
+   * Otherwise the position starts afresh at the hub's newest seq (the snapshot that follows is the value at
+   * that point), and `recovered:false` (a `since` the hub could not serve) is reported as a gap.
+   */
+  _onSubscribed(frame) {
+    const sub = this._subs.get(frame.channel);
+    // Patterns carry no position; an answer to a repeated subscribe carries none either.
+    if (!sub || sub.prefix !== null || typeof frame.epoch !== "string") return;
+    if (frame.recovered === true && sub.pos?.epoch === frame.epoch) {
+      sub.replayUntil = typeof frame.seq === "number" ? frame.seq : 0;
+      return;
+    }
+    sub.pos = { epoch: frame.epoch, seq: typeof frame.seq === "number" ? frame.seq : 0 };
+    sub.replayUntil = 0;
+    if (frame.recovered === false) this._emit("gap", { channel: frame.channel, source: "socket" });
   }
 
   _onErrorFrame(frame) {
@@ -606,11 +651,16 @@ export class RelayHub {
     return this._ws !== null && this._ws.readyState === 1;
   }
 
-  /** On open: renew subscriptions from before the outage, then send what was queued, in call order. */
+  /**
+   * On open: renew subscriptions from before the outage, each from its position (`since`) when the hub named
+   * one, then send what was queued, in call order.
+   */
   _resubscribeAndFlush() {
     const queuedSubs = new Set(this._queue.filter((q) => q.frame.op === "subscribe").map((q) => q.frame.channel));
-    for (const channel of this._subs.keys()) {
-      if (!queuedSubs.has(channel)) this._send({ op: "subscribe", channel }, null);
+    for (const [channel, sub] of this._subs) {
+      if (queuedSubs.has(channel)) continue;
+      const since = sub.pos?.epoch != null ? { epoch: sub.pos.epoch, seq: sub.pos.seq } : undefined;
+      this._send(since ? { op: "subscribe", channel, since } : { op: "subscribe", channel }, null);
     }
     const queue = this._queue;
     this._queue = [];
@@ -676,8 +726,8 @@ export class RelayHub {
   _deliver(channel, data, meta) {
     if (typeof channel !== "string") return;
     const sub = this._subs.get(channel);
-    if (sub && sub.prefix === null) {
-      sub.last = { seq: meta.seq, data, text: null, meta };
+    if (sub && sub.prefix === null && this._admit(sub, meta.seq, meta.snapshot)) {
+      sub.last = { data, meta };
       for (const fn of [...sub.handlers]) safeCall(fn, data, meta);
     }
     if (this._patternCount === 0) return;
@@ -685,6 +735,24 @@ export class RelayHub {
       if (p.prefix === null || !channel.startsWith(p.prefix)) continue;
       for (const fn of [...p.handlers]) safeCall(fn, data, meta);
     }
+  }
+
+  /**
+   * The position rule: a message with a seq at or below the channel's position was delivered already (a
+   * replay overlapping the REST fallback, a resent copy) and is dropped; above it, it is delivered and the
+   * position moves to it. Values without seq always pass and leave the position where it is. A snapshot is
+   * the starting value of a fresh position (it comes right after the position was set), so it passes and
+   * only moves the position forward.
+   */
+  _admit(sub, seq, snapshot) {
+    if (typeof seq !== "number") return true;
+    if (sub.pos === null) {
+      sub.pos = { epoch: null, seq };
+      return true;
+    }
+    if (seq <= sub.pos.seq && !snapshot) return false;
+    sub.pos.seq = Math.max(sub.pos.seq, seq);
+    return true;
   }
 
   // --- heartbeat ---------------------------------------------------------------------------------------------
@@ -768,44 +836,79 @@ export class RelayHub {
     }
   }
 
+  /**
+   * One channel's fallback read. Positioned (the hub named an epoch, or a seq was seen): the history after the
+   * position, oldest first, page by page, each message through the position rule with `meta.recovered`. When
+   * the history no longer holds all of it, a `gap` event and then the latest value as a snapshot, as on the
+   * socket. Not positioned yet: the latest value. A value without seq (an outside producer's) is read only
+   * while not positioned, and is handed over again on each such round.
+   */
   async _pollChannel(channel) {
+    const sub = this._subs.get(channel);
+    if (!sub || sub.prefix !== null) return;
+    const live = () => this._fallbackTimer !== null && this._subs.get(channel) === sub;
+    let snapshot = sub.pos === null;
+    for (let page = 0; !snapshot && page < MAX_CATCH_UP_PAGES; page++) {
+      const query = new URLSearchParams({ since_seq: String(sub.pos.seq) });
+      if (sub.pos.epoch !== null) query.set("epoch", sub.pos.epoch);
+      const body = await this._getJson(`/api/channels/${channel}/history?${query}`);
+      if (!live() || body === null || !Array.isArray(body.items)) return;
+      if (body.recovered !== true) {
+        // As on the socket: a fresh position at the hub's newest seq, a gap, then the latest value.
+        const epoch = typeof body.epoch === "string" ? body.epoch : null;
+        sub.pos = { epoch, seq: typeof body.seq === "number" ? body.seq : 0 };
+        sub.replayUntil = 0;
+        this._emit("gap", { channel, source: "rest" });
+        snapshot = true;
+        break;
+      }
+      // A position first seen over REST learns its epoch here.
+      if (sub.pos.epoch === null && typeof body.epoch === "string") sub.pos.epoch = body.epoch;
+      for (const item of body.items) {
+        this._deliver(channel, item.data, {
+          channel,
+          seq: typeof item.seq === "number" ? item.seq : null,
+          ts: item.ts ?? null,
+          snapshot: false,
+          recovered: true,
+          source: "rest",
+        });
+      }
+      const last = body.items.at(-1)?.seq;
+      // Done unless the page was cut by the hub's limit before the channel's newest seq.
+      if (typeof last !== "number" || last >= body.seq) return;
+    }
+    if (!snapshot) return; // still catching up after MAX_CATCH_UP_PAGES: the next round goes on
+    // Channel names hold only URL-path-safe characters, so they go into the path as they are.
+    const body = await this._getJson(`/api/channels/${channel}`);
+    if (!live() || body === null) return;
+    this._deliver(channel, body.data, {
+      channel,
+      seq: typeof body.seq === "number" ? body.seq : null,
+      ts: body.ts ?? null,
+      snapshot: true,
+      recovered: false,
+      source: "rest",
+    });
+  }
+
+  /** GET `path` of the REST API as JSON; null on any failure (404: no value yet; the hub unreachable...). */
+  async _getJson(path) {
     const ctl = typeof AbortController === "function" ? new AbortController() : null;
     const timer = ctl ? setTimeout(() => ctl.abort(), Math.max(1000, this.options.fallbackInterval)) : null;
-    let body;
     try {
-      // Channel names hold only URL-path-safe characters, so they go into the path as they are.
-      const res = await this._fetch(`${this.restBase}/api/channels/${channel}`, {
+      const res = await this._fetch(`${this.restBase}${path}`, {
         headers: { Accept: "application/json" },
         cache: "no-store",
         signal: ctl?.signal,
       });
-      if (!res.ok) return; // 404: no value yet; anything else: try again next round
-      body = await res.json();
+      if (!res.ok) return null;
+      const body = await res.json();
+      return body !== null && typeof body === "object" ? body : null;
     } catch {
-      return; // the hub is unreachable over HTTP too
+      return null;
     } finally {
       clearTimeout(timer);
     }
-    // The socket may have come back while the request was in flight: it is the source of truth then.
-    if (this._fallbackTimer === null || body === null || typeof body !== "object") return;
-    const sub = this._subs.get(channel);
-    if (!sub || sub.prefix !== null) return;
-    const seq = body.seq ?? null;
-    if (!changed(sub.last, seq, body.data)) return;
-    this._deliver(channel, body.data, {
-      channel,
-      seq,
-      ts: body.ts ?? null,
-      snapshot: true,
-      source: "rest",
-    });
   }
-}
-
-/** Whether a value read over REST differs from the last one delivered: by seq, or by JSON text without seq. */
-function changed(last, seq, data) {
-  if (!last) return true;
-  if (seq !== null || last.seq !== null) return seq !== last.seq;
-  if (last.text === null) last.text = JSON.stringify(last.data);
-  return JSON.stringify(data) !== last.text;
 }

@@ -10,6 +10,7 @@ import {
   isValidChannel,
   namespaceOf,
   type ErrorInfo,
+  type GapInfo,
   type MessageMeta,
   type PublishError,
   type RelayHubOptions,
@@ -46,7 +47,8 @@ interface Price {
 const off = hub.subscribe<Price>("prices:BTC", (data, meta: MessageMeta) => {
   const line: string = `${meta.channel} ${meta.seq ?? "-"} ${meta.ts ?? "-"} ${data.symbol} ${data.price}`;
   const how: "socket" | "rest" = meta.source;
-  console.log(line, how, meta.snapshot ? "snapshot" : "live");
+  const replayed: boolean = meta.recovered;
+  console.log(line, how, meta.snapshot ? "snapshot" : "live", replayed ? "recovered" : "");
 });
 const offPattern = hub.subscribe("prices:*", (data: unknown, meta) => console.log(meta.channel, data));
 
@@ -57,6 +59,10 @@ hub.on("latency", (ms: number) => console.log(ms.toFixed(1)));
 const onError = (info: ErrorInfo) => console.log(info.code, info.message, info.channel, info.op, info.dropped);
 hub.on("error", onError);
 hub.on("fallback", (active: boolean) => console.log(active));
+hub.on("gap", (info: GapInfo) => {
+  const where: "socket" | "rest" = info.source;
+  console.log(`${info.channel}: messages missed (${where}); the latest value follows`);
+});
 hub.off("error", onError);
 
 async function main(): Promise<void> {
@@ -91,6 +97,8 @@ new RelayHub("/ws", { maxQueue: "1000" });
 new RelayHub("/ws", { drainJiter: 5_000 });
 // @ts-expect-error no such event
 hub.on("message", () => {});
+// @ts-expect-error a gap listener gets a GapInfo, not a string
+hub.on("gap", (channel: string) => console.log(channel));
 // @ts-expect-error a status listener gets a Status, not a number
 hub.on("status", (state: number) => console.log(state));
 // @ts-expect-error status is read-only
