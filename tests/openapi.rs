@@ -239,6 +239,29 @@ async fn every_documented_operation_answers_as_documented() {
         )
         .await;
     assert_eq!(items["items"].as_array().map(Vec::len), Some(1));
+    let epoch = items["epoch"].as_str().expect("an epoch").to_string();
+    let after = c
+        .call(
+            &hub,
+            "GET",
+            history,
+            &format!("/api/channels/chat:a/history?since_seq=0&epoch={epoch}"),
+            &[],
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(after["recovered"], true, "{after}");
+    c.call(
+        &hub,
+        "GET",
+        history,
+        "/api/channels/chat:a/history?epoch=E",
+        &[],
+        None,
+        400,
+    )
+    .await;
     c.call(
         &hub,
         "GET",

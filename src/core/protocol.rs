@@ -137,7 +137,7 @@ struct Since {
 }
 
 /// Longest epoch accepted in `since` (the hub's own are 12 characters).
-const MAX_EPOCH_LEN: usize = 64;
+pub const MAX_EPOCH_LEN: usize = 64;
 
 /// Parses a text frame. Never fails as a whole: a bad frame yields a `ProtocolError` to send back.
 pub fn parse_client_frame(text: &str) -> ParsedFrame {

@@ -1,12 +1,17 @@
 //! `GET /api/channels/{channel}` (the latest value: the REST fallback for clients whose WebSocket fails) and
-//! `GET /api/channels/{channel}/history?limit=N` (the last snapshots, newest first).
+//! `GET /api/channels/{channel}/history?limit=N` (the last snapshots, newest first; with `since_seq=N` and
+//! `epoch=E`, what a client that saw up to N missed, oldest first, and whether that is all of it).
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde_json::value::RawValue;
 
-use crate::core::protocol::validate_channel;
+use std::sync::Arc;
+
+use crate::core::position::Position;
+use crate::core::protocol::{MAX_EPOCH_LEN, validate_channel};
 use crate::core::publication::Publication;
+use crate::engine::Window;
 use crate::http::reply::error_response;
 use crate::node::hub::Hub;
 
@@ -30,6 +35,10 @@ pub async fn latest(hub: web::Data<Hub>, channel: web::Path<String>) -> HttpResp
 #[derive(serde::Deserialize)]
 pub struct HistoryQuery {
     limit: Option<usize>,
+    /// Only messages after this seq, oldest first: what a client that saw up to it missed.
+    since_seq: Option<u64>,
+    /// The epoch `since_seq` belongs to (default: the channel's current one).
+    epoch: Option<String>,
 }
 
 /// One history item. `data` is the published JSON as is (re-parsing it would reorder keys and round numbers).
@@ -43,45 +52,96 @@ struct Item<'a> {
 #[derive(serde::Serialize)]
 struct History<'a> {
     channel: &'a str,
+    /// The channel's epoch: `since_seq` is only meaningful under it.
+    epoch: &'a str,
+    /// The channel's newest seq under `epoch` (0 when none): a reader of `since_seq` pages that are cut by
+    /// `limit` knows it has everything when its last item has this seq.
+    seq: u64,
+    /// With `since_seq`: whether the history held every message after it under the epoch asked for (the
+    /// meaning of `recovered` on the WebSocket). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
     items: Vec<Item<'a>>,
 }
 
 pub async fn history(
     hub: web::Data<Hub>,
     channel: web::Path<String>,
-    // Taken as a `Result` so a bad `limit` gets the API's error shape, not actix's plain-text reply.
+    // Taken as a `Result` so a bad query gets the API's error shape, not actix's plain-text reply.
     query: Result<web::Query<HistoryQuery>, actix_web::Error>,
 ) -> HttpResponse {
     if let Err(e) = validate_channel(&channel) {
         return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
     }
     let query = match query {
-        Ok(query) => query,
+        Ok(query) => query.into_inner(),
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                &format!("limit must be a whole number: {e}"),
+                &format!("limit and since_seq must be whole numbers: {e}"),
             );
         }
     };
-    let kept = hub
+    if let Some(epoch) = &query.epoch {
+        let refusal = if query.since_seq.is_none() {
+            Some("epoch is only meaningful with since_seq".to_string())
+        } else if epoch.is_empty() || epoch.len() > MAX_EPOCH_LEN {
+            Some(format!("epoch is 1 to {MAX_EPOCH_LEN} characters"))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            return error_response(StatusCode::BAD_REQUEST, "bad_request", &message);
+        }
+    }
+    let policy = hub
         .config()
         .policy(&channel)
-        .unwrap_or_else(|| hub.config().default_policy())
-        .history_size;
-    let limit = query.limit.unwrap_or(kept).min(kept.max(1)).min(1000);
-    match hub.engine().history(&channel, limit).await {
-        Ok(found) => render(&channel, &found),
-        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
-    }
+        .unwrap_or_else(|| hub.config().default_policy());
+    let limit = query
+        .limit
+        .unwrap_or(policy.history_size)
+        .min(policy.history_size.max(1))
+        .min(1000);
+    // One atomic read: the epoch, the newest seq and the history belong together.
+    let window = match hub.engine().window(&channel, policy).await {
+        Ok(window) => window,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
+    };
+    let Some(after) = query.since_seq else {
+        // The plain read lists every stored snapshot (values of outside producers without seq included).
+        return match hub.engine().history(&channel, limit).await {
+            Ok(found) => render(&channel, &window, None, &found),
+            Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.0),
+        };
+    };
+    let since = Position {
+        epoch: query.epoch.unwrap_or_else(|| window.epoch.to_string()),
+        seq: after,
+    };
+    let recovered = window.replay_after(&since).is_some();
+    // What history holds after `since_seq`, oldest first, even when it is not everything: the answer says so.
+    let mut found: Vec<Arc<Publication>> = window
+        .history
+        .iter()
+        .filter(|p| p.seq.is_some_and(|seq| seq > after))
+        .cloned()
+        .collect();
+    found.reverse();
+    found.truncate(limit);
+    render(&channel, &window, Some(recovered), &found)
 }
 
-fn render<P: std::borrow::Borrow<Publication>>(channel: &str, found: &[P]) -> HttpResponse {
+fn render(
+    channel: &str,
+    window: &Window,
+    recovered: Option<bool>,
+    found: &[Arc<Publication>],
+) -> HttpResponse {
     let items = found
         .iter()
         .map(|p| {
-            let p = p.borrow();
             Item {
                 // Valid JSON by construction (validated on publish or on arrival from Redis).
                 data: serde_json::from_str(p.data()).unwrap_or(RawValue::NULL),
@@ -90,5 +150,13 @@ fn render<P: std::borrow::Borrow<Publication>>(channel: &str, found: &[P]) -> Ht
             }
         })
         .collect();
-    HttpResponse::Ok().json(History { channel, items })
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(History {
+            channel,
+            epoch: &window.epoch,
+            seq: window.seq,
+            recovered,
+            items,
+        })
 }
