@@ -27,7 +27,8 @@ export RELAYHUB_BIN="$bin"
 export RELAYHUB_TARGET_DIR="$target_dir"
 
 cd "$repo/tests/browser"
-# client.test.mjs drives relayhub.js from node itself; node 20 has WebSocket only behind a flag.
+# client.test.mjs and recovery.test.mjs drive relayhub.js from node itself (recovery.test.mjs also starts a
+# private redis-server); node 20 has WebSocket only behind a flag.
 ws_flag=()
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
-exec node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs
+exec node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs recovery.test.mjs

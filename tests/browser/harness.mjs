@@ -75,18 +75,21 @@ export function freePort() {
   });
 }
 
-/** The TOML config the tests run the hub with: loopback only, memory mode, the demo source, a chat namespace. */
-function testConfig() {
+/**
+ * The TOML config the tests run the hub with: loopback only, memory mode (or the given Redis), the demo
+ * source, a chat namespace, and any `extra` TOML (tables not named above).
+ */
+function testConfig({ redisUrl = "", instanceId = "browser-test", extra = "" } = {}) {
   const webRoot = path.join(repoRoot, "web");
   return `# Written by tests/browser/harness.mjs for one test run.
 [server]
 host = "127.0.0.1"
 web_root = ${JSON.stringify(webRoot)}
-instance_id = "browser-test"
+instance_id = ${JSON.stringify(instanceId)}
 shutdown_timeout = "2s"
 
 [redis]
-url = ""
+url = ${JSON.stringify(redisUrl)}
 
 [demo]
 enabled = true
@@ -94,19 +97,19 @@ symbols = []          # test 6 starts its demo jobs through the polling API
 
 [namespaces.chat]
 client_publish = true
-`;
+${extra}`;
 }
 
 /**
  * A relayhub process started by the tests. `start()` can be called again after `kill()`: same port, same
- * config, same log file (appended).
+ * config, same log file (appended). `options`: `redisUrl` (default: memory mode), `instanceId`, `extra` TOML.
  */
 export class Hub {
-  constructor() {
+  constructor(options = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "relayhub-browser-"));
     this.configPath = path.join(this.dir, "relayhub.toml");
     this.logPath = path.join(this.dir, "hub.log");
-    fs.writeFileSync(this.configPath, testConfig());
+    fs.writeFileSync(this.configPath, testConfig(options));
     this.port = null;
     this.proc = null;
     this.exited = null;
@@ -229,6 +232,52 @@ export class Hub {
       timeout,
       message: `${n} subscriber(s) of ${channel} in /api/stats`,
     });
+  }
+}
+
+/**
+ * A private redis-server on a free loopback port, without persistence (never the shared one on 6379).
+ * `stop()` kills it; a test that needs Redis fails with a clear message when redis-server is not installed.
+ */
+export class RedisServer {
+  constructor() {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "relayhub-browser-redis-"));
+    this.port = null;
+    this.proc = null;
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  /** Starts it and resolves once it answers PING. */
+  async start() {
+    this.port ??= await freePort();
+    const args = ["--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    this.proc = spawn("redis-server", [...args, "--dir", this.dir], { stdio: "ignore" });
+    const failed = new Promise((_, reject) =>
+      this.proc.once("error", (err) => reject(new Error(`redis-server does not start (is it installed?): ${err.message}`))),
+    );
+    await Promise.race([failed, waitFor(() => this._pong(), { timeout: 10_000, message: "redis-server PING" })]);
+  }
+
+  _pong() {
+    return new Promise((resolve) => {
+      const socket = net.connect(this.port, "127.0.0.1");
+      socket.setTimeout(1000, () => socket.destroy());
+      socket.once("error", () => resolve(false));
+      socket.once("close", () => resolve(false));
+      socket.once("data", (data) => {
+        socket.destroy();
+        resolve(data.toString().startsWith("+PONG"));
+      });
+      socket.write("PING\r\n");
+    });
+  }
+
+  stop() {
+    if (this.proc && this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill("SIGKILL");
+    fs.rmSync(this.dir, { recursive: true, force: true });
   }
 }
 

@@ -1,0 +1,290 @@
+// recovery.test.mjs: what web/relayhub.js delivers when its hub restarts under it, against the real relayhub
+// binary (harness.mjs) and, in Redis mode, a private redis-server. In node (its WebSocket and fetch) and in
+// headless Chromium: with Redis every message published during the outage (through another hub) arrives
+// exactly once, in order, with meta.recovered; the REST fallback does the same from the history; in memory
+// mode the restarted hub cannot recover, so a `gap` event and then the snapshot. Run with `node --test`
+// (node 20 needs --experimental-websocket; see scripts/test-browser.sh).
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { Hub, RedisServer, launchBrowser, openPage, waitFor } from "./harness.mjs";
+import { RelayHub } from "../../web/relayhub.js";
+
+const LONG = { timeout: 90_000 };
+/** History long enough for every message of an outage in these tests. */
+const HISTORY = "\n[channels]\nhistory_size = 100\n";
+/** Reconnects quickly and for as long as the test needs. */
+const QUICK = { backoffBase: 100, backoffMax: 300, drainJitter: 100, maxAttempts: Infinity };
+
+const hubs = [];
+const clients = [];
+process.on("exit", () => hubs.forEach((h) => h.killNow()));
+
+/** A channel name no other test uses. */
+function uniqueChannel(prefix) {
+  return `test:${prefix}-${Date.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
+}
+
+async function startHub(options) {
+  const hub = new Hub(options);
+  hubs.push(hub);
+  await hub.start();
+  return hub;
+}
+
+/**
+ * A WebSocket class whose connections are refused while `gate.held` (they go to a port nobody listens on),
+ * so a test decides when a restarted hub gets its clients back.
+ */
+function gatedWebSocket(gate) {
+  return class extends globalThis.WebSocket {
+    constructor(url, ...rest) {
+      super(gate.held ? "ws://127.0.0.1:9/ws" : url, ...rest);
+    }
+  };
+}
+
+/** A client of `hub` subscribed to `channel`; every delivery and event is recorded in order. */
+function recordingClient(hub, channel, options = {}) {
+  const gate = { held: false };
+  const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, { WebSocket: gatedWebSocket(gate), ...options });
+  const got = [];
+  const gaps = [];
+  client.subscribe(channel, (data, meta) => got.push({ data, ...meta }));
+  client.on("gap", (info) => gaps.push(info));
+  clients.push(client);
+  return { client, got, gaps, gate };
+}
+
+/** The values of `got` from index `from` on, as `[n, seq, recovered, snapshot, source]` rows. */
+function rows(got, from = 0) {
+  return got.slice(from).map((m) => [m.data.n, m.seq, m.recovered, m.snapshot, m.source]);
+}
+
+async function publishRange(hub, channel, from, to) {
+  for (let n = from; n <= to; n++) await hub.publish(channel, { n });
+}
+
+async function waitForCount(got, count, what) {
+  await waitFor(() => got.length >= count, { timeout: 20_000, message: `${count} values (${what})` });
+}
+
+after(async () => {
+  for (const c of clients) c.close();
+  for (const h of hubs) {
+    await h.kill("SIGTERM");
+    h.cleanup();
+  }
+});
+
+describe("relayhub.js recovers what it missed while its hub restarted", () => {
+  let redis;
+
+  before(async () => {
+    redis = new RedisServer();
+    await redis.start();
+  });
+
+  after(() => redis?.stop());
+
+  test("1. Redis mode: messages published through another hub during the outage arrive once, in order, recovered", LONG, async () => {
+    const a = await startHub({ redisUrl: redis.url, instanceId: "rec-a", extra: HISTORY });
+    const b = await startHub({ redisUrl: redis.url, instanceId: "rec-b", extra: HISTORY });
+    const channel = uniqueChannel("redis");
+    const { client, got, gaps, gate } = recordingClient(a, channel, { ...QUICK, fallback: false });
+    await a.waitForSubscribers(channel);
+    await publishRange(a, channel, 1, 5);
+    await waitForCount(got, 5, "before the outage");
+    assert.deepEqual(rows(got), [1, 2, 3, 4, 5].map((n) => [n, n, false, false, "socket"]));
+
+    gate.held = true;
+    await a.kill("SIGKILL");
+    await waitFor(() => client.status === "reconnecting", { message: "the client notices" });
+    await publishRange(b, channel, 6, 25);
+    await a.start();
+    gate.held = false;
+    await waitForCount(got, 25, "the outage's messages");
+    assert.deepEqual(
+      rows(got, 5),
+      Array.from({ length: 20 }, (_, i) => [i + 6, i + 6, true, false, "socket"]),
+      "each missed message once, in order, replayed from history, no snapshot",
+    );
+    // Then live ones, through either hub.
+    await b.publish(channel, { n: 26 });
+    await waitForCount(got, 26, "a live message");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(rows(got, 25), [[26, 26, false, false, "socket"]]);
+    assert.deepEqual(gaps, []);
+    const stats = await a.stats();
+    assert.equal(stats.subscribes_recovered, 1, JSON.stringify(stats));
+    client.close();
+  });
+
+  test("2. Redis mode: the REST fallback reads the outage's messages from history, then the socket resumes after them", LONG, async () => {
+    const a = await startHub({ redisUrl: redis.url, instanceId: "rec-c", extra: HISTORY });
+    const b = await startHub({ redisUrl: redis.url, instanceId: "rec-d", extra: HISTORY });
+    const channel = uniqueChannel("rest");
+    // The socket goes to a; the REST fallback reads b, which stays up.
+    const { client, got, gaps, gate } = recordingClient(a, channel, {
+      ...QUICK,
+      fallbackInterval: 300,
+      restBase: b.base,
+    });
+    await a.waitForSubscribers(channel);
+    await publishRange(a, channel, 1, 3);
+    await waitForCount(got, 3, "before the outage");
+
+    gate.held = true;
+    await a.kill("SIGKILL");
+    await waitFor(() => client.fallbackActive, { timeout: 20_000, message: "the REST fallback polling" });
+    await publishRange(b, channel, 4, 15);
+    await waitForCount(got, 15, "the outage's messages over REST");
+    assert.deepEqual(
+      rows(got, 3),
+      Array.from({ length: 12 }, (_, i) => [i + 4, i + 4, true, false, "rest"]),
+    );
+    await a.start();
+    gate.held = false;
+    await waitFor(() => client.status === "open" && !client.fallbackActive, { message: "the socket back" });
+    await a.waitForSubscribers(channel);
+    await b.publish(channel, { n: 16 });
+    await waitForCount(got, 16, "a live message");
+    await new Promise((r) => setTimeout(r, 300));
+    // The socket resubscribed from seq 15: nothing replayed twice, no snapshot again.
+    assert.deepEqual(rows(got, 15), [[16, 16, false, false, "socket"]]);
+    assert.deepEqual(gaps, []);
+    client.close();
+  });
+
+  test("3. memory mode: the restarted hub cannot recover: a gap event, then the snapshot", LONG, async () => {
+    const hub = await startHub({ extra: HISTORY });
+    const channel = uniqueChannel("memory");
+    const { client, got, gaps, gate } = recordingClient(hub, channel, { ...QUICK, fallback: false });
+    await hub.waitForSubscribers(channel);
+    await publishRange(hub, channel, 1, 3);
+    await waitForCount(got, 3, "before the restart");
+
+    gate.held = true;
+    await hub.kill("SIGKILL");
+    await hub.start();
+    // Numbering starts over on the new hub: seq 1 again, under a new epoch.
+    await hub.publish(channel, { n: 100 });
+    gate.held = false;
+    await waitForCount(got, 4, "the snapshot");
+    assert.deepEqual(gaps, [{ channel, source: "socket" }]);
+    assert.deepEqual(rows(got, 3), [[100, 1, false, true, "socket"]]);
+    await hub.publish(channel, { n: 101 });
+    await waitForCount(got, 5, "a live message");
+    assert.deepEqual(rows(got, 4), [[101, 2, false, false, "socket"]]);
+    client.close();
+  });
+});
+
+describe("the page keeps every message across a hub restart (Chromium)", () => {
+  let redis;
+  let browser;
+
+  before(async () => {
+    redis = new RedisServer();
+    await redis.start();
+    browser = await launchBrowser();
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    redis?.stop();
+  });
+
+  /**
+   * Opens the hub's page with relayhub.js subscribed to `channel` (connections refused while
+   * `window.gateHeld`); what it delivers is recorded in `window.got`, gap events in `window.gaps`.
+   */
+  async function openSubscribedPage(hub, channel) {
+    const { context, page, pageErrors } = await openPage(browser);
+    await page.goto(`${hub.base}/?channels=`);
+    await page.evaluate(async ({ channel, options }) => {
+      const { RelayHub } = await import("/relayhub.js");
+      window.got = [];
+      window.gaps = [];
+      window.gateHeld = false;
+      class Gated extends WebSocket {
+        constructor(url, ...rest) {
+          super(window.gateHeld ? "ws://127.0.0.1:9/ws" : url, ...rest);
+        }
+      }
+      const hub = new RelayHub("/ws", { ...options, WebSocket: Gated, fallback: false });
+      hub.subscribe(channel, (data, meta) => window.got.push({ data, ...meta }));
+      hub.on("gap", (info) => window.gaps.push(info));
+      window.testHub = hub;
+    }, { channel, options: QUICK });
+    return { context, page, pageErrors };
+  }
+
+  const pageRows = (page, from) =>
+    page.evaluate((from) => window.got.slice(from).map((m) => [m.data.n, m.seq, m.recovered, m.snapshot]), from);
+
+  async function waitForPageCount(page, count, what) {
+    await page.waitForFunction((count) => window.got.length >= count, count, { timeout: 20_000 }).catch((err) => {
+      throw new Error(`${what}: ${err.message}`);
+    });
+  }
+
+  test("4. Redis mode: recovered:true, every message shown once, in order", LONG, async () => {
+    const a = await startHub({ redisUrl: redis.url, instanceId: "page-a", extra: HISTORY });
+    const b = await startHub({ redisUrl: redis.url, instanceId: "page-b", extra: HISTORY });
+    const channel = uniqueChannel("page-redis");
+    const { context, page, pageErrors } = await openSubscribedPage(a, channel);
+    try {
+      await a.waitForSubscribers(channel);
+      await publishRange(a, channel, 1, 3);
+      await waitForPageCount(page, 3, "before the restart");
+      await page.evaluate(() => (window.gateHeld = true));
+      await a.kill("SIGKILL");
+      await publishRange(b, channel, 4, 13);
+      await a.start();
+      await page.evaluate(() => (window.gateHeld = false));
+      await waitForPageCount(page, 13, "the outage's messages");
+      await b.publish(channel, { n: 14 });
+      await waitForPageCount(page, 14, "a live message");
+      assert.deepEqual(await pageRows(page, 0), [
+        ...[1, 2, 3].map((n) => [n, n, false, false]),
+        ...Array.from({ length: 10 }, (_, i) => [i + 4, i + 4, true, false]),
+        [14, 14, false, false],
+      ]);
+      assert.deepEqual(await page.evaluate(() => window.gaps), []);
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await context.close();
+    }
+  });
+
+  test("5. memory mode: recovered:false, a gap, and the snapshot shown", LONG, async () => {
+    const hub = await startHub({ extra: HISTORY });
+    const channel = uniqueChannel("page-memory");
+    const { context, page, pageErrors } = await openSubscribedPage(hub, channel);
+    try {
+      await hub.waitForSubscribers(channel);
+      await publishRange(hub, channel, 1, 2);
+      await waitForPageCount(page, 2, "before the restart");
+      await page.evaluate(() => (window.gateHeld = true));
+      await hub.kill("SIGKILL");
+      await hub.start();
+      await hub.publish(channel, { n: 50 });
+      await page.evaluate(() => (window.gateHeld = false));
+      await waitForPageCount(page, 3, "the snapshot");
+      await hub.publish(channel, { n: 51 });
+      await waitForPageCount(page, 4, "a live message");
+      assert.deepEqual(await pageRows(page, 0), [
+        [1, 1, false, false],
+        [2, 2, false, false],
+        [50, 1, false, true],
+        [51, 2, false, false],
+      ]);
+      assert.deepEqual(await page.evaluate(() => window.gaps), [{ channel, source: "socket" }]);
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await context.close();
+    }
+  });
+});
