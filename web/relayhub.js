@@ -525,7 +525,8 @@ export class RelayHub {
       sub.replayUntil = typeof frame.seq === "number" ? frame.seq : 0;
       return;
     }
-    sub.pos = { epoch: frame.epoch, seq: typeof frame.seq === "number" ? frame.seq : 0 };
+    // An empty epoch: the hub could not read the channel's state; no position to resume from then.
+    sub.pos = { epoch: frame.epoch || null, seq: typeof frame.seq === "number" ? frame.seq : 0 };
     sub.replayUntil = 0;
     if (frame.recovered === false) this._emit("gap", { channel: frame.channel, source: "socket" });
   }

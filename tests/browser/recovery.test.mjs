@@ -45,8 +45,13 @@ function gatedWebSocket(gate) {
   };
 }
 
-/** A client of `hub` subscribed to `channel`; every delivery and event is recorded in order. */
-function recordingClient(hub, channel, options = {}) {
+/**
+ * A client of `hub` subscribed to `channel`; every delivery and event is recorded in order. The channel gets a
+ * first value `{n: 0}` (seq 1) before, so the client's snapshot of it proves the subscription is live (a
+ * message published sooner could become the snapshot instead): call `live()` before publishing more.
+ */
+async function recordingClient(hub, channel, options = {}) {
+  await hub.publish(channel, { n: 0 });
   const gate = { held: false };
   const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, { WebSocket: gatedWebSocket(gate), ...options });
   const got = [];
@@ -54,6 +59,9 @@ function recordingClient(hub, channel, options = {}) {
   client.subscribe(channel, (data, meta) => got.push({ data, ...meta }));
   client.on("gap", (info) => gaps.push(info));
   clients.push(client);
+  await waitForCount(got, 1, "the first snapshot");
+  assert.deepEqual(rows(got), [[0, 1, false, true, "socket"]]);
+  got.length = 0;
   return { client, got, gaps, gate };
 }
 
@@ -92,11 +100,10 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     const a = await startHub({ redisUrl: redis.url, instanceId: "rec-a", extra: HISTORY });
     const b = await startHub({ redisUrl: redis.url, instanceId: "rec-b", extra: HISTORY });
     const channel = uniqueChannel("redis");
-    const { client, got, gaps, gate } = recordingClient(a, channel, { ...QUICK, fallback: false });
-    await a.waitForSubscribers(channel);
+    const { client, got, gaps, gate } = await recordingClient(a, channel, { ...QUICK, fallback: false });
     await publishRange(a, channel, 1, 5);
     await waitForCount(got, 5, "before the outage");
-    assert.deepEqual(rows(got), [1, 2, 3, 4, 5].map((n) => [n, n, false, false, "socket"]));
+    assert.deepEqual(rows(got), [1, 2, 3, 4, 5].map((n) => [n, n + 1, false, false, "socket"]));
 
     gate.held = true;
     await a.kill("SIGKILL");
@@ -107,14 +114,14 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     await waitForCount(got, 25, "the outage's messages");
     assert.deepEqual(
       rows(got, 5),
-      Array.from({ length: 20 }, (_, i) => [i + 6, i + 6, true, false, "socket"]),
+      Array.from({ length: 20 }, (_, i) => [i + 6, i + 7, true, false, "socket"]),
       "each missed message once, in order, replayed from history, no snapshot",
     );
     // Then live ones, through either hub.
     await b.publish(channel, { n: 26 });
     await waitForCount(got, 26, "a live message");
     await new Promise((r) => setTimeout(r, 300));
-    assert.deepEqual(rows(got, 25), [[26, 26, false, false, "socket"]]);
+    assert.deepEqual(rows(got, 25), [[26, 27, false, false, "socket"]]);
     assert.deepEqual(gaps, []);
     const stats = await a.stats();
     assert.equal(stats.subscribes_recovered, 1, JSON.stringify(stats));
@@ -126,12 +133,11 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     const b = await startHub({ redisUrl: redis.url, instanceId: "rec-d", extra: HISTORY });
     const channel = uniqueChannel("rest");
     // The socket goes to a; the REST fallback reads b, which stays up.
-    const { client, got, gaps, gate } = recordingClient(a, channel, {
+    const { client, got, gaps, gate } = await recordingClient(a, channel, {
       ...QUICK,
       fallbackInterval: 300,
       restBase: b.base,
     });
-    await a.waitForSubscribers(channel);
     await publishRange(a, channel, 1, 3);
     await waitForCount(got, 3, "before the outage");
 
@@ -142,17 +148,18 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     await waitForCount(got, 15, "the outage's messages over REST");
     assert.deepEqual(
       rows(got, 3),
-      Array.from({ length: 12 }, (_, i) => [i + 4, i + 4, true, false, "rest"]),
+      Array.from({ length: 12 }, (_, i) => [i + 4, i + 5, true, false, "rest"]),
     );
     await a.start();
     gate.held = false;
     await waitFor(() => client.status === "open" && !client.fallbackActive, { message: "the socket back" });
-    await a.waitForSubscribers(channel);
+    // Live once the restarted hub answered the resubscribe (recovered, with nothing to replay).
+    await waitFor(async () => (await a.stats()).subscribes_recovered === 1, { message: "the recovered resubscribe" });
     await b.publish(channel, { n: 16 });
     await waitForCount(got, 16, "a live message");
     await new Promise((r) => setTimeout(r, 300));
-    // The socket resubscribed from seq 15: nothing replayed twice, no snapshot again.
-    assert.deepEqual(rows(got, 15), [[16, 16, false, false, "socket"]]);
+    // The socket resubscribed from seq 16: nothing replayed twice, no snapshot again.
+    assert.deepEqual(rows(got, 15), [[16, 17, false, false, "socket"]]);
     assert.deepEqual(gaps, []);
     client.close();
   });
@@ -160,8 +167,7 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
   test("3. memory mode: the restarted hub cannot recover: a gap event, then the snapshot", LONG, async () => {
     const hub = await startHub({ extra: HISTORY });
     const channel = uniqueChannel("memory");
-    const { client, got, gaps, gate } = recordingClient(hub, channel, { ...QUICK, fallback: false });
-    await hub.waitForSubscribers(channel);
+    const { client, got, gaps, gate } = await recordingClient(hub, channel, { ...QUICK, fallback: false });
     await publishRange(hub, channel, 1, 3);
     await waitForCount(got, 3, "before the restart");
 
@@ -198,9 +204,12 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
 
   /**
    * Opens the hub's page with relayhub.js subscribed to `channel` (connections refused while
-   * `window.gateHeld`); what it delivers is recorded in `window.got`, gap events in `window.gaps`.
+   * `window.gateHeld`); what it delivers is recorded in `window.got`, gap events in `window.gaps`. As in
+   * `recordingClient`, the snapshot of a first value `{n: 0}` (seq 1) proves the subscription live; it is
+   * then cleared from `window.got`.
    */
   async function openSubscribedPage(hub, channel) {
+    await hub.publish(channel, { n: 0 });
     const { context, page, pageErrors } = await openPage(browser);
     await page.goto(`${hub.base}/?channels=`);
     await page.evaluate(async ({ channel, options }) => {
@@ -218,6 +227,9 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
       hub.on("gap", (info) => window.gaps.push(info));
       window.testHub = hub;
     }, { channel, options: QUICK });
+    await waitForPageCount(page, 1, "the first snapshot");
+    assert.deepEqual(await pageRows(page, 0), [[0, 1, false, true]]);
+    await page.evaluate(() => (window.got.length = 0));
     return { context, page, pageErrors };
   }
 
@@ -236,7 +248,6 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
     const channel = uniqueChannel("page-redis");
     const { context, page, pageErrors } = await openSubscribedPage(a, channel);
     try {
-      await a.waitForSubscribers(channel);
       await publishRange(a, channel, 1, 3);
       await waitForPageCount(page, 3, "before the restart");
       await page.evaluate(() => (window.gateHeld = true));
@@ -248,9 +259,9 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
       await b.publish(channel, { n: 14 });
       await waitForPageCount(page, 14, "a live message");
       assert.deepEqual(await pageRows(page, 0), [
-        ...[1, 2, 3].map((n) => [n, n, false, false]),
-        ...Array.from({ length: 10 }, (_, i) => [i + 4, i + 4, true, false]),
-        [14, 14, false, false],
+        ...[1, 2, 3].map((n) => [n, n + 1, false, false]),
+        ...Array.from({ length: 10 }, (_, i) => [i + 4, i + 5, true, false]),
+        [14, 15, false, false],
       ]);
       assert.deepEqual(await page.evaluate(() => window.gaps), []);
       assert.deepEqual(pageErrors, []);
@@ -264,7 +275,6 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
     const channel = uniqueChannel("page-memory");
     const { context, page, pageErrors } = await openSubscribedPage(hub, channel);
     try {
-      await hub.waitForSubscribers(channel);
       await publishRange(hub, channel, 1, 2);
       await waitForPageCount(page, 2, "before the restart");
       await page.evaluate(() => (window.gateHeld = true));
@@ -276,8 +286,8 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
       await hub.publish(channel, { n: 51 });
       await waitForPageCount(page, 4, "a live message");
       assert.deepEqual(await pageRows(page, 0), [
-        [1, 1, false, false],
-        [2, 2, false, false],
+        [1, 2, false, false],
+        [2, 3, false, false],
         [50, 1, false, true],
         [51, 2, false, false],
       ]);
