@@ -86,7 +86,7 @@ pub async fn history(
     if let Some(epoch) = &query.epoch {
         let refusal = if query.since_seq.is_none() {
             Some("epoch is only meaningful with since_seq".to_string())
-        } else if epoch.is_empty() || epoch.len() > MAX_EPOCH_LEN {
+        } else if epoch.is_empty() || epoch.chars().count() > MAX_EPOCH_LEN {
             Some(format!("epoch is 1 to {MAX_EPOCH_LEN} characters"))
         } else {
             None
@@ -120,15 +120,20 @@ pub async fn history(
         epoch: query.epoch.unwrap_or_else(|| window.epoch.to_string()),
         seq: after,
     };
-    let recovered = window.replay_after(&since).is_some();
-    // What history holds after `since_seq`, oldest first, even when it is not everything: the answer says so.
-    let mut found: Vec<Arc<Publication>> = window
-        .history
-        .iter()
-        .filter(|p| p.seq.is_some_and(|seq| seq > after))
-        .cloned()
-        .collect();
-    found.reverse();
+    let (recovered, mut found) = match window.replay_after(&since) {
+        Some(missed) => (true, missed),
+        None => {
+            // What history holds after `since_seq`, oldest first, though not everything: the answer says so.
+            let mut held: Vec<Arc<Publication>> = window
+                .history
+                .iter()
+                .filter(|p| p.seq.is_some_and(|seq| seq > after))
+                .cloned()
+                .collect();
+            held.reverse();
+            (false, held)
+        }
+    };
     found.truncate(limit);
     render(&channel, &window, Some(recovered), &found)
 }
