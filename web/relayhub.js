@@ -865,16 +865,7 @@ export class RelayHub {
       }
       // A position first seen over REST learns its epoch here.
       if (sub.pos.epoch === null && typeof body.epoch === "string") sub.pos.epoch = body.epoch;
-      for (const item of body.items) {
-        this._deliver(channel, item.data, {
-          channel,
-          seq: typeof item.seq === "number" ? item.seq : null,
-          ts: item.ts ?? null,
-          snapshot: false,
-          recovered: true,
-          source: "rest",
-        });
-      }
+      for (const item of body.items) this._deliverRest(channel, item, false);
       const last = body.items.at(-1)?.seq;
       // Done unless the page was cut by the hub's limit before the channel's newest seq.
       if (typeof last !== "number" || last >= body.seq) return;
@@ -883,12 +874,17 @@ export class RelayHub {
     // Channel names hold only URL-path-safe characters, so they go into the path as they are.
     const body = await this._getJson(`/api/channels/${channel}`);
     if (!live() || body === null) return;
-    this._deliver(channel, body.data, {
+    this._deliverRest(channel, body, true);
+  }
+
+  /** Hands a value read over REST (`{data, seq, ts}`) on: the latest value as a snapshot, or a replayed message. */
+  _deliverRest(channel, { data, seq, ts }, snapshot) {
+    this._deliver(channel, data, {
       channel,
-      seq: typeof body.seq === "number" ? body.seq : null,
-      ts: body.ts ?? null,
-      snapshot: true,
-      recovered: false,
+      seq: typeof seq === "number" ? seq : null,
+      ts: ts ?? null,
+      snapshot,
+      recovered: !snapshot,
       source: "rest",
     });
   }
