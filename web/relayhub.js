@@ -282,7 +282,9 @@ export class RelayHub {
   /**
    * Subscribes `onMessage` to `channel`. The callback gets the channel's latest value first (a snapshot, when
    * the hub has one) and then every message. Several callbacks may share a channel: the hub is asked once.
-   * Works offline too: the subscription is sent when the socket opens, and renewed after every reconnect.
+   * Works offline too: the subscription is sent when the socket opens, and renewed after every reconnect from
+   * the channel's position, so what was missed meanwhile arrives in order with `meta.recovered` (or, when the
+   * hub no longer holds it, a `gap` event and then the latest value as a snapshot).
    * `channel` may also be a pattern such as `prices:*` (where the hub allows patterns): the callback then gets
    * the values of every matching channel, `meta.channel` telling which; the REST fallback skips patterns.
    * @param {string} channel  1-200 characters of `[A-Za-z0-9_.:@-]`, or a pattern `prefix:*`
