@@ -2,7 +2,8 @@
 // binary (harness.mjs) and, in Redis mode, a private redis-server. In node (its WebSocket and fetch) and in
 // headless Chromium: with Redis every message published during the outage (through another hub) arrives
 // exactly once, in order, with meta.recovered; the REST fallback does the same from the history; in memory
-// mode the restarted hub cannot recover, so a `gap` event and then the snapshot. Run with `node --test`
+// mode the restarted hub cannot recover, so a `gap` event and then the snapshot (over the socket, or found by
+// the REST fallback). Run with `node --test`
 // (node 20 needs --experimental-websocket; see scripts/test-browser.sh).
 
 import assert from "node:assert/strict";
@@ -35,7 +36,8 @@ async function startHub(options) {
 
 /**
  * A WebSocket class whose connections are refused while `gate.held` (they go to a port nobody listens on),
- * so a test decides when a restarted hub gets its clients back.
+ * so a test decides when a restarted hub gets its clients back; `gatedFetch` does the same for the REST
+ * fallback while `gate.restHeld`.
  */
 function gatedWebSocket(gate) {
   return class extends globalThis.WebSocket {
@@ -45,6 +47,10 @@ function gatedWebSocket(gate) {
   };
 }
 
+function gatedFetch(gate) {
+  return (...args) => (gate.restHeld ? Promise.reject(new Error("held by the test")) : fetch(...args));
+}
+
 /**
  * A client of `hub` subscribed to `channel`; every delivery and event is recorded in order. The channel gets a
  * first value `{n: 0}` (seq 1) before, so the client's snapshot of it proves the subscription is live (a
@@ -52,8 +58,12 @@ function gatedWebSocket(gate) {
  */
 async function recordingClient(hub, channel, options = {}) {
   await hub.publish(channel, { n: 0 });
-  const gate = { held: false };
-  const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, { WebSocket: gatedWebSocket(gate), ...options });
+  const gate = { held: false, restHeld: false };
+  const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, {
+    WebSocket: gatedWebSocket(gate),
+    fetch: gatedFetch(gate),
+    ...options,
+  });
   const got = [];
   const gaps = [];
   client.subscribe(channel, (data, meta) => got.push({ data, ...meta }));
@@ -185,6 +195,37 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     assert.deepEqual(rows(got, 4), [[101, 2, false, false, "socket"]]);
     client.close();
   });
+
+  test("4. memory mode: the REST fallback finds the gap too, takes the new epoch, and the socket resumes from it", LONG, async () => {
+    const hub = await startHub({ extra: HISTORY });
+    const channel = uniqueChannel("memory-rest");
+    const { client, got, gaps, gate } = await recordingClient(hub, channel, { ...QUICK, fallbackInterval: 300 });
+    await publishRange(hub, channel, 1, 3);
+    await waitForCount(got, 3, "before the restart");
+
+    gate.held = true;
+    gate.restHeld = true; // no REST read before the restarted hub has the value
+    await hub.kill("SIGKILL");
+    await hub.start();
+    await hub.publish(channel, { n: 100 });
+    gate.restHeld = false;
+    await waitFor(() => client.fallbackActive, { timeout: 20_000, message: "the REST fallback polling" });
+    await waitForCount(got, 4, "the snapshot over REST");
+    assert.deepEqual(gaps, [{ channel, source: "rest" }]);
+    assert.deepEqual(rows(got, 3), [[100, 1, false, true, "rest"]]);
+    // Under the new epoch the history serves the next message.
+    await hub.publish(channel, { n: 101 });
+    await waitForCount(got, 5, "a message over REST");
+    assert.deepEqual(rows(got, 4), [[101, 2, true, false, "rest"]]);
+    gate.held = false;
+    await waitFor(async () => (await hub.stats()).subscribes_recovered === 1, { message: "the recovered resubscribe" });
+    await hub.publish(channel, { n: 102 });
+    await waitForCount(got, 6, "a live message");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(rows(got, 5), [[102, 3, false, false, "socket"]]);
+    assert.equal(gaps.length, 1);
+    client.close();
+  });
 });
 
 describe("the page keeps every message across a hub restart (Chromium)", () => {
@@ -242,7 +283,7 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
     });
   }
 
-  test("4. Redis mode: recovered:true, every message shown once, in order", LONG, async () => {
+  test("5. Redis mode: recovered:true, every message shown once, in order", LONG, async () => {
     const a = await startHub({ redisUrl: redis.url, instanceId: "page-a", extra: HISTORY });
     const b = await startHub({ redisUrl: redis.url, instanceId: "page-b", extra: HISTORY });
     const channel = uniqueChannel("page-redis");
@@ -270,7 +311,7 @@ describe("the page keeps every message across a hub restart (Chromium)", () => {
     }
   });
 
-  test("5. memory mode: recovered:false, a gap, and the snapshot shown", LONG, async () => {
+  test("6. memory mode: recovered:false, a gap, and the snapshot shown", LONG, async () => {
     const hub = await startHub({ extra: HISTORY });
     const channel = uniqueChannel("page-memory");
     const { context, page, pageErrors } = await openSubscribedPage(hub, channel);
