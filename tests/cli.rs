@@ -332,7 +332,7 @@ async fn start_binary_with(config: &ConfigFile, extra: &[(&str, &str)]) -> (Proc
 async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
     let closed = format!("redis://127.0.0.1:{}", free_port());
     let config = ConfigFile::new(&format!(
-        "[server]\nshutdown_timeout = \"8s\"\n[redis]\nurl = \"{closed}\"\nrequired = false\n"
+        "[server]\nshutdown_timeout = \"8s\"\ndrain_period = \"1s\"\n[redis]\nurl = \"{closed}\"\nrequired = false\n"
     ));
     let (mut process, base) = start_binary(&config).await;
     assert!(
@@ -358,7 +358,7 @@ async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
 
 #[actix_web::test]
 async fn sigterm_closes_websockets_with_1001() {
-    let config = ConfigFile::new("[server]\nshutdown_timeout = \"8s\"\n");
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"8s\"\ndrain_period = \"1s\"\n");
     let (mut process, base) = start_binary(&config).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -505,7 +505,7 @@ async fn the_publish_command_goes_through_the_http_api() {
 
 #[actix_web::test]
 async fn json_logs_are_one_object_a_line() {
-    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\n");
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\ndrain_period = \"1s\"\n");
     let (mut process, base) = start_binary_with(&config, &[("RELAYHUB_LOG_FORMAT", "json")]).await;
     // A little traffic, so the log has more than the start.
     let ws = Ws::connect(&format!("ws://{base}/ws")).await;
