@@ -496,7 +496,11 @@ async fn redis_outage_keeps_clients_and_local_delivery_then_recovers() {
         let metrics = common::request("GET", &hub.http("/metrics"), &[], None)
             .await
             .text();
-        for line in ["relayhub_redis_up 0", "relayhub_degraded 1", "relayhub_up 1"] {
+        for line in [
+            "relayhub_redis_up 0",
+            "relayhub_degraded 1",
+            "relayhub_up 1",
+        ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
         }
     }
@@ -956,7 +960,10 @@ async fn ready_waits_for_the_pubsub_connection() {
     );
     assert_eq!(hub.stats().await["pubsub_active"], false);
 
-    assert!(body["reason"].as_str().unwrap().starts_with("starting"), "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().starts_with("starting"),
+        "{body}"
+    );
 
     proxy.heal();
     wait_ready(&hub).await;

@@ -336,7 +336,10 @@ async fn shutdown_spreads_the_closes_over_the_drain_period_and_keeps_serving() {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 503)
         }
-        other => panic!("a draining replica took a new WebSocket: {:?}", other.map(|_| ())),
+        other => panic!(
+            "a draining replica took a new WebSocket: {:?}",
+            other.map(|_| ())
+        ),
     }
     let closes = futures_util::future::join_all(clients.into_iter().map(|mut ws| async move {
         let code = close_code(&mut ws).await;

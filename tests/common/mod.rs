@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod process;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};

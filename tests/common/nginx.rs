@@ -58,11 +58,9 @@ impl Nginx {
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).expect("nginx tmp dir");
         let _ = Command::new("chmod").arg("1777").arg(&tmp).status();
-        let shipped = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/nginx.conf"
-        ))
-        .expect("deploy/nginx.conf");
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
+                .expect("deploy/nginx.conf");
         let servers: String = replicas
             .iter()
             .map(|addr| format!("    server {addr} max_fails=1 fail_timeout=10s;\n"))

@@ -63,7 +63,8 @@ impl Link {
             self.ever_active.store(true, Ordering::SeqCst);
         }
         // Whatever was probed before this change says nothing about the link's new state.
-        self.reach.store(reach_code(Reach::Unknown), Ordering::SeqCst);
+        self.reach
+            .store(reach_code(Reach::Unknown), Ordering::SeqCst);
     }
 
     pub fn was_ever_active(&self) -> bool {
