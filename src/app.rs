@@ -68,11 +68,18 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop: `/ready` turns 503, clients get 1001, the server drains, all within `shutdown_timeout`.
+    /// Graceful stop: `/ready` turns 503 and new WebSockets are refused at once; the replica keeps serving
+    /// while it closes its clients with 1001, spread over `drain_period`; then the server drains. All within
+    /// `shutdown_timeout`.
     pub async fn shutdown(self) {
-        let timeout = self.hub.config().server.shutdown_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        log::info!("shutting down: closing connections with 1001, releasing polling leases");
+        let config = self.hub.config();
+        let timeout = config.server.shutdown_timeout;
+        let drain_period = config.server.drain_period;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        log::info!(
+            "shutting down: /ready is 503, closing connections with 1001 over {drain_period:?}, releasing polling leases"
+        );
         self.hub.begin_shutdown();
         if let Some(metrics) = &self.metrics_server {
             metrics.stop(false).await;
@@ -81,10 +88,10 @@ impl Running {
         let poller = self.poller.clone();
         let server = self.server.clone();
         let drain = async move {
-            // Leases first (another replica takes the jobs at once), then give sessions a moment to write
-            // their close frames before the workers stop.
+            // Leases first (another replica takes the jobs at once), then wait for the spread closes and give
+            // the last sessions a moment to write their close frames before the workers stop.
             let _ = tokio::time::timeout(timeout / 4, poller.send(poller::ReleaseAll)).await;
-            let drained = tokio::time::Instant::now() + timeout / 4;
+            let drained = started + drain_period + (timeout - drain_period) / 2;
             while Stats::get(&hub.stats().connections) > 0 && tokio::time::Instant::now() < drained
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;

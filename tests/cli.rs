@@ -3,153 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
-use common::{Ws, close_code, eventually, free_port, get_json};
-
-/// Variables the binary reads; cleared so the environment running the tests cannot steer it (or point it at
-/// a real Redis).
-const ENV_VARS: &[&str] = &[
-    "PORT",
-    "HOST",
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_PASSWORD",
-    "RELAYHUB_CONFIG",
-    "RELAYHUB_API_KEY",
-    "RELAYHUB_ADMIN_TOKEN",
-    "RELAYHUB_INSTANCE_ID",
-    "UPSTREAM_TOKEN",
-    "RELAYHUB_LOG_FORMAT",
-    "RELAYHUB_URL",
-];
-
-/// How long a process that should exit by itself may take (generous: a loaded machine).
-const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn relayhub(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_relayhub"));
-    command.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
-    for var in ENV_VARS {
-        command.env_remove(var);
-    }
-    command.env("RUST_LOG", "info");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command
-}
-
-/// A config file in the temp directory, removed on drop.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(text: &str) -> ConfigFile {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("relayhub-cli-{}-{n}.toml", std::process::id()));
-        std::fs::write(&path, text).expect("write config");
-        ConfigFile(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A running `relayhub` whose stdout and stderr are collected; killed on drop if still running.
-struct Process {
-    child: Child,
-    output: Arc<Mutex<String>>,
-}
-
-impl Process {
-    fn spawn(mut command: Command) -> Process {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the relayhub binary runs");
-        let output = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        for pipe in [
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            Box::new(stderr),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut output = output.lock().expect("output lock");
-                    output.push_str(&line);
-                    output.push('\n');
-                }
-            });
-        }
-        Process { child, output }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().expect("output lock").clone()
-    }
-
-    /// Waits for the process to exit by itself within `timeout`.
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn exit_code(&mut self) -> i32 {
-        let status = self
-            .wait(EXIT_TIMEOUT)
-            .unwrap_or_else(|| panic!("relayhub did not exit; output:\n{}", self.output()));
-        status
-            .code()
-            .unwrap_or_else(|| panic!("killed by a signal: {status}\n{}", self.output()))
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use common::process::{
+    ConfigFile, EXIT_TIMEOUT, Process, relayhub, start_binary, start_binary_with,
+};
+use common::{Ws, close_code, free_port, get_json};
 
 /// Runs relayhub to completion: exit code and everything it printed.
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
@@ -300,39 +162,11 @@ fn a_port_in_use_exits_4_before_anything_starts() {
     assert!(!output.contains("panicked"), "{output}");
 }
 
-/// Starts the binary on a free loopback port with `config`; returns it once `/health` answers.
-async fn start_binary(config: &ConfigFile) -> (Process, String) {
-    start_binary_with(config, &[]).await
-}
-
-/// [`start_binary`] with more environment variables.
-async fn start_binary_with(config: &ConfigFile, extra: &[(&str, &str)]) -> (Process, String) {
-    let port = free_port().to_string();
-    let mut env = vec![("PORT", port.as_str()), ("HOST", "127.0.0.1")];
-    env.extend_from_slice(extra);
-    let process = Process::spawn(relayhub(&["--config", config.path()], &env));
-    let base = format!("127.0.0.1:{port}");
-    let health = format!("http://{base}/health");
-    eventually(
-        Duration::from_secs(30),
-        "the binary answers /health",
-        || async {
-            // A log line after start, so the health check cannot race the listener being set up.
-            process.output().contains("listening on")
-                && tokio::time::timeout(Duration::from_secs(2), get_json(&health))
-                    .await
-                    .is_ok_and(|(status, _)| status == 200)
-        },
-    )
-    .await;
-    (process, base)
-}
-
 #[actix_web::test]
 async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
     let closed = format!("redis://127.0.0.1:{}", free_port());
     let config = ConfigFile::new(&format!(
-        "[server]\nshutdown_timeout = \"8s\"\n[redis]\nurl = \"{closed}\"\nrequired = false\n"
+        "[server]\nshutdown_timeout = \"8s\"\ndrain_period = \"1s\"\n[redis]\nurl = \"{closed}\"\nrequired = false\n"
     ));
     let (mut process, base) = start_binary(&config).await;
     assert!(
@@ -358,7 +192,7 @@ async fn without_required_redis_it_runs_in_memory_mode_and_sigterm_exits_0() {
 
 #[actix_web::test]
 async fn sigterm_closes_websockets_with_1001() {
-    let config = ConfigFile::new("[server]\nshutdown_timeout = \"8s\"\n");
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"8s\"\ndrain_period = \"1s\"\n");
     let (mut process, base) = start_binary(&config).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -505,7 +339,7 @@ async fn the_publish_command_goes_through_the_http_api() {
 
 #[actix_web::test]
 async fn json_logs_are_one_object_a_line() {
-    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\n");
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\ndrain_period = \"1s\"\n");
     let (mut process, base) = start_binary_with(&config, &[("RELAYHUB_LOG_FORMAT", "json")]).await;
     // A little traffic, so the log has more than the start.
     let ws = Ws::connect(&format!("ws://{base}/ws")).await;

@@ -259,11 +259,20 @@ async fn stats_report_this_instance() {
 async fn health_and_ready() {
     let hub = TestHub::start("").await;
     let (status, body) = get_json(&hub.http("/health")).await;
-    assert_eq!((status, body), (200, json!({"status": "ok"})));
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"status": "ok", "mode": "memory", "degraded": null, "redis": null})
+        )
+    );
     let (status, body) = get_json(&hub.http("/ready")).await;
     assert_eq!(
         (status, body),
-        (200, json!({"status": "ready", "mode": "memory"}))
+        (
+            200,
+            json!({"status": "ready", "mode": "memory", "degraded": null})
+        )
     );
 }
 

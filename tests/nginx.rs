@@ -1,16 +1,20 @@
-//! The hub behind a real nginx on loopback: what the proxy changes must not open the admin API or merge every
-//! client into the proxy's one address.
+//! The hub behind a real nginx on loopback, configured by `deploy/nginx.conf`: what the proxy changes must not
+//! open the admin API or merge every client into the proxy's one address, and a fleet of real processes
+//! behind it loses no message when one replica is stopped.
 
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
-use serde_json::Value;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
 use common::nginx::Nginx;
-use common::{TestHub, Ws, request};
+use common::process::{ConfigFile, Process, start_binary};
+use common::{RedisServer, TestHub, Ws, get_json, post_json, request};
 
 async fn stop_job(url: &str) -> common::Reply {
     request(
@@ -127,4 +131,178 @@ async fn behind_a_trusted_nginx_each_client_address_has_its_own_connection_budge
         Some(503)
     );
     drop(open);
+}
+
+/// A WebSocket through nginx from `source`, or why not (a handshake refused by every replica nginx tried).
+async fn try_connect_from(nginx: &Nginx, source: Ipv4Addr) -> Result<Ws, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(source), 0))
+        .map_err(|e| e.to_string())?;
+    let stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], nginx.port)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = nginx.ws_url().into_client_request().unwrap();
+    tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .map(|(stream, _)| Ws { stream })
+        .map_err(|e| e.to_string())
+}
+
+/// Subscribes `ws` to `channel` (from `since` when given) and returns the `subscribed` answer.
+async fn subscribe_since(ws: &mut Ws, channel: &str, since: Option<(&str, u64)>) -> Value {
+    let mut op = json!({"op": "subscribe", "channel": channel, "id": 1});
+    if let Some((epoch, seq)) = since {
+        op["since"] = json!({"epoch": epoch, "seq": seq});
+    }
+    ws.send(op).await;
+    ws.recv_type("subscribed").await
+}
+
+/// What one client behind the balancer saw: the seqs of its messages, in order, and how often it came back.
+struct Followed {
+    seqs: Vec<u64>,
+    reconnects: usize,
+}
+
+/// A client that reads `channel` through nginx until it has seq `last`; when its replica closes it, it
+/// reconnects through nginx (to whichever replica nginx picks) and resumes with `since`, as relayhub.js does.
+async fn follow(
+    nginx: &Nginx,
+    source: Ipv4Addr,
+    channel: &str,
+    last: u64,
+    subscribed: tokio::sync::mpsc::Sender<()>,
+) -> Followed {
+    let mut ws = try_connect_from(nginx, source)
+        .await
+        .expect("connects through nginx");
+    let ack = subscribe_since(&mut ws, channel, None).await;
+    let epoch = ack["epoch"].as_str().expect("an epoch").to_string();
+    let mut position = ack["seq"].as_u64().expect("a seq");
+    subscribed.send(()).await.unwrap();
+    let mut seen = Followed {
+        seqs: Vec::new(),
+        reconnects: 0,
+    };
+    while position < last {
+        let frame = tokio::time::timeout(Duration::from_secs(20), ws.stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{source}: nothing for 20 s at seq {position}"));
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "message" {
+                    position = frame["seq"].as_u64().expect("a sequenced message");
+                    seen.seqs.push(position);
+                }
+            }
+            Some(Ok(Message::Close(close))) => {
+                let code = close.map(|c| u16::from(c.code));
+                assert_eq!(code, Some(1001), "{source}: closed with {code:?}");
+                seen.reconnects += 1;
+                ws = reconnect(nginx, source).await;
+                let ack = subscribe_since(&mut ws, channel, Some((&epoch, position))).await;
+                assert_eq!(ack["recovered"], true, "{source}: {ack}");
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{source}: the connection broke without a close frame: {other:?}"),
+        }
+    }
+    seen
+}
+
+/// Reconnects through nginx, as a client library would after a 1001: retried briefly while the balancer
+/// finds a replica that takes it.
+async fn reconnect(nginx: &Nginx, source: Ipv4Addr) -> Ws {
+    let mut last_error = String::new();
+    for _ in 0..50 {
+        match try_connect_from(nginx, source).await {
+            Ok(ws) => return ws,
+            Err(e) => last_error = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{source}: no replica took the reconnect through nginx: {last_error}");
+}
+
+#[actix_web::test]
+async fn a_replica_stopped_with_sigterm_hands_its_clients_to_the_others_and_nothing_is_lost() {
+    let redis = RedisServer::start();
+    let config = ConfigFile::new(&format!(
+        "[demo]\nenabled = false\n[server]\ndrain_period = \"1500ms\"\nshutdown_timeout = \"6s\"\n\
+         trusted_proxies = [\"127.0.0.1\"]\n[redis]\nurl = \"{}\"\nrequired = true\n",
+        redis.url()
+    ));
+    let mut replicas: Vec<(Process, String)> = Vec::new();
+    for _ in 0..3 {
+        replicas.push(start_binary(&config).await);
+    }
+    for (_, base) in &replicas {
+        common::eventually(Duration::from_secs(20), "replica ready", || async {
+            get_json(&format!("http://{base}/ready")).await.0 == 200
+        })
+        .await;
+    }
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, b)| b.parse().unwrap()).collect();
+    let nginx = Nginx::start_fleet(&addrs);
+
+    let channel = "prices:FLEET";
+    const CLIENTS: u8 = 30;
+    const MESSAGES: u64 = 200;
+    let (subscribed_tx, mut subscribed_rx) = tokio::sync::mpsc::channel(CLIENTS as usize);
+    let clients = futures_util::future::join_all((0..CLIENTS).map(|n| {
+        let source = Ipv4Addr::new(127, 0, 0, 2 + n);
+        follow(&nginx, source, channel, MESSAGES, subscribed_tx.clone())
+    }));
+    let run = async {
+        for _ in 0..CLIENTS {
+            subscribed_rx.recv().await.unwrap();
+        }
+        // The replica holding the most clients goes; the others publish.
+        let mut held = Vec::new();
+        for (_, base) in &replicas {
+            let (_, stats) = get_json(&format!("http://{base}/api/stats")).await;
+            held.push(stats["connections"].as_u64().unwrap());
+        }
+        assert_eq!(held.iter().sum::<u64>(), u64::from(CLIENTS), "{held:?}");
+        let victim = (0..3).max_by_key(|&i| held[i]).unwrap();
+        let publisher = &replicas[(victim + 1) % 3].1;
+        for i in 1..=MESSAGES {
+            let (status, body) = post_json(
+                &format!("http://{publisher}/api/publish"),
+                &json!({"channel": channel, "data": {"n": i}}),
+                &[],
+            )
+            .await;
+            assert_eq!((status, &body["seq"]), (200, &json!(i)), "{body}");
+            if i == 50 {
+                replicas[victim].0.terminate();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (victim, held[victim])
+    };
+    let (followed, (victim, victims_clients)) = tokio::join!(clients, run);
+
+    let expected: Vec<u64> = (1..=MESSAGES).collect();
+    for (n, seen) in followed.iter().enumerate() {
+        assert_eq!(
+            seen.seqs, expected,
+            "client {n}: every message once, in order"
+        );
+    }
+    let reconnects: usize = followed.iter().map(|f| f.reconnects).sum();
+    assert_eq!(
+        reconnects as u64, victims_clients,
+        "the stopped replica's clients, and only they, came back through the balancer"
+    );
+    let status = replicas[victim].0.wait(Duration::from_secs(8));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        replicas[victim].0.output()
+    );
 }

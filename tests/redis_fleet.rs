@@ -471,17 +471,38 @@ async fn redis_outage_keeps_clients_and_local_delivery_then_recovers() {
     for hub in &hubs {
         eventually(
             Duration::from_secs(20),
-            "the bridge notices the outage",
-            || async { stat(hub, "pubsub_active").await == false },
+            "the bridge notices the outage and the probe finds Redis gone",
+            || async {
+                let stats = hub.stats().await;
+                stats["pubsub_active"] == false && stats["redis"]["commands"] == "unreachable"
+            },
         )
         .await;
+        // Every replica is alike: taking one out of the balancer would help nobody, so it stays ready and
+        // says what is wrong.
         let (status, body) = get_json(&hub.http("/ready")).await;
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            body["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        assert_eq!(
+            (status, &body["degraded"]),
+            (200, &json!("redis unreachable")),
             "{body}"
         );
-        assert_eq!(get_json(&hub.http("/health")).await.0, 200);
+        let (status, body) = get_json(&hub.http("/health")).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body["redis"],
+            json!({"pubsub": "down", "commands": "unreachable"}),
+            "{body}"
+        );
+        let metrics = common::request("GET", &hub.http("/metrics"), &[], None)
+            .await
+            .text();
+        for line in [
+            "relayhub_redis_up 0",
+            "relayhub_degraded 1",
+            "relayhub_up 1",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
     }
 
     // Local delivery goes on: no seq (Redis assigns them), and the response says it was not relayed.
@@ -939,6 +960,11 @@ async fn ready_waits_for_the_pubsub_connection() {
     );
     assert_eq!(hub.stats().await["pubsub_active"], false);
 
+    assert!(
+        body["reason"].as_str().unwrap().starts_with("starting"),
+        "{body}"
+    );
+
     proxy.heal();
     wait_ready(&hub).await;
     let mut ws = hub.connect().await;
@@ -948,6 +974,46 @@ async fn ready_waits_for_the_pubsub_connection() {
     assert_eq!(out["relayed"], true);
     let msg = ws.recv().await;
     assert_eq!(msg["data"], 1, "{msg}");
+}
+
+#[actix_web::test]
+async fn a_dead_link_while_redis_answers_takes_only_this_replica_out() {
+    let redis = RedisServer::start();
+    let proxy = DeafProxy::start(redis.port).await;
+    let a = TestHub::start(&config(&proxy.url(), "probe_interval = \"200ms\"\n", "")).await;
+    let b = TestHub::start(&config(&redis.url(), "", "")).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    // A's pub/sub connection goes deaf and every replacement is held back; its commands still get through.
+    proxy.deafen_new_pubsub(true);
+    proxy.deafen_open_pubsub();
+    eventually(
+        Duration::from_secs(20),
+        "A takes itself out: its own link is dead while Redis answers",
+        || async {
+            let (status, body) = get_json(&a.http("/ready")).await;
+            status == 503
+                && body["reason"] == "redis pub/sub link is down while redis answers commands"
+        },
+    )
+    .await;
+    let (_, health) = get_json(&a.http("/health")).await;
+    assert_eq!(
+        health["redis"],
+        json!({"pubsub": "down", "commands": "answering"}),
+        "{health}"
+    );
+    // B, on the same Redis, is untouched.
+    let (status, body) = get_json(&b.http("/ready")).await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"status": "ready", "mode": "redis", "degraded": null})
+        )
+    );
+    proxy.heal();
+    wait_ready(&a).await;
 }
 
 #[actix_web::test]

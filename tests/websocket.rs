@@ -313,6 +313,55 @@ async fn shutdown_sends_1001_and_ready_turns_503() {
 }
 
 #[actix_web::test]
+async fn shutdown_spreads_the_closes_over_the_drain_period_and_keeps_serving() {
+    let mut hub =
+        TestHub::start("[server]\ndrain_period = \"2s\"\nshutdown_timeout = \"6s\"\n").await;
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let mut ws = hub.connect().await;
+        ws.ping().await;
+        clients.push(ws);
+    }
+    let running = hub.running.take().unwrap();
+    let started = std::time::Instant::now();
+    let stopped = actix_web::rt::spawn(running.shutdown());
+    // `/ready` turns 503 at once; the replica keeps serving its API while it drains, and refuses newcomers.
+    eventually(Duration::from_millis(500), "/ready turns 503", || async {
+        let (status, body) = common::get_json(&hub.http("/ready")).await;
+        status == 503 && body["reason"] == "draining"
+    })
+    .await;
+    assert_eq!(common::get_json(&hub.http("/health")).await.0, 200);
+    match tokio_tungstenite::connect_async(hub.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!(
+            "a draining replica took a new WebSocket: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let closes = futures_util::future::join_all(clients.into_iter().map(|mut ws| async move {
+        let code = close_code(&mut ws).await;
+        (code, started.elapsed())
+    }))
+    .await;
+    assert!(closes.iter().all(|(code, _)| *code == 1001), "{closes:?}");
+    let first = closes.iter().map(|(_, at)| *at).min().unwrap();
+    let last = closes.iter().map(|(_, at)| *at).max().unwrap();
+    // Spread over the 2 s, not all in one instant.
+    assert!(
+        last - first >= Duration::from_millis(1200) && last <= Duration::from_millis(3000),
+        "closes from {first:?} to {last:?}"
+    );
+    stopped.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "shutdown within shutdown_timeout"
+    );
+}
+
+#[actix_web::test]
 async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     let hub = TestHub::start("[websocket]\nmailbox_size = 16\n[server]\nworkers = 1\n").await;
     let mut stuck = hub.connect().await;

@@ -93,6 +93,11 @@ pub struct ServerConfig {
     /// How long a graceful shutdown may take before the process exits anyway.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// On a graceful shutdown, the WebSocket closes (1001) are spread over this long, so a balancer sees the
+    /// replica leave through `/ready` and the survivors take its clients a few at a time, not as one herd.
+    /// Must be shorter than `shutdown_timeout`.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_period: Duration,
     /// This replica's name in stats and job ownership; empty picks `<hostname>-<pid>-<random>`.
     pub instance_id: String,
     /// Directory served at `/`.
@@ -118,7 +123,8 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             max_connections: 100_000,
             max_connections_per_ip: 1000,
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(15),
+            drain_period: Duration::from_secs(10),
             instance_id: String::new(),
             web_root: "web".into(),
             metrics_listen: String::new(),
@@ -594,6 +600,12 @@ impl Config {
         if self.websocket.rate_limited_close_after < Duration::from_secs(1) {
             return err("websocket.rate_limited_close_after", "must be at least 1s");
         }
+        if self.server.drain_period >= self.server.shutdown_timeout {
+            return err(
+                "server.drain_period",
+                "must be shorter than server.shutdown_timeout (the drain happens within it)",
+            );
+        }
         if self.server.max_connections == 0 {
             return err("server.max_connections", "must be at least 1");
         }
@@ -973,6 +985,10 @@ mod tests {
                 "server.trusted_proxies",
             ),
             ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\ndrain_period = \"20s\"\nshutdown_timeout = \"20s\"\n",
+                "server.drain_period",
+            ),
             (
                 "[server]\nmax_connections_per_ip = 0\n",
                 "server.max_connections_per_ip",

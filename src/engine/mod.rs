@@ -19,8 +19,8 @@ use std::time::Duration;
 use self::memory::MemoryEngine;
 use self::redis::RedisEngine;
 pub use self::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, MemoryUsage, Published, Put, ScanReport,
-    Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, MemoryUsage, Published, Put,
+    Reach, ScanReport, Window,
 };
 use crate::core::config::ChannelPolicy;
 use crate::core::publication::Publication;
@@ -58,6 +58,14 @@ impl Engine {
         match self {
             Engine::Memory(_) => false,
             Engine::Redis(r) => r.link_active(),
+        }
+    }
+
+    /// A shared backend's link state (`None` in memory mode, which has no link).
+    pub fn link_health(&self) -> Option<LinkHealth> {
+        match self {
+            Engine::Memory(_) => None,
+            Engine::Redis(r) => Some(r.link_health()),
         }
     }
 

@@ -163,3 +163,25 @@ pub struct JobStatus {
     #[serde(default)]
     pub retry_at: Option<String>,
 }
+
+/// Whether Redis answers commands, as last probed while the pub/sub link was down. A dead link with Redis
+/// answering is this replica's own fault (taking it out of the balancer helps); with Redis unreachable every
+/// replica is equally affected, so taking any out helps nobody.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The link is live, or it went down and no probe has answered since.
+    Unknown,
+    Answering,
+    Unreachable,
+}
+
+/// How a shared backend's connections stand, for `/ready`, `/health`, stats and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkHealth {
+    /// The pub/sub link is live.
+    pub linked: bool,
+    /// It has been live at least once (before that the replica is starting).
+    pub ever_linked: bool,
+    /// While it is not live: whether Redis answers commands.
+    pub reach: Reach,
+}

@@ -8,6 +8,7 @@ use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
+use crate::engine::Reach;
 use crate::node::hub::Hub;
 use crate::stats::Stats;
 
@@ -48,7 +49,7 @@ pub fn render(hub: &Hub) -> String {
     out.gauge(
         "relayhub_up",
         "1 while this replica is ready (GET /ready answers 200).",
-        hub.readiness().is_ok() as i64,
+        hub.readiness().is_ready() as i64,
     );
     out.gauge(
         "relayhub_uptime_seconds",
@@ -80,6 +81,18 @@ pub fn render(hub: &Hub) -> String {
         "1 while the Redis pub/sub link is live (always 0 in memory mode).",
         hub.link_active() as i64,
     );
+    out.gauge(
+        "relayhub_degraded",
+        "1 while this replica serves with something wrong that taking it out would not fix (Redis unreachable).",
+        hub.readiness().degraded().is_some() as i64,
+    );
+    if let Some(link) = hub.link_health() {
+        out.gauge(
+            "relayhub_redis_up",
+            "1 while Redis answers commands (probed every second while the pub/sub link is down).",
+            (link.linked || link.reach == Reach::Answering) as i64,
+        );
+    }
     let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 20] = [
         (
             "relayhub_slow_consumer_drops_total",

@@ -3,11 +3,13 @@
 use actix_web::{HttpResponse, web};
 use serde_json::{Map, Value, json};
 
+use crate::http::health::redis_health;
 use crate::node::hub::Hub;
 use crate::stats::Stats;
 
 pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
     let s = hub.stats();
+    let readiness = hub.readiness();
     let (channels, patterns) = hub.subscriber_counts();
     let subscriptions: usize = channels.iter().map(|(_, n)| n).sum();
     let pattern_subscriptions: usize = patterns.iter().map(|(_, n)| n).sum();
@@ -30,7 +32,9 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "instance_id": hub.instance_id(),
         "mode": hub.mode(),
         "pubsub_active": hub.link_active(),
-        "ready": hub.readiness().is_ok(),
+        "ready": readiness.is_ready(),
+        "degraded": readiness.degraded(),
+        "redis": redis_health(&hub),
         "uptime_seconds": hub.uptime().as_secs(),
         "connections": Stats::get(&s.connections),
         "channels": subscribers.len(),

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use actix::Recipient;
 
@@ -65,10 +66,10 @@ impl Fanout {
         self.registries.read().expect("registry list lock poisoned")
     }
 
-    /// Closes every WebSocket with 1001.
-    pub fn close_all(&self) {
+    /// Closes every WebSocket with 1001, spread evenly over `over` (all at once when it is zero).
+    pub fn close_all(&self, over: Duration) {
         for registry in self.registries().iter() {
-            registry.close_all.do_send(CloseAll);
+            registry.close_all.do_send(CloseAll { over });
         }
     }
 

@@ -11,7 +11,7 @@ use actix::prelude::*;
 
 use crate::core::config::Config;
 use crate::core::publication::Publication;
-use crate::engine::{Engine, MemoryUsage};
+use crate::engine::{Engine, LinkHealth, MemoryUsage, Reach};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Counts, Fanout};
 use crate::node::messages::SessionId;
@@ -28,6 +28,29 @@ pub struct PublishOutcome {
     pub delivered: u64,
     /// Whether the message went through the shared backend (false: Redis was down, local subscribers only).
     pub relayed: bool,
+}
+
+/// What `/ready` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Send clients here; `degraded` says what is wrong that taking this replica out would not fix.
+    Ready { degraded: Option<&'static str> },
+    /// Do not send clients here, and why.
+    NotReady(&'static str),
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Readiness::Ready { .. })
+    }
+
+    /// What is wrong while ready anyway.
+    pub fn degraded(&self) -> Option<&'static str> {
+        match self {
+            Readiness::Ready { degraded } => *degraded,
+            Readiness::NotReady(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -140,21 +163,46 @@ impl Hub {
         self.inner.shutting_down.load(Ordering::Relaxed)
     }
 
-    /// Whether a load balancer should send clients here, and if not, why.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    /// Whether a load balancer should send clients here, and if not, why. Not ready means taking this replica
+    /// out helps: it is starting, draining, or its own pub/sub link is dead while Redis answers. With Redis
+    /// itself unreachable every replica is alike, so it stays ready (clients stay connected and local
+    /// delivery works) and reports the degradation instead.
+    pub fn readiness(&self) -> Readiness {
         if self.is_shutting_down() {
-            return Err("shutting down");
+            return Readiness::NotReady("draining");
         }
-        if self.inner.engine.is_shared() && !self.inner.engine.link_active() {
-            return Err("redis pub/sub connection is down");
+        let Some(link) = self.inner.engine.link_health() else {
+            return Readiness::Ready { degraded: None };
+        };
+        match (link.linked, link.ever_linked, link.reach) {
+            (true, _, _) => Readiness::Ready { degraded: None },
+            (false, false, _) => {
+                Readiness::NotReady("starting: the redis pub/sub link is not live yet")
+            }
+            (false, true, Reach::Answering) => {
+                Readiness::NotReady("redis pub/sub link is down while redis answers commands")
+            }
+            (false, true, Reach::Unreachable) => Readiness::Ready {
+                degraded: Some("redis unreachable"),
+            },
+            (false, true, Reach::Unknown) => Readiness::Ready {
+                degraded: Some("redis pub/sub link is down"),
+            },
         }
-        Ok(())
     }
 
-    /// Turns `/ready` to 503 and closes every WebSocket with 1001.
+    /// The shared backend's link state (`None` in memory mode).
+    pub fn link_health(&self) -> Option<LinkHealth> {
+        self.inner.engine.link_health()
+    }
+
+    /// Turns `/ready` to 503, refuses new WebSockets and closes the open ones with 1001, spread over
+    /// `server.drain_period`.
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        self.inner.fanout.close_all();
+        self.inner
+            .fanout
+            .close_all(self.inner.config.server.drain_period);
     }
 
     /// Publishes `data` (valid JSON) to `channel` (a valid name): records it as the latest value and snapshot,

@@ -74,7 +74,9 @@ pub struct ForgetLatest;
 #[rtype(result = "()")]
 pub struct CatchUp(pub Arc<Vec<(Arc<str>, Window)>>);
 
-/// Close every connection with 1001 (graceful shutdown).
+/// Close every connection with 1001 (graceful shutdown), spread evenly over `over`.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct CloseAll;
+pub struct CloseAll {
+    pub over: std::time::Duration,
+}

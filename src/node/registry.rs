@@ -32,6 +32,9 @@ use crate::transport::{Full, Outbox};
 /// snapshot still brings the latest value).
 const BACKLOG_MAX: usize = 256;
 
+/// How often a draining registry closes its next share of connections.
+const DRAIN_TICK: Duration = Duration::from_millis(50);
+
 /// How long subscribers of an uncached job channel wait for the poller's first value before they are let in
 /// without a snapshot.
 const FILL_WAIT: Duration = Duration::from_secs(10);
@@ -798,11 +801,51 @@ impl Handler<CatchUp> for Registry {
 impl Handler<CloseAll> for Registry {
     type Result = ();
 
-    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
-        for session in self.sessions.values() {
-            session
-                .outbox
-                .close(close::GOING_AWAY, "server shutting down");
+    fn handle(&mut self, msg: CloseAll, ctx: &mut Context<Self>) {
+        let pending: Vec<SessionId> = self.sessions.keys().copied().collect();
+        let drain = Drain {
+            total: pending.len(),
+            pending,
+            started: Instant::now(),
+            period: msg.over,
+        };
+        self.drain(drain, ctx);
+    }
+}
+
+/// A registry's closes still to make during a graceful shutdown.
+struct Drain {
+    pending: Vec<SessionId>,
+    total: usize,
+    started: Instant,
+    period: Duration,
+}
+
+impl Registry {
+    /// Closes what is due by now, so that the k-th of n closes falls at k/n of the period, and comes back on
+    /// the next tick for the rest: clients leave a draining replica a few at a time, and the survivors see
+    /// no herd.
+    fn drain(&mut self, mut drain: Drain, ctx: &mut Context<Self>) {
+        let elapsed = drain.started.elapsed();
+        let due = if elapsed >= drain.period {
+            drain.total
+        } else {
+            // ceil(total * elapsed / period), in whole microseconds.
+            let period = drain.period.as_micros().max(1);
+            usize::try_from((drain.total as u128 * elapsed.as_micros()).div_ceil(period))
+                .unwrap_or(drain.total)
+        };
+        let closed = drain.total - drain.pending.len();
+        let now = due.saturating_sub(closed).min(drain.pending.len());
+        for id in drain.pending.split_off(drain.pending.len() - now) {
+            if let Some(session) = self.sessions.get(&id) {
+                session
+                    .outbox
+                    .close(close::GOING_AWAY, "server shutting down");
+            }
+        }
+        if !drain.pending.is_empty() {
+            ctx.run_later(DRAIN_TICK, move |act, ctx| act.drain(drain, ctx));
         }
     }
 }

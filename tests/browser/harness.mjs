@@ -87,6 +87,7 @@ host = "127.0.0.1"
 web_root = ${JSON.stringify(webRoot)}
 instance_id = ${JSON.stringify(instanceId)}
 shutdown_timeout = "2s"
+drain_period = "0s"
 
 [redis]
 url = ${JSON.stringify(redisUrl)}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod process;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
@@ -41,7 +42,14 @@ pub fn test_config(toml: &str) -> Config {
         config.server.workers = 2;
     }
     config.server.web_root = format!("{}/web", env!("CARGO_MANIFEST_DIR"));
-    config.server.shutdown_timeout = Duration::from_secs(3);
+    // Tests stop hubs often: short graceful stops, closes at once, unless a test asks for its own.
+    let defaults = relayhub::config::ServerConfig::default();
+    if config.server.shutdown_timeout == defaults.shutdown_timeout {
+        config.server.shutdown_timeout = Duration::from_secs(3);
+    }
+    if config.server.drain_period == defaults.drain_period {
+        config.server.drain_period = Duration::ZERO;
+    }
     config
         .validate()
         .unwrap_or_else(|e| panic!("test config: {e}"));
@@ -509,8 +517,11 @@ pub async fn wait_ready(hub: &TestHub) {
     let url = hub.http("/ready");
     eventually(
         Duration::from_secs(30),
-        &format!("{url} answers 200"),
-        || async { get_json(&url).await.0 == 200 },
+        &format!("{url} answers 200, nothing degraded"),
+        || async {
+            let (status, body) = get_json(&url).await;
+            status == 200 && body["degraded"].is_null()
+        },
     )
     .await;
 }

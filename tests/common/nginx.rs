@@ -41,9 +41,15 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 impl Nginx {
-    /// nginx proxying everything to `upstream` the way `deploy/`'s example does: WebSocket upgrades passed
-    /// through, `X-Forwarded-For` extended with the client's address, `X-Forwarded-Host` set.
+    /// nginx in front of one hub, configured by `deploy/nginx.conf` itself.
     pub fn start(upstream: SocketAddr) -> Nginx {
+        Nginx::start_fleet(&[upstream])
+    }
+
+    /// nginx in front of `replicas`, configured by `deploy/nginx.conf` as shipped: only its replica lines and
+    /// its listen line are replaced, and the file is wrapped in the main context a test needs (its own prefix
+    /// directory, pid file and temp paths).
+    pub fn start_fleet(replicas: &[SocketAddr]) -> Nginx {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("relayhub-nginx-{}-{port}", std::process::id()));
@@ -52,11 +58,20 @@ impl Nginx {
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).expect("nginx tmp dir");
         let _ = Command::new("chmod").arg("1777").arg(&tmp).status();
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
+                .expect("deploy/nginx.conf");
+        let servers: String = replicas
+            .iter()
+            .map(|addr| format!("    server {addr} max_fails=1 fail_timeout=10s;\n"))
+            .collect();
+        let site = replace_between(&shipped, "replicas", &servers);
+        let site = replace_between(&site, "listen", &format!("    listen 127.0.0.1:{port};\n"));
         let config = format!(
             r#"worker_processes 1;
 error_log {dir}/logs/error.log warn;
 pid {dir}/nginx.pid;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/body;
@@ -64,20 +79,7 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Host $host;
-            proxy_read_timeout 120s;
-        }}
-    }}
+{site}
 }}
 "#,
             dir = dir.display(),
@@ -116,6 +118,21 @@ http {{
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.port)
     }
+}
+
+/// Replaces the lines between `# <marker> begin` and `# <marker> end` (markers kept out) with `with`.
+fn replace_between(text: &str, marker: &str, with: &str) -> String {
+    let begin = format!("# {marker} begin");
+    let end = format!("# {marker} end");
+    let from = text
+        .find(&begin)
+        .unwrap_or_else(|| panic!("deploy/nginx.conf has no `{begin}` line"));
+    let from = text[..from].rfind('\n').map_or(0, |i| i + 1);
+    let to = text
+        .find(&end)
+        .unwrap_or_else(|| panic!("deploy/nginx.conf has no `{end}` line"));
+    let to = text[to..].find('\n').map_or(text.len(), |i| to + i + 1);
+    format!("{}{with}{}", &text[..from], &text[to..])
 }
 
 impl Drop for Nginx {

@@ -1,14 +1,16 @@
-//! The state of the pub/sub link, shared by the publish path and the bridge: whether it is live, and the
-//! exactly-once bookkeeping for publishes made while it was not.
+//! The state of the pub/sub link, shared by the publish path and the bridge: whether it is live, whether
+//! Redis still answers commands while it is not (which decides readiness: see `Reach`), and the exactly-once
+//! bookkeeping for publishes made while it was not.
 //!
 //! A publish made while the link is not live is delivered locally by the publisher; when the link comes back
 //! during such a publish, Redis may also echo it. `Link` tracks both sides so each message is delivered once.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::core::publication::Publication;
+use crate::engine::seam::Reach;
 
 /// Most echoes tracked at once (a bound, not an expected size: entries live for one reconnect).
 const MAX_TRACKED_ECHOES: usize = 10_000;
@@ -33,9 +35,21 @@ impl Echoes {
 pub struct Link {
     /// The pub/sub connection is up and subscribed (reported as `pubsub_active`).
     active: AtomicBool,
+    /// The link has been live at least once: before that the replica is still starting.
+    ever_active: AtomicBool,
+    /// A `Reach`, as `reach_code` encodes it.
+    reach: AtomicU8,
     echoes: Mutex<Echoes>,
     /// Whether `echoes` holds anything (read on every relayed message, so kept lock-free).
     echoes_active: AtomicBool,
+}
+
+fn reach_code(reach: Reach) -> u8 {
+    match reach {
+        Reach::Unknown => 0,
+        Reach::Answering => 1,
+        Reach::Unreachable => 2,
+    }
 }
 
 impl Link {
@@ -45,6 +59,31 @@ impl Link {
 
     pub fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::SeqCst);
+        if active {
+            self.ever_active.store(true, Ordering::SeqCst);
+        }
+        // Whatever was probed before this change says nothing about the link's new state.
+        self.reach
+            .store(reach_code(Reach::Unknown), Ordering::SeqCst);
+    }
+
+    pub fn was_ever_active(&self) -> bool {
+        self.ever_active.load(Ordering::SeqCst)
+    }
+
+    pub fn reach(&self) -> Reach {
+        match self.reach.load(Ordering::SeqCst) {
+            1 => Reach::Answering,
+            2 => Reach::Unreachable,
+            _ => Reach::Unknown,
+        }
+    }
+
+    /// Records a probe's answer, unless the link came back meanwhile (then there is nothing to report).
+    pub fn set_reach(&self, reach: Reach) {
+        if !self.is_active() {
+            self.reach.store(reach_code(reach), Ordering::SeqCst);
+        }
     }
 
     fn echoes(&self) -> std::sync::MutexGuard<'_, Echoes> {

@@ -25,7 +25,8 @@ use crate::core::config::{ChannelPolicy, Config};
 use crate::core::ingest::Route;
 use crate::core::publication::Publication;
 use crate::engine::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, Published, Put, ScanReport, Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Published, Put, Reach,
+    ScanReport, Window,
 };
 use crate::stats::Stats;
 
@@ -39,6 +40,31 @@ struct Shared {
     handler: Arc<dyn BrokerEventHandler>,
     /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
     pattern_scans: tokio::sync::Semaphore,
+}
+
+/// How often Redis is asked for a PING while the pub/sub link is down. One probe per replica, whatever the
+/// number of `/ready` requests: a balancer (or a stranger) polling it costs Redis nothing.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// While the link is down, PINGs Redis through the pool so readiness can tell "Redis is gone" (every replica
+/// alike: stay in) from "this replica's link is broken" (take it out). Ends when the engine is dropped.
+async fn probe_while_unlinked(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.link.is_active() {
+            continue;
+        }
+        let reach = match shared.store.ping().await {
+            Ok(()) => Reach::Answering,
+            Err(_) => Reach::Unreachable,
+        };
+        shared.link.set_reach(reach);
+    }
 }
 
 /// A cheap-to-clone handle on the Redis engine.
@@ -72,18 +98,28 @@ impl RedisEngine {
         .start();
         let pattern_scans =
             tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
-        Ok(RedisEngine {
-            shared: Arc::new(Shared {
-                config,
-                stats,
-                store,
-                link,
-                bridge,
-                jobs: RedisJobs::new(instance_id),
-                handler,
-                pattern_scans,
-            }),
-        })
+        let shared = Arc::new(Shared {
+            config,
+            stats,
+            store,
+            link,
+            bridge,
+            jobs: RedisJobs::new(instance_id),
+            handler,
+            pattern_scans,
+        });
+        actix::spawn(probe_while_unlinked(Arc::downgrade(&shared)));
+        Ok(RedisEngine { shared })
+    }
+
+    /// The link's state and, while it is down, whether Redis still answers commands.
+    pub fn link_health(&self) -> LinkHealth {
+        let link = &self.shared.link;
+        LinkHealth {
+            linked: link.is_active(),
+            ever_linked: link.was_ever_active(),
+            reach: link.reach(),
+        }
     }
 
     fn store(&self) -> &RedisStore {
