@@ -142,6 +142,15 @@ impl Process {
     }
 }
 
+impl Process {
+    /// SIGTERM, then the exit code must be 0.
+    fn stop_gracefully(&mut self) {
+        self.terminate();
+        let code = self.wait(EXIT_TIMEOUT).and_then(|s| s.code());
+        assert_eq!(code, Some(0), "{}", self.output());
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -307,10 +316,23 @@ async fn start_binary(config: &ConfigFile) -> (Process, String) {
 
 /// [`start_binary`] with more environment variables.
 async fn start_binary_with(config: &ConfigFile, extra: &[(&str, &str)]) -> (Process, String) {
+    start_binary_in(config, extra, None).await
+}
+
+/// [`start_binary_with`], in the working directory `cwd` when given (else the repository).
+async fn start_binary_in(
+    config: &ConfigFile,
+    extra: &[(&str, &str)],
+    cwd: Option<&std::path::Path>,
+) -> (Process, String) {
     let port = free_port().to_string();
     let mut env = vec![("PORT", port.as_str()), ("HOST", "127.0.0.1")];
     env.extend_from_slice(extra);
-    let process = Process::spawn(relayhub(&["--config", config.path()], &env));
+    let mut command = relayhub(&["--config", config.path()], &env);
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let process = Process::spawn(command);
     let base = format!("127.0.0.1:{port}");
     let health = format!("http://{base}/health");
     eventually(
@@ -494,13 +516,7 @@ async fn the_publish_command_goes_through_the_http_api() {
     assert!(output.contains("cannot reach"), "{output}");
     // Nothing else arrived: the refused publishes published nothing.
     ws.ping().await;
-    process.terminate();
-    assert_eq!(
-        process.wait(EXIT_TIMEOUT).and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        process.output()
-    );
+    process.stop_gracefully();
 }
 
 #[actix_web::test]
@@ -510,13 +526,7 @@ async fn json_logs_are_one_object_a_line() {
     // A little traffic, so the log has more than the start.
     let ws = Ws::connect(&format!("ws://{base}/ws")).await;
     ws.close().await;
-    process.terminate();
-    assert_eq!(
-        process.wait(EXIT_TIMEOUT).and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        process.output()
-    );
+    process.stop_gracefully();
     let output = process.output();
     let lines: Vec<&str> = output.lines().collect();
     assert!(lines.len() >= 3, "{output}");
@@ -546,3 +556,35 @@ async fn json_logs_are_one_object_a_line() {
     assert_eq!(code, 2, "{output}");
     assert!(output.contains("log.format"), "{output}");
 }
+
+#[actix_web::test]
+async fn a_binary_started_elsewhere_serves_the_dashboard_and_the_client() {
+    // A directory with no web/ in it: the files must come from the binary itself.
+    let elsewhere = std::env::temp_dir().join(format!("relayhub-elsewhere-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let config = ConfigFile::new("[server]\nshutdown_timeout = \"5s\"\n");
+    let (mut process, base) = start_binary_in(&config, &[], Some(&elsewhere)).await;
+    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
+    for (path, file, kind) in [
+        ("/", "index.html", "text/html; charset=utf-8"),
+        (
+            "/relayhub.js",
+            "relayhub.js",
+            "text/javascript; charset=utf-8",
+        ),
+        ("/app.js", "app.js", "text/javascript; charset=utf-8"),
+    ] {
+        let reply = common::request("GET", &format!("http://{base}{path}"), &[], None).await;
+        assert_eq!(reply.status, 200, "{path}: {}", process.output());
+        assert_eq!(reply.header("content-type"), Some(kind), "{path}");
+        assert_eq!(reply.body, std::fs::read(web.join(file)).unwrap(), "{path}");
+    }
+    assert!(
+        !process.output().contains("web_root"),
+        "{}",
+        process.output()
+    );
+    process.stop_gracefully();
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}
+

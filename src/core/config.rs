@@ -95,7 +95,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// This replica's name in stats and job ownership; empty picks `<hostname>-<pid>-<random>`.
     pub instance_id: String,
-    /// Directory served at `/`.
+    /// A directory whose files are served at `/` instead of the dashboard and client built into the binary
+    /// (for developing them without a rebuild); empty serves the built-in ones.
     pub web_root: String,
     /// A second address (`127.0.0.1:9090`) that serves only `GET /metrics`, for a scraper kept off the
     /// public port; empty serves metrics on the main port only. They are on the main port either way.
@@ -120,7 +121,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1000,
             shutdown_timeout: Duration::from_secs(10),
             instance_id: String::new(),
-            web_root: "web".into(),
+            web_root: String::new(),
             metrics_listen: String::new(),
         }
     }
@@ -735,6 +736,13 @@ impl Config {
     /// them at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let web_root = &self.server.web_root;
+        if !web_root.is_empty() && !Path::new(web_root).join("index.html").is_file() {
+            warnings.push(format!(
+                "server.web_root `{web_root}` has no index.html: / and /relayhub.js answer 404 \
+                 (leave it empty to serve the files built into the binary)"
+            ));
+        }
         for name in self.namespaces.keys() {
             if name.len() > crate::core::protocol::MAX_CHANNEL_LEN {
                 warnings.push(format!(
