@@ -24,7 +24,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Defaults that apply to every channel whose namespace has no table of its own.
     pub channels: ChannelsConfig,
-    /// Per-namespace settings (`[namespaces.chat]`), keyed by the part of a channel name before the first `:`.
+    /// Per-namespace settings (`[namespaces.chat]`), keyed by the part of a channel name before the first `:`
+    /// (the whole name when it has none).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// Upstream sources the poller can run jobs from.
     pub sources: Vec<SourceConfig>,
@@ -782,9 +783,10 @@ impl Config {
     }
 }
 
-/// The namespace of a channel: the part of its name before the first `:`.
+/// The namespace of a channel: the part of its name before the first `:`, or the whole name when it has
+/// none (`news` is in namespace `news`, like `news:sports`). relayhub.js's `namespaceOf` says the same.
 pub fn namespace_of(channel: &str) -> &str {
-    channel.split_once(':').map(|(ns, _)| ns).unwrap_or("")
+    channel.split_once(':').map_or(channel, |(ns, _)| ns)
 }
 
 /// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
@@ -1006,6 +1008,46 @@ mod tests {
         );
         ok.unwrap().validate().unwrap();
         assert_eq!(parse_proxy("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn a_name_without_a_colon_is_its_own_namespace() {
+        assert_eq!(namespace_of("news"), "news");
+        assert_eq!(namespace_of("news:sports"), "news");
+        assert_eq!(
+            namespace_of("option-chain:NIFTY:2025-11-28"),
+            "option-chain"
+        );
+        let config = Config::from_toml(
+            "[channels]\nstrict_namespaces = true\n[namespaces.news]\nttl = \"2m\"\nclient_publish = true\n",
+        )
+        .unwrap();
+        for channel in ["news", "news:sports"] {
+            let policy = config.policy(channel).unwrap();
+            assert_eq!(policy.ttl, Duration::from_secs(120), "{channel}");
+            assert!(policy.client_publish, "{channel}");
+        }
+        // Strict: a bare name with no table of its own is refused like any other unknown namespace.
+        assert_eq!(config.policy("predictions"), None);
+        assert_eq!(config.policy("newsroom"), None);
+    }
+
+    #[test]
+    fn namespace_tables_no_channel_can_match_are_warned_about() {
+        let long = "n".repeat(crate::core::protocol::MAX_CHANNEL_LEN + 1);
+        let longest = "n".repeat(crate::core::protocol::MAX_CHANNEL_LEN);
+        let config =
+            Config::from_toml(&format!("[namespaces.{long}]\n[namespaces.{longest}]\n")).unwrap();
+        config.validate().unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&long) && warnings[0].contains("matches no channel"),
+            "{warnings:?}"
+        );
+        // The longest valid name is a channel of its own namespace.
+        assert!(config.policy(&longest).is_some());
+        assert!(Config::load(None).unwrap().warnings().is_empty());
     }
 
     #[test]
