@@ -533,7 +533,7 @@ impl Config {
                 Some(password) if !password.is_empty() => {
                     format!(
                         "redis://:{}@{host}:{port}",
-                        percent_encode_userinfo(&password)
+                        crate::core::encoding::url_component(&password)
                     )
                 }
                 _ => format!("redis://{host}:{port}"),
@@ -812,44 +812,24 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
-fn percent_encode_userinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// The longest duration the config takes (about 317 years): anything longer is a typo, and deadlines
+/// computed from it must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10_000_000_000);
 
-/// Parses `"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"2d"` (one number, one unit).
+/// Parses a duration as `humantime` does: `"500ms"`, `"30s"`, `"1.5s"`, `"5m"`, `"24h"`, `"2d"`, and sums
+/// such as `"1h 30m"`. A number needs its unit.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m, h or d)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like \"500ms\", \"30s\" or \"24h\""))?;
-    let millis = match unit {
-        "ms" => value,
-        "s" => value * 1e3,
-        "m" => value * 60e3,
-        "h" => value * 3600e3,
-        "d" => value * 86_400e3,
-        _ => {
-            return Err(format!(
-                "`{text}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    if !millis.is_finite() || !(0.0..=1e13).contains(&millis) {
+    // humantime wants a digit first; `.5s` has always been accepted here.
+    let with_digit = text.strip_prefix('.').map(|rest| format!("0.{rest}"));
+    let duration =
+        humantime::parse_duration(with_digit.as_deref().unwrap_or(text)).map_err(|e| {
+            format!("`{text}` is not a duration like \"500ms\", \"30s\" or \"24h\" ({e})")
+        })?;
+    if duration > MAX_DURATION {
         return Err(format!("`{text}` is out of range"));
     }
-    Ok(Duration::from_micros((millis * 1e3) as u64))
+    Ok(duration)
 }
 
 /// Formats a duration the way config writes it (`"1500ms"`, `"30s"`).
@@ -1059,7 +1039,37 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("400000y").is_err());
+        // Every form the hand-written parser took before humantime, with the same value.
+        for (text, millis) in [
+            ("0s", 0),
+            ("0ms", 0),
+            ("250ms", 250),
+            ("1.5s", 1500),
+            (".5s", 500),
+            ("0.25m", 15_000),
+            ("1.5h", 5_400_000),
+            ("2d", 172_800_000),
+            ("1.5d", 129_600_000),
+            (" 10s ", 10_000),
+            ("007s", 7000),
+            ("3600000ms", 3_600_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(millis)),
+                "{text}"
+            );
+        }
+        // And what humantime adds: sums and long unit names.
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("1week").unwrap(),
+            Duration::from_secs(604_800)
+        );
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(120)), "2m");
     }
