@@ -30,6 +30,7 @@ const ENV_VARS: &[&str] = &[
     "UPSTREAM_TOKEN",
     "RELAYHUB_LOG_FORMAT",
     "RELAYHUB_URL",
+    "RELAYHUB_REDIS_REQUIRED",
 ];
 
 /// How long a process that should exit by itself may take (generous: a loaded machine).
@@ -243,8 +244,8 @@ fn bad_environment_values_exit_2_and_name_the_variable() {
 
 #[test]
 fn check_config_accepts_the_shipped_files() {
-    // The production example reads its upstream's token from the environment.
-    let env = [("UPSTREAM_TOKEN", "test-token")];
+    // Both pass with no environment at all (the production file's example source is commented out).
+    let env = [];
     for file in ["config/default.toml", "config/production.toml"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
         if !path.exists() {
@@ -588,3 +589,56 @@ async fn a_binary_started_elsewhere_serves_the_dashboard_and_the_client() {
     let _ = std::fs::remove_dir_all(&elsewhere);
 }
 
+/// The leading comment block of a config file.
+fn header_comment(text: &str) -> String {
+    text.lines()
+        .take_while(|line| line.starts_with('#') || line.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[actix_web::test]
+async fn the_production_config_starts_as_is_and_lists_its_environment() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Every variable `--help` names is listed at the top of the file.
+    let (code, help) = run(&["--help"], &[]);
+    assert_eq!(code, 0, "{help}");
+    let environment = help
+        .split("Environment:")
+        .nth(1)
+        .and_then(|rest| rest.split("Exit codes").next())
+        .unwrap_or_else(|| panic!("--help has an Environment paragraph:\n{help}"));
+    let names: Vec<&str> = environment
+        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+        .filter(|word| (word.len() > 2 && word.contains('_')) || matches!(*word, "PORT" | "HOST"))
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    let header = header_comment(&text);
+    for name in &names {
+        assert!(
+            header.contains(name),
+            "config/production.toml's header must list {name}"
+        );
+    }
+    // It starts with nothing set (in memory mode, said loudly) and is ready.
+    let config = ConfigFile::new(&text);
+    let (mut process, base) = start_binary(&config).await;
+    assert!(
+        process.output().contains("MEMORY MODE"),
+        "{}",
+        process.output()
+    );
+    let (status, body) = get_json(&format!("http://{base}/ready")).await;
+    assert_eq!(status, 200, "{body}");
+    process.stop_gracefully();
+    // In a fleet, RELAYHUB_REDIS_REQUIRED=true makes a missing Redis fatal instead.
+    let port = free_port().to_string();
+    let env = [
+        ("PORT", port.as_str()),
+        ("HOST", "127.0.0.1"),
+        ("RELAYHUB_REDIS_REQUIRED", "true"),
+    ];
+    let (code, output) = run(&["--config", config.path()], &env);
+    assert_eq!(code, 3, "{output}");
+}

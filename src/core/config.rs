@@ -539,6 +539,17 @@ impl Config {
                 _ => format!("redis://{host}:{port}"),
             };
         }
+        if let Some(required) = var("RELAYHUB_REDIS_REQUIRED") {
+            self.redis.required = match required.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable RELAYHUB_REDIS_REQUIRED: `{required}` is not true or false"
+                    )));
+                }
+            };
+        }
         Ok(())
     }
 
@@ -1112,5 +1123,12 @@ mod tests {
             .apply_env(|k| (k == "PORT").then(|| "http".to_string()))
             .unwrap_err();
         assert!(e.0.contains("PORT"));
+        c.apply_env(|k| (k == "RELAYHUB_REDIS_REQUIRED").then(|| "true".to_string()))
+            .unwrap();
+        assert!(c.redis.required);
+        let e = c
+            .apply_env(|k| (k == "RELAYHUB_REDIS_REQUIRED").then(|| "yes".to_string()))
+            .unwrap_err();
+        assert!(e.0.contains("RELAYHUB_REDIS_REQUIRED"), "{e}");
     }
 }
