@@ -7,6 +7,8 @@ COPY src ./src
 # A workspace member: cargo reads its manifest even when building only the hub.
 COPY bench ./bench
 COPY config ./config
+# Built into the binary (the dashboard and relayhub.js).
+COPY web ./web
 RUN cargo build --release --bin relayhub
 
 FROM debian:bookworm-slim
@@ -16,7 +18,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 WORKDIR /app
 COPY --from=build /src/target/release/relayhub /usr/local/bin/relayhub
 COPY config ./config
-COPY web ./web
 USER relayhub
 ENV RELAYHUB_CONFIG=/app/config/production.toml RUST_LOG=info
 EXPOSE 8080

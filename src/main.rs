@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use relayhub::config::Config;
 
 const ENVIRONMENT: &str = "Environment: PORT, HOST, REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD), \
-RELAYHUB_API_KEY, RELAYHUB_ADMIN_TOKEN, RELAYHUB_INSTANCE_ID, RELAYHUB_LOG_FORMAT (text or json), \
-RUST_LOG (default: log.level, info).
+RELAYHUB_REDIS_REQUIRED (true or false), RELAYHUB_API_KEY, RELAYHUB_ADMIN_TOKEN, RELAYHUB_INSTANCE_ID, \
+RELAYHUB_LOG_FORMAT (text or json), RUST_LOG (default: log.level, info).
 
 Exit codes: 0 stopped normally, 1 publish failed, 2 bad arguments or configuration, 3 Redis required but \
 unreachable, 4 cannot listen.";

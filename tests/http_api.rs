@@ -471,3 +471,96 @@ async fn static_files_are_served_and_nothing_else() {
         );
     }
 }
+
+#[actix_web::test]
+async fn the_client_library_is_built_in_and_importable_from_allowed_origins() {
+    // An empty web_root: the files built into the binary, whatever the working directory.
+    let mut config = common::test_config(
+        "[server]\nallowed_origins = [\"https://app.example.com\", \"http://localhost:*\"]\n",
+    );
+    config.server.web_root = String::new();
+    let hub = TestHub::start_with(config).await;
+    let web = concat!(env!("CARGO_MANIFEST_DIR"), "/web");
+    for (name, kind) in [
+        ("relayhub.js", "text/javascript; charset=utf-8"),
+        ("relayhub.d.ts", "application/typescript; charset=utf-8"),
+        ("index.html", "text/html; charset=utf-8"),
+        ("app.js", "text/javascript; charset=utf-8"),
+    ] {
+        let reply = request("GET", &hub.http(&format!("/{name}")), &[], None).await;
+        assert_eq!(reply.status, 200, "{name}");
+        assert_eq!(reply.header("content-type"), Some(kind), "{name}");
+        assert_eq!(
+            reply.body,
+            std::fs::read(format!("{web}/{name}")).unwrap(),
+            "{name}"
+        );
+    }
+    for name in ["relayhub.js", "relayhub.d.ts"] {
+        let url = hub.http(&format!("/{name}"));
+        for origin in ["https://app.example.com", "http://localhost:5173"] {
+            let reply = request("GET", &url, &[("Origin", origin)], None).await;
+            assert_eq!(reply.status, 200, "{name} from {origin}");
+            assert_eq!(
+                reply.header("access-control-allow-origin"),
+                Some(origin),
+                "{name} from {origin}: {:?}",
+                reply.headers
+            );
+            assert_eq!(reply.header("vary"), Some("Origin"), "{name}");
+        }
+        // Another origin still gets the file (a plain <script> needs no CORS) but no CORS header, so a
+        // module import from there fails in the browser.
+        for headers in [&[("Origin", "https://evil.example")][..], &[]] {
+            let reply = request("GET", &url, headers, None).await;
+            assert_eq!(reply.status, 200, "{name}");
+            assert_eq!(
+                reply.header("access-control-allow-origin"),
+                None,
+                "{name} {headers:?}"
+            );
+            assert_eq!(reply.header("vary"), Some("Origin"), "{name}");
+        }
+    }
+    // The dashboard's own scripts are not offered to other origins.
+    let reply = request(
+        "GET",
+        &hub.http("/app.js"),
+        &[("Origin", "https://app.example.com")],
+        None,
+    )
+    .await;
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+    let reply = request("GET", &hub.http("/nothing-here.js"), &[], None).await;
+    assert_eq!(reply.status, 404);
+}
+
+#[actix_web::test]
+async fn web_root_serves_a_directory_instead() {
+    let dir = std::env::temp_dir().join(format!("relayhub-webroot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "<p>edited</p>").unwrap();
+    std::fs::write(dir.join("relayhub.js"), "export const edited = true;\n").unwrap();
+    let mut config = common::test_config("");
+    config.server.web_root = dir.to_str().unwrap().to_string();
+    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+    let hub = TestHub::start_with(config).await;
+    let reply = request("GET", &hub.http("/"), &[], None).await;
+    assert_eq!((reply.status, reply.text()), (200, "<p>edited</p>".into()));
+    let reply = request("GET", &hub.http("/relayhub.js"), &[], None).await;
+    assert_eq!(reply.text(), "export const edited = true;\n");
+    // What the directory lacks is missing, not taken from the binary.
+    let reply = request("GET", &hub.http("/style.css"), &[], None).await;
+    assert_eq!(reply.status, 404);
+    let _ = std::fs::remove_dir_all(&dir);
+    // A web_root without index.html is named at start and by check-config.
+    let mut config = common::test_config("");
+    config.server.web_root = "/nonexistent/web".into();
+    let warnings = config.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("server.web_root") && w.contains("/nonexistent/web")),
+        "{warnings:?}"
+    );
+}

@@ -130,6 +130,42 @@ async fn client_publish_follows_the_namespace() {
 }
 
 #[actix_web::test]
+async fn a_channel_without_a_colon_is_in_the_namespace_of_its_whole_name() {
+    let hub = TestHub::start(
+        "[channels]\nstrict_namespaces = true\nhistory_size = 3\n[namespaces.news]\nclient_publish = true\nhistory_size = 1\n",
+    )
+    .await;
+    let mut reader = hub.connect().await;
+    reader.subscribe("news").await;
+    let mut writer = hub.connect().await;
+    for n in 1..=3 {
+        writer
+            .send(json!({"op": "publish", "channel": "news", "data": n, "id": n}))
+            .await;
+        assert_eq!(writer.recv_type("published").await["id"], n);
+        assert_eq!(reader.recv_type("message").await["data"], n);
+    }
+    // `[namespaces.news]` set the history of `news` itself to one message.
+    let (status, history) =
+        common::get_json(&hub.http("/api/channels/news/history?limit=10")).await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(
+        history["items"],
+        json!([{"data": 3, "seq": 3, "ts": history["items"][0]["ts"]}])
+    );
+    // `news:sports` is in the same namespace; `predictions` has no table and strict namespaces refuse it.
+    writer.subscribe("news:sports").await;
+    writer
+        .send(json!({"op": "subscribe", "channel": "predictions", "id": "p"}))
+        .await;
+    let err = writer.recv_type("error").await;
+    assert_eq!(
+        (err["code"].clone(), err["id"].clone()),
+        (json!("invalid_channel"), json!("p"))
+    );
+}
+
+#[actix_web::test]
 async fn bad_input_gets_an_error_and_the_connection_survives() {
     let hub = TestHub::start("[websocket]\nmax_subscriptions_per_connection = 2\n[channels]\nstrict_namespaces = true\n[namespaces.ok]\n").await;
     let mut ws = hub.connect().await;

@@ -24,7 +24,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Defaults that apply to every channel whose namespace has no table of its own.
     pub channels: ChannelsConfig,
-    /// Per-namespace settings (`[namespaces.chat]`), keyed by the part of a channel name before the first `:`.
+    /// Per-namespace settings (`[namespaces.chat]`), keyed by the part of a channel name before the first `:`
+    /// (the whole name when it has none).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// Upstream sources the poller can run jobs from.
     pub sources: Vec<SourceConfig>,
@@ -100,7 +101,8 @@ pub struct ServerConfig {
     pub drain_period: Duration,
     /// This replica's name in stats and job ownership; empty picks `<hostname>-<pid>-<random>`.
     pub instance_id: String,
-    /// Directory served at `/`.
+    /// A directory whose files are served at `/` instead of the dashboard and client built into the binary
+    /// (for developing them without a rebuild); empty serves the built-in ones.
     pub web_root: String,
     /// A second address (`127.0.0.1:9090`) that serves only `GET /metrics`, for a scraper kept off the
     /// public port; empty serves metrics on the main port only. They are on the main port either way.
@@ -126,7 +128,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(15),
             drain_period: Duration::from_secs(10),
             instance_id: String::new(),
-            web_root: "web".into(),
+            web_root: String::new(),
             metrics_listen: String::new(),
         }
     }
@@ -537,10 +539,21 @@ impl Config {
                 Some(password) if !password.is_empty() => {
                     format!(
                         "redis://:{}@{host}:{port}",
-                        percent_encode_userinfo(&password)
+                        crate::core::encoding::url_component(&password)
                     )
                 }
                 _ => format!("redis://{host}:{port}"),
+            };
+        }
+        if let Some(required) = var("RELAYHUB_REDIS_REQUIRED") {
+            self.redis.required = match required.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable RELAYHUB_REDIS_REQUIRED: `{required}` is not true or false"
+                    )));
+                }
             };
         }
         Ok(())
@@ -747,6 +760,13 @@ impl Config {
     /// them at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let web_root = &self.server.web_root;
+        if !web_root.is_empty() && !Path::new(web_root).join("index.html").is_file() {
+            warnings.push(format!(
+                "server.web_root `{web_root}` has no index.html: / and /relayhub.js answer 404 \
+                 (leave it empty to serve the files built into the binary)"
+            ));
+        }
         for name in self.namespaces.keys() {
             if name.len() > crate::core::protocol::MAX_CHANNEL_LEN {
                 warnings.push(format!(
@@ -786,9 +806,10 @@ impl Config {
     }
 }
 
-/// The namespace of a channel: the part of its name before the first `:`.
+/// The namespace of a channel: the part of its name before the first `:`, or the whole name when it has
+/// none (`news` is in namespace `news`, like `news:sports`). relayhub.js's `namespaceOf` says the same.
 pub fn namespace_of(channel: &str) -> &str {
-    channel.split_once(':').map(|(ns, _)| ns).unwrap_or("")
+    channel.split_once(':').map_or(channel, |(ns, _)| ns)
 }
 
 /// One `server.trusted_proxies` entry: an IP address (`10.0.0.5`, `::1`) or a CIDR range (`10.0.0.0/8`).
@@ -814,44 +835,24 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
-fn percent_encode_userinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// The longest duration the config takes (about 317 years): anything longer is a typo, and deadlines
+/// computed from it must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10_000_000_000);
 
-/// Parses `"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"2d"` (one number, one unit).
+/// Parses a duration as `humantime` does: `"500ms"`, `"30s"`, `"1.5s"`, `"5m"`, `"24h"`, `"2d"`, and sums
+/// such as `"1h 30m"`. A number needs its unit.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m, h or d)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like \"500ms\", \"30s\" or \"24h\""))?;
-    let millis = match unit {
-        "ms" => value,
-        "s" => value * 1e3,
-        "m" => value * 60e3,
-        "h" => value * 3600e3,
-        "d" => value * 86_400e3,
-        _ => {
-            return Err(format!(
-                "`{text}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    if !millis.is_finite() || !(0.0..=1e13).contains(&millis) {
+    // humantime wants a digit first; `.5s` has always been accepted here.
+    let with_digit = text.strip_prefix('.').map(|rest| format!("0.{rest}"));
+    let duration =
+        humantime::parse_duration(with_digit.as_deref().unwrap_or(text)).map_err(|e| {
+            format!("`{text}` is not a duration like \"500ms\", \"30s\" or \"24h\" ({e})")
+        })?;
+    if duration > MAX_DURATION {
         return Err(format!("`{text}` is out of range"));
     }
-    Ok(Duration::from_micros((millis * 1e3) as u64))
+    Ok(duration)
 }
 
 /// Formats a duration the way config writes it (`"1500ms"`, `"30s"`).
@@ -1017,6 +1018,46 @@ mod tests {
     }
 
     #[test]
+    fn a_name_without_a_colon_is_its_own_namespace() {
+        assert_eq!(namespace_of("news"), "news");
+        assert_eq!(namespace_of("news:sports"), "news");
+        assert_eq!(
+            namespace_of("option-chain:NIFTY:2025-11-28"),
+            "option-chain"
+        );
+        let config = Config::from_toml(
+            "[channels]\nstrict_namespaces = true\n[namespaces.news]\nttl = \"2m\"\nclient_publish = true\n",
+        )
+        .unwrap();
+        for channel in ["news", "news:sports"] {
+            let policy = config.policy(channel).unwrap();
+            assert_eq!(policy.ttl, Duration::from_secs(120), "{channel}");
+            assert!(policy.client_publish, "{channel}");
+        }
+        // Strict: a bare name with no table of its own is refused like any other unknown namespace.
+        assert_eq!(config.policy("predictions"), None);
+        assert_eq!(config.policy("newsroom"), None);
+    }
+
+    #[test]
+    fn namespace_tables_no_channel_can_match_are_warned_about() {
+        let long = "n".repeat(crate::core::protocol::MAX_CHANNEL_LEN + 1);
+        let longest = "n".repeat(crate::core::protocol::MAX_CHANNEL_LEN);
+        let config =
+            Config::from_toml(&format!("[namespaces.{long}]\n[namespaces.{longest}]\n")).unwrap();
+        config.validate().unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&long) && warnings[0].contains("matches no channel"),
+            "{warnings:?}"
+        );
+        // The longest valid name is a channel of its own namespace.
+        assert!(config.policy(&longest).is_some());
+        assert!(Config::load(None).unwrap().warnings().is_empty());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
@@ -1025,7 +1066,37 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("400000y").is_err());
+        // Every form the hand-written parser took before humantime, with the same value.
+        for (text, millis) in [
+            ("0s", 0),
+            ("0ms", 0),
+            ("250ms", 250),
+            ("1.5s", 1500),
+            (".5s", 500),
+            ("0.25m", 15_000),
+            ("1.5h", 5_400_000),
+            ("2d", 172_800_000),
+            ("1.5d", 129_600_000),
+            (" 10s ", 10_000),
+            ("007s", 7000),
+            ("3600000ms", 3_600_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(millis)),
+                "{text}"
+            );
+        }
+        // And what humantime adds: sums and long unit names.
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("1week").unwrap(),
+            Duration::from_secs(604_800)
+        );
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(120)), "2m");
     }
@@ -1068,5 +1139,12 @@ mod tests {
             .apply_env(|k| (k == "PORT").then(|| "http".to_string()))
             .unwrap_err();
         assert!(e.0.contains("PORT"));
+        c.apply_env(|k| (k == "RELAYHUB_REDIS_REQUIRED").then(|| "true".to_string()))
+            .unwrap();
+        assert!(c.redis.required);
+        let e = c
+            .apply_env(|k| (k == "RELAYHUB_REDIS_REQUIRED").then(|| "yes".to_string()))
+            .unwrap_err();
+        assert!(e.0.contains("RELAYHUB_REDIS_REQUIRED"), "{e}");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod encoding;
 pub mod frame;
 pub mod ingest;
 pub mod position;

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::core::encoding::url_component;
+
 /// A string with `{name}` placeholders, e.g. `https://api.example.com/chain?symbol={symbol}` or
 /// `option-chain:{symbol}:{expiry}`. A name is one or more of `A-Z a-z 0-9 _`; braces cannot be escaped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +135,7 @@ impl Template {
                     let value = &values[name];
                     match encoding {
                         Encoding::Raw => out.push_str(value),
-                        Encoding::Url => percent_encode_into(value, &mut out),
+                        Encoding::Url => out.extend(url_component(value)),
                     }
                 }
             }
@@ -168,20 +170,6 @@ impl std::str::FromStr for Template {
 /// Whether `name` is a valid parameter (or environment variable) name: `[A-Za-z0-9_]+`.
 fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-/// Appends `value` percent-encoded as a URL component (RFC 3986 unreserved characters kept).
-fn percent_encode_into(value: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in value.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0x0f)]));
-        }
-    }
 }
 
 /// Backtracking matcher behind [`Template::match_channel`]; channel names are short, so trying each split

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { Hub, freePort, waitFor } from "./harness.mjs";
-import { RelayHub } from "../../web/relayhub.js";
+import { RelayHub, namespaceOf } from "../../web/relayhub.js";
 
 const LONG = { timeout: 90_000 };
 
@@ -167,6 +167,26 @@ describe("relayhub.js against a restarting hub", () => {
       client.close();
       await late.kill("SIGTERM");
       late.cleanup();
+    }
+  });
+
+  test("4. namespaceOf follows the hub's rule: a name without ':' is its own namespace", LONG, async () => {
+    const names = [
+      ["chat", "chat"],
+      ["chat:lobby", "chat"],
+      ["news", "news"],
+      ["option-chain:NIFTY:2025-11-28", "option-chain"],
+    ];
+    for (const [channel, namespace] of names) assert.equal(namespaceOf(channel), namespace, channel);
+    // The harness config opens [namespaces.chat] to client publishes: the hub applies it to `chat` itself,
+    // and refuses `news`, which has no table.
+    const { client } = recordedClient(`ws://127.0.0.1:${hub.port}/ws`, { fallback: false });
+    try {
+      const ack = await client.publish("chat", { hello: 1 });
+      assert.equal(ack.channel, "chat");
+      await assert.rejects(client.publish("news", 1), (err) => err.code === "forbidden");
+    } finally {
+      client.close();
     }
   });
 });

@@ -27,6 +27,7 @@ pub const ENV_VARS: &[&str] = &[
     "UPSTREAM_TOKEN",
     "RELAYHUB_LOG_FORMAT",
     "RELAYHUB_URL",
+    "RELAYHUB_REDIS_REQUIRED",
 ];
 
 /// How long a process that should exit by itself may take (generous: a loaded machine).
@@ -139,6 +140,15 @@ impl Process {
     }
 }
 
+impl Process {
+    /// SIGTERM, then the exit code must be 0.
+    pub fn stop_gracefully(&mut self) {
+        self.terminate();
+        let code = self.wait(EXIT_TIMEOUT).and_then(|s| s.code());
+        assert_eq!(code, Some(0), "{}", self.output());
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -155,10 +165,23 @@ pub async fn start_binary(config: &ConfigFile) -> (Process, String) {
 
 /// [`start_binary`] with more environment variables.
 pub async fn start_binary_with(config: &ConfigFile, extra: &[(&str, &str)]) -> (Process, String) {
+    start_binary_in(config, extra, None).await
+}
+
+/// [`start_binary_with`], in the working directory `cwd` when given (else the repository).
+pub async fn start_binary_in(
+    config: &ConfigFile,
+    extra: &[(&str, &str)],
+    cwd: Option<&std::path::Path>,
+) -> (Process, String) {
     let port = free_port().to_string();
     let mut env = vec![("PORT", port.as_str()), ("HOST", "127.0.0.1")];
     env.extend_from_slice(extra);
-    let process = Process::spawn(relayhub(&["--config", config.path()], &env));
+    let mut command = relayhub(&["--config", config.path()], &env);
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let process = Process::spawn(command);
     let base = format!("127.0.0.1:{port}");
     let health = format!("http://{base}/health");
     eventually(
