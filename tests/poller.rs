@@ -42,6 +42,30 @@ async fn start_job(hub: &TestHub, source: &str, params: Value) -> Value {
     body
 }
 
+/// The id of the first job listed, once there is one.
+async fn job_status_any(hub: &TestHub) -> String {
+    loop {
+        let (_, body) = get_json(&hub.http("/api/polling/status")).await;
+        if let Some(id) = body["jobs"][0]["id"].as_str() {
+            return id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A replica other than the one running job `id`, once the job has an owner.
+async fn replica_not_owning<'a>(hubs: &'a [TestHub], id: &str) -> &'a TestHub {
+    let owner = loop {
+        if let Some(owner) = job_status(&hubs[0], id).await["owner"].as_str() {
+            break owner.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    hubs.iter()
+        .find(|h| h.hub().instance_id() != owner)
+        .expect("two replicas")
+}
+
 async fn job_status(hub: &TestHub, id: &str) -> Value {
     let (status, body) = get_json(&hub.http("/api/polling/status")).await;
     assert_eq!(status, 200, "{body}");
@@ -555,18 +579,9 @@ async fn a_pattern_subscriber_on_another_replica_keeps_an_auto_stop_job_running(
     let mut exact = hubs[0].connect().await;
     exact.subscribe("ticker:P").await;
     exact.recv_type("snapshot").await;
-    let owner = loop {
-        let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
-        if let Some(owner) = body["jobs"][0]["owner"].as_str() {
-            break owner.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let id = job_status_any(&hubs[0]).await;
     // The pattern subscriber sits on the replica that does not run the job.
-    let other = hubs
-        .iter()
-        .find(|h| h.hub().instance_id() != owner)
-        .unwrap();
+    let other = replica_not_owning(&hubs, &id).await;
     let mut pattern = other.connect().await;
     pattern.subscribe("ticker:*").await;
     next_message(&mut pattern).await;
@@ -1059,4 +1074,44 @@ async fn derive_computes_fields_per_element_before_diff() {
     assert_eq!(next["data"]["mid_change"], 4, "{next}");
     let (_, s2) = get_json(&hub.http("/api/channels/prices:S2")).await;
     assert_eq!(s2["data"]["mid"], 107, "{s2}");
+}
+
+#[actix_web::test]
+async fn a_split_job_starts_and_stops_with_subscribers_of_its_element_channels_on_any_replica() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(tickers(5, |i| i as f64)));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        split_config(
+            &upstream,
+            "auto_start = true\nauto_stop = true\nidle_grace = \"1s\""
+        )
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // A subscriber to one element channel starts the job; its value comes as the snapshot.
+    let mut first = hubs[0].connect().await;
+    first.subscribe("prices:S3").await;
+    assert_eq!(first.recv_type("snapshot").await["data"]["bid"], 3.0);
+    let id = "tickers@prices:*";
+    // Another element's subscriber on the replica that does not run the job keeps it running.
+    let other = replica_not_owning(&hubs, id).await;
+    let mut far = other.connect().await;
+    far.subscribe("prices:S1").await;
+    far.recv_type("snapshot").await;
+    first.close().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(job_status(&hubs[0], id).await["id"], id);
+    // Nobody listening anywhere: it stops.
+    far.close().await;
+    eventually(
+        Duration::from_secs(15),
+        "the idle split job stops",
+        || async { job_status(&hubs[0], id).await.is_null() },
+    )
+    .await;
 }

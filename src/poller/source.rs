@@ -130,12 +130,6 @@ impl Source {
                         key("split")
                     ));
                 }
-                if config.auto_stop {
-                    return Err(format!(
-                        "{}: not supported with split yet (a split job's listeners are on many channels)",
-                        key("auto_stop")
-                    ));
-                }
                 Some(Split {
                     pointer: pointer.clone(),
                     key: config.split_key.clone(),
@@ -401,10 +395,6 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.starts_with("sources[0].split"), "{e}");
-        let e = split_source("prices:{venue}:{key}", |c| c.auto_stop = true)
-            .err()
-            .unwrap();
-        assert!(e.starts_with("sources[0].auto_stop"), "{e}");
         let e = split_source("prices:{venue}:{key}", |c| {
             c.derive = vec!["mid = (bid + ask) / 2".into(), "bad = (bid +".into()]
         })
