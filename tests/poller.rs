@@ -1098,6 +1098,12 @@ async fn a_split_job_starts_and_stops_with_subscribers_of_its_element_channels_o
     first.subscribe("prices:S3").await;
     assert_eq!(first.recv_type("snapshot").await["data"]["bid"], 3.0);
     let id = "tickers@prices:*";
+    // The status counts the subscribers of its element channels.
+    eventually(Duration::from_secs(10), "the job listed", || async {
+        !job_status(&hubs[0], id).await.is_null()
+    })
+    .await;
+    assert_eq!(job_status(&hubs[0], id).await["subscribers"], 1);
     // Another element's subscriber on the replica that does not run the job keeps it running.
     let other = replica_not_owning(&hubs, id).await;
     let mut far = other.connect().await;

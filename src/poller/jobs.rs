@@ -105,16 +105,27 @@ impl JobStore {
         let hub = &self.hub;
         self.engine
             .scan(held, patterns, lease, |channel| {
-                hub.local_subscribers(channel) > 0
-                    || (channel.contains('*')
-                        && hub
-                            .subscriber_counts()
-                            .0
-                            .iter()
-                            .any(|(subscribed, _)| glob_match(channel, subscribed)))
+                job_subscribers(hub, channel) > 0
             })
             .await
     }
+}
+
+/// This replica's subscribers of a job's channel, patterns included; for a split job's channel
+/// (`prices:*`), of every element channel it stands for.
+pub fn job_subscribers(hub: &Hub, channel: &str) -> usize {
+    let direct = hub.local_subscribers(channel);
+    if !channel.contains('*') {
+        return direct;
+    }
+    let elements: usize = hub
+        .subscriber_counts()
+        .0
+        .iter()
+        .filter(|(subscribed, _)| glob_match(channel, subscribed))
+        .map(|(_, n)| *n)
+        .sum();
+    direct + elements
 }
 
 /// Whether `channel` is one of the channels a split job's channel stands for: its `*` matches any run of

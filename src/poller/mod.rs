@@ -1208,7 +1208,7 @@ impl Handler<ListJobs> for Poller {
                         "last_error": status.last_error,
                         "consecutive_failures": status.consecutive_failures,
                         "fetches": status.fetches,
-                        "subscribers": act.hub.local_subscribers(&spec.channel),
+                        "subscribers": jobs::job_subscribers(&act.hub, &spec.channel),
                         "next_run": status.next_run,
                         "last_change": status.last_change,
                         "stale": stale,
