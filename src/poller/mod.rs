@@ -1,6 +1,7 @@
 //! The poller actor: runs the polling jobs this replica owns. Each job fetches its upstream on its interval
 //! (HTTP JSON or a set of Redis keys), transforms the value and publishes it through the hub's one publish
-//! path, which caches it and fans it out. Every job's fetch is its own future, so a slow upstream delays
+//! path, which caches it and fans it out; a `split` source publishes each element of a fetched array to a
+//! channel of its own. Every job's fetch is its own future, so a slow upstream delays
 //! nobody else. A periodic scan keeps ownership right across the fleet: it takes free jobs (leases), renews
 //! its own, drops the ones it lost or that were stopped, and stops idle `auto_stop` jobs.
 //!
