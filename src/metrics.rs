@@ -112,6 +112,8 @@ pub struct Metrics {
     fetches: IntCounterVec,
     fetch_seconds: HistogramVec,
     consecutive_failures: IntGaugeVec,
+    /// Subscribes to polled channels that found a cached value (`hit`) or none (`miss`), by source.
+    cache_reads: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +171,11 @@ impl Metrics {
             &["source"],
         )
         .expect("a valid metric definition");
+        let cache_reads = counter_vec(
+            "relayhub_poller_cache_reads_total",
+            "Subscribes to a polling source's channels on this replica that found its cached value (hit) or none (miss).",
+            &["source", "result"],
+        );
         let registry = prometheus::Registry::new();
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
@@ -178,6 +185,7 @@ impl Metrics {
             Box::new(fetches.clone()),
             Box::new(fetch_seconds.clone()),
             Box::new(consecutive_failures.clone()),
+            Box::new(cache_reads.clone()),
         ] {
             registry
                 .register(collector)
@@ -202,6 +210,9 @@ impl Metrics {
             }
             fetch_seconds.with_label_values(&[source.name.as_str()]);
             consecutive_failures.with_label_values(&[source.name.as_str()]);
+            for result in ["hit", "miss"] {
+                cache_reads.with_label_values(&[source.name.as_str(), result]);
+            }
         }
         Metrics {
             published: ByNamespace::new(&published, config),
@@ -212,6 +223,7 @@ impl Metrics {
             fetches,
             fetch_seconds,
             consecutive_failures,
+            cache_reads,
         }
     }
 
@@ -250,6 +262,30 @@ impl Metrics {
         self.consecutive_failures
             .with_label_values(&[source])
             .set(i64::from(failures));
+    }
+
+    /// Subscribes to channels of `source`: `hits` found its cached value, `misses` none.
+    pub fn cache_read(&self, source: &str, hits: u64, misses: u64) {
+        if hits > 0 {
+            self.cache_reads
+                .with_label_values(&[source, "hit"])
+                .inc_by(hits);
+        }
+        if misses > 0 {
+            self.cache_reads
+                .with_label_values(&[source, "miss"])
+                .inc_by(misses);
+        }
+    }
+
+    /// Hits and misses counted by `cache_read` for `source` on this replica so far.
+    pub fn cache_reads(&self, source: &str) -> (u64, u64) {
+        let read = |result: &str| {
+            self.cache_reads
+                .get_metric_with_label_values(&[source, result])
+                .map_or(0, |c| c.get())
+        };
+        (read("hit"), read("miss"))
     }
 
     /// The labeled metrics' current values.

@@ -57,6 +57,8 @@ pub struct Stats {
     pub poll_delayed: AtomicU64,
     /// Upstream 429 / 503 answers with a `Retry-After` that put the next fetch off.
     pub poll_retry_after: AtomicU64,
+    /// Split fetches whose array had more elements than `max_split_elements` (the rest were dropped).
+    pub poll_split_over_limit: AtomicU64,
     /// Pattern snapshot look-ups stopped by `channels.max_pattern_scan` before Redis was scanned to the end.
     pub pattern_scans_truncated: AtomicU64,
     /// Subscribes with `since` answered `recovered:true` (every missed message replayed).
@@ -80,7 +82,7 @@ impl Stats {
 
     /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 30] {
+    pub fn counters(&self) -> [(&'static str, u64); 31] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -107,6 +109,7 @@ impl Stats {
             ("poll_unchanged", &self.poll_unchanged),
             ("poll_delayed", &self.poll_delayed),
             ("poll_retry_after", &self.poll_retry_after),
+            ("poll_split_over_limit", &self.poll_split_over_limit),
             ("pattern_scans_truncated", &self.pattern_scans_truncated),
             ("subscribes_recovered", &self.subscribes_recovered),
             ("subscribes_unrecovered", &self.subscribes_unrecovered),

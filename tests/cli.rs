@@ -48,6 +48,15 @@ fn bad_config_files_exit_2_and_name_the_key() {
             "namespaces.chat.client_publish",
         ),
         ("[redis\nurl = 1\n", "TOML"),
+        (
+            "[[sources]]\nname = \"t\"\nurl = \"http://x/t\"\nchannel = \"p:{key}\"\nsplit = \"/data\"\n\
+             split_key = \"s\"\nderive = [\"mid = (bid + ask) / 2\", \"spread = (ask -\"]\n",
+            "sources[0].derive: `spread = (ask -`",
+        ),
+        (
+            "[[sources]]\nname = \"t\"\nurl = \"http://x/t\"\nchannel = \"p:{key}\"\nsplit = \"/data\"\n",
+            "sources[0].split_key",
+        ),
     ];
     for (text, key) in cases {
         let file = ConfigFile::new(text);

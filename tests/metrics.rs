@@ -333,3 +333,43 @@ async fn the_grafana_dashboard_uses_exported_names() {
     }
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn cache_aside_subscribes_are_counted_per_source() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(json!({"price": 1})));
+    let hub = TestHub::start(&format!(
+        "[[sources]]\nname = \"ticker\"\nurl = \"{}\"\nchannel = \"ticker:{{symbol}}\"\n\
+         interval = \"1h\"\ntimeout = \"500ms\"\nauto_start = true\n",
+        upstream.url("/ticker/{symbol}")
+    ))
+    .await;
+    let url = hub.http("/metrics");
+    // The first subscriber finds nothing cached: a miss, and the fetch it causes fills the cache.
+    let mut first = hub.connect().await;
+    first.subscribe("ticker:C").await;
+    first.recv_type("snapshot").await;
+    // Three more find the value (one in another registry's view is still a read of the same cache).
+    for _ in 0..3 {
+        let mut ws = hub.connect().await;
+        ws.subscribe("ticker:C").await;
+        ws.recv_type("snapshot").await;
+    }
+    // A channel of no source is not counted under any.
+    let mut other = hub.connect().await;
+    other.subscribe("chat:x").await;
+    let scrape = Scrape::from(&url).await;
+    let reads = |result| {
+        scrape.value(
+            "relayhub_poller_cache_reads_total",
+            &[("source", "ticker"), ("result", result)],
+        )
+    };
+    assert_eq!(reads("miss"), Some(1.0));
+    assert_eq!(reads("hit"), Some(3.0));
+    let (status, body) = common::get_json(&hub.http("/api/polling/status")).await;
+    assert_eq!(status, 200, "{body}");
+    let job = &body["jobs"][0];
+    assert_eq!(job["cache_hits"], 3, "{body}");
+    assert_eq!(job["cache_misses"], 1, "{body}");
+}

@@ -42,6 +42,30 @@ async fn start_job(hub: &TestHub, source: &str, params: Value) -> Value {
     body
 }
 
+/// The id of the first job listed, once there is one.
+async fn job_status_any(hub: &TestHub) -> String {
+    loop {
+        let (_, body) = get_json(&hub.http("/api/polling/status")).await;
+        if let Some(id) = body["jobs"][0]["id"].as_str() {
+            return id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A replica other than the one running job `id`, once the job has an owner.
+async fn replica_not_owning<'a>(hubs: &'a [TestHub], id: &str) -> &'a TestHub {
+    let owner = loop {
+        if let Some(owner) = job_status(&hubs[0], id).await["owner"].as_str() {
+            break owner.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    hubs.iter()
+        .find(|h| h.hub().instance_id() != owner)
+        .expect("two replicas")
+}
+
 async fn job_status(hub: &TestHub, id: &str) -> Value {
     let (status, body) = get_json(&hub.http("/api/polling/status")).await;
     assert_eq!(status, 200, "{body}");
@@ -555,18 +579,9 @@ async fn a_pattern_subscriber_on_another_replica_keeps_an_auto_stop_job_running(
     let mut exact = hubs[0].connect().await;
     exact.subscribe("ticker:P").await;
     exact.recv_type("snapshot").await;
-    let owner = loop {
-        let (_, body) = get_json(&hubs[0].http("/api/polling/status")).await;
-        if let Some(owner) = body["jobs"][0]["owner"].as_str() {
-            break owner.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let id = job_status_any(&hubs[0]).await;
     // The pattern subscriber sits on the replica that does not run the job.
-    let other = hubs
-        .iter()
-        .find(|h| h.hub().instance_id() != owner)
-        .unwrap();
+    let other = replica_not_owning(&hubs, &id).await;
     let mut pattern = other.connect().await;
     pattern.subscribe("ticker:*").await;
     next_message(&mut pattern).await;
@@ -866,4 +881,243 @@ async fn refresh_fetches_now_from_any_replica_and_concurrent_refreshes_share_one
     )
     .await;
     assert_eq!(status, 404);
+}
+
+/// A tickers document: one row per symbol, `bid` and `ask` from `price(symbol index)`.
+fn tickers(count: usize, price: impl Fn(usize) -> f64) -> Value {
+    let rows: Vec<Value> = (0..count)
+        .map(|i| json!({"s": format!("S{i}"), "bid": price(i), "ask": price(i) + 2.0}))
+        .collect();
+    json!({"data": rows})
+}
+
+fn split_config(upstream: &Upstream, extra: &str) -> String {
+    format!(
+        r#"
+[poller]
+lease = "2s"
+
+[[sources]]
+name = "tickers"
+url = "{}"
+channel = "prices:{{key}}"
+interval = "200ms"
+timeout = "500ms"
+split = "/data"
+split_key = "s"
+max_split_elements = 50
+transform = ["diff"]
+{extra}
+"#,
+        upstream.url("/tickers")
+    )
+}
+
+#[actix_web::test]
+async fn one_fetch_publishes_each_element_to_its_own_channel_and_only_the_changed_ones() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(tickers(50, |i| i as f64)));
+    let config = format!("{}{}", redis_config(&redis), split_config(&upstream, ""));
+    let hub = TestHub::start(&config).await;
+    wait_ready(&hub).await;
+    let mut a = hub.connect().await;
+    a.subscribe("prices:S1").await;
+    let mut b = hub.connect().await;
+    b.subscribe("prices:S2").await;
+    let started = start_job(&hub, "tickers", json!({})).await;
+    let id = started["job"].as_str().unwrap().to_string();
+    assert_eq!(id, "tickers@prices:*");
+    assert_eq!(a.recv_type("message").await["data"]["bid"], 1.0);
+    assert_eq!(b.recv_type("message").await["data"]["bid"], 2.0);
+    eventually(Duration::from_secs(10), "every channel cached", || async {
+        channel_seq(&hub, "prices:S49").await == Some(1)
+    })
+    .await;
+    let status = job_status(&hub, &id).await;
+    assert_eq!(status["split_channels"], 50, "{status}");
+    assert_eq!(status["split_dropped"], 0, "{status}");
+    // One request per interval for 50 channels.
+    let fetches = upstream.requests("/tickers");
+    eventually(
+        Duration::from_secs(10),
+        "a few unchanged fetches",
+        || async { upstream.requests("/tickers") >= fetches + 3 },
+    )
+    .await;
+    assert_eq!(channel_seq(&hub, "prices:S1").await, Some(1));
+
+    // Only S2 changes: only its channel is published, with its own diff.
+    upstream.set_mode(Mode::Fixed(tickers(50, |i| {
+        if i == 2 { 5.0 } else { i as f64 }
+    })));
+    let changed = b.recv_type("message").await;
+    assert_eq!(changed["seq"], 2, "{changed}");
+    assert_eq!(changed["data"]["bid"], 5.0, "{changed}");
+    assert_eq!(changed["data"]["bid_change"], 3.0, "{changed}");
+    let after = upstream.requests("/tickers");
+    eventually(Duration::from_secs(10), "more fetches", || async {
+        upstream.requests("/tickers") >= after + 3
+    })
+    .await;
+    for (channel, seq) in [("prices:S1", 1), ("prices:S2", 2), ("prices:S30", 1)] {
+        assert_eq!(channel_seq(&hub, channel).await, Some(seq), "{channel}");
+    }
+    // Its own history too.
+    let (_, history) = get_json(&hub.http("/api/channels/prices:S2/history")).await;
+    assert_eq!(
+        history["items"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
+
+    // An upstream sending more elements than max_split_elements: the first 50 are published, the rest
+    // dropped, counted and reported; no channel is made for them.
+    upstream.set_mode(Mode::Fixed(tickers(80, |i| i as f64 + 100.0)));
+    eventually(
+        Duration::from_secs(10),
+        "over the bound reported",
+        || async { job_status(&hub, &id).await["split_dropped"] == 30 },
+    )
+    .await;
+    let status = job_status(&hub, &id).await;
+    assert_eq!(status["split_channels"], 50, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_split_elements = 50")),
+        "{status}"
+    );
+    assert!(hub.stats().await["poll_split_over_limit"].as_u64().unwrap() >= 1);
+    assert_eq!(channel_seq(&hub, "prices:S49").await, Some(2));
+    assert_eq!(channel_seq(&hub, "prices:S50").await, None);
+    let exists = redis.cmd(&["EXISTS", "relayhub:cache:prices:S50"]).unwrap();
+    assert_eq!(common::int_reply(&exists), 0);
+    // A key is a parameter of no job: giving it is a 400.
+    let (status, body) = post_json(
+        &hub.http("/api/polling/start"),
+        &json!({"source": "tickers", "params": {"key": "S1"}}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[actix_web::test]
+async fn meta_frames_carry_the_fetch_time_on_every_replica_and_in_snapshots() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(json!({"v": 1})));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        source_config(&upstream, "meta = true").replace("interval = \"1s\"", "interval = \"1h\"")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    let mut far = hubs[1].connect().await;
+    far.subscribe("ticker:M").await;
+    let before = chrono::Utc::now();
+    start_job(&hubs[0], "ticker", json!({"symbol": "M"})).await;
+    // Relayed through Redis to the replica that does not own the job.
+    let frame = far.recv_type("message").await;
+    assert_eq!(frame["data"], json!({"v": 1}), "{frame}");
+    let fetched_at = frame["fetched_at"]
+        .as_str()
+        .expect("fetched_at")
+        .to_string();
+    let at = chrono::DateTime::parse_from_rfc3339(&fetched_at).unwrap();
+    assert!(at >= before - chrono::Duration::seconds(1), "{frame}");
+    assert!(
+        frame["ts"].as_str().unwrap() >= fetched_at.as_str(),
+        "{frame}"
+    );
+    // A later subscriber's snapshot (read from the cache) and the REST view carry it too.
+    for hub in &hubs {
+        let mut ws = hub.connect().await;
+        ws.subscribe("ticker:M").await;
+        let snapshot = ws.recv_type("snapshot").await;
+        assert_eq!(snapshot["fetched_at"], fetched_at.as_str(), "{snapshot}");
+        let (_, latest) = get_json(&hub.http("/api/channels/ticker:M")).await;
+        assert_eq!(latest["fetched_at"], fetched_at.as_str(), "{latest}");
+    }
+    // Without `meta`, no fetched_at.
+    let hub = fast_hub(&upstream, "").await;
+    let mut ws = hub.connect().await;
+    ws.subscribe("ticker:N").await;
+    start_job(&hub, "ticker", json!({"symbol": "N"})).await;
+    let frame = ws.recv_type("message").await;
+    assert!(frame.get("fetched_at").is_none(), "{frame}");
+}
+
+#[actix_web::test]
+async fn derive_computes_fields_per_element_before_diff() {
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(tickers(3, |i| 100.0 + i as f64)));
+    let hub = TestHub::start(&split_config(
+        &upstream,
+        r#"derive = ["mid = (bid + ask) / 2", "spread_pct = (ask - bid) / mid * 100"]"#,
+    ))
+    .await;
+    let mut ws = hub.connect().await;
+    ws.subscribe("prices:S0").await;
+    start_job(&hub, "tickers", json!({})).await;
+    let first = ws.recv_type("message").await;
+    assert_eq!(first["data"]["mid"], 101, "{first}");
+    assert_eq!(first["data"]["spread_pct"], 1.98019802, "{first}");
+    // The derived fields are diffed like the others.
+    upstream.set_mode(Mode::Fixed(tickers(3, |i| 104.0 + i as f64)));
+    let next = ws.recv_type("message").await;
+    assert_eq!(next["data"]["mid"], 105, "{next}");
+    assert_eq!(next["data"]["mid_change"], 4, "{next}");
+    let (_, s2) = get_json(&hub.http("/api/channels/prices:S2")).await;
+    assert_eq!(s2["data"]["mid"], 107, "{s2}");
+}
+
+#[actix_web::test]
+async fn a_split_job_starts_and_stops_with_subscribers_of_its_element_channels_on_any_replica() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(tickers(5, |i| i as f64)));
+    let config = format!(
+        "{}{}",
+        redis_config(&redis),
+        split_config(
+            &upstream,
+            "auto_start = true\nauto_stop = true\nidle_grace = \"1s\""
+        )
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // A subscriber to one element channel starts the job; its value comes as the snapshot.
+    let mut first = hubs[0].connect().await;
+    first.subscribe("prices:S3").await;
+    assert_eq!(first.recv_type("snapshot").await["data"]["bid"], 3.0);
+    let id = "tickers@prices:*";
+    // The status counts the subscribers of its element channels.
+    eventually(Duration::from_secs(10), "the job listed", || async {
+        !job_status(&hubs[0], id).await.is_null()
+    })
+    .await;
+    assert_eq!(job_status(&hubs[0], id).await["subscribers"], 1);
+    // Another element's subscriber on the replica that does not run the job keeps it running.
+    let other = replica_not_owning(&hubs, id).await;
+    let mut far = other.connect().await;
+    far.subscribe("prices:S1").await;
+    far.recv_type("snapshot").await;
+    first.close().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(job_status(&hubs[0], id).await["id"], id);
+    // Nobody listening anywhere: it stops.
+    far.close().await;
+    eventually(
+        Duration::from_secs(15),
+        "the idle split job stops",
+        || async { job_status(&hubs[0], id).await.is_null() },
+    )
+    .await;
 }

@@ -345,6 +345,18 @@ pub struct SourceConfig {
     /// A job is reported `stale` after this long without a successful fetch (default: 3 intervals).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub stale_after: Option<Duration>,
+    /// JSON Pointer to an array in the fetched document (`""`: the document itself): each element is
+    /// published to its own channel, the channel template's `{key}` taken from the element's `split_key`.
+    pub split: Option<String>,
+    /// With `split`: the field of each element that names its channel.
+    pub split_key: String,
+    /// With `split`: most elements one fetch publishes (the upstream decides how many it sends, and each
+    /// element is a channel with its own keys); the rest are dropped and counted.
+    pub max_split_elements: usize,
+    /// Frames of this source's channels carry `"fetched_at"` (RFC 3339, when the fetch began) beside `data`.
+    pub meta: bool,
+    /// Fields computed into each value (each element with `split`): `"name = expression"`, in order.
+    pub derive: Vec<String>,
 }
 
 /// When a polling source publishes what it fetched.
@@ -377,6 +389,11 @@ impl Default for SourceConfig {
             max_requests_per_minute: 0,
             max_retry_after: Duration::from_secs(3600),
             stale_after: None,
+            split: None,
+            split_key: String::new(),
+            max_split_elements: 1000,
+            meta: false,
+            derive: Vec::new(),
         }
     }
 }
@@ -737,6 +754,16 @@ impl Config {
             }
             if source.stale_after.is_some_and(|d| d.is_zero()) {
                 return err(&format!("{key}.stale_after"), "must be more than 0");
+            }
+            if source.split.is_some() {
+                if source.split_key.is_empty() {
+                    return err(&format!("{key}.split_key"), "is required with split");
+                }
+                if !(1..=100_000).contains(&source.max_split_elements) {
+                    return err(&format!("{key}.max_split_elements"), "must be 1 to 100000");
+                }
+            } else if !source.split_key.is_empty() {
+                return err(&format!("{key}.split"), "is required with split_key");
             }
         }
         for (i, route) in self.ingest.iter().enumerate() {

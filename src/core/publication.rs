@@ -29,6 +29,9 @@ pub struct Publication {
     data: Range<usize>,
     /// Where the `ts` string (without quotes) sits inside `frame`; empty when there is none.
     ts: Range<usize>,
+    /// Where the `fetched_at` string (without quotes) sits inside `frame`: a polled value's fetch time,
+    /// carried beside `data` by sources with `meta = true`; empty when there is none.
+    fetched_at: Range<usize>,
     /// The `snapshot` frame, built the first time a subscriber needs it and shared by the next ones.
     snapshot: OnceLock<Bytes>,
 }
@@ -36,7 +39,18 @@ pub struct Publication {
 impl Publication {
     /// Builds the frame. `data` must be valid JSON (callers validate it or received it from relayhub itself).
     pub fn new(channel: Arc<str>, data: &str, seq: Option<u64>, ts: Option<&str>) -> Publication {
-        let mut out = String::with_capacity(MESSAGE_HEAD.len() + channel.len() + data.len() + 64);
+        Publication::with_fetched_at(channel, data, seq, ts, None)
+    }
+
+    /// `new` with a `fetched_at` (RFC 3339, so nothing in it needs escaping) written beside `data`.
+    pub fn with_fetched_at(
+        channel: Arc<str>,
+        data: &str,
+        seq: Option<u64>,
+        ts: Option<&str>,
+        fetched_at: Option<&str>,
+    ) -> Publication {
+        let mut out = String::with_capacity(MESSAGE_HEAD.len() + channel.len() + data.len() + 96);
         out.push_str(MESSAGE_HEAD);
         out.push_str("\"channel\":");
         write_json_str(&mut out, &channel);
@@ -44,19 +58,13 @@ impl Publication {
         let start = out.len();
         out.push_str(data);
         let data_range = start..out.len();
+        let fetched_range =
+            fetched_at.map_or(0..0, |at| push_plain_field(&mut out, "fetched_at", at));
         if let Some(seq) = seq {
             out.push_str(",\"seq\":");
             out.push_str(itoa_u64(seq).as_str());
         }
-        let mut ts_range = 0..0;
-        if let Some(ts) = ts {
-            out.push_str(",\"ts\":\"");
-            let start = out.len();
-            // Timestamps come from chrono or from relayhub's own envelope: no characters that need escaping.
-            out.push_str(ts);
-            ts_range = start..out.len();
-            out.push('"');
-        }
+        let ts_range = ts.map_or(0..0, |ts| push_plain_field(&mut out, "ts", ts));
         out.push('}');
         let wire = wire::text(&out);
         let frame = ByteString::try_from(wire.slice(wire::header_len(out.len())..))
@@ -68,6 +76,7 @@ impl Publication {
             frame,
             data: data_range,
             ts: ts_range,
+            fetched_at: fetched_range,
             snapshot: OnceLock::new(),
         }
     }
@@ -101,6 +110,11 @@ impl Publication {
         (!self.ts.is_empty()).then(|| &self.frame[self.ts.clone()])
     }
 
+    /// When a polling source fetched the value (sources with `meta = true`), RFC 3339.
+    pub fn fetched_at(&self) -> Option<&str> {
+        (!self.fetched_at.is_empty()).then(|| &self.frame[self.fetched_at.clone()])
+    }
+
     /// Bytes held by this publication, for memory accounting.
     pub fn size(&self) -> usize {
         self.wire.len() + self.channel.len()
@@ -113,6 +127,11 @@ impl Publication {
         write_json_str(&mut out, &self.channel);
         out.push_str(",\"data\":");
         out.push_str(self.data());
+        if let Some(at) = self.fetched_at() {
+            out.push_str(",\"fetched_at\":\"");
+            out.push_str(at);
+            out.push('"');
+        }
         out.push_str(",\"seq\":");
         match self.seq {
             Some(seq) => out.push_str(itoa_u64(seq).as_str()),
@@ -130,6 +149,19 @@ impl Publication {
         out.push('}');
         out
     }
+}
+
+/// Writes `,"name":"value"` and returns where `value` sits. Only for values with nothing to escape:
+/// timestamps from chrono or from relayhub's own envelope (checked as RFC 3339 on arrival).
+fn push_plain_field(out: &mut String, name: &str, value: &str) -> Range<usize> {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":\"");
+    let start = out.len();
+    out.push_str(value);
+    let range = start..out.len();
+    out.push('"');
+    range
 }
 
 /// Formats an integer without going through `fmt` machinery's allocation.
@@ -172,6 +204,31 @@ mod tests {
             .unwrap();
         assert!(fin && op == actix_http::ws::OpCode::Text && buf.is_empty());
         serde_json::from_slice(&payload.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fetched_at_sits_beside_data_in_every_view() {
+        let at = "2026-01-01T00:00:00.500Z";
+        let p = Publication::with_fetched_at(
+            "prices:BTC".into(),
+            "[1]",
+            Some(3),
+            Some("2026-01-01T00:00:01.000Z"),
+            Some(at),
+        );
+        let v: Value = serde_json::from_str(p.frame()).unwrap();
+        assert_eq!(v, payload(&p.wire()));
+        assert_eq!(v["fetched_at"], at);
+        assert_eq!(v["data"], json!([1]));
+        assert_eq!(p.data(), "[1]");
+        assert_eq!(p.fetched_at(), Some(at));
+        assert_eq!(payload(&p.snapshot_wire())["fetched_at"], at);
+        let r: Value = serde_json::from_str(&p.to_rest_json()).unwrap();
+        assert_eq!(r["fetched_at"], at);
+        assert_eq!(
+            Publication::new("c".into(), "1", None, None).fetched_at(),
+            None
+        );
     }
 
     #[test]

@@ -84,10 +84,16 @@ impl Engine {
 
     /// Records `data` as the channel's latest value and snapshot with its next sequence number, and delivers
     /// it to every subscriber of every replica exactly once (this replica's through the handler).
-    pub async fn publish(&self, channel: &str, data: &str, policy: ChannelPolicy) -> Published {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        fetched_at: Option<&str>,
+        policy: ChannelPolicy,
+    ) -> Published {
         match self {
-            Engine::Memory(m) => m.publish(channel, data, policy),
-            Engine::Redis(r) => r.publish(channel, data, policy).await,
+            Engine::Memory(m) => m.publish(channel, data, fetched_at, policy),
+            Engine::Redis(r) => r.publish(channel, data, fetched_at, policy).await,
         }
     }
 

@@ -162,6 +162,13 @@ pub struct JobStatus {
     /// The upstream asked (`Retry-After`) not to be fetched before this time.
     #[serde(default)]
     pub retry_at: Option<String>,
+    /// A split job: the channels its last successful fetch covered.
+    #[serde(default)]
+    pub split_channels: usize,
+    /// A split job: elements its last successful fetch dropped (over `max_split_elements`, or without a
+    /// usable key).
+    #[serde(default)]
+    pub split_dropped: usize,
 }
 
 /// Whether Redis answers commands, as last probed while the pub/sub link was down. A dead link with Redis

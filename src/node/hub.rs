@@ -208,15 +208,17 @@ impl Hub {
     /// Publishes `data` (valid JSON) to `channel` (a valid name): records it as the latest value and snapshot,
     /// assigns its sequence number and delivers it to every subscriber of every replica exactly once.
     pub async fn publish(&self, channel: &str, data: &str) -> Result<PublishOutcome, PublishError> {
-        self.publish_with(channel, data, None).await
+        self.publish_with(channel, data, None, None).await
     }
 
-    /// `publish` with the cache lifetime overridden (a polling source's `ttl`).
+    /// `publish` with the cache lifetime overridden (a polling source's `ttl`) and, for a source with
+    /// `meta = true`, the fetch time carried beside `data` (RFC 3339).
     pub async fn publish_with(
         &self,
         channel: &str,
         data: &str,
         ttl: Option<Duration>,
+        fetched_at: Option<&str>,
     ) -> Result<PublishOutcome, PublishError> {
         let mut policy = self
             .config()
@@ -227,7 +229,11 @@ impl Hub {
         }
         Stats::add(&self.inner.stats.messages_published, 1);
         self.inner.metrics.published(channel);
-        let published = self.inner.engine.publish(channel, data, policy).await;
+        let published = self
+            .inner
+            .engine
+            .publish(channel, data, fetched_at, policy)
+            .await;
         Ok(PublishOutcome {
             seq: published.seq,
             delivered: published

@@ -10,4 +10,7 @@ pub trait ChannelObserver: Send + Sync {
     /// Subscribers are waiting on a channel that had no cached value when it was read at `read_at`. Returns
     /// true when a value is being fetched (or was published after `read_at`) and will reach them shortly.
     fn request_fill(&self, channel: &str, read_at: Instant) -> bool;
+    /// Of the subscribes to `channel` just served, `hits` found a cached value and `misses` found none
+    /// (the cache-aside reads, counted per polling source).
+    fn cache_read(&self, _channel: &str, _hits: u64, _misses: u64) {}
 }

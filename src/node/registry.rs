@@ -375,6 +375,7 @@ impl Registry {
         ) {
             // The local latest value is current: this registry has been receiving the channel all along.
             Stats::add(&stats.cache_hits, 1);
+            self.observer.cache_read(&channel, 1, 0);
             let seq = latest.seq.unwrap_or(0);
             let ack =
                 protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
@@ -485,6 +486,8 @@ impl Registry {
         let recovering = entry.pending.iter().any(|w| w.since.is_some());
         if cached.is_none() && backlog.is_empty() && !recovering {
             Stats::add(&stats.cache_misses, entry.pending.len() as u64);
+            self.observer
+                .cache_read(&channel, 0, entry.pending.len() as u64);
             let awaiting = self.observer.request_fill(&channel, read_at);
             for waiting in &mut entry.pending {
                 if let Some(session) = self.sessions.get(&waiting.id) {
@@ -512,12 +515,13 @@ impl Registry {
             }
             return;
         }
-        let counter = if cached.is_some() {
-            &stats.cache_hits
+        let (counter, read) = if cached.is_some() {
+            (&stats.cache_hits, (entry.pending.len() as u64, 0))
         } else {
-            &stats.cache_misses
+            (&stats.cache_misses, (0, entry.pending.len() as u64))
         };
         Stats::add(counter, entry.pending.len() as u64);
+        self.observer.cache_read(&channel, read.0, read.1);
         // With no cached value, the first message that arrived meanwhile is the value the subscription starts from.
         let (snapshot, backlog) = match cached {
             Some(cached) => (Some(cached), backlog),

@@ -105,8 +105,63 @@ impl JobStore {
         let hub = &self.hub;
         self.engine
             .scan(held, patterns, lease, |channel| {
-                hub.local_subscribers(channel) > 0
+                job_subscribers(hub, channel) > 0
             })
             .await
+    }
+}
+
+/// This replica's subscribers of a job's channel, patterns included; for a split job's channel
+/// (`prices:*`), of every element channel it stands for.
+pub fn job_subscribers(hub: &Hub, channel: &str) -> usize {
+    let direct = hub.local_subscribers(channel);
+    if !channel.contains('*') {
+        return direct;
+    }
+    let elements: usize = hub
+        .subscriber_counts()
+        .0
+        .iter()
+        .filter(|(subscribed, _)| glob_match(channel, subscribed))
+        .map(|(_, n)| *n)
+        .sum();
+    direct + elements
+}
+
+/// Whether `channel` is one of the channels a split job's channel stands for: its `*` matches any run of
+/// characters (`prices:*` matches `prices:BTC`). A split job's listeners are spread over its element
+/// channels, so a local check walks this replica's subscribed channels (once per scan per such job).
+fn glob_match(pattern: &str, channel: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = channel.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            return rest.len() >= part.len() && rest.ends_with(part);
+        }
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn split_job_channels_match_their_elements() {
+        assert!(glob_match("prices:*", "prices:BTC"));
+        assert!(glob_match("prices:x:*", "prices:x:a:b"));
+        assert!(glob_match("p:*:usd", "p:BTC:usd"));
+        assert!(!glob_match("p:*:usd", "p:BTC:eur"));
+        assert!(!glob_match("prices:*", "other:BTC"));
+        assert!(glob_match("plain", "plain"));
+        assert!(!glob_match("plain", "plainer"));
     }
 }

@@ -1,11 +1,13 @@
 //! The poller actor: runs the polling jobs this replica owns. Each job fetches its upstream on its interval
 //! (HTTP JSON or a set of Redis keys), transforms the value and publishes it through the hub's one publish
-//! path, which caches it and fans it out. Every job's fetch is its own future, so a slow upstream delays
+//! path, which caches it and fans it out; a `split` source publishes each element of a fetched array to a
+//! channel of its own. Every job's fetch is its own future, so a slow upstream delays
 //! nobody else. A periodic scan keeps ownership right across the fleet: it takes free jobs (leases), renews
 //! its own, drops the ones it lost or that were stopped, and stops idle `auto_stop` jobs.
 //!
 //! The actor runs on its own arbiter because awc's client is not `Send` (one client per thread).
 
+pub mod derive;
 pub mod fetch;
 pub mod jobs;
 pub mod source;
@@ -136,6 +138,20 @@ enum Outcome {
     NotModified,
     /// The source's request budget was spent: no request made; try again after this long.
     Delayed(Duration),
+    /// A split fetch: `published` of its elements changed and were published; `values` holds every
+    /// element's value by key (the next fetch's `previous`).
+    Split { published: usize, values: Value },
+}
+
+/// What a split fetch covered, for the job's status.
+struct SplitReport {
+    /// Elements published or kept (one channel each).
+    channels: usize,
+    /// Elements dropped: past `max_split_elements`, without a usable key, a duplicate key, or failing the
+    /// transforms.
+    dropped: usize,
+    /// The array's length, when it was over `max_split_elements`.
+    over_limit: Option<usize>,
 }
 
 /// One fetch's result: the outcome, or why it failed and when the upstream asked to be tried again.
@@ -143,6 +159,8 @@ struct Fetch {
     result: Result<Outcome, (String, Option<Duration>)>,
     /// The validators of a fetched document (replacing the old ones).
     validators: Option<Validators>,
+    /// A split fetch's coverage.
+    split: Option<SplitReport>,
 }
 
 /// The sources and the jobs last seen, shared with the hub's observer (which must answer synchronously).
@@ -171,6 +189,8 @@ pub struct Poller {
 /// The registries' view of the poller: answers `request_fill` from what the poller last saw, and forwards events.
 pub struct PollerObserver {
     addr: Addr<Poller>,
+    /// Where the per-source cache reads are counted.
+    hub: Hub,
     sources: Arc<Vec<Arc<Source>>>,
     known: Arc<Mutex<Known>>,
 }
@@ -190,6 +210,8 @@ impl ChannelObserver for PollerObserver {
     }
 
     fn request_fill(&self, channel: &str, read_at: Instant) -> bool {
+        let channel = job_channel(&self.sources, channel);
+        let channel = channel.as_str();
         let known = self
             .known
             .lock()
@@ -207,6 +229,16 @@ impl ChannelObserver for PollerObserver {
             });
         }
         known || auto
+    }
+
+    fn cache_read(&self, channel: &str, hits: u64, misses: u64) {
+        if let Some(source) = self
+            .sources
+            .iter()
+            .find(|s| s.channel.match_channel(channel).is_some())
+        {
+            self.hub.metrics().cache_read(&source.name, hits, misses);
+        }
     }
 }
 
@@ -255,6 +287,7 @@ impl Poller {
         });
         let observer = Arc::new(PollerObserver {
             addr: addr.clone(),
+            hub,
             sources,
             known,
         });
@@ -281,7 +314,7 @@ impl Poller {
     /// The auto-start job for a channel, if a source's template matches it.
     fn auto_job(&self, channel: &str) -> Option<JobSpec> {
         self.sources.iter().filter(|s| s.auto_start).find_map(|s| {
-            let params = s.channel.match_channel(channel)?;
+            let params = s.params_for_channel(channel)?;
             s.job(params).ok()
         })
     }
@@ -448,8 +481,21 @@ impl Poller {
             Ok(Outcome::Unchanged) => Some(FetchResult::Unchanged),
             Ok(Outcome::NotModified) => Some(FetchResult::NotModified),
             Ok(Outcome::Delayed(_)) => None,
+            Ok(Outcome::Split { published, .. }) if *published > 0 => Some(FetchResult::Published),
+            Ok(Outcome::Split { .. }) => Some(FetchResult::Unchanged),
             Err(_) => Some(FetchResult::Error),
         };
+        if let Some(report) = &fetch.split {
+            job.status.split_channels = report.channels;
+            job.status.split_dropped = report.dropped;
+            if let Some(len) = report.over_limit {
+                Stats::add(&stats.poll_split_over_limit, 1);
+                let max = job.source.split.as_ref().map_or(0, |s| s.max);
+                job.status.last_error = Some(format!(
+                    "the split array has {len} elements, over max_split_elements = {max}: the rest were dropped"
+                ));
+            }
+        }
         let now = crate::core::protocol::now_ts;
         let success = |job: &mut OwnedJob| {
             job.status.fetches += 1;
@@ -464,6 +510,18 @@ impl Poller {
                 job.previous = Some(value);
                 job.published_at = Some(Instant::now());
                 job.status.last_change = job.status.last_success.clone();
+                interval
+            }
+            Ok(Outcome::Split { published, values }) => {
+                success(job);
+                job.previous = Some(values);
+                if published > 0 {
+                    job.published_at = Some(Instant::now());
+                    job.status.last_change = job.status.last_success.clone();
+                } else {
+                    job.status.unchanged += 1;
+                    Stats::add(&stats.poll_unchanged, 1);
+                }
                 interval
             }
             Ok(Outcome::Unchanged) => {
@@ -693,6 +751,15 @@ impl Poller {
     }
 }
 
+/// The channel of the job that publishes `channel`: for an element of a split job the job's own channel
+/// (`prices:*`), else `channel` itself.
+fn job_channel(sources: &[Arc<Source>], channel: &str) -> String {
+    sources
+        .iter()
+        .find_map(|s| s.job_channel_for(channel))
+        .unwrap_or_else(|| channel.to_string())
+}
+
 /// The value a job last published (its cached latest value), so `diff` continues across an owner change.
 async fn previous_value(hub: &Hub, channel: &str) -> Option<Value> {
     let latest = hub.cached_latest(channel).await?;
@@ -710,6 +777,7 @@ async fn run_fetch(
     validators: Option<&Validators>,
 ) -> Fetch {
     let mut fetched_validators = None;
+    let mut split = None;
     let result = fetch_and_publish(
         client,
         hub,
@@ -717,12 +785,13 @@ async fn run_fetch(
         spec,
         previous,
         validators,
-        &mut fetched_validators,
+        (&mut fetched_validators, &mut split),
     )
     .await;
     Fetch {
         result,
         validators: fetched_validators,
+        split,
     }
 }
 
@@ -733,9 +802,12 @@ async fn fetch_and_publish(
     spec: &JobSpec,
     previous: Option<Value>,
     validators: Option<&Validators>,
-    fetched_validators: &mut Option<Validators>,
+    (fetched_validators, split_report): (&mut Option<Validators>, &mut Option<SplitReport>),
 ) -> Result<Outcome, (String, Option<Duration>)> {
     let fail = |e: String| (e, None);
+    // When the fetch began: what a `meta = true` source's frames carry as `fetched_at`.
+    let fetched_at = source.meta.then(crate::core::protocol::now_ts);
+    let fetched_at = fetched_at.as_deref();
     let raw = match source.kind {
         crate::core::config::SourceKind::Http => {
             let url = source
@@ -770,7 +842,16 @@ async fn fetch_and_publish(
                     value
                 }
                 Fetched::NotModified if validators.is_some() && previous.is_some() => {
-                    keep_cached(hub, source, spec).await;
+                    match &previous {
+                        Some(Value::Object(elements)) if source.split.is_some() => {
+                            for key in elements.keys() {
+                                if let Ok(channel) = source.element_channel(spec, key) {
+                                    keep_cached(hub, source, &channel).await;
+                                }
+                            }
+                        }
+                        _ => keep_cached(hub, source, &spec.channel).await,
+                    }
                     return Ok(Outcome::NotModified);
                 }
                 // A 304 to an unconditional request (or with no value to keep) has nothing to publish.
@@ -783,11 +864,154 @@ async fn fetch_and_publish(
             read_redis_fields(hub, source).await.map_err(fail)?
         }
     };
-    let value = transform::apply_all(&source.transforms, raw, previous.as_ref()).map_err(fail)?;
-    if source.only_on_change && validators.is_some() && previous.as_ref() == Some(&value) {
-        keep_cached(hub, source, spec).await;
+    if let Some(split) = &source.split {
+        let conditional = validators.is_some();
+        let (outcome, report) = publish_split(
+            hub,
+            source,
+            spec,
+            split,
+            raw,
+            previous,
+            (conditional, fetched_at),
+        )
+        .await?;
+        *split_report = Some(report);
+        return Ok(outcome);
+    }
+    let (value, undiffed) = shape(source, raw, previous.as_ref()).map_err(fail)?;
+    if source.only_on_change
+        && validators.is_some()
+        && previous.as_ref() == Some(undiffed.as_ref().unwrap_or(&value))
+    {
+        keep_cached(hub, source, &spec.channel).await;
         return Ok(Outcome::Unchanged);
     }
+    publish_value(hub, source, &spec.channel, &value, fetched_at)
+        .await
+        .map_err(fail)?;
+    Ok(Outcome::Published(undiffed.unwrap_or(value)))
+}
+
+/// Publishes each element of a split document to its own channel: each has its own transforms' `previous`
+/// (so its own `diff`), and under `on_change` only the elements that changed are published. `previous` is
+/// the job's last values by element key; after a takeover (none yet) each element's cached value stands in.
+async fn publish_split(
+    hub: &Hub,
+    source: &Source,
+    spec: &JobSpec,
+    split: &source::Split,
+    mut document: Value,
+    previous: Option<Value>,
+    (conditional, fetched_at): (bool, Option<&str>),
+) -> Result<(Outcome, SplitReport), (String, Option<Duration>)> {
+    let fail = |e: String| (e, None);
+    let items = match document.pointer_mut(&split.pointer).map(Value::take) {
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(fail(format!(
+                "split `{}` selected something that is not an array",
+                split.pointer
+            )));
+        }
+        None => return Err(fail(format!("split `{}` selected nothing", split.pointer))),
+    };
+    let total = items.len();
+    let mut previous = match previous {
+        Some(Value::Object(elements)) => elements,
+        _ => serde_json::Map::new(),
+    };
+    let takeover = previous.is_empty();
+    let mut current = serde_json::Map::new();
+    let mut dropped = total.saturating_sub(split.max);
+    let mut published = 0;
+    for item in items.into_iter().take(split.max) {
+        let key = match item.get(&split.key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => {
+                dropped += 1;
+                continue;
+            }
+        };
+        let Ok(channel) = source.element_channel(spec, &key) else {
+            dropped += 1;
+            continue;
+        };
+        if current.contains_key(&key) {
+            dropped += 1;
+            continue;
+        }
+        let before = match previous.remove(&key) {
+            Some(value) => Some(value),
+            None if takeover => previous_value(hub, &channel).await,
+            None => None,
+        };
+        let Ok((value, undiffed)) = shape(source, item, before.as_ref()) else {
+            dropped += 1;
+            continue;
+        };
+        if source.only_on_change
+            && conditional
+            && before.as_ref() == Some(undiffed.as_ref().unwrap_or(&value))
+        {
+            keep_cached(hub, source, &channel).await;
+        } else {
+            publish_value(hub, source, &channel, &value, fetched_at)
+                .await
+                .map_err(|e| fail(format!("element `{key}`: {e}")))?;
+            published += 1;
+        }
+        current.insert(key, undiffed.unwrap_or(value));
+    }
+    if current.is_empty() && total > 0 {
+        return Err(fail(format!(
+            "no element of the split array has a usable `{}` (a string or number that makes a valid channel)",
+            split.key
+        )));
+    }
+    let report = SplitReport {
+        channels: current.len(),
+        dropped,
+        over_limit: (total > split.max).then_some(total),
+    };
+    let outcome = Outcome::Split {
+        published,
+        values: Value::Object(current),
+    };
+    Ok((outcome, report))
+}
+
+/// The value a source publishes from what it fetched: the pointers, then `derive`, then `diff` (last, so it
+/// also reports the changes of derived fields). With `diff`, also the value before it: what the job keeps as
+/// `previous` and compares under `on_change`, so `_change` fields (which differ between a first value and an
+/// unchanged second one) never make an unchanged value count as changed. `diff` ignores the previous
+/// value's own `_change` fields, so it gives the same result from either.
+fn shape(
+    source: &Source,
+    value: Value,
+    previous: Option<&Value>,
+) -> Result<(Value, Option<Value>), String> {
+    let (diff, pointers) = match source.transforms.split_last() {
+        Some((diff @ transform::Transform::Diff { .. }, rest)) => (Some(diff), rest),
+        _ => (None, source.transforms.as_slice()),
+    };
+    let value = transform::apply_all(pointers, value, previous)?;
+    let value = derive::apply(&source.derive, value)?;
+    match diff {
+        Some(diff) => Ok((diff.apply(value.clone(), previous)?, Some(value))),
+        None => Ok((value, None)),
+    }
+}
+
+/// Publishes one transformed value to `channel`, refusing one over the size limit.
+async fn publish_value(
+    hub: &Hub,
+    source: &Source,
+    channel: &str,
+    value: &Value,
+    fetched_at: Option<&str>,
+) -> Result<(), String> {
     let text = value.to_string();
     if text.len()
         > hub
@@ -796,28 +1020,28 @@ async fn fetch_and_publish(
             .max_message_bytes
             .max(source.max_body_bytes)
     {
-        return Err(fail(format!(
+        return Err(format!(
             "transformed value is {} bytes, over the limit",
             text.len()
-        )));
+        ));
     }
-    hub.publish_with(&spec.channel, &text, source.ttl)
+    hub.publish_with(channel, &text, source.ttl, fetched_at)
         .await
-        .map_err(|crate::node::hub::PublishError::Unavailable(e)| fail(e))?;
-    Ok(Outcome::Published(value))
+        .map_err(|crate::node::hub::PublishError::Unavailable(e)| e)?;
+    Ok(())
 }
 
 /// An unchanged value stays cached as long as a publish would keep it (a failure only logs: the value is
 /// still there until its TTL ends).
-async fn keep_cached(hub: &Hub, source: &Source, spec: &JobSpec) {
+async fn keep_cached(hub: &Hub, source: &Source, channel: &str) {
     let ttl = source.ttl.unwrap_or_else(|| {
         hub.config()
-            .policy(&spec.channel)
+            .policy(channel)
             .unwrap_or_else(|| hub.config().default_policy())
             .ttl
     });
-    if let Err(e) = hub.engine().touch(&spec.channel, ttl).await {
-        log::debug!("keeping `{}` cached failed: {e}", spec.channel);
+    if let Err(e) = hub.engine().touch(channel, ttl).await {
+        log::debug!("keeping `{channel}` cached failed: {e}");
     }
 }
 
@@ -972,6 +1196,7 @@ impl Handler<ListJobs> for Poller {
                         _ => None,
                     };
                     let status = status.unwrap_or_default();
+                    let (cache_hits, cache_misses) = act.hub.metrics().cache_reads(&spec.source);
                     json!({
                         "id": spec.id,
                         "source": spec.source,
@@ -984,13 +1209,17 @@ impl Handler<ListJobs> for Poller {
                         "last_error": status.last_error,
                         "consecutive_failures": status.consecutive_failures,
                         "fetches": status.fetches,
-                        "subscribers": act.hub.local_subscribers(&spec.channel),
+                        "subscribers": jobs::job_subscribers(&act.hub, &spec.channel),
                         "next_run": status.next_run,
                         "last_change": status.last_change,
                         "stale": stale,
                         "not_modified": status.not_modified,
                         "unchanged": status.unchanged,
                         "retry_at": status.retry_at,
+                        "split_channels": source.as_ref().and_then(|s| s.split.as_ref()).map(|_| status.split_channels),
+                        "split_dropped": source.as_ref().and_then(|s| s.split.as_ref()).map(|_| status.split_dropped),
+                        "cache_hits": cache_hits,
+                        "cache_misses": cache_misses,
                     })
                 })
                 .collect())
@@ -1025,7 +1254,9 @@ impl Handler<ReleaseAll> for Poller {
 impl Handler<Fill> for Poller {
     type Result = ();
 
-    fn handle(&mut self, msg: Fill, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut msg: Fill, ctx: &mut Self::Context) {
+        // An element channel of a split job is filled by fetching the whole job.
+        msg.channel = job_channel(&self.sources, &msg.channel);
         let owned = self
             .owned
             .values()
@@ -1062,7 +1293,8 @@ impl Handler<AutoStart> for Poller {
     type Result = ();
 
     fn handle(&mut self, msg: AutoStart, ctx: &mut Self::Context) {
-        if self.owned.values().any(|j| j.spec.channel == msg.channel) {
+        let channel = job_channel(&self.sources, &msg.channel);
+        if self.owned.values().any(|j| j.spec.channel == channel) {
             return;
         }
         if let Some(spec) = self.auto_job(&msg.channel) {

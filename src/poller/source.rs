@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::core::config::{Config, PublishMode, SourceConfig, SourceKind, format_duration};
+use crate::poller::derive::Derived;
 use crate::poller::template::{Encoding, Template, expand_env};
 use crate::poller::transform::{Transform, parse_all};
 
@@ -34,6 +35,26 @@ pub struct Source {
     pub auto_start: bool,
     pub idle_grace: Duration,
     pub max_body_bytes: usize,
+    /// One fetch published as many channels (`split`), if set.
+    pub split: Option<Split>,
+    /// Fields computed into each value (`derive`), after the pointers and before `diff`.
+    pub derive: Vec<Derived>,
+    /// Frames carry `fetched_at` (`meta = true`).
+    pub meta: bool,
+}
+
+/// The placeholder of a split source's channel template that each element's key fills.
+pub const SPLIT_PARAM: &str = "key";
+
+/// How one fetched document becomes many channels: the array at `pointer`, one channel per element, named
+/// by the element's `key` field.
+pub struct Split {
+    /// JSON Pointer to the array (`""`: the document itself).
+    pub pointer: String,
+    /// The element field whose value fills `{key}`.
+    pub key: String,
+    /// Most elements one fetch publishes.
+    pub max: usize,
 }
 
 /// What a job is: which source, with which parameters, publishing where.
@@ -83,6 +104,39 @@ impl Source {
             .collect::<Result<Vec<_>, _>>()?;
         let transforms =
             parse_all(&config.transform).map_err(|e| format!("{}: {e}", key("transform")))?;
+        let derive = crate::poller::derive::parse_all(&config.derive)
+            .map_err(|e| format!("{}: {e}", key("derive")))?;
+        let split = match &config.split {
+            None => None,
+            Some(pointer) => {
+                if !channel.params().iter().any(|p| p == SPLIT_PARAM) {
+                    return Err(format!(
+                        "{}: a split source's channel needs `{{{SPLIT_PARAM}}}`, filled from each element",
+                        key("channel")
+                    ));
+                }
+                if url
+                    .as_ref()
+                    .is_some_and(|u| u.params().iter().any(|p| p == SPLIT_PARAM))
+                {
+                    return Err(format!(
+                        "{}: `{{{SPLIT_PARAM}}}` comes from each element of the response, so the URL cannot use it",
+                        key("url")
+                    ));
+                }
+                if !pointer.is_empty() && !pointer.starts_with('/') {
+                    return Err(format!(
+                        "{}: `{pointer}` is not a JSON Pointer (`/data/items`, or \"\" for the document)",
+                        key("split")
+                    ));
+                }
+                Some(Split {
+                    pointer: pointer.clone(),
+                    key: config.split_key.clone(),
+                    max: config.max_split_elements,
+                })
+            }
+        };
         let mut fields = Vec::new();
         for (name, command) in &config.fields {
             let mut words = command.split_whitespace();
@@ -123,21 +177,50 @@ impl Source {
             auto_start: config.auto_start,
             idle_grace: config.idle_grace,
             max_body_bytes: config.max_body_bytes,
+            split,
+            derive,
+            meta: config.meta,
         })
     }
 
-    /// The job this source makes with `params`; a missing or extra parameter is an error naming it.
+    /// The job this source makes with `params`; a missing or extra parameter is an error naming it. A split
+    /// source's job has every parameter but `{key}`; its channel shows `*` there (`prices:*`).
     pub fn job(&self, params: BTreeMap<String, String>) -> Result<JobSpec, ParamError> {
-        let channel = self
-            .channel
-            .render(&params, Encoding::Raw)
-            .map_err(|e| ParamError(e.to_string()))?;
-        crate::core::protocol::validate_channel(&channel).map_err(|e| {
-            ParamError(format!(
-                "the job's channel `{channel}` is invalid: {}",
-                e.message
-            ))
-        })?;
+        let channel = if self.split.is_some() {
+            if params.contains_key(SPLIT_PARAM) {
+                return Err(ParamError(format!(
+                    "`{SPLIT_PARAM}` is filled from each element of the response, not given"
+                )));
+            }
+            let mut with_key = params.clone();
+            with_key.insert(SPLIT_PARAM.into(), "x".into());
+            let sample = self
+                .channel
+                .render(&with_key, Encoding::Raw)
+                .map_err(|e| ParamError(e.to_string()))?;
+            crate::core::protocol::validate_channel(&sample).map_err(|e| {
+                ParamError(format!(
+                    "the job's channels `{sample}` are invalid: {}",
+                    e.message
+                ))
+            })?;
+            with_key.insert(SPLIT_PARAM.into(), "*".into());
+            self.channel
+                .render(&with_key, Encoding::Raw)
+                .map_err(|e| ParamError(e.to_string()))?
+        } else {
+            self.channel
+                .render(&params, Encoding::Raw)
+                .map_err(|e| ParamError(e.to_string()))?
+        };
+        if self.split.is_none() {
+            crate::core::protocol::validate_channel(&channel).map_err(|e| {
+                ParamError(format!(
+                    "the job's channel `{channel}` is invalid: {}",
+                    e.message
+                ))
+            })?;
+        }
         if let Some(url) = &self.url {
             url.render(&params, Encoding::Url)
                 .map_err(|e| ParamError(e.to_string()))?;
@@ -148,6 +231,35 @@ impl Source {
             params,
             channel,
         })
+    }
+
+    /// The channel of one element of a split job: the job's parameters with `{key}` = `element_key`.
+    pub fn element_channel(&self, job: &JobSpec, element_key: &str) -> Result<String, String> {
+        let mut params = job.params.clone();
+        params.insert(SPLIT_PARAM.into(), element_key.into());
+        let channel = self
+            .channel
+            .render(&params, Encoding::Raw)
+            .map_err(|e| e.to_string())?;
+        crate::core::protocol::validate_channel(&channel).map_err(|e| e.message)?;
+        Ok(channel)
+    }
+
+    /// The parameters of the job that publishes `channel`, if this source's template matches it (a split
+    /// source's job leaves `{key}` out).
+    pub fn params_for_channel(&self, channel: &str) -> Option<BTreeMap<String, String>> {
+        let mut params = self.channel.match_channel(channel)?;
+        if self.split.is_some() {
+            params.remove(SPLIT_PARAM);
+        }
+        Some(params)
+    }
+
+    /// The channel of the job that publishes `channel`: itself, or for a split source the job's `prices:*`.
+    pub fn job_channel_for(&self, channel: &str) -> Option<String> {
+        self.split.as_ref()?;
+        let params = self.params_for_channel(channel)?;
+        self.job(params).ok().map(|job| job.channel)
     }
 
     /// The URL of a job (its parameters were validated when it was made).
@@ -236,6 +348,59 @@ mod tests {
         let mut extra = ok;
         extra.insert("strike".into(), "1".into());
         assert!(s.job(extra).unwrap_err().0.contains("strike"));
+    }
+
+    fn split_source(channel: &str, edit: impl FnOnce(&mut SourceConfig)) -> Result<Source, String> {
+        let mut config = SourceConfig {
+            name: "t".into(),
+            url: "http://x/tickers?venue={venue}".into(),
+            channel: channel.into(),
+            split: Some("/data".into()),
+            split_key: "s".into(),
+            ..SourceConfig::default()
+        };
+        edit(&mut config);
+        Source::compile(0, &config, "http://127.0.0.1:1")
+    }
+
+    #[test]
+    fn split_jobs_leave_the_key_to_each_element() {
+        let s = split_source("prices:{venue}:{key}", |_| {}).unwrap();
+        let params: BTreeMap<String, String> = [("venue".to_string(), "x".to_string())].into();
+        let job = s.job(params.clone()).unwrap();
+        assert_eq!(job.channel, "prices:x:*");
+        assert_eq!(job.id, "t@prices:x:*");
+        assert_eq!(s.element_channel(&job, "BTC").unwrap(), "prices:x:BTC");
+        assert!(s.element_channel(&job, "no spaces").is_err());
+        assert_eq!(
+            s.job_channel_for("prices:x:BTC").as_deref(),
+            Some("prices:x:*")
+        );
+        let mut with_key = params;
+        with_key.insert("key".into(), "BTC".into());
+        assert!(s.job(with_key).unwrap_err().0.contains("key"));
+    }
+
+    #[test]
+    fn split_and_derive_mistakes_name_the_key() {
+        let e = split_source("prices:{venue}", |_| {}).err().unwrap();
+        assert!(e.starts_with("sources[0].channel"), "{e}");
+        let e = split_source("prices:{venue}:{key}", |c| {
+            c.url = "http://x/{key}?v={venue}".into()
+        })
+        .err()
+        .unwrap();
+        assert!(e.starts_with("sources[0].url"), "{e}");
+        let e = split_source("prices:{venue}:{key}", |c| c.split = Some("data".into()))
+            .err()
+            .unwrap();
+        assert!(e.starts_with("sources[0].split"), "{e}");
+        let e = split_source("prices:{venue}:{key}", |c| {
+            c.derive = vec!["mid = (bid + ask) / 2".into(), "bad = (bid +".into()]
+        })
+        .err()
+        .unwrap();
+        assert!(e.starts_with("sources[0].derive: `bad = (bid +`"), "{e}");
     }
 
     #[test]

@@ -278,7 +278,7 @@ fn as_i128(n: &Number) -> Option<i128> {
 }
 
 /// Rounds to 10 significant digits (removes binary noise such as `0.30000000000000004`).
-fn round_significant(x: f64) -> f64 {
+pub(crate) fn round_significant(x: f64) -> f64 {
     if x == 0.0 || !x.is_finite() {
         // Also turns -0.0 into 0.0.
         return if x == 0.0 { 0.0 } else { x };

@@ -71,12 +71,20 @@ impl MemoryEngine {
         self.shared.jobs.lock().expect("job store lock poisoned")
     }
 
-    pub fn publish(&self, channel: &str, data: &str, policy: ChannelPolicy) -> Published {
+    pub fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        fetched_at: Option<&str>,
+        policy: ChannelPolicy,
+    ) -> Published {
         let handler = &self.shared.handler;
-        let publication = self
-            .shared
-            .store
-            .publish(channel, data, policy, |p| handler.on_publication(p.clone()));
+        let publication =
+            self.shared
+                .store
+                .publish_fetched(channel, data, fetched_at, policy, |p| {
+                    handler.on_publication(p.clone())
+                });
         Published {
             seq: publication.seq,
             receivers: None,

@@ -139,10 +139,23 @@ impl MemoryStore {
 
     /// Assigns the next sequence number, records the message and hands it to `deliver` while still holding
     /// the lock, so concurrent publishers of one channel are delivered in sequence order.
+    #[cfg(test)]
     pub fn publish(
         &self,
         channel: &str,
         data: &str,
+        policy: ChannelPolicy,
+        deliver: impl FnOnce(&Arc<Publication>),
+    ) -> Arc<Publication> {
+        self.publish_fetched(channel, data, None, policy, deliver)
+    }
+
+    /// `publish` of a polled value that carries its fetch time (`meta = true`).
+    pub fn publish_fetched(
+        &self,
+        channel: &str,
+        data: &str,
+        fetched_at: Option<&str>,
         policy: ChannelPolicy,
         deliver: impl FnOnce(&Arc<Publication>),
     ) -> Arc<Publication> {
@@ -177,11 +190,12 @@ impl MemoryStore {
             ),
             None => (Arc::from(channel), 1),
         };
-        let publication = Arc::new(Publication::new(
+        let publication = Arc::new(Publication::with_fetched_at(
             name.clone(),
             data,
             Some(seq),
             Some(&crate::core::protocol::now_ts()),
+            fetched_at,
         ));
         let added = message_bytes(&publication);
         let expires = now + policy.ttl;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use deadpool_redis::redis;
 
 use super::keys::Keys;
-use super::store::RedisStore;
+use super::store::{RedisStore, escape_glob};
 use crate::engine::seam::{EngineError, Held, Job, JobStatus, Put, ScanReport};
 
 /// Releases a lease only if this replica still holds it.
@@ -287,6 +287,12 @@ impl RedisJobs {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
+                // A split job's channel stands for all its element channels (`prices:*`): asked with
+                // PUBSUB CHANNELS and a glob, the rest with one NUMSUB.
+                let (spread, single): (Vec<&Held>, Vec<&Held>) = asking
+                    .iter()
+                    .copied()
+                    .partition(|h| h.channel.contains('*'));
                 let mut pipe = redis::pipe();
                 for prefix in patterns {
                     pipe.cmd("SET")
@@ -299,7 +305,7 @@ impl RedisJobs {
                 if !asking.is_empty() {
                     let mut numsub = redis::cmd("PUBSUB");
                     numsub.arg("NUMSUB");
-                    for h in &asking {
+                    for h in &single {
                         numsub.arg(keys.pubsub_channel(&h.channel));
                     }
                     pipe.add_command(numsub);
@@ -310,6 +316,14 @@ impl RedisJobs {
                         mget.arg(keys.pattern_presence(prefix));
                     }
                     pipe.add_command(mget);
+                }
+                for h in &spread {
+                    let glob: Vec<String> = keys
+                        .pubsub_channel(&h.channel)
+                        .split('*')
+                        .map(escape_glob)
+                        .collect();
+                    pipe.cmd("PUBSUB").arg("CHANNELS").arg(glob.join("*"));
                 }
                 let mut heard = HashMap::new();
                 if pipe.cmd_iter().next().is_none() {
@@ -325,9 +339,13 @@ impl RedisJobs {
                         Some(redis::Value::Array(items)) => items,
                         _ => Vec::new(),
                     };
-                    let present: Vec<Option<String>> = match replies.next() {
-                        Some(v) => redis::from_redis_value(v)?,
-                        None => Vec::new(),
+                    let present: Vec<Option<String>> = if prefixes.is_empty() {
+                        Vec::new()
+                    } else {
+                        match replies.next() {
+                            Some(v) => redis::from_redis_value(v)?,
+                            None => Vec::new(),
+                        }
                     };
                     let present: HashSet<&str> = prefixes
                         .iter()
@@ -335,8 +353,23 @@ impl RedisJobs {
                         .filter(|(_, v)| v.is_some())
                         .map(|(p, _)| *p)
                         .collect();
-                    for (h, count) in asking.iter().zip(numsub.chunks(2)) {
-                        let exact = matches!(count.get(1), Some(redis::Value::Int(n)) if *n > 0);
+                    let mut exact: HashMap<&str, bool> = single
+                        .iter()
+                        .zip(numsub.chunks(2))
+                        .map(|(h, count)| {
+                            let n = matches!(count.get(1), Some(redis::Value::Int(n)) if *n > 0);
+                            (h.id.as_str(), n)
+                        })
+                        .collect();
+                    for h in &spread {
+                        let channels: Vec<String> = match replies.next() {
+                            Some(v) => redis::from_redis_value(v)?,
+                            None => Vec::new(),
+                        };
+                        exact.insert(h.id.as_str(), !channels.is_empty());
+                    }
+                    for h in &asking {
+                        let exact = exact.get(h.id.as_str()).copied().unwrap_or(false);
                         let pattern = covering_prefixes(&h.channel).any(|p| present.contains(p));
                         heard.insert(h.id.clone(), exact || pattern);
                     }

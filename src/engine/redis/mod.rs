@@ -135,7 +135,13 @@ impl RedisEngine {
     /// like on every replica, unless the link is (or was, during the script) down: then it is delivered here
     /// directly, and the link's bookkeeping drops the echo if one still comes. If Redis cannot take it, it is
     /// delivered to this replica's subscribers only.
-    pub async fn publish(&self, channel: &str, data: &str, policy: ChannelPolicy) -> Published {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        fetched_at: Option<&str>,
+        policy: ChannelPolicy,
+    ) -> Published {
         let shared = &self.shared;
         let ts = crate::core::protocol::now_ts();
         // The echo is certain only if the link was live before the script ran and still is after.
@@ -144,12 +150,22 @@ impl RedisEngine {
         if !live_before {
             shared.link.begin_unlinked_publish(&name);
         }
-        match self.store().publish(channel, data, &ts, policy).await {
+        match self
+            .store()
+            .publish(channel, data, &ts, fetched_at, policy)
+            .await
+        {
             Ok(published) => {
                 Stats::add(&shared.stats.relayed_out, 1);
                 let live_after = shared.link.is_active();
                 if !(live_before && live_after) {
-                    let publication = Publication::new(name, data, Some(published.seq), Some(&ts));
+                    let publication = Publication::with_fetched_at(
+                        name,
+                        data,
+                        Some(published.seq),
+                        Some(&ts),
+                        fetched_at,
+                    );
                     shared
                         .link
                         .finish_unlinked_publish(publication, !live_before, |p| {
@@ -169,7 +185,8 @@ impl RedisEngine {
                 log::warn!(
                     "publish to `{channel}` through redis failed ({e}); delivering locally only"
                 );
-                let publication = Publication::new(name, data, None, Some(&ts));
+                let publication =
+                    Publication::with_fetched_at(name, data, None, Some(&ts), fetched_at);
                 shared.handler.on_publication(Arc::new(publication));
                 Published {
                     seq: None,

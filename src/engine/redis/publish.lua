@@ -1,7 +1,7 @@
 -- Records and publishes one relayhub message atomically.
 -- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list (the channel's history), KEYS[4] epoch
 -- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel,
--- ARGV[6] a fresh epoch, used when the channel has none
+-- ARGV[6] a fresh epoch, used when the channel has none, ARGV[7] the fetch time of a polled value ('' for none)
 -- Returns {seq, number of pub/sub receivers}.
 local seq = redis.call('INCR', KEYS[1])
 local ttl = tonumber(ARGV[3])
@@ -17,10 +17,21 @@ redis.call('SET', KEYS[4], epoch, 'EX', keep_for)
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 local keep = tonumber(ARGV[4])
 if keep > 0 then
-  redis.call('LPUSH', KEYS[3], '{"seq":' .. seq .. ',"ts":"' .. ARGV[2] .. '","data":' .. ARGV[1] .. '}')
+  local fetched = ''
+  if ARGV[7] ~= '' then
+    fetched = ',"fetched_at":"' .. ARGV[7] .. '"'
+  end
+  redis.call('LPUSH', KEYS[3], '{"seq":' .. seq .. ',"ts":"' .. ARGV[2] .. '"' .. fetched .. ',"data":' .. ARGV[1] .. '}')
   redis.call('LTRIM', KEYS[3], 0, keep - 1)
   redis.call('EXPIRE', KEYS[3], ttl)
 end
--- \30 is byte 0x1E, the envelope mark: raw JSON never starts with it.
-local receivers = redis.call('PUBLISH', ARGV[5], '\30' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[1])
+-- \30 is byte 0x1E, the envelope mark: raw JSON never starts with it. \31 (0x1F) marks an envelope that
+-- also carries the fetch time.
+local envelope
+if ARGV[7] ~= '' then
+  envelope = '\31' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[7] .. ' ' .. ARGV[1]
+else
+  envelope = '\30' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
+end
+local receivers = redis.call('PUBLISH', ARGV[5], envelope)
 return {seq, receivers}

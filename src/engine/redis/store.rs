@@ -18,6 +18,8 @@ use crate::engine::seam::{Window, history_cutoff, within};
 
 /// Marks a relayhub envelope on a pub/sub channel: raw JSON can never start with it.
 pub const ENVELOPE_MARK: u8 = 0x1e;
+/// Marks an envelope that also carries a polled value's fetch time (`seq ts fetched_at data`).
+pub const ENVELOPE_MARK_FETCHED: u8 = 0x1f;
 
 /// INCR the sequence, SET the latest value with its TTL, LPUSH+LTRIM the snapshot list, PUBLISH the envelope.
 const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
@@ -70,8 +72,16 @@ struct SnapshotEntry<'a> {
     seq: Option<u64>,
     #[serde(borrow)]
     ts: Option<&'a str>,
+    #[serde(borrow, default)]
+    fetched_at: Option<&'a str>,
     #[serde(borrow)]
     data: &'a RawValue,
+}
+
+impl SnapshotEntry<'_> {
+    fn publication(&self, channel: Arc<str>) -> Publication {
+        Publication::with_fetched_at(channel, self.data.get(), self.seq, self.ts, self.fetched_at)
+    }
 }
 
 impl RedisStore {
@@ -137,6 +147,7 @@ impl RedisStore {
         channel: &str,
         data: &str,
         ts: &str,
+        fetched_at: Option<&str>,
         policy: ChannelPolicy,
     ) -> Result<Published, RedisError> {
         let keys = &self.keys;
@@ -151,7 +162,8 @@ impl RedisStore {
             .arg(policy.ttl.as_secs().max(1))
             .arg(policy.history_size)
             .arg(keys.pubsub_channel(channel))
-            .arg(new_epoch());
+            .arg(new_epoch())
+            .arg(fetched_at.unwrap_or(""));
         let (seq, receivers): (u64, u64) = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
@@ -181,7 +193,7 @@ impl RedisStore {
             .filter_map(|item| serde_json::from_str::<SnapshotEntry>(item).ok())
             .filter(|e| e.seq.is_some())
             .take_while(|e| within(e.ts, cutoff))
-            .map(|e| Arc::new(Publication::new(name.clone(), e.data.get(), e.seq, e.ts)))
+            .map(|e| Arc::new(e.publication(name.clone())))
             .collect();
         let latest = decode_latest(name, latest.as_deref(), items.first().map(|s| s.as_str()));
         Ok(Window {
@@ -267,7 +279,7 @@ impl RedisStore {
         Ok(items
             .iter()
             .filter_map(|item| serde_json::from_str::<SnapshotEntry>(item).ok())
-            .map(|e| Publication::new(channel.clone(), e.data.get(), e.seq, e.ts))
+            .map(|e| e.publication(channel.clone()))
             .collect())
     }
 
@@ -346,7 +358,7 @@ fn decode_latest(
         && let Ok(entry) = serde_json::from_str::<SnapshotEntry>(newest)
         && entry.data.get() == value
     {
-        return Some(Publication::new(channel, value, entry.seq, entry.ts));
+        return Some(entry.publication(channel));
     }
     Some(Publication::new(channel, value, None, None))
 }
@@ -370,10 +382,19 @@ pub fn escape_glob(s: &str) -> String {
 
 /// Decodes a pub/sub payload on a `ch:` channel: relayhub's envelope, or an outside producer's raw JSON.
 pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, &'static str> {
-    if payload.first() == Some(&ENVELOPE_MARK) {
+    let mark = payload.first().copied();
+    if mark == Some(ENVELOPE_MARK) || mark == Some(ENVELOPE_MARK_FETCHED) {
         let text = std::str::from_utf8(&payload[1..]).map_err(|_| "envelope is not UTF-8")?;
         let (seq, rest) = text.split_once(' ').ok_or("envelope without seq")?;
-        let (ts, data) = rest.split_once(' ').ok_or("envelope without ts")?;
+        let (ts, rest) = rest.split_once(' ').ok_or("envelope without ts")?;
+        let (fetched_at, data) = if mark == Some(ENVELOPE_MARK_FETCHED) {
+            let (at, data) = rest.split_once(' ').ok_or("envelope without fetched_at")?;
+            chrono::DateTime::parse_from_rfc3339(at)
+                .map_err(|_| "envelope fetched_at is not RFC 3339")?;
+            (Some(at), data)
+        } else {
+            (None, rest)
+        };
         // Anyone who can PUBLISH on the channel can send a payload starting with the mark, and `ts` and `data`
         // are spliced into the frame as they are: each part is checked, so a crafted envelope cannot add or
         // replace fields. Once per message received, not per delivery.
@@ -383,7 +404,13 @@ pub fn decode_payload(channel: Arc<str>, payload: &[u8]) -> Result<Publication, 
         let seq: u64 = seq.parse().map_err(|_| "envelope seq is not a number")?;
         chrono::DateTime::parse_from_rfc3339(ts).map_err(|_| "envelope ts is not RFC 3339")?;
         serde_json::from_str::<&RawValue>(data).map_err(|_| "envelope data is not JSON")?;
-        return Ok(Publication::new(channel, data, Some(seq), Some(ts)));
+        return Ok(Publication::with_fetched_at(
+            channel,
+            data,
+            Some(seq),
+            Some(ts),
+            fetched_at,
+        ));
     }
     let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
     serde_json::from_str::<&RawValue>(text).map_err(|_| "message is not JSON")?;
@@ -414,6 +441,22 @@ mod tests {
         ] {
             assert!(decode_payload("a".into(), crafted).is_err(), "{crafted:?}");
         }
+        let p = decode_payload(
+            "a".into(),
+            b"\x1f3 2026-01-01T00:00:01.000Z 2026-01-01T00:00:00.500Z [1]",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.seq, p.fetched_at(), p.data()),
+            (Some(3), Some("2026-01-01T00:00:00.500Z"), "[1]")
+        );
+        assert!(
+            decode_payload(
+                "a".into(),
+                b"\x1f3 2026-01-01T00:00:01.000Z x\",\"seq\":9 [1]"
+            )
+            .is_err()
+        );
         assert_eq!(escape_glob("a*b"), "a\\*b");
     }
 }
