@@ -343,3 +343,28 @@ async fn a_gap_in_live_delivery_is_filled_from_history_before_the_newer_message(
     publish_range(&hub, channel, 10, 1).await;
     expect_exactly(&mut ws, 1, 10).await;
 }
+
+#[actix_web::test]
+async fn a_sequence_that_starts_over_under_a_new_epoch_is_delivered() {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(&redis_config(&redis)).await;
+    wait_ready(&hub).await;
+    let channel = "feed:expired";
+    let mut ws = hub.connect().await;
+    let ack = subscribe(&mut ws, channel, None).await;
+    publish_range(&hub, channel, 1, 5).await;
+    expect_exactly(&mut ws, 5, 1).await;
+    // The sequence and its epoch expire together (no publish for the channel's whole ttl) while the subscriber
+    // stays: numbering starts over at 1 under a new epoch, and the link never went down.
+    for kind in ["seq", "epoch", "snap"] {
+        redis
+            .cmd(&["DEL", &format!("relayhub:{kind}:{channel}")])
+            .unwrap();
+    }
+    publish_range(&hub, channel, 6, 2).await;
+    expect_exactly(&mut ws, 2, 1).await;
+    ws.close().await;
+    let mut ws = hub.connect().await;
+    let again = subscribe(&mut ws, channel, None).await;
+    assert_ne!(again["epoch"], ack["epoch"], "{again}");
+}

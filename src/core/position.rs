@@ -56,6 +56,23 @@ pub fn is_gap(position: u64, seq: Option<u64>) -> bool {
     seq.is_some_and(|seq| position != 0 && seq > position + 1)
 }
 
+/// Whether every subscriber (with a known position; at least one) is already at or past `seq`: a copy, or the
+/// first message of a numbering that started over under a new epoch (the message does not say which; a read
+/// of the channel's epoch does).
+pub fn is_behind_all(positions: impl Iterator<Item = u64>, seq: Option<u64>) -> bool {
+    let Some(seq) = seq else {
+        return false;
+    };
+    let mut any = false;
+    for position in positions {
+        if position == 0 || seq > position {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// What [`fill`] does with one message for one subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -219,6 +236,25 @@ mod tests {
         assert!(!is_gap(4, Some(4)), "a copy, not a gap");
         assert!(!is_gap(0, Some(9)), "nothing seen yet");
         assert!(!is_gap(4, None), "unsequenced");
+    }
+
+    #[test]
+    fn a_message_every_subscriber_is_past_asks_for_the_epoch() {
+        assert!(is_behind_all([5, 7].into_iter(), Some(5)));
+        assert!(is_behind_all([5].into_iter(), Some(1)));
+        assert!(
+            !is_behind_all([5, 4].into_iter(), Some(5)),
+            "new to one of them"
+        );
+        assert!(
+            !is_behind_all([5, 0].into_iter(), Some(5)),
+            "one has seen nothing"
+        );
+        assert!(
+            !is_behind_all([].into_iter(), Some(5)),
+            "nobody to give it to"
+        );
+        assert!(!is_behind_all([5].into_iter(), None), "unsequenced");
     }
 
     #[test]

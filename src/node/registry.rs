@@ -278,10 +278,16 @@ impl Registry {
                         || entry
                             .active
                             .values()
-                            .any(|to| position::is_gap(to.seq, publication.seq))) =>
+                            .any(|to| position::is_gap(to.seq, publication.seq))
+                        || position::is_behind_all(
+                            entry.active.values().map(|to| to.seq),
+                            publication.seq,
+                        )) =>
                 {
-                    // A hole before this message (lost on the way), or an epoch the link's outage may have
-                    // changed: one history read settles it; this channel's messages wait for it.
+                    // A hole before this message (lost on the way), an epoch the link's outage may have
+                    // changed, or a message every subscriber is past (a copy, or a sequence that expired
+                    // and started over under a new epoch): one history read settles it; this channel's
+                    // messages wait for it.
                     entry.held = Some(vec![publication.clone()]);
                     read_history = true;
                 }
