@@ -295,16 +295,23 @@ async fn record_without_publishing(redis: &RedisServer, channel: &str, data: Val
         .expect("the publish script runs");
 }
 
-#[actix_web::test]
-async fn a_gap_in_live_delivery_is_filled_from_history_before_the_newer_message() {
+/// A private Redis, one hub on it, and a client subscribed to `channel` that was given `n` messages: the
+/// subscription's `subscribed` answer comes back too.
+async fn subscribed_through_redis(channel: &str, n: u64) -> (RedisServer, TestHub, Ws, Value) {
     let redis = RedisServer::start();
     let hub = TestHub::start(&redis_config(&redis)).await;
     wait_ready(&hub).await;
-    let channel = "feed:gap";
     let mut ws = hub.connect().await;
-    subscribe(&mut ws, channel, None).await;
-    publish_range(&hub, channel, 1, 3).await;
-    expect_exactly(&mut ws, 3, 1).await;
+    let ack = subscribe(&mut ws, channel, None).await;
+    publish_range(&hub, channel, 1, n).await;
+    expect_exactly(&mut ws, n, 1).await;
+    (redis, hub, ws, ack)
+}
+
+#[actix_web::test]
+async fn a_gap_in_live_delivery_is_filled_from_history_before_the_newer_message() {
+    let channel = "feed:gap";
+    let (redis, hub, mut ws, _) = subscribed_through_redis(channel, 3).await;
     record_without_publishing(&redis, channel, json!({"i": 4})).await;
     record_without_publishing(&redis, channel, json!({"i": 5})).await;
     nothing_else(&mut ws).await;
@@ -346,14 +353,8 @@ async fn a_gap_in_live_delivery_is_filled_from_history_before_the_newer_message(
 
 #[actix_web::test]
 async fn a_sequence_that_starts_over_under_a_new_epoch_is_delivered() {
-    let redis = RedisServer::start();
-    let hub = TestHub::start(&redis_config(&redis)).await;
-    wait_ready(&hub).await;
     let channel = "feed:expired";
-    let mut ws = hub.connect().await;
-    let ack = subscribe(&mut ws, channel, None).await;
-    publish_range(&hub, channel, 1, 5).await;
-    expect_exactly(&mut ws, 5, 1).await;
+    let (redis, hub, mut ws, ack) = subscribed_through_redis(channel, 5).await;
     // The sequence and its epoch expire together (no publish for the channel's whole ttl) while the subscriber
     // stays: numbering starts over at 1 under a new epoch, and the link never went down.
     for kind in ["seq", "epoch", "snap"] {
