@@ -73,6 +73,25 @@ pub fn is_behind_all(positions: impl Iterator<Item = u64>, seq: Option<u64>) -> 
     any
 }
 
+/// How many of the held messages (in arrival order) a history read that saw the channel up to `top` can
+/// settle. A held message numbered above `top + 1` that does not follow the held one before it may be
+/// preceded by messages published after the read: it and those behind it wait for another read, so a message
+/// is never called lost because it was younger than the read.
+pub fn settled(held: impl IntoIterator<Item = Option<u64>>, top: u64) -> usize {
+    let mut previous = None;
+    let mut count = 0;
+    for seq in held {
+        if let Some(seq) = seq {
+            if seq > top + 1 && previous != Some(seq - 1) {
+                return count;
+            }
+            previous = Some(seq);
+        }
+        count += 1;
+    }
+    count
+}
+
 /// What [`fill`] does with one message for one subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -255,6 +274,19 @@ mod tests {
             "nobody to give it to"
         );
         assert!(!is_behind_all([5].into_iter(), None), "unsequenced");
+    }
+
+    #[test]
+    fn a_read_settles_only_what_it_could_have_seen() {
+        // Read at 10: 11 and 12 follow it, 14 may follow a 13 published after the read.
+        assert_eq!(
+            settled([Some(9), Some(11), Some(12), Some(14), Some(15)], 10),
+            3
+        );
+        // 12 arrived first, but 11 was published after the read: nothing is settled.
+        assert_eq!(settled([Some(12)], 10), 0);
+        assert_eq!(settled([Some(7), None, Some(8)], 10), 3);
+        assert_eq!(settled([], 10), 0);
     }
 
     #[test]

@@ -359,24 +359,42 @@ impl Registry {
             let window = engine.window(&channel, policy).await;
             (channel, window)
         };
-        ctx.spawn(read.into_actor(self).map(move |(channel, window), act, _| {
-            let Some(entry) = act.channels.get_mut(&channel) else {
-                return;
-            };
-            if entry.epoch != epoch {
-                return;
-            }
-            let held = entry.held.take().unwrap_or_default();
-            match window {
-                Ok(window) => act.apply_window(&channel, &window, &held, link_downs),
-                Err(e) => {
-                    log::warn!("reading the history of `{channel}` to fill a gap failed: {e}");
-                    let mut slow = std::mem::take(&mut act.slow);
-                    let delivered = Self::fill(&act.stats, &mut slow, entry, &[], &held);
-                    act.delivered(&channel, delivered, slow);
-                }
-            }
-        }));
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(channel, window), act, ctx| {
+                    let Some(entry) = act.channels.get_mut(&channel) else {
+                        return;
+                    };
+                    if entry.epoch != epoch {
+                        return;
+                    }
+                    let mut held = entry.held.take().unwrap_or_default();
+                    match window {
+                        Ok(window) => {
+                            let later = held.split_off(position::settled(
+                                held.iter().map(|p| p.seq),
+                                window.seq,
+                            ));
+                            act.apply_window(&channel, &window, &held, link_downs);
+                            if !later.is_empty()
+                                && let Some(entry) = act.channels.get_mut(&channel)
+                            {
+                                // Younger than the read: they wait, in order, for one more.
+                                entry.held = Some(later);
+                                act.read_history(channel, ctx);
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "reading the history of `{channel}` to fill a gap failed: {e}"
+                            );
+                            let mut slow = std::mem::take(&mut act.slow);
+                            let delivered = Self::fill(&act.stats, &mut slow, entry, &[], &held);
+                            act.delivered(&channel, delivered, slow);
+                        }
+                    }
+                }),
+        );
     }
 
     /// A channel's history as read after a gap, a pub/sub outage or both: each active subscriber gets what it
@@ -590,6 +608,7 @@ impl Registry {
         entry.watched = true;
         let epoch = entry.epoch;
         let policy = entry.policy;
+        let link_downs = self.link_downs;
         let engine = self.engine.clone();
         // Sent now, not from the future: an unsubscribe right behind this subscribe must reach the bridge after
         // the watch, or the bridge would keep a Redis subscription nobody needs.
@@ -611,18 +630,20 @@ impl Registry {
         ctx.spawn(
             fill.into_actor(self)
                 .map(move |(channel, window, read_at), act, ctx| {
-                    act.filled(channel, epoch, window, read_at, ctx);
+                    act.filled(channel, (epoch, link_downs), window, read_at, ctx);
                 }),
         );
     }
 
     /// The window read of a channel finished: let its pending subscribers in. A subscriber whose `since` the
     /// history still covers gets every message after it, in order; any other gets the newest value as its
-    /// snapshot. Messages that arrived meanwhile follow, through the ordering rule.
+    /// snapshot. Messages that arrived meanwhile follow, through the ordering rule. The channel's active
+    /// subscribers (when it had some) take the read like any history read: under a new epoch their positions
+    /// start over.
     fn filled(
         &mut self,
         channel: Arc<str>,
-        epoch: u64,
+        (epoch, link_downs): (u64, u64),
         window: Option<Window>,
         read_at: Instant,
         ctx: &mut Context<Self>,
@@ -633,6 +654,15 @@ impl Registry {
         if entry.epoch != epoch {
             return;
         }
+        if let Some(window) = &window
+            && !window.epoch.is_empty()
+            && !entry.active.is_empty()
+        {
+            self.apply_window(&channel, window, &[], link_downs);
+        }
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
         entry.filling = false;
         let stats = &self.stats;
         let backlog = std::mem::take(&mut entry.backlog);
@@ -645,7 +675,9 @@ impl Registry {
         });
         if !window.epoch.is_empty() {
             entry.history_epoch = Some(window.epoch.clone());
-            entry.epoch_stale = false;
+            if link_downs == self.link_downs {
+                entry.epoch_stale = false;
+            }
         }
         let cached = window.latest.clone().or_else(|| entry.latest.clone());
         if entry.latest.is_none() {
