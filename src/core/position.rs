@@ -56,21 +56,23 @@ pub fn is_gap(position: u64, seq: Option<u64>) -> bool {
     seq.is_some_and(|seq| position != 0 && seq > position + 1)
 }
 
-/// Whether every subscriber (with a known position; at least one) is already at or past `seq`: a copy, or the
-/// first message of a numbering that started over under a new epoch (the message does not say which; a read
-/// of the channel's epoch does).
-pub fn is_behind_all(positions: impl Iterator<Item = u64>, seq: Option<u64>) -> bool {
+/// Whether a message numbered `seq` needs the channel's history read before it goes to subscribers at
+/// `positions`: a gap for any of them, or every one of them (with a known position; at least one) already at
+/// or past it: a copy, or the first message of a numbering that started over under a new epoch (the message
+/// does not say which; a read of the channel's epoch does). One pass, on every message.
+pub fn needs_read(positions: impl Iterator<Item = u64>, seq: Option<u64>) -> bool {
     let Some(seq) = seq else {
         return false;
     };
-    let mut any = false;
+    let (mut any, mut all_past) = (false, true);
     for position in positions {
-        if position == 0 || seq > position {
-            return false;
+        if is_gap(position, Some(seq)) {
+            return true;
         }
         any = true;
+        all_past &= position != 0 && seq <= position;
     }
-    any
+    any && all_past
 }
 
 /// How many of the held messages (in arrival order) a history read that saw the channel up to `top` can
@@ -258,35 +260,20 @@ mod tests {
     }
 
     #[test]
-    fn a_message_every_subscriber_is_past_asks_for_the_epoch() {
-        assert!(is_behind_all([5, 7].into_iter(), Some(5)));
-        assert!(is_behind_all([5].into_iter(), Some(1)));
+    fn a_gap_or_a_message_every_subscriber_is_past_needs_a_read() {
+        let needs = |positions: &[u64], seq| needs_read(positions.iter().copied(), seq);
+        assert!(needs(&[5, 7], Some(5)), "everyone is past it");
         assert!(
-            !is_behind_all([5, 4].into_iter(), Some(5)),
-            "new to one of them"
+            needs(&[5], Some(1)),
+            "a numbering that started over, or an old copy"
         );
-        assert!(
-            !is_behind_all([5, 0].into_iter(), Some(5)),
-            "one has seen nothing"
-        );
-        assert!(
-            !is_behind_all([].into_iter(), Some(5)),
-            "nobody to give it to"
-        );
-        assert!(!is_behind_all([5].into_iter(), None), "unsequenced");
-    }
-
-    #[test]
-    fn a_read_settles_only_what_it_could_have_seen() {
-        // Read at 10: 11 and 12 follow it, 14 may follow a 13 published after the read.
-        assert_eq!(
-            settled([Some(9), Some(11), Some(12), Some(14), Some(15)], 10),
-            3
-        );
-        // 12 arrived first, but 11 was published after the read: nothing is settled.
-        assert_eq!(settled([Some(12)], 10), 0);
-        assert_eq!(settled([Some(7), None, Some(8)], 10), 3);
-        assert_eq!(settled([], 10), 0);
+        assert!(needs(&[4, 4], Some(6)), "a gap");
+        assert!(needs(&[4, 0], Some(9)), "a gap for one of them");
+        assert!(!needs(&[5, 4], Some(5)), "new to one of them");
+        assert!(!needs(&[5, 0], Some(5)), "one has seen nothing");
+        assert!(!needs(&[4, 4], Some(5)), "the next one");
+        assert!(!needs(&[], Some(5)), "nobody to give it to");
+        assert!(!needs(&[5], None), "unsequenced");
     }
 
     #[test]

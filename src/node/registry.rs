@@ -275,11 +275,7 @@ impl Registry {
                 }
                 None if publication.seq.is_some()
                     && (entry.epoch_stale
-                        || entry
-                            .active
-                            .values()
-                            .any(|to| position::is_gap(to.seq, publication.seq))
-                        || position::is_behind_all(
+                        || position::needs_read(
                             entry.active.values().map(|to| to.seq),
                             publication.seq,
                         )) =>
