@@ -69,6 +69,10 @@ pub struct Stats {
     pub messages_replayed: AtomicU64,
     /// Copies a subscriber had been given already (by seq), dropped by the ordering rule.
     pub duplicates_dropped: AtomicU64,
+    /// Messages given to a subscriber past a gap that history could no longer fill (the ones before are lost).
+    pub gaps_unfilled: AtomicU64,
+    /// Messages a conflating subscriber over its queue bound never got: a newer one of the channel replaced them.
+    pub messages_conflated: AtomicU64,
 }
 
 impl Stats {
@@ -82,7 +86,7 @@ impl Stats {
 
     /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 31] {
+    pub fn counters(&self) -> [(&'static str, u64); 33] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -115,6 +119,8 @@ impl Stats {
             ("subscribes_unrecovered", &self.subscribes_unrecovered),
             ("messages_replayed", &self.messages_replayed),
             ("duplicates_dropped", &self.duplicates_dropped),
+            ("gaps_unfilled", &self.gaps_unfilled),
+            ("messages_conflated", &self.messages_conflated),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

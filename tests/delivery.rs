@@ -155,3 +155,217 @@ async fn an_auto_start_channel_gives_its_first_value_once() {
     // Nothing else: a `message` with seq 1 here is the double.
     nothing_else(&mut ws).await;
 }
+
+/// Reads `n` messages and checks that they are `{"i": 0..n}` with consecutive seqs: every one, once, in order.
+async fn expect_sequence(ws: &mut Ws, n: u64, who: &str) {
+    let mut last_seq = None;
+    for i in 0..n {
+        let frame = ws.recv().await;
+        assert_eq!(frame["type"], "message", "{who}, message {i}: {frame}");
+        assert_eq!(frame["data"], json!({"i": i}), "{who}: {frame}");
+        let seq = frame["seq"].as_u64().expect("a seq");
+        if let Some(last) = last_seq {
+            assert_eq!(seq, last + 1, "{who}: {frame}");
+        }
+        last_seq = Some(seq);
+    }
+    nothing_else(ws).await;
+}
+
+#[actix_web::test]
+async fn killed_pubsub_connections_lose_nothing_while_publishing_at_500_per_second() {
+    const MESSAGES: u64 = 1_000;
+    let redis = RedisServer::start();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n[channels]\nhistory_size = 2000\n",
+        redis.url()
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    let channel = "feed:kill";
+    let mut clients = Vec::new();
+    for hub in &hubs {
+        for _ in 0..2 {
+            let mut ws = hub.connect().await;
+            subscribe(&mut ws, channel, None).await;
+            clients.push(ws);
+        }
+        common::wait_subscribers(hub, channel, 2).await;
+    }
+    // 500 a second, alternating between the hubs; every replica's pub/sub connection is killed three times.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
+    let mut kills = 0;
+    for i in 0..MESSAGES {
+        tick.tick().await;
+        if i % 250 == 125 {
+            let killed = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+            kills += common::int_reply(&killed);
+        }
+        hubs[(i % 2) as usize]
+            .publish(channel, json!({ "i": i }))
+            .await;
+    }
+    assert!(kills >= 4, "{kills} pub/sub connections killed");
+    for (n, ws) in clients.iter_mut().enumerate() {
+        expect_sequence(ws, MESSAGES, &format!("subscriber {n}")).await;
+    }
+    // What the outages kept from the hubs came from history, not from luck.
+    let mut replayed = 0;
+    for hub in &hubs {
+        let stats = hub.stats().await;
+        assert!(stats["redis_reconnects"].as_u64() >= Some(1), "{stats}");
+        replayed += stats["messages_replayed"].as_u64().unwrap();
+    }
+    assert!(
+        replayed > 0,
+        "nothing was missed: the kills did not test anything"
+    );
+}
+
+/// A client that was away longer than `history_ttl` is not recovered, however few messages it missed.
+async fn history_ttl_bounds_recovery(hub: &TestHub) {
+    let channel = "feed:aged";
+    let mut ws = hub.connect().await;
+    let ack = subscribe(&mut ws, channel, None).await;
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    publish_range(hub, channel, 1, 5).await;
+    expect_exactly(&mut ws, 5, 1).await;
+    ws.close().await;
+    // Within the ttl: recovered.
+    let mut ws = hub.connect().await;
+    let ack = subscribe(&mut ws, channel, Some(json!({"epoch": epoch, "seq": 3}))).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    expect_exactly(&mut ws, 2, 4).await;
+    ws.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // 2 missed of a history of 100, but older than the ttl: not recovered, the snapshot instead.
+    let mut ws = hub.connect().await;
+    let ack = subscribe(&mut ws, channel, Some(json!({"epoch": epoch, "seq": 3}))).await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+    let snapshot = ws.recv().await;
+    assert_eq!(
+        (&snapshot["type"], &snapshot["seq"]),
+        (&json!("snapshot"), &json!(5))
+    );
+    nothing_else(&mut ws).await;
+}
+
+const AGED: &str = "[channels]\nhistory_size = 100\nhistory_ttl = \"1s\"\n";
+
+#[actix_web::test]
+async fn history_older_than_its_ttl_is_not_recovered_in_memory_mode() {
+    let hub = TestHub::start(AGED).await;
+    history_ttl_bounds_recovery(&hub).await;
+}
+
+#[actix_web::test]
+async fn history_older_than_its_ttl_is_not_recovered_through_redis() {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(&format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n{AGED}",
+        redis.url()
+    ))
+    .await;
+    wait_ready(&hub).await;
+    history_ttl_bounds_recovery(&hub).await;
+}
+
+/// Records a message the way the publish script does (seq, latest value, history), but publishes it on a
+/// pub/sub channel nobody listens to: for the hubs it is a message lost on the way.
+async fn record_without_publishing(redis: &RedisServer, channel: &str, data: Value) {
+    use deadpool_redis::redis;
+    let key = |kind: &str| format!("relayhub:{kind}:{channel}");
+    let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut conn = redis.client().await;
+    let _: (u64, u64) = redis::Script::new(include_str!("../src/engine/redis/publish.lua"))
+        .key(key("seq"))
+        .key(key("cache"))
+        .key(key("snap"))
+        .key(key("epoch"))
+        .arg(data.to_string())
+        .arg(ts)
+        .arg(3600)
+        .arg(100)
+        .arg("relayhub:nowhere")
+        .arg("unused")
+        .invoke_async(&mut conn)
+        .await
+        .expect("the publish script runs");
+}
+
+/// A private Redis, one hub on it, and a client subscribed to `channel` that was given `n` messages: the
+/// subscription's `subscribed` answer comes back too.
+async fn subscribed_through_redis(channel: &str, n: u64) -> (RedisServer, TestHub, Ws, Value) {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(&redis_config(&redis)).await;
+    wait_ready(&hub).await;
+    let mut ws = hub.connect().await;
+    let ack = subscribe(&mut ws, channel, None).await;
+    publish_range(&hub, channel, 1, n).await;
+    expect_exactly(&mut ws, n, 1).await;
+    (redis, hub, ws, ack)
+}
+
+#[actix_web::test]
+async fn a_gap_in_live_delivery_is_filled_from_history_before_the_newer_message() {
+    let channel = "feed:gap";
+    let (redis, hub, mut ws, _) = subscribed_through_redis(channel, 3).await;
+    record_without_publishing(&redis, channel, json!({"i": 4})).await;
+    record_without_publishing(&redis, channel, json!({"i": 5})).await;
+    nothing_else(&mut ws).await;
+    publish_range(&hub, channel, 6, 1).await;
+    // 4 and 5 from history, then 6: in order, each once.
+    for i in 4..=6u64 {
+        let frame = ws.recv().await;
+        assert_eq!(
+            (&frame["type"], &frame["seq"], &frame["data"]),
+            (&json!("message"), &json!(i), &json!({ "i": i })),
+            "{frame}"
+        );
+    }
+    nothing_else(&mut ws).await;
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["messages_replayed"], &stats["gaps_unfilled"]),
+        (&json!(2), &json!(0)),
+        "{stats}"
+    );
+    // Lost again, and history no longer has them: the newer message is delivered anyway, and counted.
+    record_without_publishing(&redis, channel, json!({"i": 7})).await;
+    record_without_publishing(&redis, channel, json!({"i": 8})).await;
+    redis
+        .cmd(&["DEL", &format!("relayhub:snap:{channel}")])
+        .unwrap();
+    publish_range(&hub, channel, 9, 1).await;
+    expect_exactly(&mut ws, 1, 9).await;
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["messages_replayed"], &stats["gaps_unfilled"]),
+        (&json!(2), &json!(1)),
+        "{stats}"
+    );
+    // Back to normal: the next one is delivered at once.
+    publish_range(&hub, channel, 10, 1).await;
+    expect_exactly(&mut ws, 1, 10).await;
+}
+
+#[actix_web::test]
+async fn a_sequence_that_starts_over_under_a_new_epoch_is_delivered() {
+    let channel = "feed:expired";
+    let (redis, hub, mut ws, ack) = subscribed_through_redis(channel, 5).await;
+    // The sequence and its epoch expire together (no publish for the channel's whole ttl) while the subscriber
+    // stays: numbering starts over at 1 under a new epoch, and the link never went down.
+    for kind in ["seq", "epoch", "snap"] {
+        redis
+            .cmd(&["DEL", &format!("relayhub:{kind}:{channel}")])
+            .unwrap();
+    }
+    publish_range(&hub, channel, 6, 2).await;
+    expect_exactly(&mut ws, 2, 1).await;
+    ws.close().await;
+    let mut ws = hub.connect().await;
+    let again = subscribe(&mut ws, channel, None).await;
+    assert_ne!(again["epoch"], ack["epoch"], "{again}");
+}

@@ -732,3 +732,80 @@ async fn the_queue_is_bounded_in_bytes_as_well_as_frames() {
     assert_eq!(stats["connections"], 0, "{stats}");
     read_to_end_or_reset(&mut ws).await;
 }
+
+#[actix_web::test]
+async fn a_conflating_reader_that_stops_reading_is_kept_bounded_and_gets_the_newest_values() {
+    let _turn = MEMORY.lock().await;
+    const CHANNELS: usize = 20;
+    const ROUNDS: usize = 150;
+    let hub = TestHub::start(
+        "[websocket]\nmailbox_size = 32\nmax_queued_bytes = 65536\nwrite_timeout = \"60s\"\n[namespaces.quotes]\nslow_consumer = \"conflate\"\n",
+    )
+    .await;
+    let names: Vec<String> = (0..CHANNELS).map(|c| format!("quotes:q{c}")).collect();
+    let subscribes: Vec<u8> = names.iter().flat_map(|n| subscribe_frame(n)).collect();
+    let mut reader = connect_tiny_window(hub.addr, &subscribes).await;
+    for _ in 0..CHANNELS {
+        assert_eq!(reader.recv_json().await["type"], "subscribed");
+    }
+    // Beside it, a reader of a disconnecting namespace that stops reading too.
+    let mut stuck = connect_tiny_window(hub.addr, &subscribe_frame("feed:stuck")).await;
+    assert_eq!(stuck.recv_json().await["type"], "subscribed");
+    let before = vm_rss_kib();
+    // 20 KB values: 150 rounds over 20 channels are 60 MB, far past any socket buffer and queue bound.
+    let handle = hub.hub().clone();
+    let pad = "v".repeat(20_000);
+    for round in 0..ROUNDS {
+        for name in &names {
+            let data = json!({"round": round, "pad": pad}).to_string();
+            handle.publish(name, &data).await.unwrap();
+        }
+        let data = json!({"round": round, "pad": pad}).to_string();
+        handle.publish("feed:stuck", &data).await.unwrap();
+    }
+    let grown_mib = vm_rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 30, "the hub grew by {grown_mib} MiB");
+    let stats = stats_until(&hub, Duration::from_secs(5), |s| {
+        s["slow_consumer_disconnects"] == 1
+    })
+    .await;
+    assert_eq!(stats["slow_consumer_disconnects"], 1, "{stats}");
+    // The disconnecting reader lost its subscription; the conflating one keeps all of its own.
+    assert_eq!(
+        stats["subscribers"]["feed:stuck"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
+    for name in &names {
+        assert_eq!(stats["subscribers"][name], 1, "{stats}");
+    }
+    assert!(stats["messages_conflated"].as_u64() > Some(0), "{stats}");
+    // It reads again: every channel's newest value arrives, each channel's seq only goes up, and jumps.
+    let mut newest: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    let mut jumped = false;
+    while newest.len() < CHANNELS || newest.values().any(|(_, r)| *r != ROUNDS as u64 - 1) {
+        let frame = reader.recv_json().await;
+        assert_eq!(frame["type"], "message", "{}", frame["type"]);
+        let channel = frame["channel"].as_str().unwrap().to_string();
+        let (seq, round) = (
+            frame["seq"].as_u64().unwrap(),
+            frame["data"]["round"].as_u64().unwrap(),
+        );
+        if let Some((last, _)) = newest.get(&channel) {
+            assert!(seq > *last, "{channel}: {seq} after {last}");
+            jumped |= seq > last + 1;
+        }
+        newest.insert(channel, (seq, round));
+    }
+    assert!(jumped, "conflation shows in seq");
+    // Caught up and still answering.
+    reader
+        .send(
+            true,
+            TEXT,
+            json!({"op": "ping", "id": "p"}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(reader.recv_json().await["type"], "pong");
+    read_to_end_or_reset(&mut stuck).await;
+}

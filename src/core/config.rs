@@ -239,6 +239,8 @@ pub struct ChannelsConfig {
     /// `recovered:false` and a snapshot).
     #[serde(deserialize_with = "de_duration")]
     pub history_ttl: Duration,
+    /// Default treatment of a connection whose queue is over its bound.
+    pub slow_consumer: SlowConsumer,
     /// Most snapshots sent when a pattern subscription starts.
     pub max_pattern_snapshots: usize,
     /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
@@ -260,6 +262,7 @@ impl Default for ChannelsConfig {
             ttl: Duration::from_secs(24 * 3600),
             history_size: 3,
             history_ttl: Duration::from_secs(600),
+            slow_consumer: SlowConsumer::Disconnect,
             max_pattern_snapshots: 100,
             max_memory: 256 * 1024 * 1024,
             max_pattern_scan: 10_000,
@@ -284,6 +287,21 @@ pub struct NamespaceConfig {
     /// Age past which a message no longer counts as history.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub history_ttl: Option<Duration>,
+    /// What happens to a connection over its queue bound, for this namespace's messages.
+    pub slow_consumer: Option<SlowConsumer>,
+}
+
+/// What the hub does with a connection whose outgoing queue is over `websocket.mailbox_size` or
+/// `websocket.max_queued_bytes` when a message of a channel arrives for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// Close it (1008): it reconnects and starts from a snapshot or recovers with `since`.
+    #[default]
+    Disconnect,
+    /// Keep it, and keep only the newest pending message of each of its channels until it reads again:
+    /// right for latest-value channels (prices, stats), where an old value is worth nothing.
+    Conflate,
 }
 
 /// The effective settings for one channel, resolved from its namespace and the defaults.
@@ -294,6 +312,7 @@ pub struct ChannelPolicy {
     pub ttl: Duration,
     pub history_size: usize,
     pub history_ttl: Duration,
+    pub slow_consumer: SlowConsumer,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -815,6 +834,7 @@ impl Config {
                 ttl: ns.ttl.unwrap_or(defaults.ttl),
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
+                slow_consumer: ns.slow_consumer.unwrap_or(defaults.slow_consumer),
             }),
             None if defaults.strict_namespaces => None,
             None => Some(self.default_policy()),
@@ -829,6 +849,7 @@ impl Config {
             ttl: self.channels.ttl,
             history_size: self.channels.history_size,
             history_ttl: self.channels.history_ttl,
+            slow_consumer: self.channels.slow_consumer,
         }
     }
 }

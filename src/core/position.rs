@@ -8,6 +8,11 @@
 //! delivered only when its `seq` is above the position, which then moves to it; at or below, it is a copy
 //! and is dropped. Messages without a `seq` (raw PUBLISHes of outside producers) are delivered as they come:
 //! at most once, never deduplicated.
+//!
+//! A message whose `seq` jumps past the position (the ones between were lost on the way, for example on a
+//! pub/sub link that dropped) is a gap: the node holds it, reads the channel's history once, and [`fill`]
+//! gives each subscriber the missing messages before the held ones, or the held ones alone when history no
+//! longer has what is missing.
 
 /// Where a client (or a subscriber) stands in a channel: the newest `seq` it saw under `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +48,109 @@ pub fn admit(position: &mut u64, seq: Option<u64>) -> Verdict {
     } else {
         Verdict::Deliver
     }
+}
+
+/// Whether a message numbered `seq` would leave a hole for a subscriber at `position` (0: nothing seen, so
+/// nothing to be missing).
+pub fn is_gap(position: u64, seq: Option<u64>) -> bool {
+    seq.is_some_and(|seq| position != 0 && seq > position + 1)
+}
+
+/// Whether a message numbered `seq` needs the channel's history read before it goes to subscribers at
+/// `positions`: a gap for any of them, or every one of them (with a known position; at least one) already at
+/// or past it: a copy, or the first message of a numbering that started over under a new epoch (the message
+/// does not say which; a read of the channel's epoch does). One pass, on every message.
+pub fn needs_read(positions: impl Iterator<Item = u64>, seq: Option<u64>) -> bool {
+    let Some(seq) = seq else {
+        return false;
+    };
+    let (mut any, mut all_past) = (false, true);
+    for position in positions {
+        if is_gap(position, Some(seq)) {
+            return true;
+        }
+        any = true;
+        all_past &= position != 0 && seq <= position;
+    }
+    any && all_past
+}
+
+/// How many of the held messages (in arrival order) a history read that saw the channel up to `top` can
+/// settle. A held message numbered above `top + 1` that does not follow the held one before it may be
+/// preceded by messages published after the read: it and those behind it wait for another read, so a message
+/// is never called lost because it was younger than the read.
+pub fn settled(held: impl IntoIterator<Item = Option<u64>>, top: u64) -> usize {
+    let mut previous = None;
+    let mut count = 0;
+    for seq in held {
+        if let Some(seq) = seq {
+            if seq > top + 1 && previous != Some(seq - 1) {
+                return count;
+            }
+            previous = Some(seq);
+        }
+        count += 1;
+    }
+    count
+}
+
+/// What [`fill`] does with one message for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A missing message from history, given before the held one that revealed the gap.
+    Replayed,
+    /// A held message, given in order.
+    Delivered,
+    /// A held message given although messages before it are missing and history no longer has them.
+    Unfilled,
+    /// A copy of something given already: dropped.
+    Dropped,
+}
+
+/// Gives a subscriber at `position` the messages held while the channel's history was read: before each held
+/// message, the history entries between the position and it (oldest first, as `(seq, item)`), then the held
+/// message itself, everything through [`admit`]. With nothing held (a catch-up after an outage), every history
+/// entry above the position. Each message goes to `give` with what became of it.
+pub fn fill<'a, T>(
+    position: &mut u64,
+    history_oldest_first: &'a [(u64, T)],
+    held: &'a [(Option<u64>, T)],
+    mut give: impl FnMut(&'a T, Step),
+) {
+    let mut next = 0;
+    for (seq, item) in held {
+        if let Some(seq) = seq {
+            next = replay_below(position, history_oldest_first, next, *seq, &mut give);
+        }
+        match admit(position, *seq) {
+            Verdict::Drop => give(item, Step::Dropped),
+            Verdict::Deliver => give(item, Step::Delivered),
+            Verdict::Gap { .. } => give(item, Step::Unfilled),
+        }
+    }
+    replay_below(position, history_oldest_first, next, u64::MAX, &mut give);
+}
+
+/// Gives the history entries from index `next` numbered below `below`; returns the index of the first one left.
+fn replay_below<'a, T>(
+    position: &mut u64,
+    history_oldest_first: &'a [(u64, T)],
+    mut next: usize,
+    below: u64,
+    give: &mut impl FnMut(&'a T, Step),
+) -> usize {
+    while let Some((seq, item)) = history_oldest_first.get(next) {
+        if *seq >= below {
+            break;
+        }
+        next += 1;
+        match admit(position, Some(*seq)) {
+            Verdict::Drop => {}
+            Verdict::Deliver => give(item, Step::Replayed),
+            Verdict::Gap { .. } => give(item, Step::Unfilled),
+        }
+    }
+    next
 }
 
 /// What the history still holds after a position, newest first as the engines keep it: the messages to
@@ -128,6 +236,110 @@ mod tests {
         assert_eq!(
             run(3, &[None, None, Some(3), Some(4)]),
             (vec![Deliver, Deliver, Drop, Deliver], 4)
+        );
+    }
+
+    fn run_fill(start: u64, history: &[u64], held: &[Option<u64>]) -> (Vec<(u64, Step)>, u64) {
+        let history: Vec<(u64, u64)> = history.iter().map(|s| (*s, *s)).collect();
+        let held: Vec<(Option<u64>, u64)> = held.iter().map(|s| (*s, s.unwrap_or(0))).collect();
+        let mut position = start;
+        let mut given = Vec::new();
+        fill(&mut position, &history, &held, |item, step| {
+            given.push((*item, step))
+        });
+        (given, position)
+    }
+
+    #[test]
+    fn a_gap_is_a_jump_past_the_next_seq_of_a_known_position() {
+        assert!(!is_gap(4, Some(5)));
+        assert!(is_gap(4, Some(6)));
+        assert!(!is_gap(4, Some(4)), "a copy, not a gap");
+        assert!(!is_gap(0, Some(9)), "nothing seen yet");
+        assert!(!is_gap(4, None), "unsequenced");
+    }
+
+    #[test]
+    fn a_gap_or_a_message_every_subscriber_is_past_needs_a_read() {
+        let needs = |positions: &[u64], seq| needs_read(positions.iter().copied(), seq);
+        assert!(needs(&[5, 7], Some(5)), "everyone is past it");
+        assert!(
+            needs(&[5], Some(1)),
+            "a numbering that started over, or an old copy"
+        );
+        assert!(needs(&[4, 4], Some(6)), "a gap");
+        assert!(needs(&[4, 0], Some(9)), "a gap for one of them");
+        assert!(!needs(&[5, 4], Some(5)), "new to one of them");
+        assert!(!needs(&[5, 0], Some(5)), "one has seen nothing");
+        assert!(!needs(&[4, 4], Some(5)), "the next one");
+        assert!(!needs(&[], Some(5)), "nobody to give it to");
+        assert!(!needs(&[5], None), "unsequenced");
+    }
+
+    #[test]
+    fn a_gap_is_filled_from_history_before_the_newer_message() {
+        use Step::*;
+        // At 4; 5 and 6 were lost, 7 arrived and was held; history holds 3..7.
+        assert_eq!(
+            run_fill(4, &[3, 4, 5, 6, 7], &[Some(7)]),
+            (vec![(5, Replayed), (6, Replayed), (7, Delivered)], 7)
+        );
+        // Two holes between held messages, and history newer than the last held one.
+        assert_eq!(
+            run_fill(4, &[5, 6, 7, 8, 9], &[Some(6), Some(8), Some(9)]),
+            (
+                vec![
+                    (5, Replayed),
+                    (6, Delivered),
+                    (7, Replayed),
+                    (8, Delivered),
+                    (9, Delivered)
+                ],
+                9
+            )
+        );
+        assert_eq!(
+            run_fill(4, &[5, 6, 7, 8], &[Some(6)]),
+            (
+                vec![(5, Replayed), (6, Delivered), (7, Replayed), (8, Replayed)],
+                8
+            )
+        );
+    }
+
+    #[test]
+    fn a_gap_history_no_longer_holds_delivers_the_newer_message_once() {
+        use Step::*;
+        // History was trimmed to 9..10: 5..8 are gone; 10 goes out after 9, which is counted as unfilled.
+        assert_eq!(
+            run_fill(4, &[9, 10], &[Some(10)]),
+            (vec![(9, Unfilled), (10, Delivered)], 10)
+        );
+        // Nothing in history at all: the held message itself is the unfilled one.
+        assert_eq!(run_fill(4, &[], &[Some(10)]), (vec![(10, Unfilled)], 10));
+    }
+
+    #[test]
+    fn held_copies_and_unsequenced_messages_keep_the_rule() {
+        use Step::*;
+        // A held copy of something history already gave is dropped; unsequenced ones pass where they were.
+        assert_eq!(
+            run_fill(4, &[5, 6], &[None, Some(6), Some(5), None]),
+            (
+                vec![
+                    (0, Delivered),
+                    (5, Replayed),
+                    (6, Delivered),
+                    (5, Dropped),
+                    (0, Delivered)
+                ],
+                6
+            )
+        );
+        // A subscriber further on (it recovered meanwhile) gets only what is above its position.
+        assert_eq!(
+            run_fill(8, &[5, 6, 7, 8], &[Some(9)]),
+            (vec![(9, Delivered)], 9)
         );
     }
 

@@ -93,11 +93,21 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 20] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 22] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
             &s.slow_consumer_drops,
+        ),
+        (
+            "relayhub_messages_conflated_total",
+            "Messages a conflating subscriber over its queue bound never got: a newer one replaced them.",
+            &s.messages_conflated,
+        ),
+        (
+            "relayhub_gaps_unfilled_total",
+            "Messages delivered past a gap that history could no longer fill.",
+            &s.gaps_unfilled,
         ),
         (
             "relayhub_slow_consumer_disconnects_total",

@@ -105,7 +105,9 @@ pub async fn accept(
         .unwrap_or_default();
     let accept_key = hash_key(key);
     let limits = SessionLimits::new(&hub.config().websocket);
-    let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes);
+    // A conflated connection keeps at most one pending message per subscription beside its queue.
+    let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes)
+        .with_slots(limits.max_subscriptions);
     // The 101 response goes out through the outbox, ahead of anything the session queues.
     let mut response = Vec::with_capacity(160);
     response.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 
-use crate::core::config::ChannelPolicy;
-use crate::core::position::{Position, Verdict, admit};
+use crate::core::config::{ChannelPolicy, SlowConsumer};
+use crate::core::position::{self, Position, Step, Verdict, admit};
 use crate::core::protocol::{self, RequestId, Target, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
@@ -26,7 +26,7 @@ use crate::node::messages::{
 };
 use crate::node::observer::ChannelObserver;
 use crate::stats::Stats;
-use crate::transport::{Full, Outbox};
+use crate::transport::{Full, Outbox, Pushed};
 
 /// Messages kept for subscribers whose snapshot is still being read; past this the oldest are dropped (the
 /// snapshot still brings the latest value).
@@ -34,6 +34,10 @@ const BACKLOG_MAX: usize = 256;
 
 /// How often a draining registry closes its next share of connections.
 const DRAIN_TICK: Duration = Duration::from_millis(50);
+
+/// Messages of one channel held while a history read fills a gap; past this the held ones go out as they are
+/// (the gap stays, counted) and holding starts over, so a slow read never holds more than this.
+const HOLD_MAX: usize = 1024;
 
 /// How long subscribers of an uncached job channel wait for the poller's first value before they are let in
 /// without a snapshot.
@@ -54,9 +58,6 @@ struct SessionEntry {
 struct Subscriber {
     outbox: Outbox,
     seq: u64,
-    /// The position held when the pub/sub link went down (0: none). During an outage the backend may start
-    /// numbering over, so `seq` restarts from 0; the catch-up restores this one if the epoch did not change.
-    before_outage: u64,
 }
 
 /// A subscriber waiting for the channel's window (position, snapshot, history) before it receives anything.
@@ -76,8 +77,12 @@ struct ChannelEntry {
     pending: Vec<Waiting>,
     /// The channel's epoch as last read; `None` until read.
     history_epoch: Option<Arc<str>>,
-    /// The pub/sub link went down since `history_epoch` was read: it may be stale until the catch-up.
+    /// The pub/sub link went down since `history_epoch` was read: it may be stale (the backend may have
+    /// started numbering over) until a history read or the catch-up says which epoch holds.
     epoch_stale: bool,
+    /// A history read is in flight (a gap, or a stale epoch, to settle): messages for active subscribers
+    /// wait here, in arrival order, and go out behind what the read fills in.
+    held: Option<Vec<Arc<Publication>>>,
     /// The channel's settings, from its first subscribe.
     policy: ChannelPolicy,
     /// The newest message seen on this channel while it had subscribers here.
@@ -103,6 +108,8 @@ struct PatternEntry {
     waiting: Vec<(SessionId, Bytes)>,
     /// The bridge listens to the pattern (or there is no Redis).
     live: bool,
+    /// What a subscriber over its queue bound gets (the namespace's `slow_consumer`).
+    slow_consumer: SlowConsumer,
     /// Distinguishes this entry from an earlier one of the same prefix when an old watch is answered late.
     epoch: u64,
 }
@@ -127,6 +134,8 @@ pub struct Registry {
     slow: Vec<SessionId>,
     /// Reused set of sessions already served by one pattern during one fan-out.
     pattern_sent: HashSet<SessionId>,
+    /// Pub/sub outages heard of: a history read started before the latest one cannot vouch for the epoch.
+    link_downs: u64,
 }
 
 impl Registry {
@@ -151,6 +160,7 @@ impl Registry {
             next_epoch: 0,
             slow: Vec::new(),
             pattern_sent: HashSet::new(),
+            link_downs: 0,
         }
     }
 
@@ -181,22 +191,44 @@ impl Registry {
         }
     }
 
-    /// Hands `frame` to one subscriber; a full mailbox marks it slow.
-    fn offer(stats: &Stats, slow: &mut Vec<SessionId>, id: SessionId, to: &Outbox, frame: &Bytes) {
-        if to.push(frame.clone()) == Err(Full) {
+    /// Hands `frame`, a message of `channel`, to one subscriber. Past its queue bound it is marked slow, or,
+    /// where the namespace conflates, keeps only the channel's newest pending message.
+    fn offer(
+        stats: &Stats,
+        slow: &mut Vec<SessionId>,
+        id: SessionId,
+        to: &Outbox,
+        (channel, mode): (&Arc<str>, SlowConsumer),
+        frame: &Bytes,
+    ) {
+        let full = match mode {
+            SlowConsumer::Disconnect => to.push(frame.clone()) == Err(Full),
+            SlowConsumer::Conflate => match to.push_latest(channel, frame.clone()) {
+                Ok(Pushed::Replaced) => {
+                    Stats::add(&stats.messages_conflated, 1);
+                    false
+                }
+                Ok(Pushed::Queued | Pushed::Pending) => false,
+                Err(Full) => true,
+            },
+        };
+        if full {
             Stats::add(&stats.slow_consumer_drops, 1);
             slow.push(id);
         }
     }
 
-    fn dispatch(&mut self, publication: Arc<Publication>) {
+    fn dispatch(&mut self, publication: Arc<Publication>, ctx: &mut Context<Self>) {
         let stats = &self.stats;
+        let mut read_history = false;
         let frame = publication.wire();
+        let channel = &publication.channel;
         let mut delivered = 0u64;
         let mut slow = std::mem::take(&mut self.slow);
         let exact = self.channels.get_mut(&publication.channel);
         let mut exact_subscribers = None;
         if let Some(entry) = exact {
+            let to_channel = (channel, entry.policy.slow_consumer);
             if entry
                 .latest
                 .as_ref()
@@ -211,13 +243,19 @@ impl Registry {
                 let snapshot = publication.snapshot_wire();
                 for waiting in std::mem::take(&mut entry.pending) {
                     if let Some(session) = self.sessions.get(&waiting.id) {
-                        Self::offer(stats, &mut slow, waiting.id, &session.outbox, &snapshot);
+                        Self::offer(
+                            stats,
+                            &mut slow,
+                            waiting.id,
+                            &session.outbox,
+                            to_channel,
+                            &snapshot,
+                        );
                         entry.active.insert(
                             waiting.id,
                             Subscriber {
                                 outbox: session.outbox.clone(),
                                 seq: publication.seq.unwrap_or(0),
-                                before_outage: 0,
                             },
                         );
                     }
@@ -229,17 +267,43 @@ impl Registry {
                 }
                 entry.backlog.push(publication.clone());
             }
-            let mut dropped = 0u64;
-            for (id, to) in entry.active.iter_mut() {
-                match admit(&mut to.seq, publication.seq) {
-                    Verdict::Drop => dropped += 1,
-                    Verdict::Deliver | Verdict::Gap { .. } => {
-                        Self::offer(stats, &mut slow, *id, &to.outbox, &frame);
-                        delivered += 1;
+            match &mut entry.held {
+                Some(held) => {
+                    if held.len() == HOLD_MAX {
+                        // The read is slow: what is held goes out as it is, holding starts over.
+                        let held = std::mem::take(held);
+                        delivered += Self::fill(stats, &mut slow, entry, &[], &held);
                     }
+                    entry.held.get_or_insert_default().push(publication.clone());
+                }
+                None if publication.seq.is_some()
+                    && (entry.epoch_stale
+                        || position::needs_read(
+                            entry.active.values().map(|to| to.seq),
+                            publication.seq,
+                        )) =>
+                {
+                    // A hole before this message (lost on the way), an epoch the link's outage may have
+                    // changed, or a message every subscriber is past (a copy, or a sequence that expired
+                    // and started over under a new epoch): one history read settles it; this channel's
+                    // messages wait for it.
+                    entry.held = Some(vec![publication.clone()]);
+                    read_history = true;
+                }
+                None => {
+                    let mut dropped = 0u64;
+                    for (id, to) in entry.active.iter_mut() {
+                        match admit(&mut to.seq, publication.seq) {
+                            Verdict::Drop => dropped += 1,
+                            Verdict::Deliver | Verdict::Gap { .. } => {
+                                Self::offer(stats, &mut slow, *id, &to.outbox, to_channel, &frame);
+                                delivered += 1;
+                            }
+                        }
+                    }
+                    Stats::add(&stats.duplicates_dropped, dropped);
                 }
             }
-            Stats::add(&stats.duplicates_dropped, dropped);
             exact_subscribers = Some(&*entry);
         }
         if !self.patterns.is_empty() {
@@ -254,6 +318,7 @@ impl Registry {
             let sent = &mut self.pattern_sent;
             sent.clear();
             for (_, entry) in first.into_iter().chain(matching) {
+                let to_channel = (channel, entry.slow_consumer);
                 for (id, to) in &entry.subscribers {
                     // A session subscribed to the channel itself got it (or gets it after its snapshot).
                     if exact_subscribers.is_some_and(|exact| {
@@ -264,7 +329,7 @@ impl Registry {
                     if several && !sent.insert(*id) {
                         continue;
                     }
-                    Self::offer(stats, &mut slow, *id, to, &frame);
+                    Self::offer(stats, &mut slow, *id, to, to_channel, &frame);
                     delivered += 1;
                 }
             }
@@ -275,6 +340,142 @@ impl Registry {
             self.drop_slow(id);
         }
         self.slow = slow;
+        if read_history {
+            self.read_history(publication.channel.clone(), ctx);
+        }
+    }
+
+    /// Reads a channel's history for the messages held (a gap, or a stale epoch); the registry goes on with
+    /// its other work meanwhile, and the channel's newer messages wait in `held` (bounded by `HOLD_MAX`; the
+    /// read by `redis.command_timeout`).
+    fn read_history(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(entry) = self.channels.get(&channel) else {
+            return;
+        };
+        let (epoch, policy, link_downs) = (entry.epoch, entry.policy, self.link_downs);
+        let engine = self.engine.clone();
+        let read = async move {
+            let window = engine.window(&channel, policy).await;
+            (channel, window)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(channel, window), act, ctx| {
+                    let Some(entry) = act.channels.get_mut(&channel) else {
+                        return;
+                    };
+                    if entry.epoch != epoch {
+                        return;
+                    }
+                    let mut held = entry.held.take().unwrap_or_default();
+                    match window {
+                        Ok(window) => {
+                            let later = held.split_off(position::settled(
+                                held.iter().map(|p| p.seq),
+                                window.seq,
+                            ));
+                            act.apply_window(&channel, &window, &held, link_downs);
+                            if !later.is_empty()
+                                && let Some(entry) = act.channels.get_mut(&channel)
+                            {
+                                // Younger than the read: they wait, in order, for one more.
+                                entry.held = Some(later);
+                                act.read_history(channel, ctx);
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "reading the history of `{channel}` to fill a gap failed: {e}"
+                            );
+                            let mut slow = std::mem::take(&mut act.slow);
+                            let delivered = Self::fill(&act.stats, &mut slow, entry, &[], &held);
+                            act.delivered(&channel, delivered, slow);
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// A channel's history as read after a gap, a pub/sub outage or both: each active subscriber gets what it
+    /// is missing from it, in order, merged with the messages that were held meanwhile. Under a new epoch
+    /// (the backend numbered over) positions start from zero.
+    fn apply_window(
+        &mut self,
+        channel: &Arc<str>,
+        window: &Window,
+        held: &[Arc<Publication>],
+        link_downs: u64,
+    ) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let known = entry.history_epoch.replace(window.epoch.clone());
+        if known.is_some_and(|known| known != window.epoch) {
+            for subscriber in entry.active.values_mut() {
+                subscriber.seq = 0;
+            }
+        }
+        if link_downs == self.link_downs {
+            entry.epoch_stale = false;
+        }
+        let history: Vec<Arc<Publication>> = window.history.iter().rev().cloned().collect();
+        let mut slow = std::mem::take(&mut self.slow);
+        let delivered = Self::fill(&self.stats, &mut slow, entry, &history, held);
+        self.delivered(channel, delivered, slow);
+    }
+
+    /// Counts deliveries made outside a fan-out and drops the subscribers found slow meanwhile.
+    fn delivered(&mut self, channel: &str, delivered: u64, mut slow: Vec<SessionId>) {
+        Stats::add(&self.stats.messages_delivered, delivered);
+        self.metrics.delivered(channel, delivered);
+        for id in slow.drain(..) {
+            self.drop_slow(id);
+        }
+        self.slow = slow;
+    }
+
+    /// The ordering rule's fill for every active subscriber of a channel: history entries (oldest first)
+    /// where each subscriber is missing them, merged with the held messages. Returns the frames given.
+    fn fill(
+        stats: &Stats,
+        slow: &mut Vec<SessionId>,
+        entry: &mut ChannelEntry,
+        history_oldest_first: &[Arc<Publication>],
+        held: &[Arc<Publication>],
+    ) -> u64 {
+        let history: Vec<(u64, &Arc<Publication>)> = history_oldest_first
+            .iter()
+            .filter_map(|p| p.seq.map(|seq| (seq, p)))
+            .collect();
+        let held: Vec<(Option<u64>, &Arc<Publication>)> = held.iter().map(|p| (p.seq, p)).collect();
+        let (mut delivered, mut replayed, mut dropped, mut unfilled) = (0u64, 0u64, 0u64, 0u64);
+        let mode = entry.policy.slow_consumer;
+        for (id, to) in entry.active.iter_mut() {
+            position::fill(&mut to.seq, &history, &held, |message, step| {
+                match step {
+                    Step::Dropped => {
+                        dropped += 1;
+                        return;
+                    }
+                    Step::Replayed => replayed += 1,
+                    Step::Unfilled => unfilled += 1,
+                    Step::Delivered => {}
+                }
+                Self::offer(
+                    stats,
+                    slow,
+                    *id,
+                    &to.outbox,
+                    (&message.channel, mode),
+                    &message.wire(),
+                );
+                delivered += 1;
+            });
+        }
+        Stats::add(&stats.messages_replayed, replayed);
+        Stats::add(&stats.duplicates_dropped, dropped);
+        Stats::add(&stats.gaps_unfilled, unfilled);
+        delivered
     }
 
     /// A subscriber whose queue is full: it has stopped reading. It loses its subscriptions and is told to
@@ -364,6 +565,7 @@ impl Registry {
                 watched: false,
                 filling: false,
                 awaiting_publish: false,
+                held: None,
                 epoch: self.next_epoch,
             }
         });
@@ -381,14 +583,7 @@ impl Registry {
                 protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
             let _ = outbox.push(crate::transport::frame::text(&ack));
             let _ = outbox.push(latest.snapshot_wire());
-            entry.active.insert(
-                id,
-                Subscriber {
-                    outbox,
-                    seq,
-                    before_outage: 0,
-                },
-            );
+            entry.active.insert(id, Subscriber { outbox, seq });
             return;
         }
         let acked = entry.awaiting_publish;
@@ -413,6 +608,7 @@ impl Registry {
         entry.watched = true;
         let epoch = entry.epoch;
         let policy = entry.policy;
+        let link_downs = self.link_downs;
         let engine = self.engine.clone();
         // Sent now, not from the future: an unsubscribe right behind this subscribe must reach the bridge after
         // the watch, or the bridge would keep a Redis subscription nobody needs.
@@ -434,18 +630,20 @@ impl Registry {
         ctx.spawn(
             fill.into_actor(self)
                 .map(move |(channel, window, read_at), act, ctx| {
-                    act.filled(channel, epoch, window, read_at, ctx);
+                    act.filled(channel, (epoch, link_downs), window, read_at, ctx);
                 }),
         );
     }
 
     /// The window read of a channel finished: let its pending subscribers in. A subscriber whose `since` the
     /// history still covers gets every message after it, in order; any other gets the newest value as its
-    /// snapshot. Messages that arrived meanwhile follow, through the ordering rule.
+    /// snapshot. Messages that arrived meanwhile follow, through the ordering rule. The channel's active
+    /// subscribers (when it had some) take the read like any history read: under a new epoch their positions
+    /// start over.
     fn filled(
         &mut self,
         channel: Arc<str>,
-        epoch: u64,
+        (epoch, link_downs): (u64, u64),
         window: Option<Window>,
         read_at: Instant,
         ctx: &mut Context<Self>,
@@ -456,6 +654,15 @@ impl Registry {
         if entry.epoch != epoch {
             return;
         }
+        if let Some(window) = &window
+            && !window.epoch.is_empty()
+            && !entry.active.is_empty()
+        {
+            self.apply_window(&channel, window, &[], link_downs);
+        }
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
         entry.filling = false;
         let stats = &self.stats;
         let backlog = std::mem::take(&mut entry.backlog);
@@ -468,7 +675,9 @@ impl Registry {
         });
         if !window.epoch.is_empty() {
             entry.history_epoch = Some(window.epoch.clone());
-            entry.epoch_stale = false;
+            if link_downs == self.link_downs {
+                entry.epoch_stale = false;
+            }
         }
         let cached = window.latest.clone().or_else(|| entry.latest.clone());
         if entry.latest.is_none() {
@@ -507,7 +716,6 @@ impl Registry {
                             Subscriber {
                                 outbox: session.outbox.clone(),
                                 seq: window.seq,
-                                before_outage: 0,
                             },
                         );
                     }
@@ -571,7 +779,6 @@ impl Registry {
                 Subscriber {
                     outbox: outbox.clone(),
                     seq,
-                    before_outage: 0,
                 },
             );
         }
@@ -592,7 +799,6 @@ impl Registry {
                     Subscriber {
                         outbox: session.outbox.clone(),
                         seq: 0,
-                        before_outage: 0,
                     },
                 );
             }
@@ -604,6 +810,7 @@ impl Registry {
         id: SessionId,
         prefix: Arc<str>,
         ack: Bytes,
+        slow_consumer: SlowConsumer,
         ctx: &mut Context<Self>,
     ) {
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -615,6 +822,7 @@ impl Registry {
         session.patterns.push(prefix.clone());
         self.fanout.pattern_subscriber_joined(&prefix);
         let entry = self.patterns.entry(prefix.clone()).or_default();
+        entry.slow_consumer = slow_consumer;
         if entry.live {
             let outbox = session.outbox.clone();
             let _ = outbox.push(ack);
@@ -713,7 +921,7 @@ impl Handler<Subscribe> for Registry {
             }
             Target::Pattern(ref prefix) => {
                 let prefix: Arc<str> = prefix.as_str().into();
-                self.subscribe_pattern(msg.id, prefix, msg.ack, ctx)
+                self.subscribe_pattern(msg.id, prefix, msg.ack, msg.policy.slow_consumer, ctx)
             }
         }
     }
@@ -748,8 +956,8 @@ impl Handler<Unsubscribe> for Registry {
 impl Handler<Dispatch> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
-        self.dispatch(msg.0);
+    fn handle(&mut self, msg: Dispatch, ctx: &mut Context<Self>) {
+        self.dispatch(msg.0, ctx);
     }
 }
 
@@ -757,12 +965,11 @@ impl Handler<ForgetLatest> for Registry {
     type Result = ();
 
     fn handle(&mut self, _: ForgetLatest, _: &mut Context<Self>) {
+        // Positions are kept: if the backend kept its numbering, the next message or the catch-up fills what
+        // was missed; if it started over, the history read that the stale epoch forces says so.
+        self.link_downs += 1;
         for entry in self.channels.values_mut() {
             entry.epoch_stale = true;
-            for subscriber in entry.active.values_mut() {
-                subscriber.before_outage = subscriber.before_outage.max(subscriber.seq);
-                subscriber.seq = 0;
-            }
         }
     }
 }
@@ -772,31 +979,9 @@ impl Handler<CatchUp> for Registry {
 
     fn handle(&mut self, msg: CatchUp, _: &mut Context<Self>) {
         for (channel, window) in msg.0.iter() {
-            let Some(entry) = self.channels.get_mut(channel) else {
-                continue;
-            };
-            let known = entry.history_epoch.replace(window.epoch.clone());
-            entry.epoch_stale = false;
-            let same_epoch = known.is_some_and(|known| known == window.epoch);
-            for subscriber in entry.active.values_mut() {
-                if same_epoch {
-                    subscriber.seq = subscriber.seq.max(subscriber.before_outage);
-                }
-                subscriber.before_outage = 0;
-            }
-            if !same_epoch {
-                // Numbering started over (Redis lost its data): old positions mean nothing under the new epoch.
-                if let Some(latest) = window.latest.clone() {
-                    self.dispatch(latest);
-                }
-                continue;
-            }
-            // Oldest first: each subscriber gets, in order, what is above its position.
-            for message in window.history.iter().rev() {
-                let before = Stats::get(&self.stats.messages_delivered);
-                self.dispatch(message.clone());
-                let replayed = Stats::get(&self.stats.messages_delivered).saturating_sub(before);
-                Stats::add(&self.stats.messages_replayed, replayed);
+            if self.channels.contains_key(channel) {
+                // Messages held for a read in flight stay held; they go out when it answers, behind these.
+                self.apply_window(channel, window, &[], self.link_downs);
             }
         }
     }

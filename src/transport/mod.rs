@@ -20,4 +20,4 @@ pub(crate) mod outbox;
 
 pub(crate) use crate::core::frame;
 pub(crate) use connection::{Endpoint, Failure, Transport, TransportLimits};
-pub(crate) use outbox::{Full, Outbox};
+pub(crate) use outbox::{Full, Outbox, Pushed};

@@ -11,11 +11,17 @@
 //! (a few large messages weigh as much as many small ones); the bytes include the batch the writer has taken
 //! and not yet written, so a connection never holds more than the byte bound, however its queue is split.
 //!
+//! A connection whose channels are latest-value feeds can be kept instead ([`Outbox::push_latest`]): past the
+//! bound, each channel keeps only its newest pending frame in a slot beside the queue, replaced by every newer
+//! one, and the writer takes the slots behind the queued frames. There is at most one slot per channel and
+//! at most [`Outbox::with_slots`] of them (the connection's subscription bound), so what such a connection
+//! holds is bounded by its subscriptions, however much is published.
+//!
 //! Below the bound there is a high-water mark at half of it: past that the transport stops reading the
 //! client's requests until the queue drains, so a client that pipelines requests and reads its answers is
 //! slowed down, never mistaken for a slow consumer.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -44,7 +50,28 @@ struct Queue {
     closing: bool,
     /// The code of the close frame queued, if one was (the disconnect counters are by close code).
     close_code: Option<u16>,
+    /// Past the bound, the newest pending frame of each conflated channel (by name), in no order.
+    latest: HashMap<Arc<str>, Bytes>,
+    /// Bytes held in `latest`.
+    latest_bytes: usize,
+    /// Most slots in `latest`.
+    max_slots: usize,
 }
+
+/// Where [`Outbox::push_latest`] put a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// In the queue, like any frame.
+    Queued,
+    /// In its channel's slot, which was empty.
+    Pending,
+    /// In its channel's slot, in place of an older frame that will never be sent.
+    Replaced,
+}
+
+/// The slot of frames the connection owes itself (a heartbeat ping) while it is conflated: no channel is
+/// named with the empty string.
+const OWN_SLOT: &str = "";
 
 /// The queue is full: the client has stopped reading.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,7 +89,16 @@ impl Outbox {
             waker: None,
             closing: false,
             close_code: None,
+            latest: HashMap::new(),
+            latest_bytes: 0,
+            max_slots: limit.max(1),
         })))
+    }
+
+    /// At most `slots` channels wait in slots past the bound (one per subscription; default: `limit`).
+    pub fn with_slots(self, slots: usize) -> Outbox {
+        self.lock().max_slots = slots.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -79,27 +115,66 @@ impl Outbox {
         if queue.closing {
             return Ok(());
         }
-        if queue.frames.len() >= queue.limit
-            || (queue.bytes > 0 && queue.bytes + frame.len() > queue.max_bytes)
-        {
+        if !queue.fits(&frame) {
             return Err(Full);
         }
-        queue.bytes += frame.len();
-        queue.frames.push_back(frame);
-        if queue.frames.len() == 1
-            && let Some(waker) = &queue.waker
-        {
-            waker.wake_by_ref();
-        }
+        queue.enqueue(frame);
         Ok(())
     }
 
-    /// Queues a frame the connection itself owes the client (an answer, a pong, a heartbeat ping); a full
-    /// queue closes the connection as a slow consumer.
-    pub fn push_or_close(&self, frame: Bytes) {
-        if self.push(frame) == Err(Full) {
-            self.close_slow_consumer();
+    /// Queues a message frame of `channel` for a connection that is kept when it falls behind: past the
+    /// bound the frame waits in the channel's slot, replacing an older one there; while a slot is taken, every
+    /// newer frame of its channel goes there too, so a channel's frames never overtake each other. `Full`
+    /// only when the slots are over the bounds as well.
+    pub fn push_latest(&self, channel: &Arc<str>, frame: Bytes) -> Result<Pushed, Full> {
+        let mut queue = self.lock();
+        if queue.closing {
+            return Ok(Pushed::Queued);
         }
+        if queue.latest.is_empty() || !queue.latest.contains_key(channel) {
+            if queue.fits(&frame) {
+                queue.enqueue(frame);
+                return Ok(Pushed::Queued);
+            }
+            if queue.latest.len() >= queue.max_slots {
+                return Err(Full);
+            }
+            queue.latest_bytes += frame.len();
+            queue.latest.insert(channel.clone(), frame);
+            return Ok(Pushed::Pending);
+        }
+        let queue = &mut *queue;
+        let slot = queue
+            .latest
+            .get_mut(channel)
+            .expect("looked up above, under the same lock");
+        queue.latest_bytes = queue.latest_bytes - slot.len() + frame.len();
+        *slot = frame;
+        Ok(Pushed::Replaced)
+    }
+
+    /// Queues a frame the connection itself owes the client (an answer, a pong, a heartbeat ping); a full
+    /// queue closes the connection as a slow consumer, unless the connection is being conflated: then the
+    /// frame waits in a slot of its own (newest wins). While the queue is past its high-water mark the
+    /// connection reads no requests, so what lands there is the heartbeat's ping.
+    pub fn push_or_close(&self, frame: Bytes) {
+        let mut queue = self.lock();
+        if queue.closing {
+            return;
+        }
+        if queue.fits(&frame) {
+            queue.enqueue(frame);
+            return;
+        }
+        if !queue.latest.is_empty() {
+            queue.latest_bytes += frame.len();
+            if let Some(old) = queue.latest.insert(Arc::from(OWN_SLOT), frame) {
+                queue.latest_bytes -= old.len();
+            }
+            return;
+        }
+        drop(queue);
+        self.close_slow_consumer();
     }
 
     /// Queues a text frame built from `json`, as [`Outbox::push_or_close`].
@@ -157,14 +232,22 @@ impl Outbox {
     /// closing. With nothing queued, parks `waker` until the next push.
     pub(super) fn take(&self, into: &mut VecDeque<Bytes>, waker: &Waker) -> bool {
         let mut queue = self.lock();
-        if queue.frames.is_empty() {
+        if !queue.frames.is_empty() {
+            // Swapping keeps both buffers' capacity: neither side allocates in steady state.
+            std::mem::swap(into, &mut queue.frames);
+        }
+        if !queue.latest.is_empty() && !queue.closing {
+            // Behind what was queued: each slot is newer than any queued frame of its channel.
+            let queue = &mut *queue;
+            queue.bytes += queue.latest_bytes;
+            queue.latest_bytes = 0;
+            into.extend(queue.latest.drain().map(|(_, frame)| frame));
+        }
+        if into.is_empty() {
             match &queue.waker {
                 Some(parked) if parked.will_wake(waker) => {}
                 _ => queue.waker = Some(waker.clone()),
             }
-        } else {
-            // Swapping keeps both buffers' capacity: neither side allocates in steady state.
-            std::mem::swap(into, &mut queue.frames);
         }
         queue.closing
     }
@@ -176,6 +259,26 @@ impl Outbox {
         queue.frames = VecDeque::new();
         queue.bytes = 0;
         queue.waker = None;
+        queue.latest = HashMap::new();
+        queue.latest_bytes = 0;
+    }
+}
+
+impl Queue {
+    /// Whether `frame` may join the queue (one frame always fits an empty queue, however large).
+    fn fits(&self, frame: &Bytes) -> bool {
+        self.frames.len() < self.limit
+            && (self.bytes == 0 || self.bytes + frame.len() <= self.max_bytes)
+    }
+
+    fn enqueue(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+        if self.frames.len() == 1
+            && let Some(waker) = &self.waker
+        {
+            waker.wake_by_ref();
+        }
     }
 }
 
@@ -235,6 +338,50 @@ mod tests {
         assert!(outbox.take(&mut taken, &waker));
         assert_eq!(taken.len(), 2);
         assert_eq!(taken[1], frame::close(1001, "bye"));
+    }
+
+    #[test]
+    fn past_the_bound_each_channel_keeps_its_newest_frame_behind_the_queue() {
+        let outbox = Outbox::new(2, 1 << 20);
+        let waker = Waker::from(Arc::new(CountingWaker(AtomicUsize::new(0))));
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let f = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(outbox.push_latest(&a, f("a1")), Ok(Pushed::Queued));
+        assert_eq!(outbox.push_latest(&b, f("b1")), Ok(Pushed::Queued));
+        assert_eq!(outbox.push_latest(&a, f("a2")), Ok(Pushed::Pending));
+        assert_eq!(outbox.push_latest(&a, f("a3")), Ok(Pushed::Replaced));
+        assert_eq!(outbox.push_latest(&b, f("b2")), Ok(Pushed::Pending));
+        // A third channel: two slots are the most (by default the frame bound), so this one is over it.
+        assert_eq!(outbox.push_latest(&"c".into(), f("c1")), Err(Full));
+        let mut taken = VecDeque::new();
+        assert!(!outbox.take(&mut taken, &waker));
+        let mut slots: Vec<_> = taken.iter().skip(2).cloned().collect();
+        slots.sort();
+        assert_eq!(
+            taken.iter().take(2).cloned().collect::<Vec<_>>(),
+            [f("a1"), f("b1")]
+        );
+        assert_eq!(slots, [f("a3"), f("b2")]);
+        // Drained: frames queue again, and a slot is taken only past the bound.
+        outbox.written(8);
+        assert_eq!(outbox.push_latest(&a, f("a4")), Ok(Pushed::Queued));
+        assert!(!outbox.is_closing());
+    }
+
+    #[test]
+    fn a_conflated_connection_keeps_its_heartbeat_instead_of_closing() {
+        let outbox = Outbox::new(1, 1 << 20);
+        let a: Arc<str> = "a".into();
+        outbox.push_latest(&a, Bytes::from_static(b"a1")).unwrap();
+        outbox.push_latest(&a, Bytes::from_static(b"a2")).unwrap();
+        outbox.push_or_close(frame::ping());
+        outbox.push_or_close(frame::ping());
+        assert!(!outbox.is_closing());
+        // Not conflated: a full queue still closes.
+        let plain = Outbox::new(1, 1 << 20);
+        plain.push_or_close(frame::ping());
+        plain.push_or_close(frame::ping());
+        assert!(plain.is_closing());
     }
 
     #[test]

@@ -377,6 +377,7 @@ mod tests {
             ttl,
             history_size,
             history_ttl: Duration::from_secs(600),
+            slow_consumer: crate::core::config::SlowConsumer::Disconnect,
         }
     }
 
