@@ -1,8 +1,10 @@
 -- Records and publishes one relayhub message atomically.
 -- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list (the channel's history), KEYS[4] epoch
 -- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel,
--- ARGV[6] a fresh epoch, used when the channel has none, ARGV[7] the fetch time of a polled value ('' for none)
+-- ARGV[6] a fresh epoch, used when the channel has none, ARGV[7] the fetch time of a polled value ('' or
+-- absent for none, so a caller that passes six arguments still works)
 -- Returns {seq, number of pub/sub receivers}.
+local fetched_at = ARGV[7] or ''
 local seq = redis.call('INCR', KEYS[1])
 local ttl = tonumber(ARGV[3])
 -- The counter lives as long as the channel's longest-lived value: extended, never shortened, so a publish
@@ -18,8 +20,8 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 local keep = tonumber(ARGV[4])
 if keep > 0 then
   local fetched = ''
-  if ARGV[7] ~= '' then
-    fetched = ',"fetched_at":"' .. ARGV[7] .. '"'
+  if fetched_at ~= '' then
+    fetched = ',"fetched_at":"' .. fetched_at .. '"'
   end
   redis.call('LPUSH', KEYS[3], '{"seq":' .. seq .. ',"ts":"' .. ARGV[2] .. '"' .. fetched .. ',"data":' .. ARGV[1] .. '}')
   redis.call('LTRIM', KEYS[3], 0, keep - 1)
@@ -28,8 +30,8 @@ end
 -- \30 is byte 0x1E, the envelope mark: raw JSON never starts with it. \31 (0x1F) marks an envelope that
 -- also carries the fetch time.
 local envelope
-if ARGV[7] ~= '' then
-  envelope = '\31' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[7] .. ' ' .. ARGV[1]
+if fetched_at ~= '' then
+  envelope = '\31' .. seq .. ' ' .. ARGV[2] .. ' ' .. fetched_at .. ' ' .. ARGV[1]
 else
   envelope = '\30' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
 end
