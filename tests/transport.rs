@@ -809,3 +809,41 @@ async fn a_conflating_reader_that_stops_reading_is_kept_bounded_and_gets_the_new
     assert_eq!(reader.recv_json().await["type"], "pong");
     read_to_end_or_reset(&mut stuck).await;
 }
+
+#[actix_web::test]
+async fn with_a_write_delay_frames_close_together_leave_in_one_write() {
+    for (delay, batched) in [("500ms", true), ("0s", false)] {
+        let hub = TestHub::start(&format!("[websocket]\nwrite_delay = \"{delay}\"\n")).await;
+        let mut ws = Raw::connect(hub.addr, &subscribe_frame("prices:batch")).await;
+        assert_eq!(ws.recv_json().await["type"], "subscribed");
+        assert!(ws.buf.is_empty());
+        let publish = async {
+            for i in 0..5 {
+                hub.publish("prices:batch", json!(i)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        // Count the reads the five messages take while they are published: one write arrives in one read.
+        let read = async {
+            let (mut reads, mut messages) = (0, 0);
+            while messages < 5 {
+                assert!(ws.fill().await, "the hub closed the connection");
+                reads += 1;
+                while let Some(((opcode, _), used)) = parse_server_frame(&ws.buf) {
+                    ws.buf.drain(..used);
+                    messages += usize::from(opcode == TEXT);
+                }
+            }
+            reads
+        };
+        let ((), reads) = tokio::join!(publish, read);
+        if batched {
+            assert_eq!(reads, 1, "write_delay {delay}: the batch left in one write");
+        } else {
+            assert!(
+                reads >= 2,
+                "without a write delay each message goes out at once"
+            );
+        }
+    }
+}

@@ -156,6 +156,11 @@ pub struct WebsocketConfig {
     /// handshake): a client that stopped reading cannot hold its socket, session and queue forever.
     #[serde(deserialize_with = "de_duration")]
     pub write_timeout: Duration,
+    /// Frames for one connection that arrive within this long of the first leave in one write (0: each
+    /// batch goes out as soon as the socket takes it). Fewer system calls per delivery, at up to this much
+    /// added latency.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_delay: Duration,
     /// Pattern subscriptions (`prices:*`) one connection may hold at once; each one is checked against every
     /// message of its namespace, so they cost more than exact channels.
     pub max_patterns_per_connection: usize,
@@ -178,6 +183,7 @@ impl Default for WebsocketConfig {
             mailbox_size: 1024,
             max_queued_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            write_delay: Duration::ZERO,
             max_patterns_per_connection: 16,
             requests_per_second: 50,
             request_burst: 200,
@@ -630,6 +636,9 @@ impl Config {
         }
         if self.websocket.write_timeout.is_zero() {
             return err("websocket.write_timeout", "must be more than zero");
+        }
+        if self.websocket.write_delay > Duration::from_secs(1) {
+            return err("websocket.write_delay", "must be at most 1s");
         }
         if self.websocket.heartbeat_interval.is_zero() {
             return err("websocket.heartbeat_interval", "must be more than zero");

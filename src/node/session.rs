@@ -35,6 +35,7 @@ pub struct SessionLimits {
     pub mailbox_size: usize,
     pub max_queued_bytes: usize,
     pub write_timeout: Duration,
+    pub write_delay: Duration,
     pub max_patterns: usize,
     pub requests_per_second: f64,
     pub request_burst: f64,
@@ -51,6 +52,7 @@ impl SessionLimits {
             mailbox_size: ws.mailbox_size,
             max_queued_bytes: ws.max_queued_bytes,
             write_timeout: ws.write_timeout,
+            write_delay: ws.write_delay,
             max_patterns: ws.max_patterns_per_connection,
             requests_per_second: f64::from(ws.requests_per_second),
             request_burst: f64::from(ws.request_burst),
@@ -63,6 +65,7 @@ impl SessionLimits {
         TransportLimits {
             max_message_bytes: self.max_message_bytes,
             write_timeout: self.write_timeout,
+            write_delay: self.write_delay,
         }
     }
 }
@@ -504,6 +507,7 @@ mod tests {
             mailbox_size: 1024,
             max_queued_bytes: 1 << 20,
             write_timeout: Duration::from_secs(10),
+            write_delay: Duration::ZERO,
             max_patterns: 16,
             requests_per_second: 10.0,
             request_burst: 20.0,

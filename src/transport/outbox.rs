@@ -222,6 +222,12 @@ impl Outbox {
         queue.frames.len() * 2 >= queue.limit || queue.bytes * 2 >= queue.max_bytes
     }
 
+    /// Writer side: whether anything waits to be taken.
+    pub(super) fn has_pending(&self) -> bool {
+        let queue = self.lock();
+        !queue.frames.is_empty() || !queue.latest.is_empty()
+    }
+
     /// Writer side: `n` bytes of the taken frames reached the socket.
     pub(super) fn written(&self, n: usize) {
         let mut queue = self.lock();
