@@ -67,6 +67,12 @@ pub struct Stats {
     pub messages_replayed: AtomicU64,
     /// Copies a subscriber had been given already (by seq), dropped by the ordering rule.
     pub duplicates_dropped: AtomicU64,
+    /// Tokens that did not verify: at the upgrade (401), in `auth` frames and with subscribes.
+    pub tokens_rejected: AtomicU64,
+    /// Subscribes and client publishes refused by the token rules (`unauthorized`, `forbidden`).
+    pub auth_refused: AtomicU64,
+    /// Connections closed with 4001: their token expired and no fresh one came.
+    pub tokens_expired: AtomicU64,
 }
 
 impl Stats {
@@ -80,7 +86,7 @@ impl Stats {
 
     /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 30] {
+    pub fn counters(&self) -> [(&'static str, u64); 33] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -112,6 +118,9 @@ impl Stats {
             ("subscribes_unrecovered", &self.subscribes_unrecovered),
             ("messages_replayed", &self.messages_replayed),
             ("duplicates_dropped", &self.duplicates_dropped),
+            ("tokens_rejected", &self.tokens_rejected),
+            ("auth_refused", &self.auth_refused),
+            ("tokens_expired", &self.tokens_expired),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

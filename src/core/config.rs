@@ -36,6 +36,24 @@ pub struct Config {
     pub poller: PollerConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// Token authentication (JWT); with no key configured, connections are anonymous.
+    pub auth: AuthConfig,
+}
+
+/// Where the keys that verify tokens come from, and what a token must say. At most one key source; none
+/// leaves token auth off (every connection anonymous, every namespace open as configured).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret of HS256 tokens (`RELAYHUB_JWT_SECRET` overrides it); at least 32 bytes.
+    pub jwt_hs256_secret: String,
+    /// PEM file with the public key of RS256 (RSA key) or ES256 (P-256 key) tokens; the algorithm is taken
+    /// from the key, never from a token's header.
+    pub jwt_public_key_file: String,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: String,
+    /// When set, a token's `aud` must contain it.
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +294,11 @@ pub struct NamespaceConfig {
     /// Age past which a message no longer counts as history.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub history_ttl: Option<Duration>,
+    /// `false`: only connections with a valid token may subscribe here (default `true`). Needs `[auth]`.
+    pub anonymous: Option<bool>,
+    /// `true`: only connections whose token's `channels` claim matches the channel, or that present a
+    /// subscription token for it, may subscribe (default `false`). Needs `[auth]`.
+    pub private: bool,
 }
 
 /// The effective settings for one channel, resolved from its namespace and the defaults.
@@ -283,6 +306,10 @@ pub struct NamespaceConfig {
 pub struct ChannelPolicy {
     pub client_publish: bool,
     pub patterns: bool,
+    /// Subscribing needs no token.
+    pub anonymous: bool,
+    /// Subscribing needs a `channels` claim or a subscription token for the channel.
+    pub private: bool,
     pub ttl: Duration,
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -434,6 +461,13 @@ impl Default for PollerConfig {
     }
 }
 
+impl AuthConfig {
+    /// Whether a key to verify tokens is configured.
+    pub fn enabled(&self) -> bool {
+        !self.jwt_hs256_secret.is_empty() || !self.jwt_public_key_file.is_empty()
+    }
+}
+
 /// A configuration problem: which key (or variable, or file) and what is wrong with it.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -503,6 +537,9 @@ impl Config {
         }
         if let Some(token) = var("RELAYHUB_ADMIN_TOKEN") {
             self.server.admin_token = token;
+        }
+        if let Some(secret) = var("RELAYHUB_JWT_SECRET") {
+            self.auth.jwt_hs256_secret = secret;
         }
         if let Some(id) = var("RELAYHUB_INSTANCE_ID") {
             self.server.instance_id = id;
@@ -658,10 +695,43 @@ impl Config {
         if self.poller.max_jobs == 0 {
             return err("poller.max_jobs", "must be at least 1");
         }
+        let key_sources = [
+            !self.auth.jwt_hs256_secret.is_empty(),
+            !self.auth.jwt_public_key_file.is_empty(),
+        ];
+        if key_sources.iter().filter(|set| **set).count() > 1 {
+            return err(
+                "auth.jwt_public_key_file",
+                "set either auth.jwt_hs256_secret or auth.jwt_public_key_file, not both",
+            );
+        }
+        if !self.auth.jwt_hs256_secret.is_empty() && self.auth.jwt_hs256_secret.len() < 32 {
+            return err(
+                "auth.jwt_hs256_secret",
+                "must be at least 32 bytes (a shorter HS256 secret can be guessed offline from one token)",
+            );
+        }
+        if !self.auth.enabled() {
+            for (name, ns) in &self.namespaces {
+                if ns.anonymous == Some(false) {
+                    return err(
+                        &format!("namespaces.{name}.anonymous"),
+                        "false needs token auth: set auth.jwt_hs256_secret or auth.jwt_public_key_file",
+                    );
+                }
+                if ns.private {
+                    return err(
+                        &format!("namespaces.{name}.private"),
+                        "true needs token auth: set auth.jwt_hs256_secret or auth.jwt_public_key_file",
+                    );
+                }
+            }
+        }
         for name in self.namespaces.keys() {
             if name.is_empty()
                 || !name.bytes().all(crate::core::protocol::is_channel_byte)
                 || name.contains(':')
+                || name.contains('#')
             {
                 return err(
                     &format!("namespaces.{name}"),
@@ -753,6 +823,8 @@ impl Config {
             Some(ns) => Some(ChannelPolicy {
                 client_publish: ns.client_publish,
                 patterns: ns.patterns,
+                anonymous: ns.anonymous.unwrap_or(true),
+                private: ns.private,
                 ttl: ns.ttl.unwrap_or(defaults.ttl),
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
@@ -767,6 +839,8 @@ impl Config {
         ChannelPolicy {
             client_publish: false,
             patterns: false,
+            anonymous: true,
+            private: false,
             ttl: self.channels.ttl,
             history_size: self.channels.history_size,
             history_ttl: self.channels.history_ttl,

@@ -11,3 +11,4 @@ pub mod position;
 pub mod protocol;
 pub mod publication;
 pub mod random;
+pub mod token;

@@ -80,7 +80,7 @@ pub fn render(hub: &Hub) -> String {
         "1 while the Redis pub/sub link is live (always 0 in memory mode).",
         hub.link_active() as i64,
     );
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 20] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 23] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -180,6 +180,21 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_pattern_scans_truncated_total",
             "Pattern snapshot look-ups stopped by channels.max_pattern_scan.",
             &s.pattern_scans_truncated,
+        ),
+        (
+            "relayhub_tokens_rejected_total",
+            "Tokens that did not verify (at the upgrade, in auth frames, with subscribes).",
+            &s.tokens_rejected,
+        ),
+        (
+            "relayhub_auth_refused_total",
+            "Subscribes and client publishes refused by the token rules.",
+            &s.auth_refused,
+        ),
+        (
+            "relayhub_tokens_expired_total",
+            "Connections closed with 4001 because their token expired.",
+            &s.tokens_expired,
         ),
     ];
     for (name, help, counter) in counters {
