@@ -557,6 +557,7 @@ async fn the_rest_fallback_applies_the_same_rules() {
     let mut hub = TestHub::start(AUTH_TOML).await;
     hub.publish("team:board", json!({"v": 1})).await;
     hub.publish("budget:family-7:ledger", json!({"v": 2})).await;
+    hub.publish("alerts:inbox#42", json!({"v": 3})).await;
     let good = format!("Bearer {}", hs256(base("42")));
     let forged = format!("Bearer {}", unsigned(&base("42")));
     for (path, bearer, status, code) in [
@@ -570,6 +571,8 @@ async fn the_rest_fallback_applies_the_same_rules() {
             Some("forbidden"),
         ),
         ("budget:family-7:ledger", None, 403, Some("forbidden")),
+        ("alerts:inbox%2342", Some(&good), 200, None),
+        ("alerts:inbox%2342", None, 401, Some("unauthorized")),
     ] {
         let headers: Vec<(&str, &str)> = bearer
             .map(|b| vec![("Authorization", b.as_str())])

@@ -75,8 +75,11 @@ export function freePort() {
   });
 }
 
-/** The TOML config the tests run the hub with: loopback only, memory mode, the demo source, a chat namespace. */
-function testConfig() {
+/**
+ * The TOML config the tests run the hub with: loopback only, memory mode, the demo source, a chat namespace, then
+ * whatever a test adds (`extra`, more tables).
+ */
+function testConfig(extra = "") {
   const webRoot = path.join(repoRoot, "web");
   return `# Written by tests/browser/harness.mjs for one test run.
 [server]
@@ -94,7 +97,7 @@ symbols = []          # test 6 starts its demo jobs through the polling API
 
 [namespaces.chat]
 client_publish = true
-`;
+${extra}`;
 }
 
 /**
@@ -102,11 +105,12 @@ client_publish = true
  * config, same log file (appended).
  */
 export class Hub {
-  constructor() {
+  /** @param {string} [extraToml] tables added to the test config (e.g. `[auth]`) */
+  constructor(extraToml = "") {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "relayhub-browser-"));
     this.configPath = path.join(this.dir, "relayhub.toml");
     this.logPath = path.join(this.dir, "hub.log");
-    fs.writeFileSync(this.configPath, testConfig());
+    fs.writeFileSync(this.configPath, testConfig(extraToml));
     this.port = null;
     this.proc = null;
     this.exited = null;
