@@ -248,6 +248,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let instance_id = instance_id(&config);
     let stats = Arc::new(Stats::default());
     let fanout = Arc::new(Fanout::default());
+    if let Some(verifier) = &verifier
+        && verifier.jwks().is_some()
+    {
+        crate::http::jwks::start(verifier, &config.auth, &stats).await;
+        actix_web::rt::spawn(crate::http::jwks::run(
+            verifier.clone(),
+            config.auth.clone(),
+            stats.clone(),
+        ));
+    }
     let engine = open_engine(&config, &stats, &fanout, routes, &instance_id).await?;
     let hub = Hub::new(config.clone(), stats, engine, fanout, instance_id, verifier);
     crate::logging::set_instance_id(hub.instance_id());

@@ -372,6 +372,18 @@ fn bad_auth_config_names_the_key() {
             "auth.jwt_public_key_file",
         ),
         (
+            "[auth]\njwks_url = \"ftp://idp/keys\"\n".into(),
+            "auth.jwks_url",
+        ),
+        (
+            "[auth]\njwks_url = \"http://idp/keys\"\njwks_min_refresh_interval = \"0s\"\n".into(),
+            "auth.jwks_min_refresh_interval",
+        ),
+        (
+            "[auth]\njwks_url = \"http://idp/keys\"\njwks_max_bytes = 10\n".into(),
+            "auth.jwks_max_bytes",
+        ),
+        (
             "[namespaces.team]\nanonymous = false\n".into(),
             "namespaces.team.anonymous",
         ),
@@ -679,5 +691,127 @@ async fn without_auth_tokens_change_nothing() {
         "unauthorized",
         "user channel",
     );
+    hub.shutdown().await;
+}
+
+/// A JWK (public half of a test key) with its `kid`.
+fn jwk(private: &[u8], alg: Algorithm, kid: &str) -> Value {
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(private).unwrap(),
+        _ => EncodingKey::from_ec_pem(private).unwrap(),
+    };
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, alg).expect("a JWK");
+    jwk.common.key_id = Some(kid.into());
+    serde_json::to_value(jwk).unwrap()
+}
+
+/// A token signed with `private`, naming `kid` in its header.
+fn signed_with(private: &[u8], alg: Algorithm, kid: &str, sub: &str) -> String {
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(private).unwrap(),
+        _ => EncodingKey::from_ec_pem(private).unwrap(),
+    };
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &json!({"sub": sub, "exp": now() + 600}), &key).unwrap()
+}
+
+#[actix_web::test]
+async fn a_jwks_is_fetched_cached_refreshed_on_an_unknown_kid_and_bounded() {
+    use common::upstream::{Mode, Upstream};
+    let (rsa, _) = key_pair("rsa");
+    let (ec, _) = key_pair("ec");
+    let upstream = Upstream::start();
+    let set = |keys: Vec<Value>| Mode::Fixed(json!({ "keys": keys }));
+    upstream.set_mode(set(vec![jwk(&rsa, Algorithm::RS256, "a")]));
+    let toml = format!(
+        "[auth]\njwks_url = \"{}\"\njwks_min_refresh_interval = \"1s\"\njwks_timeout = \"1s\"\njwks_max_bytes = 4096\n[namespaces.team]\nanonymous = false\n",
+        upstream.url("/jwks")
+    );
+    let mut hub = TestHub::start(&toml).await;
+    let fetches = || upstream.requests("/jwks");
+    assert_eq!(fetches(), 1, "fetched once at start");
+    let token_a = signed_with(&rsa, Algorithm::RS256, "a", "1");
+    let token_b = signed_with(&ec, Algorithm::ES256, "b", "2");
+    // Cached: many connections, no new fetch.
+    for _ in 0..3 {
+        let mut ws = connect_with(&hub, &token_a).await.expect("key a");
+        assert_eq!(subscribe(&mut ws, "team:x").await["type"], "subscribed");
+    }
+    assert_eq!(fetches(), 1, "served from the cache");
+    // An unknown kid: one fetch (still without b), refused.
+    let (status, body) = connect_with(&hub, &token_b).await.err().expect("b unknown");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert_eq!(fetches(), 2);
+    // Unknown kids again at once: the rate limit spares the provider.
+    for _ in 0..5 {
+        assert!(connect_with(&hub, &token_b).await.is_err());
+    }
+    assert_eq!(fetches(), 2, "no fetch within jwks_min_refresh_interval");
+    // Rotation: b is published, a is retired. The next unknown kid (after the interval) brings b in.
+    upstream.set_mode(set(vec![jwk(&ec, Algorithm::ES256, "b")]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut ws = connect_with(&hub, &token_b)
+        .await
+        .expect("b after rotation");
+    assert_eq!(subscribe(&mut ws, "team:x").await["type"], "subscribed");
+    assert_eq!(fetches(), 3);
+    assert!(connect_with(&hub, &token_a).await.is_err(), "a retired");
+    // A token must name its key, and the key set never holds a symmetric key.
+    let no_kid = sign(
+        &json!({"sub": "3", "exp": now() + 60}),
+        Algorithm::ES256,
+        &EncodingKey::from_ec_pem(&ec).unwrap(),
+    );
+    assert!(connect_with(&hub, &no_kid).await.is_err());
+    // A set past jwks_max_bytes, an upstream that hangs past jwks_timeout, a set without usable keys: each
+    // fetch fails and b stays in use.
+    for mode in [
+        set(vec![
+            json!({"kid": "pad", "kty": "oct", "k": "x".repeat(8000)}),
+        ]),
+        Mode::Hang,
+        set(vec![json!({"kid": "h", "kty": "oct", "k": "c2VjcmV0"})]),
+    ] {
+        upstream.set_mode(mode);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let unknown = signed_with(&ec, Algorithm::ES256, "c", "4");
+        let started = Instant::now();
+        assert!(connect_with(&hub, &unknown).await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "bounded by jwks_timeout"
+        );
+        let mut ws = connect_with(&hub, &token_b).await.expect("b kept");
+        ws.ping().await;
+    }
+    let stats = hub.stats().await;
+    assert!(
+        stats["jwks_fetch_failures"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
+    assert!(stats["jwks_fetches"].as_u64().unwrap() >= 3, "{stats}");
+    // An auth frame with an unknown kid asks for a fetch too; the client's next try gets in.
+    upstream.set_mode(set(vec![
+        jwk(&ec, Algorithm::ES256, "b"),
+        jwk(&rsa, Algorithm::RS256, "d"),
+    ]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let token_d = signed_with(&rsa, Algorithm::RS256, "d", "2");
+    assert_error(
+        &auth(&mut ws, &token_d).await,
+        "invalid_token",
+        "d not fetched yet",
+    );
+    common::eventually(Duration::from_secs(5), "d fetched", || async {
+        upstream.requests("/jwks") > 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let authed = auth(&mut ws, &token_d).await;
+    assert_eq!(authed["type"], "authed", "{authed}");
     hub.shutdown().await;
 }

@@ -42,7 +42,7 @@ pub struct Config {
 
 /// Where the keys that verify tokens come from, and what a token must say. At most one key source; none
 /// leaves token auth off (every connection anonymous, every namespace open as configured).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Shared secret of HS256 tokens (`RELAYHUB_JWT_SECRET` overrides it); at least 32 bytes.
@@ -54,6 +54,37 @@ pub struct AuthConfig {
     pub issuer: String,
     /// When set, a token's `aud` must contain it.
     pub audience: String,
+    /// URL of a JWKS (the identity provider's public keys, RS256 and ES256, by `kid`): fetched at start,
+    /// every `jwks_refresh_interval`, and when a token names a `kid` the cached set lacks.
+    pub jwks_url: String,
+    /// Time allowed for one JWKS fetch, body included.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_timeout: Duration,
+    /// Largest JWKS body accepted.
+    pub jwks_max_bytes: usize,
+    /// Fetches asked for by unknown `kid`s are at least this far apart: made-up `kid`s cannot hammer the
+    /// identity provider.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_min_refresh_interval: Duration,
+    /// How often the JWKS is fetched anyway.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_refresh_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_hs256_secret: String::new(),
+            jwt_public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_url: String::new(),
+            jwks_timeout: Duration::from_secs(5),
+            jwks_max_bytes: 1024 * 1024,
+            jwks_min_refresh_interval: Duration::from_secs(30),
+            jwks_refresh_interval: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -464,7 +495,9 @@ impl Default for PollerConfig {
 impl AuthConfig {
     /// Whether a key to verify tokens is configured.
     pub fn enabled(&self) -> bool {
-        !self.jwt_hs256_secret.is_empty() || !self.jwt_public_key_file.is_empty()
+        !self.jwt_hs256_secret.is_empty()
+            || !self.jwt_public_key_file.is_empty()
+            || !self.jwks_url.is_empty()
     }
 }
 
@@ -698,11 +731,31 @@ impl Config {
         let key_sources = [
             !self.auth.jwt_hs256_secret.is_empty(),
             !self.auth.jwt_public_key_file.is_empty(),
+            !self.auth.jwks_url.is_empty(),
         ];
         if key_sources.iter().filter(|set| **set).count() > 1 {
             return err(
                 "auth.jwt_public_key_file",
-                "set either auth.jwt_hs256_secret or auth.jwt_public_key_file, not both",
+                "set one of auth.jwt_hs256_secret, auth.jwt_public_key_file and auth.jwks_url",
+            );
+        }
+        let url = &self.auth.jwks_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return err("auth.jwks_url", "must be an http:// or https:// URL");
+        }
+        if self.auth.jwks_timeout.is_zero() {
+            return err("auth.jwks_timeout", "must be more than zero");
+        }
+        if self.auth.jwks_max_bytes < 1024 {
+            return err("auth.jwks_max_bytes", "must be at least 1024");
+        }
+        if self.auth.jwks_min_refresh_interval < Duration::from_secs(1) {
+            return err("auth.jwks_min_refresh_interval", "must be at least 1s");
+        }
+        if self.auth.jwks_refresh_interval < self.auth.jwks_min_refresh_interval {
+            return err(
+                "auth.jwks_refresh_interval",
+                "must be at least auth.jwks_min_refresh_interval",
             );
         }
         if !self.auth.jwt_hs256_secret.is_empty() && self.auth.jwt_hs256_secret.len() < 32 {
@@ -716,13 +769,13 @@ impl Config {
                 if ns.anonymous == Some(false) {
                     return err(
                         &format!("namespaces.{name}.anonymous"),
-                        "false needs token auth: set auth.jwt_hs256_secret or auth.jwt_public_key_file",
+                        "false needs token auth: set auth.jwt_hs256_secret, auth.jwt_public_key_file or auth.jwks_url",
                     );
                 }
                 if ns.private {
                     return err(
                         &format!("namespaces.{name}.private"),
-                        "true needs token auth: set auth.jwt_hs256_secret or auth.jwt_public_key_file",
+                        "true needs token auth: set auth.jwt_hs256_secret, auth.jwt_public_key_file or auth.jwks_url",
                     );
                 }
             }

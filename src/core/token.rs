@@ -3,27 +3,59 @@
 //! read from the token alone; expiry; issuer and audience), the access rules of namespaces and user channels,
 //! and minting for `relayhub token`. The cryptography is the `jsonwebtoken` crate's.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::core::config::{AuthConfig, ChannelPolicy, ConfigError};
 use crate::core::protocol::{ErrorCode, ProtocolError, Target, channel_owner};
 
-/// Verifies tokens with the one configured key.
+/// Verifies tokens with the configured key, or with the keys of a JWKS.
 pub struct Verifier {
-    key: DecodingKey,
-    /// Pins the algorithm (the key's) and checks `exp`, `iss` and `aud`.
-    validation: Validation,
+    keys: Keys,
 }
+
+enum Keys {
+    /// One key; the validation pins its algorithm and checks `exp`, `iss` and `aud`.
+    Static {
+        key: DecodingKey,
+        validation: Validation,
+    },
+    Jwks(Jwks),
+}
+
+/// A JWKS's keys by `kid`, each with the validation of its own algorithm, and what asks for a fresh copy.
+pub struct Jwks {
+    /// The fetched set; replaced whole, so a verification holds one consistent set.
+    keys: RwLock<Arc<HashMap<String, (DecodingKey, Validation)>>>,
+    /// Checks shared by every key (`exp`, `iss`, `aud`); each key's copy pins its algorithm.
+    base: Validation,
+    /// Earliest time a fetch may be asked for again (`auth.jwks_min_refresh_interval`).
+    next_refresh: Mutex<Instant>,
+    min_refresh_interval: Duration,
+    /// Wakes the fetcher.
+    wanted: tokio::sync::Notify,
+    /// Counts installed sets, so a waiter can tell when a fetch has landed.
+    installed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Most keys kept from one JWKS.
+pub const MAX_JWKS_KEYS: usize = 64;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
-            .finish()
+        match &self.keys {
+            Keys::Static { validation, .. } => f
+                .debug_struct("Verifier")
+                .field("algorithms", &validation.algorithms)
+                .finish(),
+            Keys::Jwks(_) => f.debug_struct("Verifier").field("keys", &"jwks").finish(),
+        }
     }
 }
 
@@ -59,11 +91,24 @@ pub struct SubscriptionGrant {
 
 /// Why a token was refused, in words a client can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenError(pub String);
+pub struct TokenError {
+    pub message: String,
+    /// The token names a `kid` the cached JWKS lacks: a fresh copy may have it.
+    pub unknown_key: bool,
+}
+
+impl TokenError {
+    fn new(message: impl Into<String>) -> TokenError {
+        TokenError {
+            message: message.into(),
+            unknown_key: false,
+        }
+    }
+}
 
 impl From<TokenError> for ProtocolError {
     fn from(e: TokenError) -> ProtocolError {
-        ProtocolError::new(ErrorCode::InvalidToken, e.0)
+        ProtocolError::new(ErrorCode::InvalidToken, e.message)
     }
 }
 
@@ -93,6 +138,35 @@ pub const MAX_GRANTS: usize = 256;
 impl Verifier {
     /// The verifier `[auth]` describes; `None` when it names no key. Errors name the key at fault.
     pub fn from_config(auth: &AuthConfig) -> Result<Option<Verifier>, ConfigError> {
+        let mut base = Validation::new(Algorithm::HS256);
+        // Expiry is exact: the hub closes a connection when its token expires, and a leeway would let the
+        // same token in again for that long.
+        base.leeway = 0;
+        base.set_required_spec_claims(&["exp"]);
+        if auth.issuer.is_empty() {
+            base.iss = None;
+        } else {
+            base.set_issuer(&[auth.issuer.as_str()]);
+            base.required_spec_claims.insert("iss".into());
+        }
+        if auth.audience.is_empty() {
+            base.validate_aud = false;
+        } else {
+            base.set_audience(&[auth.audience.as_str()]);
+            base.required_spec_claims.insert("aud".into());
+        }
+        if !auth.jwks_url.is_empty() {
+            return Ok(Some(Verifier {
+                keys: Keys::Jwks(Jwks {
+                    keys: RwLock::new(Arc::new(HashMap::new())),
+                    base,
+                    next_refresh: Mutex::new(Instant::now()),
+                    min_refresh_interval: auth.jwks_min_refresh_interval,
+                    wanted: tokio::sync::Notify::new(),
+                    installed: tokio::sync::watch::Sender::new(0),
+                }),
+            }));
+        }
         let (key, algorithm) = if !auth.jwt_hs256_secret.is_empty() {
             (
                 DecodingKey::from_secret(auth.jwt_hs256_secret.as_bytes()),
@@ -108,36 +182,50 @@ impl Verifier {
         } else {
             return Ok(None);
         };
-        let mut validation = Validation::new(algorithm);
+        let mut validation = base;
         validation.algorithms = vec![algorithm];
-        // Expiry is exact: the hub closes a connection when its token expires, and a leeway would let the
-        // same token in again for that long.
-        validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp"]);
-        if auth.issuer.is_empty() {
-            validation.iss = None;
-        } else {
-            validation.set_issuer(&[auth.issuer.as_str()]);
-            validation.required_spec_claims.insert("iss".into());
+        Ok(Some(Verifier {
+            keys: Keys::Static { key, validation },
+        }))
+    }
+
+    /// The JWKS behind this verifier, when it has one.
+    pub fn jwks(&self) -> Option<&Jwks> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks),
+            Keys::Static { .. } => None,
         }
-        if auth.audience.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&[auth.audience.as_str()]);
-            validation.required_spec_claims.insert("aud".into());
-        }
-        Ok(Some(Verifier { key, validation }))
     }
 
     fn claims(&self, token: &str) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(TokenError(format!(
+            return Err(TokenError::new(format!(
                 "a token is at most {MAX_TOKEN_BYTES} bytes"
             )));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| TokenError(describe(e.kind())))?;
-        Ok(data.claims)
+        let decode = |key, validation| {
+            jsonwebtoken::decode::<Claims>(token, key, validation)
+                .map(|data| data.claims)
+                .map_err(|e| TokenError::new(describe(e.kind())))
+        };
+        match &self.keys {
+            Keys::Static { key, validation } => decode(key, validation),
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|e| TokenError::new(describe(e.kind())))?;
+                let kid = header
+                    .kid
+                    .ok_or_else(|| TokenError::new("the token names no key (`kid` header)"))?;
+                let keys = jwks.current();
+                match keys.get(&kid) {
+                    Some((key, validation)) => decode(key, validation),
+                    None => Err(TokenError {
+                        message: format!("the token's key `{kid}` is not in the key set"),
+                        unknown_key: true,
+                    }),
+                }
+            }
+        }
     }
 
     /// A connection token: `sub` and `exp` required, `channels` and `publish` optional.
@@ -146,11 +234,11 @@ impl Verifier {
         let user = claims
             .sub
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| TokenError("a connection token needs a `sub` claim".into()))?;
+            .ok_or_else(|| TokenError::new("a connection token needs a `sub` claim"))?;
         let grants = |list: Option<Vec<String>>, name: &str| -> Result<Vec<String>, TokenError> {
             let list = list.unwrap_or_default();
             if list.len() > MAX_GRANTS {
-                return Err(TokenError(format!(
+                return Err(TokenError::new(format!(
                     "the `{name}` claim lists at most {MAX_GRANTS} entries"
                 )));
             }
@@ -169,12 +257,96 @@ impl Verifier {
         let claims = self.claims(token)?;
         let channel = claims
             .channel
-            .ok_or_else(|| TokenError("a subscription token needs a `channel` claim".into()))?;
+            .ok_or_else(|| TokenError::new("a subscription token needs a `channel` claim"))?;
         Ok(SubscriptionGrant {
             user: claims.sub,
             channel,
             expires_at: claims.exp,
         })
+    }
+}
+
+impl Jwks {
+    fn current(&self) -> Arc<HashMap<String, (DecodingKey, Validation)>> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Keys held now.
+    pub fn len(&self) -> usize {
+        self.current().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the key set with the one in a JWKS document; keeps the old one when the document has no
+    /// usable key. Symmetric keys are never taken from a JWKS. Returns how many keys it holds now.
+    pub fn install(&self, body: &[u8]) -> Result<usize, String> {
+        let set: JwkSet =
+            serde_json::from_slice(body).map_err(|e| format!("the JWKS is not valid: {e}"))?;
+        let mut keys = HashMap::new();
+        for jwk in set.keys.iter().take(MAX_JWKS_KEYS) {
+            let Some(kid) = &jwk.common.key_id else {
+                continue;
+            };
+            let algorithm = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
+                (AlgorithmParameters::EllipticCurve(p), None) if p.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                (
+                    AlgorithmParameters::RSA(_) | AlgorithmParameters::EllipticCurve(_),
+                    Some(alg),
+                ) => match Algorithm::try_from(alg) {
+                    Ok(alg @ (Algorithm::RS256 | Algorithm::ES256)) => alg,
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let mut validation = self.base.clone();
+            validation.algorithms = vec![algorithm];
+            keys.insert(kid.clone(), (key, validation));
+        }
+        if keys.is_empty() {
+            return Err("the JWKS holds no usable RS256 or ES256 key with a `kid`".into());
+        }
+        let count = keys.len();
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+        self.installed.send_modify(|n| *n += 1);
+        Ok(count)
+    }
+
+    /// Asks for a fetch, unless one was asked for less than `jwks_min_refresh_interval` ago; `true` when the
+    /// fetcher was woken.
+    pub fn request_refresh(&self) -> bool {
+        let now = Instant::now();
+        let mut next = self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if now < *next {
+            return false;
+        }
+        *next = now + self.min_refresh_interval;
+        self.wanted.notify_one();
+        true
+    }
+
+    /// Resolves when a fetch is asked for.
+    pub async fn wanted(&self) {
+        self.wanted.notified().await
+    }
+
+    /// Changes each time a key set is installed.
+    pub fn installed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 }
 

@@ -28,7 +28,7 @@ fn read_refusal(hub: &Hub, req: &HttpRequest, channel: &str) -> Option<HttpRespo
                 return Some(error_response(
                     StatusCode::UNAUTHORIZED,
                     "invalid_token",
-                    &e.0,
+                    &e.message,
                 ));
             }
         },

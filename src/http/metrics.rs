@@ -80,7 +80,7 @@ pub fn render(hub: &Hub) -> String {
         "1 while the Redis pub/sub link is live (always 0 in memory mode).",
         hub.link_active() as i64,
     );
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 23] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 25] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -195,6 +195,16 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_tokens_expired_total",
             "Connections closed with 4001 because their token expired.",
             &s.tokens_expired,
+        ),
+        (
+            "relayhub_jwks_fetches_total",
+            "JWKS fetches that installed a key set.",
+            &s.jwks_fetches,
+        ),
+        (
+            "relayhub_jwks_fetch_failures_total",
+            "JWKS fetches that failed; the keys held before stay in use.",
+            &s.jwks_fetch_failures,
         ),
     ];
     for (name, help, counter) in counters {

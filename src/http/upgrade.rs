@@ -69,7 +69,7 @@ pub async fn accept(
     };
     let token = match refusal {
         Some(_) => Ok(None),
-        None => connection_token(&hub, head.uri.query()),
+        None => connection_token(&hub, head.uri.query()).await,
     };
     let token_problem = token.as_ref().err().cloned();
     let refusal = refusal.or_else(|| {
@@ -145,7 +145,9 @@ pub async fn accept(
 
 /// The identity of a `?token=` connection token: `Ok(None)` without one (or when no key is configured, so
 /// the connection is anonymous as it would be anyway), `Err` with the reason when it does not verify.
-fn connection_token(hub: &Hub, query: Option<&str>) -> Result<Option<Identity>, String> {
+/// A token naming a `kid` the cached JWKS lacks waits for one fresh fetch (when the fetch rate allows one) and
+/// is verified again.
+async fn connection_token(hub: &Hub, query: Option<&str>) -> Result<Option<Identity>, String> {
     #[derive(serde::Deserialize)]
     struct Query {
         token: Option<String>,
@@ -153,19 +155,36 @@ fn connection_token(hub: &Hub, query: Option<&str>) -> Result<Option<Identity>, 
     let (Some(verifier), Some(query)) = (hub.verifier(), query) else {
         return Ok(None);
     };
-    let parsed = actix_web::web::Query::<Query>::from_query(query)
-        .map_err(|_| "the query string is malformed".to_string())
-        .and_then(|q| match q.into_inner().token {
-            None => Ok(None),
-            Some(token) => verifier
-                .verify_connection(&token)
-                .map(Some)
-                .map_err(|e| e.0),
-        });
-    if parsed.is_err() {
-        crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+    let token = match actix_web::web::Query::<Query>::from_query(query) {
+        Ok(q) => q.into_inner().token,
+        Err(_) => {
+            crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+            return Err("the query string is malformed".into());
+        }
+    };
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let mut verified = verifier.verify_connection(&token);
+    if let (Err(e), Some(jwks)) = (&verified, verifier.jwks())
+        && e.unknown_key
+    {
+        let mut installed = jwks.installed();
+        installed.borrow_and_update();
+        if jwks.request_refresh() {
+            let wait = hub.config().auth.jwks_timeout + std::time::Duration::from_secs(1);
+            if tokio::time::timeout(wait, installed.changed())
+                .await
+                .is_ok()
+            {
+                verified = verifier.verify_connection(&token);
+            }
+        }
     }
-    parsed
+    verified.map(Some).map_err(|e| {
+        crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+        e.message
+    })
 }
 
 fn handshake_problem(error: &HandshakeError) -> &'static str {

@@ -513,6 +513,12 @@ impl Session {
         };
         let identity = verifier.verify_connection(token).map_err(|e| {
             Stats::add(&self.hub.stats().tokens_rejected, 1);
+            // A key the cached JWKS lacks: fetch it (rate-limited) for the client's next try.
+            if e.unknown_key
+                && let Some(jwks) = verifier.jwks()
+            {
+                jwks.request_refresh();
+            }
             ProtocolError::from(e)
         })?;
         if let Some(current) = &self.identity
