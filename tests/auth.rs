@@ -97,6 +97,10 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
             hs256(with(base("42"), json!({"exp": now() - 120}))),
         ),
         (
+            "expired a moment ago (no leeway)",
+            hs256(with(base("42"), json!({"exp": now() - 5}))),
+        ),
+        (
             "wrong signature",
             sign(&base("42"), Algorithm::HS256, &other_key),
         ),
@@ -813,5 +817,25 @@ async fn a_jwks_is_fetched_cached_refreshed_on_an_unknown_kid_and_bounded() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let authed = auth(&mut ws, &token_d).await;
     assert_eq!(authed["type"], "authed", "{authed}");
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn tokens_and_their_claims_are_bounded() {
+    let mut hub = TestHub::start(AUTH_TOML).await;
+    let mut ws = hub.connect().await;
+    let huge = hs256(with(base("42"), json!({"pad": "x".repeat(9000)})));
+    assert_error(&auth(&mut ws, &huge).await, "invalid_token", "over 8 KiB");
+    let many: Vec<String> = (0..257).map(|i| format!("budget:c{i}")).collect();
+    let wide = hs256(with(base("42"), json!({ "channels": many })));
+    let refused = auth(&mut ws, &wide).await;
+    assert_error(&refused, "invalid_token", "257 channels");
+    assert!(
+        refused["message"].as_str().unwrap().contains("256"),
+        "{refused}"
+    );
+    let within: Vec<String> = (0..256).map(|i| format!("budget:c{i}")).collect();
+    let ok = hs256(with(base("42"), json!({ "channels": within })));
+    assert_eq!(auth(&mut ws, &ok).await["type"], "authed");
     hub.shutdown().await;
 }
