@@ -469,15 +469,24 @@ impl Session {
             Standing::Open => return,
             Standing::ConnectionToken => {}
             Standing::SubscriptionToken(expires_at) => {
-                let name = name.to_string();
-                ctx.run_later(until(expires_at), move |act, _| {
-                    if act.standing.get(&name) == Some(&standing) {
-                        act.revoke(&name, "token_expired");
-                    }
-                });
+                Self::watch_grant(name.to_string(), expires_at, ctx)
             }
         }
         self.standing.insert(name.to_string(), standing);
+    }
+
+    /// Ends the subscription `name` when its subscription token expires (if it still rests on that token).
+    fn watch_grant(name: String, expires_at: u64, ctx: &mut Context<Self>) {
+        ctx.run_later(until(expires_at), move |act, ctx| {
+            if act.standing.get(&name) != Some(&Standing::SubscriptionToken(expires_at)) {
+                return;
+            }
+            if token::now_secs() < expires_at {
+                // The timer is capped (see `until`): not there yet.
+                return Self::watch_grant(name, expires_at, ctx);
+            }
+            act.revoke(&name, "token_expired");
+        });
     }
 
     /// Ends a subscription the connection may no longer hold, telling the client why.
