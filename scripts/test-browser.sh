@@ -31,4 +31,4 @@ cd "$repo/tests/browser"
 # private redis-server); node 20 has WebSocket only behind a flag.
 ws_flag=()
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
-exec node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs recovery.test.mjs
+exec node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs recovery.test.mjs token.test.mjs

@@ -11,6 +11,7 @@ use actix::prelude::*;
 use actix_web::web;
 
 use crate::core::config::Config;
+use crate::core::token::Verifier;
 use crate::demo;
 use crate::engine::Engine;
 use crate::engine::memory::MemoryEngine;
@@ -125,6 +126,7 @@ pub fn check_config(config: &Config) -> Result<(), String> {
     poller::source::compile_sources(config, "http://127.0.0.1:0")
         .map_err(|e| format!("config key {e}"))?;
     crate::core::ingest::compile_routes(&config.ingest).map_err(|e| format!("config key {e}"))?;
+    Verifier::from_config(&config.auth).map_err(|e| e.0)?;
     Ok(())
 }
 
@@ -219,6 +221,11 @@ fn warn_about_open_doors(config: &Config) {
              through a proxy (X-Forwarded-For, Forwarded, or a peer in server.trusted_proxies)"
         );
     }
+    if !config.auth.enabled() {
+        log::info!(
+            "[auth] names no key: every connection is anonymous (see README, Authentication)"
+        );
+    }
     if config.server.allowed_origins.iter().any(|o| o == "*") {
         log::warn!("server.allowed_origins contains \"*\": any web page may connect to this hub");
     }
@@ -241,12 +248,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let sources =
         poller::source::compile_sources(&config, &self_base).map_err(StartError::Config)?;
     let routes = crate::core::ingest::compile_routes(&config.ingest).map_err(StartError::Config)?;
+    let verifier = Verifier::from_config(&config.auth)
+        .map_err(|e| StartError::Config(e.0.trim_start_matches("config key ").to_string()))?
+        .map(Arc::new);
 
     let instance_id = instance_id(&config);
     let stats = Arc::new(Stats::default());
     let fanout = Arc::new(Fanout::default());
+    if let Some(verifier) = &verifier
+        && verifier.jwks().is_some()
+    {
+        crate::http::jwks::start(verifier, &config.auth, &stats).await;
+        actix_web::rt::spawn(crate::http::jwks::run(
+            verifier.clone(),
+            config.auth.clone(),
+            stats.clone(),
+        ));
+    }
     let engine = open_engine(&config, &stats, &fanout, routes, &instance_id).await?;
-    let hub = Hub::new(config.clone(), stats, engine, fanout, instance_id);
+    let hub = Hub::new(config.clone(), stats, engine, fanout, instance_id, verifier);
     crate::logging::set_instance_id(hub.instance_id());
     log::info!(
         "instance {} starting in {} mode",

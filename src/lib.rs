@@ -6,7 +6,8 @@
 //! - `core`: pure vocabulary, no actix and no Redis. `protocol` (client frames in, server frames out, error
 //!   and close codes), `frame` (WebSocket frame encoding), `publication` (one message encoded once, shared by
 //!   every subscriber), `config` (typed configuration: file, environment, defaults, value checks; channel
-//!   policies), `ingest` (outside producers' channels routed into relayhub channels), `backoff`, `random`.
+//!   policies), `ingest` (outside producers' channels routed into relayhub channels), `token` (JWTs: who a
+//!   connection is and what it may subscribe to and publish), `backoff`, `random`.
 //!   `stats` (plain counters) sits beside it, and so do `metrics` (the labeled counters of `GET /metrics`) and
 //!   `logging` (the process's logger, text or one JSON object a line).
 //! - `transport`: relayhub's WebSocket transport: client frames decoded, frames queued by reference
@@ -43,6 +44,11 @@ pub mod transport;
 
 pub use crate::app::{Running, StartError, check_config, start};
 pub use crate::core::{config, protocol};
+
+/// Tokens: verifying and minting (what `relayhub token` and tests use).
+pub mod token {
+    pub use crate::core::token::{Mint, Verifier, mint};
+}
 
 /// The handle a running hub exposes (publish, shutdown, identity).
 pub mod hub {

@@ -1,6 +1,6 @@
 //! The `relayhub` binary: parses the command line, then serves (reads the configuration, starts the hub,
 //! waits for SIGTERM or Ctrl-C, shuts down gracefully), checks a configuration, or publishes one message
-//! through a running hub's HTTP API. Everything else lives in the library.
+//! through a running hub's HTTP API, or mints a token. Everything else lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use relayhub::config::Config;
 
 const ENVIRONMENT: &str = "Environment: PORT, HOST, REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD), \
-RELAYHUB_REDIS_REQUIRED (true or false), RELAYHUB_API_KEY, RELAYHUB_ADMIN_TOKEN, RELAYHUB_INSTANCE_ID, \
-RELAYHUB_LOG_FORMAT (text or json), RUST_LOG (default: log.level, info).
+RELAYHUB_REDIS_REQUIRED (true or false), RELAYHUB_API_KEY, RELAYHUB_ADMIN_TOKEN, RELAYHUB_JWT_SECRET, \
+RELAYHUB_INSTANCE_ID, RELAYHUB_LOG_FORMAT (text or json), RUST_LOG (default: log.level, info).
 
 Exit codes: 0 stopped normally, 1 publish failed, 2 bad arguments or configuration, 3 Redis required but \
 unreachable, 4 cannot listen.";
@@ -56,6 +56,29 @@ enum Command {
         /// The hub's server.api_key, sent as a bearer token.
         #[arg(long, env = "RELAYHUB_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+    },
+    /// Print a token signed with the configured auth.jwt_hs256_secret (or RELAYHUB_JWT_SECRET), for
+    /// operators and tests; an application's backend mints its own.
+    Token {
+        /// TOML configuration laid over the embedded config/default.toml.
+        #[arg(short, long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The user id (`sub`); omit it for a subscription token of an anonymous connection.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Channels and `prefix:*` patterns the connection may subscribe to in private namespaces
+        /// (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Channels and `prefix:*` patterns it may publish to (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+        /// Make a subscription token for this one channel instead of a connection token.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Lifetime: "30s", "15m", "1h", "2d".
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
 }
 
@@ -104,6 +127,47 @@ fn main() -> ExitCode {
             url,
             api_key,
         } => publish(&channel, &json, &url, api_key.as_deref()),
+        Command::Token {
+            config,
+            sub,
+            channels,
+            publish,
+            channel,
+            ttl,
+        } => {
+            let ttl = match relayhub::config::parse_duration(&ttl) {
+                Ok(ttl) if ttl.as_secs() >= 1 => ttl,
+                Ok(_) => return config_error("--ttl must be at least 1s"),
+                Err(e) => return config_error(&format!("--ttl: {e}")),
+            };
+            if sub.is_none() && channel.is_none() {
+                return config_error(
+                    "a connection token needs --sub (or give --channel for a subscription token)",
+                );
+            }
+            let mint = relayhub::token::Mint {
+                sub,
+                channels,
+                publish,
+                channel,
+                ttl,
+            };
+            token(config.or(cli.config), &mint)
+        }
+    }
+}
+
+fn token(path: Option<PathBuf>, mint: &relayhub::token::Mint) -> ExitCode {
+    let config = match load_config(path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    match relayhub::token::mint(&config.auth, mint) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_error(&e),
     }
 }
 

@@ -27,6 +27,7 @@ const CLOSE_CODES: &[u16] = &[
     close::POLICY,
     close::TOO_BIG,
     close::INTERNAL,
+    close::TOKEN_EXPIRED,
     NO_CLOSE_FRAME,
 ];
 
@@ -304,6 +305,7 @@ fn itoa_close(code: u16) -> &'static str {
         close::POLICY => "1008",
         close::TOO_BIG => "1009",
         close::INTERNAL => "1011",
+        close::TOKEN_EXPIRED => "4001",
         NO_CLOSE_FRAME => "1006",
         _ => OTHER,
     }

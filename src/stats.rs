@@ -73,6 +73,16 @@ pub struct Stats {
     pub gaps_unfilled: AtomicU64,
     /// Messages a conflating subscriber over its queue bound never got: a newer one of the channel replaced them.
     pub messages_conflated: AtomicU64,
+    /// Tokens that did not verify: at the upgrade (401), in `auth` frames and with subscribes.
+    pub tokens_rejected: AtomicU64,
+    /// Subscribes and client publishes refused by the token rules (`unauthorized`, `forbidden`).
+    pub auth_refused: AtomicU64,
+    /// Connections closed with 4001: their token expired and no fresh one came.
+    pub tokens_expired: AtomicU64,
+    /// JWKS fetches that installed a key set.
+    pub jwks_fetches: AtomicU64,
+    /// JWKS fetches that failed (unreachable, timeout, too big, no usable key); the old keys stay.
+    pub jwks_fetch_failures: AtomicU64,
 }
 
 impl Stats {
@@ -86,7 +96,7 @@ impl Stats {
 
     /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 33] {
+    pub fn counters(&self) -> [(&'static str, u64); 38] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -121,6 +131,11 @@ impl Stats {
             ("duplicates_dropped", &self.duplicates_dropped),
             ("gaps_unfilled", &self.gaps_unfilled),
             ("messages_conflated", &self.messages_conflated),
+            ("tokens_rejected", &self.tokens_rejected),
+            ("auth_refused", &self.auth_refused),
+            ("tokens_expired", &self.tokens_expired),
+            ("jwks_fetches", &self.jwks_fetches),
+            ("jwks_fetch_failures", &self.jwks_fetch_failures),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

@@ -57,6 +57,18 @@ fn bad_config_files_exit_2_and_name_the_key() {
             "[[sources]]\nname = \"t\"\nurl = \"http://x/t\"\nchannel = \"p:{key}\"\nsplit = \"/data\"\n",
             "sources[0].split_key",
         ),
+        (
+            "[auth]\njwt_public_key_file = \"/nonexistent/key.pem\"\n",
+            "auth.jwt_public_key_file",
+        ),
+        (
+            "[auth]\njwt_hs256_secret = \"short\"\n",
+            "auth.jwt_hs256_secret",
+        ),
+        (
+            "[namespaces.team]\nanonymous = false\n",
+            "namespaces.team.anonymous",
+        ),
     ];
     for (text, key) in cases {
         let file = ConfigFile::new(text);
@@ -461,4 +473,71 @@ async fn the_production_config_starts_as_is_and_lists_its_environment() {
     ];
     let (code, output) = run(&["--config", config.path()], &env);
     assert_eq!(code, 3, "{output}");
+}
+
+#[actix_web::test]
+async fn the_token_command_mints_what_the_hub_accepts() {
+    let secret = "cli-test-secret-that-is-long-enough-0123";
+    let config = ConfigFile::new(
+        "[namespaces.budget]\nprivate = true\n[namespaces.team]\nanonymous = false\n",
+    );
+    let env = [("RELAYHUB_JWT_SECRET", secret)];
+    let (code, output) = run(
+        &[
+            "token",
+            "--config",
+            config.path(),
+            "--sub",
+            "42",
+            "--channels",
+            "budget:*",
+            "--ttl",
+            "1h",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{output}");
+    let token = output.trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "{output}");
+    // Its claims, read with the same secret.
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .expect("the token verifies")
+    .claims;
+    assert_eq!(claims["sub"], "42");
+    assert_eq!(claims["channels"], json!(["budget:*"]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(
+        (now + 3590..=now + 3610).contains(&exp),
+        "exp {exp}, now {now}"
+    );
+
+    // The running hub takes it.
+    let (mut process, base) = start_binary_with(&config, &env).await;
+    let mut ws = Ws::connect(&format!("ws://{base}/ws?token={token}")).await;
+    ws.send(json!({"op": "subscribe", "channel": "budget:family", "id": 1}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    ws.send(json!({"op": "subscribe", "channel": "team:x", "id": 2}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    process.terminate();
+    process.wait(Duration::from_secs(10));
+
+    // No secret: exit 2, saying what is missing; a bad ttl too.
+    let (code, output) = run(&["token", "--sub", "42"], &[]);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("auth.jwt_hs256_secret"), "{output}");
+    let (code, output) = run(&["token", "--sub", "42", "--ttl", "soon"], &env);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("--ttl"), "{output}");
 }

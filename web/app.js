@@ -236,7 +236,7 @@ $("subscribe-form").addEventListener("submit", (ev) => {
   const input = $("channel-input");
   const channel = input.value.trim();
   if (!isValidChannel(channel)) {
-    showMessage($("channel-error"), "A channel name is 1-200 characters of letters, digits and _ . : @ -", "error");
+    showMessage($("channel-error"), "A channel name is 1-200 characters of letters, digits and _ . : @ # -", "error");
     input.focus();
     return;
   }

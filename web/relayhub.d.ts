@@ -71,6 +71,12 @@ export interface RelayHubOptions {
   WebSocket?: WebSocketConstructor;
   /** fetch implementation for the REST fallback (default: the global one). */
   fetch?: FetchLike;
+  /** A connection token (JWT) sent in an `auth` frame first thing on every connection; or an async function
+   * returning one, called before each connect and again `tokenRefreshBefore` ms before the token expires. A
+   * close with 4001 from the hub (token expired) makes the client reconnect at once. Default null. */
+  token?: string | (() => Promise<string>) | null;
+  /** Ms before `expires_at` to fetch a fresh token (at most half the remaining lifetime). Default 30000. */
+  tokenRefreshBefore?: number;
 }
 
 /** The defaults of every option of {@link RelayHub} that has one. */
@@ -86,6 +92,8 @@ export declare const DEFAULTS: Readonly<{
   drainJitter: number;
   maxQueue: number;
   restBase: string | null;
+  token: null;
+  tokenRefreshBefore: number;
 }>;
 
 /** The connection state. */
@@ -94,7 +102,8 @@ export type Status = "connecting" | "open" | "reconnecting" | "closed";
 /** Second argument of a `status` event; which fields are set depends on the transition. */
 export interface StatusDetail {
   /** Close code of the socket that was lost (1000 after `close()`, 1006 when a connection failed, 4000 on a
-   * connect timeout, 4001 on a heartbeat timeout, or the server's code). */
+   * connect timeout, 4001 on a heartbeat timeout, or the server's code: 4001 with reason `token expired` when
+   * the connection's token expired). */
   code?: number;
   /** Close reason. */
   reason?: string;
@@ -109,12 +118,13 @@ export interface StatusDetail {
 /** Payload of an `error` event. */
 export interface ErrorInfo {
   /** The hub's error code (e.g. `forbidden`, `invalid_channel`, `rate_limited`), or the client's own:
-   * `connect_failed`, `bad_frame`, `queue_full`; `unknown` when the hub gave none. */
+   * `connect_failed`, `bad_frame`, `queue_full`, `token_failed` (the token function threw or rejected);
+   * `unknown` when the hub gave none. */
   code: string;
   message: string;
   /** The channel concerned, when known. */
   channel: string | null;
-  /** The operation refused (`subscribe`, `unsubscribe`, `publish`), when known. */
+  /** The operation refused (`subscribe`, `unsubscribe`, `publish`, `auth`), when known. */
   op: string | null;
   /** True when the hub refused a subscription for good and the channel was forgotten. */
   dropped?: boolean;
@@ -135,6 +145,15 @@ export interface RelayHubEvents {
   error: (info: ErrorInfo) => void;
   fallback: (active: boolean) => void;
   gap: (info: GapInfo) => void;
+  authed: (info: AuthedInfo) => void;
+}
+
+/** Payload of an `authed` event: the hub accepted the connection token. */
+export interface AuthedInfo {
+  /** The token's `sub`. */
+  user: string;
+  /** When the token expires (RFC 3339). */
+  expiresAt: string;
 }
 
 /** The error a refused or failed publish rejects with; `code` is set when the hub (or a full queue) refused. */
@@ -142,7 +161,7 @@ export interface PublishError extends Error {
   code?: string;
 }
 
-/** Whether `name` is a valid channel name: 1-200 characters of `[A-Za-z0-9_.:@-]`. */
+/** Whether `name` is a valid channel name: 1-200 characters of `[A-Za-z0-9_.:@#-]`. */
 export declare function isValidChannel(name: unknown): name is string;
 
 /** Whether `name` is a pattern such as `prices:*`: a channel-name prefix ending in `:`, then `*`. */

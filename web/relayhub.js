@@ -9,6 +9,7 @@
 //     outgoing                 _enqueue, _resubscribeAndFlush, _send
 //     delivery                 _deliver, _admit (the position rule)
 //     heartbeat                _tick, _sendPing, _onPong
+//     token                    _openWithToken, _sendAuth, _scheduleRefresh, _refreshToken
 //     REST fallback            _startFallback, _stopFallback, _poll, _pollChannel
 //
 // Positions: for every exact channel the client keeps where it stands, the hub's (epoch, seq) of the newest
@@ -31,13 +32,15 @@ export const DEFAULTS = Object.freeze({
   drainJitter: 5_000,
   maxQueue: 1_000,
   restBase: null,
+  token: null,
+  tokenRefreshBefore: 30_000,
 });
 
 /** What a channel name may look like (the server rejects anything else with `invalid_channel`). */
-const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,200}$/;
+const CHANNEL_RE = /^[A-Za-z0-9_.:@#-]{1,200}$/;
 
 /** A pattern: a channel-name prefix ending in `:`, then `*` (e.g. `prices:*`). */
-const PATTERN_RE = /^[A-Za-z0-9_.:@-]{1,200}(?<=:)\*$/;
+const PATTERN_RE = /^[A-Za-z0-9_.:@#-]{1,200}(?<=:)\*$/;
 
 /**
  * Close code the server sends when it is going away (restart, deploy). Every client of that hub gets it at the
@@ -45,14 +48,25 @@ const PATTERN_RE = /^[A-Za-z0-9_.:@-]{1,200}(?<=:)\*$/;
  */
 const CLOSE_GOING_AWAY = 1001;
 
+/**
+ * A channel name as a URL path segment: names hold only URL-path-safe characters but `#` (a user channel),
+ * which would start a fragment.
+ */
+function channelPath(channel) {
+  return channel.replace(/#/g, "%23");
+}
+
 /** Most history pages one REST fallback round reads for a channel that is far behind. */
 const MAX_CATCH_UP_PAGES = 10;
+/** Close code the server sends when the connection's token expired: fetch a fresh one and reconnect at once. */
+const CLOSE_TOKEN_EXPIRED = 4001;
 
 /** Error codes after which a subscription is dropped instead of retried on every reconnect. */
 const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "invalid_channel", "too_many_subscriptions", "bad_request"]);
 
 /**
- * Whether `name` is a valid channel name: 1-200 characters of `[A-Za-z0-9_.:@-]`.
+ * Whether `name` is a valid channel name: 1-200 characters of `[A-Za-z0-9_.:@#-]` (a name ending in `#<user>`
+ * is that user's channel).
  * @param {string} name
  * @returns {boolean}
  */
@@ -158,6 +172,12 @@ function safeCall(fn, ...args) {
  *   `ws://host:8080/ws` gives `http://host:8080`)
  * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (default: the global one)
  * @property {typeof fetch} [fetch]  fetch implementation for the REST fallback (default: the global one)
+ * @property {string|(() => Promise<string>)|null} [token=null]  a connection token (JWT) sent in an `auth` frame
+ *   first thing on every connection; or an async function returning one, called before each connect and again
+ *   `tokenRefreshBefore` ms before the token expires (the fresh token is sent on the open connection). A close
+ *   with 4001 (token expired) makes the client reconnect at once, with a fresh token from the function.
+ * @property {number} [tokenRefreshBefore=30000]  ms before `expires_at` to fetch a fresh token (at most half
+ *   the token's remaining lifetime)
  */
 
 /**
@@ -179,10 +199,12 @@ function safeCall(fn, ...args) {
  * in the latter case the REST fallback keeps polling until `close()`, and {@link RelayHub#connect} tries again).
  *
  * Events (see {@link RelayHub#on}): `status` (state, detail), `latency` (ms), `error` ({code, message, channel,
- * op, dropped}), `fallback` (active: boolean), `gap` ({channel, source}). `dropped` is true when the hub refused
- * a subscription for good (forbidden, invalid_channel, too_many_subscriptions, bad_request): the channel is
- * then forgotten. `gap`: the hub no longer holds everything the client missed on a channel (history trimmed or
- * expired, hub or Redis restarted); the channel's latest value follows as a snapshot.
+ * op, dropped}), `fallback` (active: boolean), `gap` ({channel, source}), `authed` ({user, expiresAt}: the hub
+ * accepted the token; errors with the token are `error` events with op `auth`, code `invalid_token`, or code
+ * `token_failed` when the token function failed). `dropped` is true when the hub refused a subscription for
+ * good (forbidden, invalid_channel, too_many_subscriptions, bad_request): the channel is then forgotten.
+ * `gap`: the hub no longer holds everything the client missed on a channel (history trimmed or expired, hub
+ * or Redis restarted); the channel's latest value follows as a snapshot.
  */
 export class RelayHub {
   /**
@@ -241,6 +263,12 @@ export class RelayHub {
      */
     this._answered = false;
     this._gaveUp = false;
+    /** The token sent on the current connection, and the timer that fetches a fresh one before it expires. */
+    this._token = null;
+    this._refreshTimer = null;
+    /** Counts token fetches before a connect; a fetch whose number is no longer current is ignored. */
+    this._tokenFetch = 0;
+    this._fetchingToken = false;
 
     this.connect();
   }
@@ -287,7 +315,7 @@ export class RelayHub {
    * hub no longer holds it, a `gap` event and then the latest value as a snapshot).
    * `channel` may also be a pattern such as `prices:*` (where the hub allows patterns): the callback then gets
    * the values of every matching channel, `meta.channel` telling which; the REST fallback skips patterns.
-   * @param {string} channel  1-200 characters of `[A-Za-z0-9_.:@-]`, or a pattern `prefix:*`
+   * @param {string} channel  1-200 characters of `[A-Za-z0-9_.:@#-]`, or a pattern `prefix:*`
    * @param {(data: any, meta: MessageMeta) => void} onMessage
    * @returns {() => void} a function that removes this callback (and unsubscribes when it was the last one)
    * @throws {TypeError} when the channel name is invalid or `onMessage` is not a function
@@ -378,7 +406,7 @@ export class RelayHub {
    * Subscriptions are kept across `close()`/`connect()`.
    */
   connect() {
-    if (this._ws !== null || this._reconnectTimer !== null) return;
+    if (this._ws !== null || this._reconnectTimer !== null || this._fetchingToken) return;
     this._gaveUp = false;
     this._attempt = 0;
     this._open("connecting");
@@ -390,6 +418,8 @@ export class RelayHub {
    */
   close() {
     this._gaveUp = false;
+    this._tokenFetch += 1;
+    this._fetchingToken = false;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
     this._stopFallback();
@@ -419,6 +449,15 @@ export class RelayHub {
   _open(state) {
     this._reconnectTimer = null;
     this._setStatus(state, { attempt: this._attempt });
+    if (typeof this.options.token === "function") {
+      this._openWithToken();
+      return;
+    }
+    this._token = this.options.token;
+    this._openSocket();
+  }
+
+  _openSocket() {
     let ws;
     try {
       ws = new this._WebSocket(this.url);
@@ -453,6 +492,8 @@ export class RelayHub {
     this._pings.clear();
     this._stopFallback();
     this._setStatus("open", {});
+    // First, so that the subscriptions after it are judged with this connection's identity.
+    if (this._token) this._sendAuth(this._token);
     this._resubscribeAndFlush();
     this._sendPing();
     clearInterval(this._heartbeatTimer);
@@ -506,6 +547,11 @@ export class RelayHub {
       case "unsubscribed":
         this._takePending(frame.id);
         break;
+      case "authed":
+        this._takePending(frame.id);
+        this._scheduleRefresh(frame.expires_at);
+        this._emit("authed", { user: frame.user, expiresAt: frame.expires_at });
+        break;
       case "error":
         this._onErrorFrame(frame);
         break;
@@ -557,16 +603,17 @@ export class RelayHub {
 
   _onClose(ws, code, reason) {
     if (this._ws !== ws) return;
-    this._lose(ws, code, reason);
+    // The hub's 4001 (token expired), not the client's own 4001 for a heartbeat timeout.
+    this._lose(ws, code, reason, code === CLOSE_TOKEN_EXPIRED);
   }
 
   /** Forgets the current socket (closing it if needed) and plans the next attempt. */
-  _lose(ws, code, reason) {
+  _lose(ws, code, reason, tokenExpired = false) {
     if (this._ws !== ws) return;
     const failed = !this._answered;
     this._dropSocket(4000, "replaced");
     this._failPending(new Error(`RelayHub: connection lost (${code})`));
-    this._scheduleReconnect({ code, reason, failed });
+    this._scheduleReconnect({ code, reason, failed, tokenExpired });
   }
 
   /** Detaches and closes the current socket; stops the heartbeat. */
@@ -575,8 +622,10 @@ export class RelayHub {
     this._ws = null;
     clearTimeout(this._connectTimer);
     clearInterval(this._heartbeatTimer);
+    clearTimeout(this._refreshTimer);
     this._connectTimer = null;
     this._heartbeatTimer = null;
+    this._refreshTimer = null;
     this._pings.clear();
     if (!ws) return;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
@@ -595,7 +644,7 @@ export class RelayHub {
    * The REST fallback starts only after a failed attempt: a hub that comes straight back (a deploy) costs no
    * round of REST requests from every client.
    */
-  _scheduleReconnect({ code, reason, failed }) {
+  _scheduleReconnect({ code, reason, failed, tokenExpired = false }) {
     if (this._attempt >= this.options.maxAttempts) {
       this._gaveUp = true;
       this._setStatus("closed", { code, reason, attempt: this._attempt, gaveUp: true });
@@ -606,12 +655,71 @@ export class RelayHub {
     const delay =
       code === CLOSE_GOING_AWAY && this._attempt === 0
         ? Math.floor(Math.random() * this.options.drainJitter)
-        : backoffDelay(this._attempt, this.options.backoffBase, this.options.backoffMax);
+        : tokenExpired && this._attempt === 0
+          ? 0
+          : backoffDelay(this._attempt, this.options.backoffBase, this.options.backoffMax);
     this._attempt += 1;
     this._setStatus("reconnecting", { code, reason, attempt: this._attempt, delay });
     if (failed) this._startFallbackSoon();
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
+  }
+
+  // --- token -------------------------------------------------------------------------------------------------
+
+  /** Asks the token function for a token, then opens the socket; a failed fetch counts as a failed attempt. */
+  _openWithToken() {
+    const fetchNumber = ++this._tokenFetch;
+    this._fetchingToken = true;
+    Promise.resolve()
+      .then(() => this.options.token())
+      .then(
+        (token) => {
+          if (fetchNumber !== this._tokenFetch) return; // closed meanwhile
+          this._fetchingToken = false;
+          this._token = token;
+          this._openSocket();
+        },
+        (err) => {
+          if (fetchNumber !== this._tokenFetch) return;
+          this._fetchingToken = false;
+          this._emit("error", { code: "token_failed", message: String(err?.message ?? err), channel: null, op: "auth" });
+          this._scheduleReconnect({ code: 1006, reason: "token fetch failed", failed: true });
+        },
+      );
+  }
+
+  _sendAuth(token) {
+    this._send({ op: "auth", token }, null);
+  }
+
+  /** Plans the fetch of a fresh token `tokenRefreshBefore` ms before `expiresAt` (an RFC 3339 time). */
+  _scheduleRefresh(expiresAt) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const left = Date.parse(expiresAt) - Date.now();
+    if (typeof this.options.token !== "function" || !Number.isFinite(left)) return;
+    const wait = Math.max(0, left - Math.min(this.options.tokenRefreshBefore, left / 2));
+    this._refreshTimer = setTimeout(() => this._refreshToken(), wait);
+  }
+
+  /** Sends a fresh token on the open connection; if none comes in time, the hub closes with 4001. */
+  _refreshToken() {
+    this._refreshTimer = null;
+    const ws = this._ws;
+    Promise.resolve()
+      .then(() => this.options.token())
+      .then(
+        (token) => {
+          if (this._ws !== ws || !this._isOpen()) return;
+          this._token = token;
+          this._sendAuth(token);
+        },
+        (err) => {
+          if (this._ws !== ws) return;
+          this._emit("error", { code: "token_failed", message: String(err?.message ?? err), channel: null, op: "auth" });
+        },
+      );
   }
 
   // --- outgoing frames ---------------------------------------------------------------------------------------
@@ -854,7 +962,7 @@ export class RelayHub {
     for (let page = 0; !snapshot && page < MAX_CATCH_UP_PAGES; page++) {
       const query = new URLSearchParams({ since_seq: String(sub.pos.seq) });
       if (sub.pos.epoch !== null) query.set("epoch", sub.pos.epoch);
-      const body = await this._getJson(`/api/channels/${channel}/history?${query}`);
+      const body = await this._getJson(`/api/channels/${channelPath(channel)}/history?${query}`);
       if (!live() || body === null || !Array.isArray(body.items)) return;
       if (body.recovered !== true) {
         // As on the socket: a fresh position at the hub's newest seq, a gap, then the latest value.
@@ -874,7 +982,7 @@ export class RelayHub {
     }
     if (!snapshot) return; // still catching up after MAX_CATCH_UP_PAGES: the next round goes on
     // Channel names hold only URL-path-safe characters, so they go into the path as they are.
-    const body = await this._getJson(`/api/channels/${channel}`);
+    const body = await this._getJson(`/api/channels/${channelPath(channel)}`);
     if (!live() || body === null) return;
     this._deliverRest(channel, body, true);
   }
@@ -896,8 +1004,11 @@ export class RelayHub {
     const ctl = typeof AbortController === "function" ? new AbortController() : null;
     const timer = ctl ? setTimeout(() => ctl.abort(), Math.max(1000, this.options.fallbackInterval)) : null;
     try {
+      // A channel that needs a token is read with the connection's token.
+      const headers = { Accept: "application/json" };
+      if (this._token) headers.Authorization = `Bearer ${this._token}`;
       const res = await this._fetch(`${this.restBase}${path}`, {
-        headers: { Accept: "application/json" },
+        headers,
         cache: "no-store",
         signal: ctl?.signal,
       });

@@ -24,6 +24,9 @@ fuzz_target!(|data: &[u8]| {
             protocol::published_frame(&parsed.id, channel, Some(1))
         }
         Ok(ClientFrame::Ping) => protocol::pong_frame(&parsed.id),
+        Ok(ClientFrame::Auth { token }) => {
+            protocol::authed_frame(&parsed.id, token, "2026-01-01T00:00:00Z")
+        }
         Err(error) => protocol::error_frame(&parsed.id, error),
     };
     let json: Value = serde_json::from_str(&answer).expect("every answer is JSON");

@@ -37,6 +37,55 @@ pub struct Config {
     pub poller: PollerConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// Token authentication (JWT); with no key configured, connections are anonymous.
+    pub auth: AuthConfig,
+}
+
+/// Where the keys that verify tokens come from, and what a token must say. At most one key source; none
+/// leaves token auth off (every connection anonymous, every namespace open as configured).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret of HS256 tokens (`RELAYHUB_JWT_SECRET` overrides it); at least 32 bytes.
+    pub jwt_hs256_secret: String,
+    /// PEM file with the public key of RS256 (RSA key) or ES256 (P-256 key) tokens; the algorithm is taken
+    /// from the key, never from a token's header.
+    pub jwt_public_key_file: String,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: String,
+    /// When set, a token's `aud` must contain it.
+    pub audience: String,
+    /// URL of a JWKS (the identity provider's public keys, RS256 and ES256, by `kid`): fetched at start,
+    /// every `jwks_refresh_interval`, and when a token names a `kid` the cached set lacks.
+    pub jwks_url: String,
+    /// Time allowed for one JWKS fetch, body included.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_timeout: Duration,
+    /// Largest JWKS body accepted.
+    pub jwks_max_bytes: usize,
+    /// Fetches asked for by unknown `kid`s are at least this far apart: made-up `kid`s cannot hammer the
+    /// identity provider.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_min_refresh_interval: Duration,
+    /// How often the JWKS is fetched anyway.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_refresh_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_hs256_secret: String::new(),
+            jwt_public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_url: String::new(),
+            jwks_timeout: Duration::from_secs(5),
+            jwks_max_bytes: 1024 * 1024,
+            jwks_min_refresh_interval: Duration::from_secs(30),
+            jwks_refresh_interval: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +342,11 @@ pub struct NamespaceConfig {
     /// Age past which a message no longer counts as history.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub history_ttl: Option<Duration>,
+    /// `false`: only connections with a valid token may subscribe here (default `true`). Needs `[auth]`.
+    pub anonymous: Option<bool>,
+    /// `true`: only connections whose token's `channels` claim matches the channel, or that present a
+    /// subscription token for it, may subscribe (default `false`). Needs `[auth]`.
+    pub private: bool,
     /// What happens to a connection over its queue bound, for this namespace's messages.
     pub slow_consumer: Option<SlowConsumer>,
 }
@@ -315,6 +369,10 @@ pub enum SlowConsumer {
 pub struct ChannelPolicy {
     pub client_publish: bool,
     pub patterns: bool,
+    /// Subscribing needs no token.
+    pub anonymous: bool,
+    /// Subscribing needs a `channels` claim or a subscription token for the channel.
+    pub private: bool,
     pub ttl: Duration,
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -484,6 +542,15 @@ impl Default for PollerConfig {
     }
 }
 
+impl AuthConfig {
+    /// Whether a key to verify tokens is configured.
+    pub fn enabled(&self) -> bool {
+        !self.jwt_hs256_secret.is_empty()
+            || !self.jwt_public_key_file.is_empty()
+            || !self.jwks_url.is_empty()
+    }
+}
+
 /// A configuration problem: which key (or variable, or file) and what is wrong with it.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -553,6 +620,9 @@ impl Config {
         }
         if let Some(token) = var("RELAYHUB_ADMIN_TOKEN") {
             self.server.admin_token = token;
+        }
+        if let Some(secret) = var("RELAYHUB_JWT_SECRET") {
+            self.auth.jwt_hs256_secret = secret;
         }
         if let Some(id) = var("RELAYHUB_INSTANCE_ID") {
             self.server.instance_id = id;
@@ -728,10 +798,63 @@ impl Config {
         if self.poller.max_jobs == 0 {
             return err("poller.max_jobs", "must be at least 1");
         }
+        let key_sources = [
+            !self.auth.jwt_hs256_secret.is_empty(),
+            !self.auth.jwt_public_key_file.is_empty(),
+            !self.auth.jwks_url.is_empty(),
+        ];
+        if key_sources.iter().filter(|set| **set).count() > 1 {
+            return err(
+                "auth.jwt_public_key_file",
+                "set one of auth.jwt_hs256_secret, auth.jwt_public_key_file and auth.jwks_url",
+            );
+        }
+        let url = &self.auth.jwks_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return err("auth.jwks_url", "must be an http:// or https:// URL");
+        }
+        if self.auth.jwks_timeout.is_zero() {
+            return err("auth.jwks_timeout", "must be more than zero");
+        }
+        if self.auth.jwks_max_bytes < 1024 {
+            return err("auth.jwks_max_bytes", "must be at least 1024");
+        }
+        if self.auth.jwks_min_refresh_interval < Duration::from_secs(1) {
+            return err("auth.jwks_min_refresh_interval", "must be at least 1s");
+        }
+        if self.auth.jwks_refresh_interval < self.auth.jwks_min_refresh_interval {
+            return err(
+                "auth.jwks_refresh_interval",
+                "must be at least auth.jwks_min_refresh_interval",
+            );
+        }
+        if !self.auth.jwt_hs256_secret.is_empty() && self.auth.jwt_hs256_secret.len() < 32 {
+            return err(
+                "auth.jwt_hs256_secret",
+                "must be at least 32 bytes (a shorter HS256 secret can be guessed offline from one token)",
+            );
+        }
+        if !self.auth.enabled() {
+            for (name, ns) in &self.namespaces {
+                if ns.anonymous == Some(false) {
+                    return err(
+                        &format!("namespaces.{name}.anonymous"),
+                        "false needs token auth: set auth.jwt_hs256_secret, auth.jwt_public_key_file or auth.jwks_url",
+                    );
+                }
+                if ns.private {
+                    return err(
+                        &format!("namespaces.{name}.private"),
+                        "true needs token auth: set auth.jwt_hs256_secret, auth.jwt_public_key_file or auth.jwks_url",
+                    );
+                }
+            }
+        }
         for name in self.namespaces.keys() {
             if name.is_empty()
                 || !name.bytes().all(crate::core::protocol::is_channel_byte)
                 || name.contains(':')
+                || name.contains('#')
             {
                 return err(
                     &format!("namespaces.{name}"),
@@ -840,6 +963,8 @@ impl Config {
             Some(ns) => Some(ChannelPolicy {
                 client_publish: ns.client_publish,
                 patterns: ns.patterns,
+                anonymous: ns.anonymous.unwrap_or(true),
+                private: ns.private,
                 ttl: ns.ttl.unwrap_or(defaults.ttl),
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
@@ -855,6 +980,8 @@ impl Config {
         ChannelPolicy {
             client_publish: false,
             patterns: false,
+            anonymous: true,
+            private: false,
             ttl: self.channels.ttl,
             history_size: self.channels.history_size,
             history_ttl: self.channels.history_ttl,

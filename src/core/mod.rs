@@ -12,3 +12,4 @@ pub mod position;
 pub mod protocol;
 pub mod publication;
 pub mod random;
+pub mod token;

@@ -26,6 +26,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// Internal error.
     pub const INTERNAL: u16 = 1011;
+    /// The connection's token expired and no new one came in an `auth` frame: get a fresh token and
+    /// reconnect. The hub's own codes are in 4000-4999; this is the only one so far.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// Error codes of `{"type":"error"}` frames and of HTTP error bodies.
@@ -52,6 +55,10 @@ pub enum ErrorCode {
     Unavailable,
     /// Something failed on the server.
     Internal,
+    /// A token that does not verify: malformed, expired, wrongly signed, another algorithm, issuer or audience.
+    InvalidToken,
+    /// The namespace needs a valid connection token and this connection has none.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -67,6 +74,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -97,6 +106,12 @@ pub enum ClientFrame {
         channel: String,
         /// Where the client stands (`"since":{"epoch","seq"}`): recover what it missed after it.
         since: Option<crate::core::position::Position>,
+        /// A subscription token for this channel.
+        token: Option<String>,
+    },
+    /// A connection token: the first one, or a fresh one before the current one expires.
+    Auth {
+        token: String,
     },
     Unsubscribe {
         channel: String,
@@ -126,6 +141,8 @@ struct RawFrame<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
 }
 
 /// `"since":{"epoch":"E","seq":41}` as a client sends it.
@@ -192,7 +209,20 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
             }
         }
     };
+    let token = || -> Result<Option<String>, ProtocolError> {
+        match raw.token {
+            None => Ok(None),
+            Some(t) if t.get() == "null" => Ok(None),
+            Some(t) => serde_json::from_str(t.get())
+                .map(Some)
+                .map_err(|_| bad("`token` must be a string".into())),
+        }
+    };
     match op.as_str() {
+        "auth" => match token()? {
+            Some(token) => Ok(ClientFrame::Auth { token }),
+            None => Err(bad("`auth` needs a `token`".into())),
+        },
         "subscribe" => {
             let since = match raw.since {
                 None => None,
@@ -215,6 +245,7 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
             Ok(ClientFrame::Subscribe {
                 channel: channel()?,
                 since,
+                token: token()?,
             })
         }
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
@@ -236,9 +267,18 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
     }
 }
 
-/// Whether a byte may appear in a channel name: `[A-Za-z0-9_.:@-]`.
+/// Whether a byte may appear in a channel name: `[A-Za-z0-9_.:@#-]`. `#` marks a user channel
+/// (`budget:alerts#42`: only user `42` may subscribe).
 pub fn is_channel_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'#' | b'-')
+}
+
+/// The user a channel belongs to: what follows its last `#`, if anything does.
+pub fn channel_owner(channel: &str) -> Option<&str> {
+    channel
+        .rsplit_once('#')
+        .map(|(_, user)| user)
+        .filter(|user| !user.is_empty())
 }
 
 /// Checks a concrete channel name.
@@ -252,7 +292,7 @@ pub fn validate_channel(channel: &str) -> Result<(), ProtocolError> {
     if !channel.bytes().all(is_channel_byte) {
         return Err(ProtocolError::new(
             ErrorCode::InvalidChannel,
-            "channel names use only A-Z a-z 0-9 _ . : @ -",
+            "channel names use only A-Z a-z 0-9 _ . : @ # -",
         ));
     }
     Ok(())
@@ -337,12 +377,31 @@ pub fn unsubscribed_frame(id: &RequestId, channel: &str) -> ByteString {
     reply("unsubscribed", id, Some(channel), "")
 }
 
+/// `unsubscribed` that the client did not ask for: the subscription's token expired (`token_expired`) or a
+/// fresh connection token no longer covers it (`forbidden`).
+pub fn revoked_frame(channel: &str, reason: &str) -> ByteString {
+    let mut extra = String::with_capacity(16 + reason.len());
+    extra.push_str(",\"reason\":");
+    write_json_str(&mut extra, reason);
+    reply("unsubscribed", &None, Some(channel), &extra)
+}
+
 pub fn published_frame(id: &RequestId, channel: &str, seq: Option<u64>) -> ByteString {
     let extra = match seq {
         Some(seq) => format!(",\"seq\":{seq}"),
         None => String::new(),
     };
     reply("published", id, Some(channel), &extra)
+}
+
+/// `authed`: the connection now acts as `user` until `expires_at` (RFC 3339).
+pub fn authed_frame(id: &RequestId, user: &str, expires_at: &str) -> ByteString {
+    let mut extra = String::with_capacity(32 + user.len() + expires_at.len());
+    extra.push_str(",\"user\":");
+    write_json_str(&mut extra, user);
+    extra.push_str(",\"expires_at\":");
+    write_json_str(&mut extra, expires_at);
+    reply("authed", id, None, &extra)
 }
 
 pub fn pong_frame(id: &RequestId) -> ByteString {
@@ -388,7 +447,7 @@ mod tests {
         let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
         assert!(
-            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None } if channel == "prices:BTC")
+            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None, token: None } if channel == "prices:BTC")
         );
         let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
         assert!(p.id.is_none());
@@ -449,6 +508,35 @@ mod tests {
                 .unwrap()
                 .get(),
             "9"
+        );
+    }
+
+    #[test]
+    fn auth_frames_and_tokens() {
+        match parse_client_frame(r#"{"op":"auth","token":"a.b.c","id":1}"#).frame {
+            Ok(ClientFrame::Auth { token }) => assert_eq!(token, "a.b.c"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(err(r#"{"op":"auth"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(
+            err(r#"{"op":"auth","token":5}"#).code,
+            ErrorCode::BadRequest
+        );
+        match parse_client_frame(r#"{"op":"subscribe","channel":"a:b","token":"t"}"#).frame {
+            Ok(ClientFrame::Subscribe { token, .. }) => assert_eq!(token.as_deref(), Some("t")),
+            other => panic!("{other:?}"),
+        }
+        assert!(validate_channel("budget:alerts#42").is_ok());
+        assert_eq!(channel_owner("budget:alerts#42"), Some("42"));
+        assert_eq!(channel_owner("budget:a#b#7"), Some("7"));
+        assert_eq!(channel_owner("budget:alerts#"), None);
+        assert_eq!(channel_owner("budget:alerts"), None);
+        let id: RequestId = Some(RawValue::from_string("1".into()).unwrap());
+        let v: serde_json::Value =
+            serde_json::from_str(&authed_frame(&id, "4\"2", "2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"authed","id":1,"user":"4\"2","expires_at":"2026-01-01T00:00:00Z"})
         );
     }
 

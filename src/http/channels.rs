@@ -1,23 +1,69 @@
 //! `GET /api/channels/{channel}` (the latest value: the REST fallback for clients whose WebSocket fails) and
 //! `GET /api/channels/{channel}/history?limit=N` (the last snapshots, newest first; with `since_seq=N` and
-//! `epoch=E`, what a client that saw up to N missed, oldest first, and whether that is all of it).
+//! `epoch=E`, what a client that saw up to N missed, oldest first, and whether that is all of it). A channel
+//! that needs a token to subscribe needs the same connection token here, as `Authorization: Bearer <jwt>`.
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::value::RawValue;
 
 use std::sync::Arc;
 
 use crate::core::position::Position;
-use crate::core::protocol::{MAX_EPOCH_LEN, validate_channel};
+use crate::core::protocol::{ErrorCode, MAX_EPOCH_LEN, Target, validate_channel};
 use crate::core::publication::Publication;
+use crate::core::token;
 use crate::engine::Window;
+use crate::http::auth::bearer_token;
 use crate::http::reply::error_response;
 use crate::node::hub::Hub;
 
-pub async fn latest(hub: web::Data<Hub>, channel: web::Path<String>) -> HttpResponse {
+/// The answer refusing to read `channel`, if the request may not: the rules of a subscribe, with the bearer
+/// token as the connection token (subscription tokens are for WebSocket subscribes only).
+fn read_refusal(hub: &Hub, req: &HttpRequest, channel: &str) -> Option<HttpResponse> {
+    let policy = hub
+        .config()
+        .policy(channel)
+        .unwrap_or_else(|| hub.config().default_policy());
+    let identity = match (hub.verifier(), bearer_token(req)) {
+        (Some(verifier), Some(bearer)) => match verifier.verify_connection(bearer) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+                return Some(error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    &e.message,
+                ));
+            }
+        },
+        _ => None,
+    };
+    let target = Target::Channel(channel.to_string());
+    let auth = hub.verifier().is_some();
+    let refused = token::may_subscribe(auth, &policy, &target, identity.as_ref(), None).err()?;
+    crate::stats::Stats::add(&hub.stats().auth_refused, 1);
+    let status = match refused.code {
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::FORBIDDEN,
+    };
+    Some(error_response(
+        status,
+        refused.code.as_str(),
+        &refused.message,
+    ))
+}
+
+pub async fn latest(
+    hub: web::Data<Hub>,
+    req: HttpRequest,
+    channel: web::Path<String>,
+) -> HttpResponse {
     if let Err(e) = validate_channel(&channel) {
         return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+    }
+    if let Some(refused) = read_refusal(&hub, &req, &channel) {
+        return refused;
     }
     match hub.cached_latest(&channel).await {
         Some(p) => HttpResponse::Ok()
@@ -66,12 +112,16 @@ struct History<'a> {
 
 pub async fn history(
     hub: web::Data<Hub>,
+    req: HttpRequest,
     channel: web::Path<String>,
     // Taken as a `Result` so a bad query gets the API's error shape, not actix's plain-text reply.
     query: Result<web::Query<HistoryQuery>, actix_web::Error>,
 ) -> HttpResponse {
     if let Err(e) = validate_channel(&channel) {
         return error_response(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+    }
+    if let Some(refused) = read_refusal(&hub, &req, &channel) {
+        return refused;
     }
     let query = match query {
         Ok(query) => query.into_inner(),

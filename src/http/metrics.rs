@@ -93,7 +93,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 22] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 27] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -203,6 +203,31 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_pattern_scans_truncated_total",
             "Pattern snapshot look-ups stopped by channels.max_pattern_scan.",
             &s.pattern_scans_truncated,
+        ),
+        (
+            "relayhub_tokens_rejected_total",
+            "Tokens that did not verify (at the upgrade, in auth frames, with subscribes).",
+            &s.tokens_rejected,
+        ),
+        (
+            "relayhub_auth_refused_total",
+            "Subscribes and client publishes refused by the token rules.",
+            &s.auth_refused,
+        ),
+        (
+            "relayhub_tokens_expired_total",
+            "Connections closed with 4001 because their token expired.",
+            &s.tokens_expired,
+        ),
+        (
+            "relayhub_jwks_fetches_total",
+            "JWKS fetches that installed a key set.",
+            &s.jwks_fetches,
+        ),
+        (
+            "relayhub_jwks_fetch_failures_total",
+            "JWKS fetches that failed; the keys held before stay in use.",
+            &s.jwks_fetch_failures,
         ),
     ];
     for (name, help, counter) in counters {

@@ -4,6 +4,7 @@ pub mod admission;
 pub mod auth;
 pub mod channels;
 pub mod health;
+pub mod jwks;
 pub mod metrics;
 pub mod openapi;
 pub mod polling;

@@ -1,7 +1,7 @@
 //! The WebSocket upgrade: everything decided before a connection becomes a session. Method and path, shutdown,
 //! the handshake, the origin, and the connection budgets (admission), in that order, each refusal answered
-//! with the API's JSON error shape; then the 101 and a session on this worker thread. Token checks belong
-//! here too.
+//! with the API's JSON error shape; then the 101 and a session on this worker thread. A connection token in
+//! the query (`?token=<jwt>`) is verified here, so a bad one is answered 401 before a session exists.
 
 use actix::prelude::*;
 use actix_http::h1;
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
+use crate::core::token::Identity;
 use crate::http::admission::Admission;
 use crate::http::auth::origin_allowed;
 use crate::http::reply::{error_body, error_response};
@@ -66,6 +67,17 @@ pub async fn accept(
     } else {
         None
     };
+    let token = match refusal {
+        Some(_) => Ok(None),
+        None => connection_token(&hub, head.uri.query()).await,
+    };
+    let token_problem = token.as_ref().err().cloned();
+    let refusal = refusal.or_else(|| {
+        token_problem
+            .as_deref()
+            .map(|message| (StatusCode::UNAUTHORIZED, "invalid_token", message))
+    });
+    let identity = token.ok().flatten();
     // Checked last, so a handshake that is refused anyway takes no slot. The permit goes into the session and
     // is given back when the session's context is dropped, however the connection ends.
     let admitted = match refusal {
@@ -121,8 +133,60 @@ pub async fn accept(
         BytesMut::from(&parts.read_buf[..])
     };
     let transport = Transport::new(io, input, outbox.clone(), limits.transport());
-    crate::node::session::start(hub, registry, limits, transport, outbox, Box::new(permit));
+    crate::node::session::start(
+        hub,
+        registry,
+        limits,
+        transport,
+        outbox,
+        Box::new(permit),
+        identity,
+    );
     Ok(())
+}
+
+/// The identity of a `?token=` connection token: `Ok(None)` without one (or when no key is configured, so
+/// the connection is anonymous as it would be anyway), `Err` with the reason when it does not verify.
+/// A token naming a `kid` the cached JWKS lacks waits for one fresh fetch (when the fetch rate allows one) and
+/// is verified again.
+async fn connection_token(hub: &Hub, query: Option<&str>) -> Result<Option<Identity>, String> {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        token: Option<String>,
+    }
+    let (Some(verifier), Some(query)) = (hub.verifier(), query) else {
+        return Ok(None);
+    };
+    let token = match actix_web::web::Query::<Query>::from_query(query) {
+        Ok(q) => q.into_inner().token,
+        Err(_) => {
+            crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+            return Err("the query string is malformed".into());
+        }
+    };
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let mut verified = verifier.verify_connection(&token);
+    if let (Err(e), Some(jwks)) = (&verified, verifier.jwks())
+        && e.unknown_key
+    {
+        let mut installed = jwks.installed();
+        installed.borrow_and_update();
+        if jwks.request_refresh() {
+            let wait = hub.config().auth.jwks_timeout + std::time::Duration::from_secs(1);
+            if tokio::time::timeout(wait, installed.changed())
+                .await
+                .is_ok()
+            {
+                verified = verifier.verify_connection(&token);
+            }
+        }
+    }
+    verified.map(Some).map_err(|e| {
+        crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
+        e.message
+    })
 }
 
 fn handshake_problem(error: &HandshakeError) -> &'static str {

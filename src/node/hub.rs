@@ -11,6 +11,7 @@ use actix::prelude::*;
 
 use crate::core::config::Config;
 use crate::core::publication::Publication;
+use crate::core::token::Verifier;
 use crate::engine::{Engine, LinkHealth, MemoryUsage, Reach};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Counts, Fanout};
@@ -76,6 +77,8 @@ struct Inner {
     shutting_down: AtomicBool,
     next_session: AtomicU64,
     started: Instant,
+    /// Verifies connection and subscription tokens; `None` when `[auth]` names no key.
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl Hub {
@@ -85,6 +88,7 @@ impl Hub {
         engine: Engine,
         fanout: Arc<Fanout>,
         instance_id: String,
+        verifier: Option<Arc<Verifier>>,
     ) -> Hub {
         let metrics = Arc::new(Metrics::new(&config));
         Hub {
@@ -98,12 +102,18 @@ impl Hub {
                 shutting_down: AtomicBool::new(false),
                 next_session: AtomicU64::new(1),
                 started: Instant::now(),
+                verifier,
             }),
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The token verifier, when token auth is configured.
+    pub fn verifier(&self) -> Option<&Verifier> {
+        self.inner.verifier.as_deref()
     }
 
     pub fn stats(&self) -> &Stats {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use crate::core::config::{ChannelPolicy, SlowConsumer};
 use crate::core::position::{self, Position, Step, Verdict, admit};
-use crate::core::protocol::{self, RequestId, Target, close};
+use crate::core::protocol::{self, RequestId, Target, channel_owner, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
 use crate::metrics::Metrics;
@@ -306,7 +306,8 @@ impl Registry {
             }
             exact_subscribers = Some(&*entry);
         }
-        if !self.patterns.is_empty() {
+        // A user channel (`...#42`) goes to its exact subscribers only: a pattern cannot prove whose it is.
+        if !self.patterns.is_empty() && channel_owner(&publication.channel).is_none() {
             let mut matching = self
                 .patterns
                 .iter()
@@ -871,7 +872,11 @@ impl Registry {
         let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
         let fut = async move { engine.latest_matching(&prefix, limit).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
-            let frames: Vec<Bytes> = snapshots.iter().map(|p| p.snapshot_wire()).collect();
+            let frames: Vec<Bytes> = snapshots
+                .iter()
+                .filter(|p| channel_owner(&p.channel).is_none())
+                .map(|p| p.snapshot_wire())
+                .collect();
             for id in ids {
                 if let Some(session) = act.sessions.get(&id) {
                     for frame in &frames {

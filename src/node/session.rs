@@ -2,7 +2,7 @@
 //! subscriptions and runs the heartbeat. Its socket is driven by a [`Transport`] spawned into its context;
 //! what it sends goes through the connection's [`Outbox`], the same queue its registry delivers into.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use crate::core::protocol::{
     self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
     parse_target,
 };
+use crate::core::token::{self, Identity, Standing};
 use crate::node::hub::{Hub, PublishError};
 use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
 use crate::node::registry::Registry;
@@ -157,6 +158,12 @@ pub struct Session {
     resume_input: Option<Waker>,
     /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
     _permit: Permit,
+    /// Who the connection is, from its last valid connection token; `None`: anonymous.
+    identity: Option<Identity>,
+    /// The timer that closes the connection with 4001 when `identity` expires.
+    expiry: Option<SpawnHandle>,
+    /// Subscriptions that rest on a token (the connection's or a subscription token), by name.
+    standing: HashMap<String, Standing>,
 }
 
 impl Session {
@@ -166,6 +173,7 @@ impl Session {
         limits: SessionLimits,
         outbox: Outbox,
         permit: Permit,
+        identity: Option<Identity>,
     ) -> Session {
         Session {
             id: hub.next_session_id(),
@@ -183,6 +191,9 @@ impl Session {
             publishing: false,
             resume_input: None,
             _permit: permit,
+            identity,
+            expiry: None,
+            standing: HashMap::new(),
         }
     }
 
@@ -279,7 +290,12 @@ impl Session {
                 self.outbox.push_text(&protocol::pong_frame(&id));
                 Ok(())
             }
-            ClientFrame::Subscribe { channel, since } => self.subscribe(&id, channel, since),
+            ClientFrame::Subscribe {
+                channel,
+                since,
+                token,
+            } => self.subscribe(&id, channel, since, token, ctx),
+            ClientFrame::Auth { token } => self.authenticate(&id, &token, ctx),
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
             ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
         };
@@ -293,6 +309,8 @@ impl Session {
         id: &RequestId,
         name: String,
         since: Option<Position>,
+        token: Option<String>,
+        ctx: &mut Context<Self>,
     ) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
         let policy_channel = match &target {
@@ -309,6 +327,7 @@ impl Session {
                 "pattern subscriptions are not enabled for this namespace",
             ));
         }
+        let standing = self.may_subscribe(&policy, &target, token.as_deref())?;
         if self.subscriptions.contains(&name) {
             // Idempotent: answer again, change nothing (no second snapshot).
             self.outbox
@@ -337,6 +356,7 @@ impl Session {
             ));
         }
         let ack = frame::text(&protocol::subscribed_frame(id, &name));
+        self.rest_on(&name, standing, ctx);
         self.subscriptions.insert(name);
         self.patterns += usize::from(is_pattern);
         // Patterns do not recover: `since` applies to one channel's numbering.
@@ -361,6 +381,7 @@ impl Session {
             ));
         }
         self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
+        self.standing.remove(&name);
         self.registry.do_send(Unsubscribe {
             id: self.id,
             target,
@@ -388,6 +409,10 @@ impl Session {
                 "clients may not publish to this namespace",
             ));
         }
+        let auth = self.hub.verifier().is_some();
+        token::may_publish(auth, &policy, &channel, self.identity.as_ref()).inspect_err(|_| {
+            Stats::add(&self.hub.stats().auth_refused, 1);
+        })?;
         let hub = self.hub.clone();
         let fut = async move {
             let result = hub.publish(&channel, data.get()).await;
@@ -417,12 +442,176 @@ impl Session {
     }
 }
 
+/// Token auth: the connection's identity, its expiry, and the subscriptions that rest on tokens.
+impl Session {
+    /// Checks a subscribe against the token rules; a subscription token sent with it is verified first.
+    fn may_subscribe(
+        &self,
+        policy: &crate::core::config::ChannelPolicy,
+        target: &Target,
+        token: Option<&str>,
+    ) -> Result<Standing, ProtocolError> {
+        let stats = self.hub.stats();
+        let grant = match (self.hub.verifier(), token) {
+            (Some(verifier), Some(token)) => {
+                Some(verifier.verify_subscription(token).map_err(|e| {
+                    Stats::add(&stats.tokens_rejected, 1);
+                    ProtocolError::from(e)
+                })?)
+            }
+            _ => None,
+        };
+        let auth = self.hub.verifier().is_some();
+        token::may_subscribe(auth, policy, target, self.identity.as_ref(), grant.as_ref())
+            .inspect_err(|_| Stats::add(&stats.auth_refused, 1))
+    }
+
+    /// Remembers what a new subscription rests on; one resting on a subscription token ends when it expires.
+    fn rest_on(&mut self, name: &str, standing: Standing, ctx: &mut Context<Self>) {
+        match standing {
+            Standing::Open => return,
+            Standing::ConnectionToken => {}
+            Standing::SubscriptionToken(expires_at) => {
+                Self::watch_grant(name.to_string(), expires_at, ctx)
+            }
+        }
+        self.standing.insert(name.to_string(), standing);
+    }
+
+    /// Ends the subscription `name` when its subscription token expires (if it still rests on that token).
+    fn watch_grant(name: String, expires_at: u64, ctx: &mut Context<Self>) {
+        ctx.run_later(until(expires_at), move |act, ctx| {
+            if act.standing.get(&name) != Some(&Standing::SubscriptionToken(expires_at)) {
+                return;
+            }
+            if token::now_secs() < expires_at {
+                // The timer is capped (see `until`): not there yet.
+                return Self::watch_grant(name, expires_at, ctx);
+            }
+            act.revoke(&name, "token_expired");
+        });
+    }
+
+    /// Ends a subscription the connection may no longer hold, telling the client why.
+    fn revoke(&mut self, name: &str, reason: &str) {
+        let Ok(target) = parse_target(name) else {
+            return;
+        };
+        if !self.subscriptions.remove(name) {
+            return;
+        }
+        self.standing.remove(name);
+        self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
+        self.registry.do_send(Unsubscribe {
+            id: self.id,
+            target,
+        });
+        self.outbox
+            .push_text(&protocol::revoked_frame(name, reason));
+    }
+
+    /// `{"op":"auth"}`: a first or a fresh connection token. A bad one changes nothing.
+    fn authenticate(
+        &mut self,
+        id: &RequestId,
+        token: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), ProtocolError> {
+        let Some(verifier) = self.hub.verifier() else {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidToken,
+                "this hub has no token auth configured",
+            ));
+        };
+        let identity = verifier.verify_connection(token).map_err(|e| {
+            Stats::add(&self.hub.stats().tokens_rejected, 1);
+            // A key the cached JWKS lacks: fetch it (rate-limited) for the client's next try.
+            if e.unknown_key
+                && let Some(jwks) = verifier.jwks()
+            {
+                jwks.request_refresh();
+            }
+            ProtocolError::from(e)
+        })?;
+        if let Some(current) = &self.identity
+            && current.user != identity.user
+        {
+            Stats::add(&self.hub.stats().auth_refused, 1);
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "a connection's user cannot change: reconnect with the other user's token",
+            ));
+        }
+        self.outbox.push_text(&protocol::authed_frame(
+            id,
+            &identity.user,
+            &identity.expires_at_rfc3339(),
+        ));
+        self.identity = Some(identity);
+        self.schedule_expiry(ctx);
+        // The new token's claims may cover less than the last one's.
+        let resting: Vec<String> = self
+            .standing
+            .iter()
+            .filter(|(_, s)| **s == Standing::ConnectionToken)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in resting {
+            let still = parse_target(&name).ok().and_then(|target| {
+                let policy = self.hub.config().policy(&name)?;
+                token::may_subscribe(true, &policy, &target, self.identity.as_ref(), None).ok()
+            });
+            if still.is_none() {
+                self.revoke(&name, "forbidden");
+            }
+        }
+        Ok(())
+    }
+
+    /// Arms the timer that closes the connection with 4001 once its token expires.
+    fn schedule_expiry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.expiry.take() {
+            ctx.cancel_future(handle);
+        }
+        let Some(identity) = &self.identity else {
+            return;
+        };
+        let at = identity.expires_at;
+        self.expiry = Some(ctx.run_later(until(at), move |act, ctx| {
+            act.expiry = None;
+            if act.identity.as_ref().is_none_or(|i| i.expires_at != at) {
+                return;
+            }
+            if token::now_secs() < at {
+                // The timer is capped (see `until`): not there yet.
+                return act.schedule_expiry(ctx);
+            }
+            if act.outbox.close(close::TOKEN_EXPIRED, "token expired") {
+                Stats::add(&act.hub.stats().tokens_expired, 1);
+                log::debug!("session {}: token expired", act.id);
+            }
+        }));
+    }
+}
+
+/// Time until `expires_at` (seconds since the epoch), capped at a day so a far expiry never overflows a
+/// timer; a capped timer re-arms itself.
+fn until(expires_at: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(expires_at)
+        .saturating_sub(now)
+        .min(Duration::from_secs(86_400))
+}
+
 impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         Stats::add(&self.hub.stats().connections, 1);
         self.heartbeat(ctx);
+        self.schedule_expiry(ctx);
         self.registry.do_send(Connect {
             id: self.id,
             outbox: self.outbox.clone(),
@@ -485,12 +674,13 @@ pub fn start<S>(
     transport: Transport<S>,
     outbox: Outbox,
     permit: Permit,
+    identity: Option<Identity>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     Session::create(move |ctx| {
         ctx.spawn(transport);
-        Session::new(hub, registry, limits, outbox, permit)
+        Session::new(hub, registry, limits, outbox, permit, identity)
     });
 }
 

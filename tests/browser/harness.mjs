@@ -106,7 +106,9 @@ ${extra}`;
  * config, same log file (appended). `options`: `redisUrl` (default: memory mode), `instanceId`, `extra` TOML.
  */
 export class Hub {
+  /** @param {{redisUrl?: string, instanceId?: string, extra?: string} | string} [options] a string: `extra` */
   constructor(options = {}) {
+    if (typeof options === "string") options = { extra: options };
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "relayhub-browser-"));
     this.configPath = path.join(this.dir, "relayhub.toml");
     this.logPath = path.join(this.dir, "hub.log");

@@ -28,6 +28,7 @@ pub const ENV_VARS: &[&str] = &[
     "RELAYHUB_LOG_FORMAT",
     "RELAYHUB_URL",
     "RELAYHUB_REDIS_REQUIRED",
+    "RELAYHUB_JWT_SECRET",
 ];
 
 /// How long a process that should exit by itself may take (generous: a loaded machine).

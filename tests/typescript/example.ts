@@ -9,6 +9,7 @@ import {
   isPattern,
   isValidChannel,
   namespaceOf,
+  type AuthedInfo,
   type ErrorInfo,
   type GapInfo,
   type MessageMeta,
@@ -32,7 +33,17 @@ const options: RelayHubOptions = {
   restBase: "http://127.0.0.1:8080",
   WebSocket: globalThis.WebSocket,
   fetch: globalThis.fetch,
+  tokenRefreshBefore: 30_000,
 };
+
+// A token from the app's own backend, fetched before each connect and again before it expires.
+const withToken = new RelayHub("/ws", {
+  token: async () => (await (await fetch("/realtime-token", { method: "POST" })).json()).token as string,
+});
+withToken.on("authed", (info: AuthedInfo) => console.log(info.user, info.expiresAt));
+withToken.close();
+const fixedToken = new RelayHub("/ws", { token: "eyJ.fixed.token" });
+fixedToken.close();
 
 const queueBound: number = DEFAULTS.maxQueue + DEFAULTS.drainJitter;
 const hub = new RelayHub("ws://127.0.0.1:8080/ws", options);
@@ -91,6 +102,8 @@ void main();
 
 // --- misuses the types must reject ---------------------------------------------------------------------------
 
+// @ts-expect-error a token function returns a promise of the token
+new RelayHub("/ws", { token: () => 42 });
 // @ts-expect-error maxQueue is a number
 new RelayHub("/ws", { maxQueue: "1000" });
 // @ts-expect-error no such option

@@ -374,6 +374,8 @@ mod tests {
         ChannelPolicy {
             client_publish: false,
             patterns: false,
+            anonymous: true,
+            private: false,
             ttl,
             history_size,
             history_ttl: Duration::from_secs(600),
