@@ -31,6 +31,7 @@
 #   RELAYHUB_BIN, BENCH_BIN   binaries (default: the newer of release/ and debug/ in cargo's target directory,
 #                       which honours CARGO_TARGET_DIR, else `cargo build --release`); BENCH_BIN is also the
 #                       reference relay of the ref-* scenarios
+#   WRITE_DELAY=20ms    the hub's websocket.write_delay (default 0s)
 #   PROFILE=perf        record the hub with perf (DWARF call graphs) during the bench: $OUT/<scenario>.perf.data
 #   OUT=<target dir>/bench   where JSON lines and logs go
 set -euo pipefail
@@ -133,6 +134,7 @@ max_connections_per_ip = 100000
 
 [websocket]
 client_timeout = "120s"
+write_delay = "${WRITE_DELAY:-0s}"
 
 [redis]
 url = "$redis_url"
