@@ -204,7 +204,7 @@ async fn follow(
                 seen.reconnects += 1;
                 ws = reconnect(nginx, source).await;
                 let ack = subscribe_since(&mut ws, channel, Some((&epoch, position))).await;
-                assert_eq!(ack["recovered"], true, "{source}: {ack}");
+                assert_eq!(ack["recovered"], true, "{source} from {position}: {ack}");
             }
             Some(Ok(_)) => {}
             other => panic!("{source}: the connection broke without a close frame: {other:?}"),
@@ -232,7 +232,7 @@ async fn a_replica_stopped_with_sigterm_hands_its_clients_to_the_others_and_noth
     let redis = RedisServer::start();
     let config = ConfigFile::new(&format!(
         "[demo]\nenabled = false\n[server]\ndrain_period = \"1500ms\"\nshutdown_timeout = \"6s\"\n\
-         trusted_proxies = [\"127.0.0.1\"]\n[redis]\nurl = \"{}\"\nrequired = true\n",
+         trusted_proxies = [\"127.0.0.1\"]\n[channels]\nhistory_size = 1000\n[redis]\nurl = \"{}\"\nrequired = true\n",
         redis.url()
     ));
     let mut replicas: Vec<(Process, String)> = Vec::new();
@@ -248,7 +248,8 @@ async fn a_replica_stopped_with_sigterm_hands_its_clients_to_the_others_and_noth
     let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, b)| b.parse().unwrap()).collect();
     let nginx = Nginx::start_fleet(&addrs);
 
-    let channel = "prices:FLEET";
+    // A namespace with the default history (more than a reconnect misses here), not `prices`' five.
+    let channel = "fleet:c";
     const CLIENTS: u8 = 30;
     const MESSAGES: u64 = 200;
     let (subscribed_tx, mut subscribed_rx) = tokio::sync::mpsc::channel(CLIENTS as usize);
