@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Stats {
     /// Open WebSocket connections.
     pub connections: AtomicU64,
+    /// Open Server-Sent Events streams (a gauge, like `connections`).
+    pub sse_connections: AtomicU64,
+    /// Server-Sent Events streams opened since start.
+    pub sse_streams_opened: AtomicU64,
     /// Messages accepted for publishing on this replica (HTTP, client publish, poller).
     pub messages_published: AtomicU64,
     /// Frames handed to local subscribers.
@@ -78,9 +82,9 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
+    /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 30] {
+    pub fn counters(&self) -> [(&'static str, u64); 31] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -112,6 +116,7 @@ impl Stats {
             ("subscribes_unrecovered", &self.subscribes_unrecovered),
             ("messages_replayed", &self.messages_replayed),
             ("duplicates_dropped", &self.duplicates_dropped),
+            ("sse_streams_opened", &self.sse_streams_opened),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

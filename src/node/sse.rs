@@ -1,0 +1,121 @@
+//! The subscriber behind one Server-Sent Events stream. It joins its worker's registry with its
+//! connection's [`Outbox`] exactly as a WebSocket session does, so fan-out, recovery (`since`), the ordering
+//! rule, the slow-consumer close and the shutdown drain are the registry's and are not repeated here. What is
+//! left for this actor: subscribing once at the start (the stream takes no requests), the heartbeat the
+//! stream turns into a comment line, and noticing that the client has gone.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::core::config::ChannelPolicy;
+use crate::core::position::Position;
+use crate::core::protocol::{self, Target};
+use crate::node::hub::Hub;
+use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe};
+use crate::node::registry::Registry;
+use crate::stats::Stats;
+use crate::transport::{Outbox, frame, sse};
+
+/// One subscription of a stream, checked by the edge: the channel or pattern, its settings, where to resume.
+pub struct StreamSubscription {
+    pub name: String,
+    pub target: Target,
+    pub policy: ChannelPolicy,
+    pub since: Option<Position>,
+}
+
+pub struct SseSubscriber {
+    id: SessionId,
+    hub: Hub,
+    registry: Addr<Registry>,
+    outbox: Outbox,
+    heartbeat_interval: Duration,
+    /// Sent to the registry when the actor starts.
+    subscriptions: Vec<StreamSubscription>,
+    /// Resolves when the response body is dropped: the client is gone.
+    gone: Option<oneshot::Receiver<()>>,
+    /// The outbox was found closing at a beat (slow consumer, shutdown): if the stream has not ended by the
+    /// next one, its client is not reading and its queue is let go.
+    closing_seen: bool,
+}
+
+impl SseSubscriber {
+    /// Starts the subscriber on the calling (worker) thread, beside its registry.
+    pub fn start(
+        hub: Hub,
+        registry: Addr<Registry>,
+        outbox: Outbox,
+        subscriptions: Vec<StreamSubscription>,
+        gone: oneshot::Receiver<()>,
+    ) -> Addr<SseSubscriber> {
+        SseSubscriber {
+            id: hub.next_session_id(),
+            heartbeat_interval: hub.config().websocket.heartbeat_interval,
+            hub,
+            registry,
+            outbox,
+            subscriptions,
+            gone: Some(gone),
+            closing_seen: false,
+        }
+        .start()
+    }
+}
+
+impl Actor for SseSubscriber {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        Stats::add(&self.hub.stats().sse_connections, 1);
+        Stats::add(&self.hub.stats().sse_streams_opened, 1);
+        self.registry.do_send(Connect {
+            id: self.id,
+            outbox: self.outbox.clone(),
+        });
+        for subscription in std::mem::take(&mut self.subscriptions) {
+            // Patterns do not recover: `since` applies to one channel's numbering.
+            let since = subscription
+                .since
+                .filter(|_| matches!(subscription.target, Target::Channel(_)));
+            self.registry.do_send(Subscribe {
+                id: self.id,
+                ack: frame::text(&protocol::subscribed_frame(&None, &subscription.name)),
+                target: subscription.target,
+                request: None,
+                since,
+                policy: subscription.policy,
+            });
+        }
+        if let Some(gone) = self.gone.take() {
+            ctx.spawn(
+                async move {
+                    let _ = gone.await;
+                }
+                .into_actor(self)
+                .map(|_, _, ctx| ctx.stop()),
+            );
+        }
+        ctx.run_interval(self.heartbeat_interval, |act, ctx| {
+            if act.outbox.is_closing() {
+                if act.closing_seen {
+                    sse::release(&act.outbox);
+                    ctx.stop();
+                }
+                act.closing_seen = true;
+                return;
+            }
+            act.outbox.push_or_close(frame::ping());
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.registry.do_send(Disconnect { id: self.id });
+        self.hub
+            .stats()
+            .sse_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Running::Stop
+    }
+}
