@@ -6,113 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
+use common::sse::Stream;
 use common::{RedisServer, TestHub, wait_ready, wait_subscribers};
-
-/// One event (or comment) as a browser's EventSource would parse it.
-#[derive(Debug, Default)]
-struct Event {
-    id: Option<String>,
-    event: Option<String>,
-    data: Value,
-    comment: Option<String>,
-}
-
-/// A reader of a `text/event-stream` response.
-struct Stream {
-    response: awc::ClientResponse<
-        actix_http::encoding::Decoder<actix_http::Payload<actix_http::BoxedPayloadStream>>,
-    >,
-    buf: Vec<u8>,
-}
-
-impl Stream {
-    /// Opens `path` with extra headers; the status and JSON body when it is refused.
-    async fn open(
-        hub: &TestHub,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> Result<Stream, (u16, Value)> {
-        let client = awc::Client::builder().disable_timeout().finish();
-        let mut request = client.get(hub.http(path));
-        for (k, v) in headers {
-            request = request.insert_header((*k, *v));
-        }
-        let mut response = request.send().await.expect("GET /sse");
-        if response.status() != 200 {
-            let body = response.body().await.expect("body");
-            return Err((
-                response.status().as_u16(),
-                serde_json::from_slice(&body).unwrap_or(Value::Null),
-            ));
-        }
-        assert_eq!(
-            response.headers().get("content-type").unwrap(),
-            "text/event-stream"
-        );
-        Ok(Stream {
-            response,
-            buf: Vec::new(),
-        })
-    }
-
-    /// The next event or comment; `None` when the stream ended.
-    async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
-                let text = String::from_utf8(block).expect("UTF-8");
-                let mut event = Event::default();
-                for line in text.lines() {
-                    if let Some(c) = line.strip_prefix(':') {
-                        event.comment = Some(c.trim().to_string());
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        event.id = Some(v.to_string());
-                    } else if let Some(v) = line.strip_prefix("event: ") {
-                        event.event = Some(v.to_string());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        event.data = serde_json::from_str(v).expect("data is JSON");
-                    }
-                }
-                return Some(event);
-            }
-            let chunk = tokio::time::timeout(common::FRAME_TIMEOUT, self.response.next())
-                .await
-                .expect("the stream went quiet");
-            match chunk {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.expect("chunk")),
-                None => return None,
-            }
-        }
-    }
-
-    /// Reads until every channel named is live (the `: subscribed <channel>` comments).
-    async fn subscribed(&mut self, channels: &[&str]) {
-        let mut waiting: Vec<&str> = channels.to_vec();
-        while !waiting.is_empty() {
-            let event = self.next().await.expect("the stream ended");
-            let comment = event
-                .comment
-                .unwrap_or_else(|| panic!("an event first: {:?}", event.data));
-            if let Some(channel) = comment.strip_prefix("subscribed ") {
-                waiting.retain(|c| *c != channel);
-            }
-        }
-    }
-
-    /// The next event that is not a comment.
-    async fn event(&mut self) -> Event {
-        loop {
-            let event = self.next().await.expect("the stream ended");
-            if event.comment.is_none() {
-                return event;
-            }
-        }
-    }
-}
 
 const CHANNELS: &str = "[channels]\nhistory_size = 100\n";
 
@@ -149,7 +47,7 @@ async fn events_carry_every_channel_position_and_heartbeats_keep_it_open() {
         "[websocket]\nheartbeat_interval = \"300ms\"\nclient_timeout = \"5s\"\n[channels]\nhistory_size = 10\n",
     )
     .await;
-    let mut stream = Stream::open(&hub, "/sse?channel=feed:a&channel=feed%3Ab", &[])
+    let mut stream = Stream::open(&hub.http("/sse?channel=feed:a&channel=feed%3Ab"), &[])
         .await
         .unwrap();
     assert_eq!(
@@ -199,7 +97,7 @@ async fn events_carry_every_channel_position_and_heartbeats_keep_it_open() {
 /// A stream read up to seq 3 is dropped, 5 more are published, and it is opened again on `back` with the
 /// last id: exactly the 5, in order, no snapshot.
 async fn resumes_five(first: &TestHub, back: &TestHub, by_header: bool) {
-    let mut stream = Stream::open(first, "/sse?channel=feed:r", &[])
+    let mut stream = Stream::open(&first.http("/sse?channel=feed:r"), &[])
         .await
         .unwrap();
     stream.subscribed(&["feed:r"]).await;
@@ -208,15 +106,11 @@ async fn resumes_five(first: &TestHub, back: &TestHub, by_header: bool) {
     drop(stream);
     publish_range(back, "feed:r", 4, 5).await;
     let mut stream = if by_header {
-        Stream::open(back, "/sse?channel=feed:r", &[("Last-Event-ID", &id)]).await
+        Stream::open(&back.http("/sse?channel=feed:r"), &[("Last-Event-ID", &id)]).await
     } else {
         let query = percent_encode(&id);
-        Stream::open(
-            back,
-            &format!("/sse?channel=feed:r&last_event_id={query}"),
-            &[],
-        )
-        .await
+        let url = back.http(&format!("/sse?channel=feed:r&last_event_id={query}"));
+        Stream::open(&url, &[]).await
     }
     .unwrap();
     let last = expect_messages(&mut stream, "feed:r", 4, 5).await;
@@ -239,7 +133,7 @@ fn percent_encode(s: &str) -> String {
 async fn last_event_id_resumes_and_a_restarted_hub_says_not_recovered() {
     let mut hub = TestHub::start(CHANNELS).await;
     resumes_five(&hub, &hub, true).await;
-    let mut stream = Stream::open(&hub, "/sse?channel=feed:r", &[])
+    let mut stream = Stream::open(&hub.http("/sse?channel=feed:r"), &[])
         .await
         .unwrap();
     let snapshot = stream.event().await;
@@ -250,7 +144,7 @@ async fn last_event_id_resumes_and_a_restarted_hub_says_not_recovered() {
     hub.kill().await;
     let hub = TestHub::start(CHANNELS).await;
     hub.publish("feed:r", json!({"after": 1})).await;
-    let mut stream = Stream::open(&hub, "/sse?channel=feed:r", &[("Last-Event-ID", &id)])
+    let mut stream = Stream::open(&hub.http("/sse?channel=feed:r"), &[("Last-Event-ID", &id)])
         .await
         .unwrap();
     let snapshot = stream.event().await;
@@ -283,34 +177,41 @@ async fn streams_have_the_bounds_of_websockets() {
     .await;
     let refused = |r: Result<Stream, (u16, Value)>| r.err().expect("refused");
     let (status, body) =
-        refused(Stream::open(&hub, "/sse?channel=a&channel=b&channel=c", &[]).await);
+        refused(Stream::open(&hub.http("/sse?channel=a&channel=b&channel=c"), &[]).await);
     assert_eq!(
         (status, &body["error"]["code"]),
         (400, &json!("too_many_subscriptions"))
     );
-    let (status, body) = refused(Stream::open(&hub, "/sse", &[]).await);
+    let (status, body) = refused(Stream::open(&hub.http("/sse"), &[]).await);
     assert_eq!(
         (status, &body["error"]["code"]),
         (400, &json!("bad_request")),
         "{body}"
     );
-    let (status, _) = refused(Stream::open(&hub, "/sse?channel=closed:*", &[]).await);
+    let (status, _) = refused(Stream::open(&hub.http("/sse?channel=closed:*"), &[]).await);
     assert_eq!(status, 403);
-    let (status, _) =
-        refused(Stream::open(&hub, "/sse?channel=a", &[("Last-Event-ID", "nonsense")]).await);
+    let (status, _) = refused(
+        Stream::open(
+            &hub.http("/sse?channel=a"),
+            &[("Last-Event-ID", "nonsense")],
+        )
+        .await,
+    );
     assert_eq!(status, 400);
     let (status, _) = refused(
         Stream::open(
-            &hub,
-            "/sse?channel=a",
+            &hub.http("/sse?channel=a"),
             &[("Origin", "https://evil.example")],
         )
         .await,
     );
     assert_eq!(status, 403);
-    let allowed = Stream::open(&hub, "/sse?channel=a", &[("Origin", "https://app.example")])
-        .await
-        .unwrap();
+    let allowed = Stream::open(
+        &hub.http("/sse?channel=a"),
+        &[("Origin", "https://app.example")],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         allowed
             .response
@@ -326,7 +227,7 @@ async fn streams_have_the_bounds_of_websockets() {
         .unwrap();
     wait_subscribers(&hub, "big:x", 1).await;
     // The per-address budget (2) is spent by the two open streams, WebSockets included.
-    let (status, body) = refused(Stream::open(&hub, "/sse?channel=a", &[]).await);
+    let (status, body) = refused(Stream::open(&hub.http("/sse?channel=a"), &[]).await);
     assert_eq!(
         (status, &body["error"]["code"]),
         (503, &json!("too_many_connections"))
@@ -351,5 +252,5 @@ async fn streams_have_the_bounds_of_websockets() {
         || async { hub.stats().await["sse_connections"] == 0 },
     )
     .await;
-    assert!(Stream::open(&hub, "/sse?channel=a", &[]).await.is_ok());
+    assert!(Stream::open(&hub.http("/sse?channel=a"), &[]).await.is_ok());
 }
