@@ -336,7 +336,7 @@ async fn an_event_stream_resumes_through_nginx_on_any_replica() {
         stream.subscribed(&["feed:n"]).await;
         // Published while the stream is open (live) and, from round 1, while it was away (replayed).
         for _ in 0..3 {
-            let publisher = if next % 2 == 0 { &a } else { &b };
+            let publisher = if next.is_multiple_of(2) { &a } else { &b };
             publisher.publish("feed:n", json!({"n": next})).await;
             next += 1;
         }
