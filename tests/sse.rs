@@ -254,3 +254,22 @@ async fn streams_have_the_bounds_of_websockets() {
     .await;
     assert!(Stream::open(&hub.http("/sse?channel=a"), &[]).await.is_ok());
 }
+
+#[actix_web::test]
+async fn a_shutdown_ends_every_stream_so_browsers_reconnect_elsewhere() {
+    let mut hub = TestHub::start("").await;
+    let mut stream = Stream::open(&hub.http("/sse?channel=feed:d"), &[])
+        .await
+        .unwrap();
+    stream.subscribed(&["feed:d"]).await;
+    let shutdown = hub.running.take().unwrap().shutdown();
+    let read = async {
+        let mut last = None;
+        while let Some(event) = stream.next().await {
+            last = event.comment;
+        }
+        last
+    };
+    let (_, last) = tokio::join!(shutdown, read);
+    assert_eq!(last.as_deref(), Some("closed: server shutting down"));
+}
