@@ -940,11 +940,12 @@ export class RelayHub {
       const entry = (ev.lastEventId ?? "").split(",")[this._esChannels.indexOf(frame.channel)] ?? "";
       const cut = entry.lastIndexOf(":");
       const epoch = cut > 0 ? entry.slice(0, cut) : null;
-      if (snapshot && (sub.pos === null || frame.recovered === false)) {
+      const unrecovered = snapshot && frame.recovered === false;
+      if (sub.pos === null || unrecovered) {
         // As a `subscribed` answer on the socket: a fresh position; `recovered:false` reports the gap.
         sub.pos = { epoch, seq: 0 };
         sub.replayUntil = 0;
-        if (frame.recovered === false) this._emit("gap", { channel: frame.channel, source: "sse" });
+        if (unrecovered) this._emit("gap", { channel: frame.channel, source: "sse" });
       } else if (sub.pos !== null && sub.pos.epoch === null && epoch !== null) {
         sub.pos.epoch = epoch;
       }

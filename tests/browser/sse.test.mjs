@@ -2,7 +2,8 @@
 // (harness.mjs) in Redis mode with a private redis-server: while WebSockets are refused the client follows its
 // channels over `/sse` (`hub.transport === "sse"`), its hub is killed and restarted under it while another
 // hub takes the publishes, EventSource reconnects by itself with its Last-Event-ID, and every message arrives
-// exactly once, in order; when WebSockets work again it moves back to one, still with nothing twice. Once in
+// exactly once, in order; when WebSockets work again it moves back to one, still with nothing twice. A
+// memory-mode hub restarted under the stream gives a `gap` event and the snapshot. Once in
 // node (undici's EventSource: node 20 needs --experimental-eventsource, see scripts/test-browser.sh) and once
 // in headless Chromium.
 
@@ -116,7 +117,43 @@ describe("relayhub.js falls back to Server-Sent Events", () => {
     }
   });
 
-  test("2. Chromium: an EventSource receives every message once across a hub restart", LONG, async () => {
+  test("2. node: a memory-mode hub restarted under the stream cannot recover: a gap, then the snapshot", LONG, async () => {
+    const hub = await startHub({ extra: HISTORY });
+    const channel = uniqueChannel("sse-gap");
+    await hub.publish(channel, { n: 0 });
+    const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, {
+      ...QUICK,
+      WebSocket: class extends globalThis.WebSocket {
+        constructor(url, ...rest) {
+          super("ws://127.0.0.1:9/ws", ...rest);
+        }
+      },
+      fetch: () => Promise.reject(new Error("no REST in this test")),
+    });
+    const got = [];
+    const gaps = [];
+    client.subscribe(channel, (data, meta) => got.push({ data, ...meta }));
+    client.on("gap", (info) => gaps.push(info));
+    try {
+      await waitFor(() => got.length >= 1, { timeout: 20_000, message: "the snapshot over SSE" });
+      await publishRange(hub, channel, 1, 2);
+      await waitFor(() => got.length >= 3, { timeout: 20_000, message: "live messages" });
+      await hub.kill("SIGKILL");
+      await hub.start();
+      // Numbering starts over under a new epoch: seq 1 again.
+      await hub.publish(channel, { n: 100 });
+      await waitFor(() => got.length >= 4, { timeout: 30_000, message: "the snapshot after the restart" });
+      assert.deepEqual(rows(got), [[0, 1, true, "sse"], ...expected([[1, 2, "sse"]]), [100, 1, true, "sse"]]);
+      assert.deepEqual(gaps, [{ channel, source: "sse" }]);
+      await hub.publish(channel, { n: 101 });
+      await waitFor(() => got.length >= 5, { timeout: 20_000, message: "a live message under the new epoch" });
+      assert.deepEqual(rows(got).at(-1), [101, 2, false, "sse"]);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("3. Chromium: an EventSource receives every message once across a hub restart", LONG, async () => {
     browser = await launchBrowser();
     const a = await startHub({ redisUrl: redis.url, instanceId: "sse-page-a", extra: HISTORY });
     const b = await startHub({ redisUrl: redis.url, instanceId: "sse-page-b", extra: HISTORY });
