@@ -26,11 +26,15 @@ pub struct StreamSubscription {
     pub since: Option<Position>,
 }
 
+/// One stream's subscriber, on the worker thread that accepted the request (beside its registry).
 pub struct SseSubscriber {
+    /// Numbered with the WebSocket sessions: the registry tells its subscribers apart by this alone.
     id: SessionId,
     hub: Hub,
     registry: Addr<Registry>,
+    /// The stream's queue, shared with the registry and drained by the response body.
     outbox: Outbox,
+    /// `websocket.heartbeat_interval`: how often a comment line keeps proxies from closing an idle stream.
     heartbeat_interval: Duration,
     /// Sent to the registry when the actor starts.
     subscriptions: Vec<StreamSubscription>,
