@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Stats {
     /// Open WebSocket connections.
     pub connections: AtomicU64,
+    /// Open Server-Sent Events streams (a gauge, like `connections`).
+    pub sse_connections: AtomicU64,
+    /// Server-Sent Events streams opened since start.
+    pub sse_streams_opened: AtomicU64,
     /// Messages accepted for publishing on this replica (HTTP, client publish, poller).
     pub messages_published: AtomicU64,
     /// Frames handed to local subscribers.
@@ -94,9 +98,9 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Every counter but `connections` (a gauge), by the name `/api/stats` reports it under, in declaration
+    /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 38] {
+    pub fn counters(&self) -> [(&'static str, u64); 39] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -136,6 +140,7 @@ impl Stats {
             ("tokens_expired", &self.tokens_expired),
             ("jwks_fetches", &self.jwks_fetches),
             ("jwks_fetch_failures", &self.jwks_fetch_failures),
+            ("sse_streams_opened", &self.sse_streams_opened),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

@@ -604,6 +604,86 @@ async fn the_rest_fallback_applies_the_same_rules() {
 }
 
 #[actix_web::test]
+async fn event_streams_apply_the_same_rules_and_end_with_their_token() {
+    let mut hub = TestHub::start(AUTH_TOML).await;
+    let good = hs256(base("42"));
+    let forged = unsigned(&base("42"));
+    let budget = hs256(with(base("42"), json!({"channels": ["budget:family-7:*"]})));
+    for (query, header, status, code) in [
+        ("channel=team:board", None, 401, "unauthorized"),
+        (
+            "channel=team:board&token=FORGED",
+            None,
+            401,
+            "invalid_token",
+        ),
+        (
+            "channel=budget:family-7:ledger&token=GOOD",
+            None,
+            403,
+            "forbidden",
+        ),
+        ("channel=alerts:inbox%2342", None, 401, "unauthorized"),
+        (
+            "channel=alerts:inbox%2343&token=GOOD",
+            None,
+            403,
+            "forbidden",
+        ),
+        ("channel=team:board", Some(&forged), 401, "invalid_token"),
+    ] {
+        let url = hub.http(&format!(
+            "/sse?{}",
+            query.replace("GOOD", &good).replace("FORGED", &forged)
+        ));
+        let bearer = header.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| vec![("Authorization", b)])
+            .unwrap_or_default();
+        match common::sse::Stream::open(&url, &headers).await {
+            Ok(_) => panic!("{query}: a stream opened"),
+            Err((got, body)) => {
+                assert_eq!(
+                    (got, body["error"]["code"].as_str()),
+                    (status, Some(code)),
+                    "{query}: {body}"
+                )
+            }
+        }
+    }
+    // Allowed with the token (in the URL, as EventSource must send it, or as a bearer header).
+    let url = hub.http(&format!(
+        "/sse?channel=team:board&channel=alerts:inbox%2342&token={good}"
+    ));
+    let mut stream = common::sse::Stream::open(&url, &[]).await.expect("opens");
+    stream.subscribed(&["team:board", "alerts:inbox#42"]).await;
+    hub.publish("alerts:inbox#42", json!({"v": 1})).await;
+    assert_eq!(stream.event().await.data["data"], json!({"v": 1}));
+    let url = hub.http("/sse?channel=budget:family-7:ledger");
+    let bearer = format!("Bearer {budget}");
+    let mut stream = common::sse::Stream::open(&url, &[("Authorization", &bearer)])
+        .await
+        .expect("opens with a bearer token");
+    stream.subscribed(&["budget:family-7:ledger"]).await;
+    // A stream ends when its token expires: it cannot be handed a fresh one.
+    let short = hs256(with(base("42"), json!({"exp": now() + 2})));
+    let url = hub.http(&format!("/sse?channel=team:board&token={short}"));
+    let mut stream = common::sse::Stream::open(&url, &[]).await.expect("opens");
+    stream.subscribed(&["team:board"]).await;
+    let mut comments = Vec::new();
+    while let Some(event) = stream.next().await {
+        comments.extend(event.comment);
+    }
+    assert!(
+        comments.iter().any(|c| c.contains("token expired")),
+        "{comments:?}"
+    );
+    assert!(hub.stats().await["tokens_expired"].as_u64() >= Some(1));
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
 async fn an_expired_token_closes_with_4001_unless_refreshed() {
     let mut hub = TestHub::start(AUTH_TOML).await;
     // Expires in 2 s, not refreshed: closed with 4001.

@@ -1,6 +1,7 @@
 //! The hub behind a real nginx on loopback, configured by `deploy/nginx.conf`: what the proxy changes must not
-//! open the admin API or merge every client into the proxy's one address, and a fleet of real processes
-//! behind it loses no message when one replica is stopped.
+//! open the admin API or merge every client into the proxy's one address, a fleet of real processes
+//! behind it loses no message when one replica is stopped, and an event stream resumes through it on
+//! whichever replica a balancer without sticky sessions picks.
 
 mod common;
 
@@ -14,6 +15,7 @@ use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
 use common::nginx::Nginx;
 use common::process::{ConfigFile, Process, start_binary};
+use common::sse::Stream;
 use common::{RedisServer, TestHub, Ws, get_json, post_json, request};
 
 async fn stop_job(url: &str) -> common::Reply {
@@ -305,5 +307,66 @@ async fn a_replica_stopped_with_sigterm_hands_its_clients_to_the_others_and_noth
         Some(0),
         "{}",
         replicas[victim].0.output()
+    );
+}
+
+/// Round robin, no sticky routing: every reconnect of an event stream may reach the other replica, and
+/// with `Last-Event-ID` it gets exactly what it missed there, events passing nginx as they come.
+#[actix_web::test]
+async fn an_event_stream_resumes_through_nginx_on_any_replica() {
+    let redis = RedisServer::start();
+    let toml = format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n[channels]\nhistory_size = 100\n",
+        redis.url()
+    );
+    let a = TestHub::start(&toml).await;
+    let b = TestHub::start(&toml).await;
+    common::wait_ready(&a).await;
+    common::wait_ready(&b).await;
+    let nginx = Nginx::start_round_robin(&[a.addr, b.addr]);
+    let url = nginx.http("/sse?channel=feed:n");
+    let mut id = String::new();
+    let mut next = 1u64;
+    for round in 0..4 {
+        let headers: Vec<(&str, &str)> = if id.is_empty() {
+            vec![]
+        } else {
+            vec![("Last-Event-ID", id.as_str())]
+        };
+        let mut stream = Stream::open(&url, &headers).await.unwrap();
+        stream.subscribed(&["feed:n"]).await;
+        // Published while the stream is open (live) and, from round 1, while it was away (replayed).
+        for _ in 0..3 {
+            let publisher = if next.is_multiple_of(2) { &a } else { &b };
+            publisher.publish("feed:n", json!({"n": next})).await;
+            next += 1;
+        }
+        let first = next - 3 - if round == 0 { 0 } else { 2 };
+        for seq in first..next {
+            let event = stream.event().await;
+            assert_eq!(
+                event.event.as_deref(),
+                Some("message"),
+                "round {round}: {event:?}"
+            );
+            assert_eq!(
+                event.data["seq"], seq,
+                "round {round}: every message once, in order"
+            );
+            id = event.id.unwrap();
+        }
+        drop(stream);
+        // Missed by the stream, to be replayed on its reconnect.
+        for _ in 0..2 {
+            a.publish("feed:n", json!({"n": next})).await;
+            next += 1;
+        }
+    }
+    let opened = |stats: Value| stats["sse_streams_opened"].as_u64().unwrap();
+    let (on_a, on_b) = (opened(a.stats().await), opened(b.stats().await));
+    assert_eq!(on_a + on_b, 4);
+    assert!(
+        on_a > 0 && on_b > 0,
+        "both replicas served the stream: {on_a} and {on_b}"
     );
 }

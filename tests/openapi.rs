@@ -116,6 +116,8 @@ async fn every_documented_operation_answers_as_documented() {
     c.call(&hub, "GET", "/metrics", "/metrics", &[], None, 200)
         .await;
     c.call(&hub, "GET", "/ws", "/ws", &[], None, 400).await;
+    // The stream itself is read by tests/sse.rs; a request naming no channel is refused as documented.
+    c.call(&hub, "GET", "/sse", "/sse", &[], None, 400).await;
     // A documented path with a method it does not take: 405 in the error shape, not 404.
     for (method, path) in [
         ("TRACE", "/ws"),

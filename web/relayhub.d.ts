@@ -15,8 +15,9 @@ export interface MessageMeta {
   /** True for a message the client missed while disconnected, replayed from the hub's history (after a
    * resubscribe the hub answered `recovered:true`, or read by the REST fallback). */
   recovered: boolean;
-  /** How the value arrived: over the WebSocket, or by the REST fallback. */
-  source: "socket" | "rest";
+  /** How the value arrived: over the WebSocket, the Server-Sent Events fallback, or the REST fallback. (Over
+   * SSE, replayed messages are not told apart from live ones: `recovered` is false.) */
+  source: "socket" | "sse" | "rest";
 }
 
 /** What the client needs of a WebSocket object; the browser's and node's WebSocket both fit. */
@@ -32,6 +33,21 @@ export interface WebSocketLike {
 
 /** A WebSocket constructor (the global `WebSocket`, or a test's own). */
 export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** What the SSE fallback needs of an `EventSource`; the global one fits. */
+export interface EventSourceLike {
+  readonly readyState: number;
+  onopen: ((event: any) => any) | null;
+  onerror: ((event: any) => any) | null;
+  addEventListener(type: string, listener: (event: { data: string; lastEventId: string }) => void): void;
+  close(): void;
+}
+
+/** An EventSource constructor (the global `EventSource`, or a test's own). */
+export type EventSourceConstructor = new (url: string) => EventSourceLike;
+
+/** How values arrive right now (see {@link RelayHub.transport}). */
+export type Transport = "websocket" | "sse" | "rest";
 
 /** What the REST fallback needs of `fetch`; the global `fetch` fits. */
 export type FetchLike = (
@@ -53,8 +69,12 @@ export interface RelayHubOptions {
   heartbeatTimeout?: number;
   /** Ms a connection attempt may take before it is abandoned. Default 10000. */
   connectTimeout?: number;
-  /** Poll the REST API for subscribed channels while the socket is down. Default true. */
+  /** Keep subscribed channels fresh while the socket is down: over Server-Sent Events (see `sse`), else by
+   * polling the REST API. Default true. */
   fallback?: boolean;
+  /** Try the hub's Server-Sent Events stream (`/sse`) before REST polling, where an EventSource exists; when
+   * the stream is refused or unreachable, REST polling takes over. Default true. */
+  sse?: boolean;
   /** Ms between two REST fallback rounds (the first starts a random time in [0, fallbackInterval) after a failed
    * attempt). Default 3000. */
   fallbackInterval?: number;
@@ -77,6 +97,8 @@ export interface RelayHubOptions {
   token?: string | (() => Promise<string>) | null;
   /** Ms before `expires_at` to fetch a fresh token (at most half the remaining lifetime). Default 30000. */
   tokenRefreshBefore?: number;
+  /** EventSource implementation for the SSE fallback (default: the global one). */
+  EventSource?: EventSourceConstructor;
 }
 
 /** The defaults of every option of {@link RelayHub} that has one. */
@@ -88,6 +110,7 @@ export declare const DEFAULTS: Readonly<{
   heartbeatTimeout: number;
   connectTimeout: number;
   fallback: boolean;
+  sse: boolean;
   fallbackInterval: number;
   drainJitter: number;
   maxQueue: number;
@@ -134,8 +157,8 @@ export interface ErrorInfo {
  * trimmed or expired, hub or Redis restarted); the channel's latest value follows as a snapshot. */
 export interface GapInfo {
   channel: string;
-  /** Where the gap was found: on resubscribing over the WebSocket, or by the REST fallback. */
-  source: "socket" | "rest";
+  /** Where the gap was found: on resubscribing over the WebSocket, on the SSE stream, or by the REST fallback. */
+  source: "socket" | "sse" | "rest";
 }
 
 /** Listener signatures by event name. */
@@ -191,6 +214,8 @@ export declare class RelayHub {
   readonly status: Status;
   /** Round-trip time of the last `ping`/`pong` exchange, in ms; null until the first `pong`. */
   readonly latency: number | null;
+  /** How values arrive right now: `websocket`, `sse`, `rest`, or null while none works. */
+  readonly transport: Transport | null;
   /** Whether the REST fallback is polling right now. */
   readonly fallbackActive: boolean;
 

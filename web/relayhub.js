@@ -1,6 +1,7 @@
 // relayhub.js: the browser client of a relayhub server. One WebSocket to `/ws`, many channel subscriptions over
-// it; reconnects with backoff, resubscribes, queues calls made while offline, keeps a heartbeat, and falls back
-// to polling the REST API while the socket is down. An ES module with no dependencies and no build step.
+// it; reconnects with backoff, resubscribes, queues calls made while offline, keeps a heartbeat, and while the
+// socket cannot be had falls back to Server-Sent Events (`/sse`), then to polling the REST API. An ES module with
+// no dependencies and no build step.
 //
 // Layout of this file:
 //   constants and functions    defaults, channel-name check, URL derivation, backoff
@@ -10,14 +11,15 @@
 //     delivery                 _deliver, _admit (the position rule)
 //     heartbeat                _tick, _sendPing, _onPong
 //     token                    _openWithToken, _sendAuth, _scheduleRefresh, _refreshToken
-//     REST fallback            _startFallback, _stopFallback, _poll, _pollChannel
+//     SSE fallback             _startSse, _openSse, _onSseEvent, _closeSse
+//     REST fallback            _startFallback, _startRest, _stopFallback, _poll, _pollChannel
 //
 // Positions: for every exact channel the client keeps where it stands, the hub's (epoch, seq) of the newest
 // message it delivered. A value is handed to the callbacks only when its seq is above that position, which
 // then moves to it; values without seq (outside producers) always pass. After a reconnect every channel is
 // subscribed again with `since` = its position, so the hub replays exactly what was missed (`recovered:true`)
-// or says it cannot (`recovered:false`, a `gap` event, then the snapshot). The REST fallback reads the same
-// history with `since_seq`.
+// or says it cannot (`recovered:false`, a `gap` event, then the snapshot). The SSE fallback opens its stream
+// with the same positions as `last_event_id`, and the REST fallback reads the same history with `since_seq`.
 
 /** Defaults of every option of {@link RelayHub}. */
 export const DEFAULTS = Object.freeze({
@@ -28,6 +30,7 @@ export const DEFAULTS = Object.freeze({
   heartbeatTimeout: 25_000,
   connectTimeout: 10_000,
   fallback: true,
+  sse: true,
   fallbackInterval: 3_000,
   drainJitter: 5_000,
   maxQueue: 1_000,
@@ -147,7 +150,8 @@ function safeCall(fn, ...args) {
  *   false for a live message
  * @property {boolean} recovered  true for a message the client missed while disconnected, replayed from the
  *   hub's history (after a resubscribe the hub answered `recovered:true`, or read by the REST fallback)
- * @property {"socket"|"rest"} source  how the value arrived: over the WebSocket, or by the REST fallback
+ * @property {"socket"|"sse"|"rest"} source  how the value arrived: over the WebSocket, the Server-Sent Events
+ *   fallback, or the REST fallback
  */
 
 /**
@@ -161,7 +165,10 @@ function safeCall(fn, ...args) {
  * @property {number} [heartbeatTimeout=25000]  ms without any frame from the server (while a ping waits for its
  *   answer) after which the link is considered dead and is replaced
  * @property {number} [connectTimeout=10000]  ms a connection attempt may take before it is abandoned
- * @property {boolean} [fallback=true]  poll the REST API for subscribed channels while the socket is down
+ * @property {boolean} [fallback=true]  keep subscribed channels fresh while the socket is down: over Server-Sent
+ *   Events (see `sse`), else by polling the REST API
+ * @property {boolean} [sse=true]  try the hub's Server-Sent Events stream (`/sse`) before REST polling, where an
+ *   `EventSource` exists; when the stream is refused or cannot be reached, REST polling takes over
  * @property {number} [fallbackInterval=3000]  ms between two REST fallback rounds; the fallback starts only after a
  *   connection attempt failed, a random time in [0, fallbackInterval) later
  * @property {number} [drainJitter=5000]  after a close with code 1001 (hub restarting), the first reconnect waits a
@@ -178,6 +185,8 @@ function safeCall(fn, ...args) {
  *   with 4001 (token expired) makes the client reconnect at once, with a fresh token from the function.
  * @property {number} [tokenRefreshBefore=30000]  ms before `expires_at` to fetch a fresh token (at most half
  *   the token's remaining lifetime)
+ * @property {typeof EventSource} [EventSource]  EventSource implementation for the SSE fallback (default: the
+ *   global one)
  */
 
 /**
@@ -222,6 +231,7 @@ export class RelayHub {
 
     this._WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
     this._fetch = this.options.fetch ?? globalThis.fetch?.bind(globalThis);
+    this._EventSource = this.options.EventSource ?? globalThis.EventSource;
     if (typeof this._WebSocket !== "function") throw new TypeError("RelayHub: no WebSocket implementation");
 
     /**
@@ -257,6 +267,17 @@ export class RelayHub {
     /** The jittered wait before the REST fallback starts; null when none is planned. */
     this._fallbackDelayTimer = null;
     this._fallbackRunning = false;
+    /** The SSE fallback's stream (null when none), the channels it was opened for, in its id's order. */
+    this._es = null;
+    this._esChannels = [];
+    /** The stream delivered (or opened): an error after that is a reconnect EventSource makes by itself. */
+    this._esAnswered = false;
+    /** The SSE fallback is wanted (the socket cannot be had); the stream follows the subscriptions. */
+    this._sseWanted = false;
+    /** The stream was refused or unreachable: REST polling until the socket is back. */
+    this._sseFailed = false;
+    /** A reopen of the stream is planned for this tick (after subscription changes). */
+    this._sseRefresh = false;
     /**
      * Whether the hub answered on the current socket: its loss is then an outage; a socket lost before any
      * answer (never opened, or closed at once by a proxy) is a failed attempt.
@@ -289,6 +310,18 @@ export class RelayHub {
    */
   get latency() {
     return this._latency;
+  }
+
+  /**
+   * How values arrive right now: `websocket`, `sse` (the Server-Sent Events fallback), `rest` (REST polling), or
+   * null while none of them works (connecting, or everything down).
+   * @type {"websocket"|"sse"|"rest"|null}
+   */
+  get transport() {
+    if (this._isOpen()) return "websocket";
+    if (this._es !== null && this._esAnswered && this._es.readyState === 1) return "sse";
+    if (this._fallbackTimer !== null) return "rest";
+    return null;
   }
 
   /**
@@ -345,6 +378,7 @@ export class RelayHub {
       this._subs.set(channel, sub);
       this._enqueue({ op: "subscribe", channel });
       if (this._fallbackTimer !== null) this._poll();
+      this._refreshSse();
     }
 
     let active = true;
@@ -491,6 +525,7 @@ export class RelayHub {
     this._unansweredSince = null;
     this._pings.clear();
     this._stopFallback();
+    this._sseFailed = false;
     this._setStatus("open", {});
     // First, so that the subscriptions after it are judged with this connection's identity.
     if (this._token) this._sendAuth(this._token);
@@ -768,15 +803,23 @@ export class RelayHub {
    */
   _resubscribeAndFlush() {
     const queuedSubs = new Set(this._queue.filter((q) => q.frame.op === "subscribe").map((q) => q.frame.channel));
+    const subscribe = (channel, sub) => {
+      const since = sub.pos?.epoch != null ? { epoch: sub.pos.epoch, seq: sub.pos.seq } : undefined;
+      return since ? { op: "subscribe", channel, since } : { op: "subscribe", channel };
+    };
     for (const [channel, sub] of this._subs) {
       if (queuedSubs.has(channel)) continue;
-      const since = sub.pos?.epoch != null ? { epoch: sub.pos.epoch, seq: sub.pos.seq } : undefined;
-      this._send(since ? { op: "subscribe", channel, since } : { op: "subscribe", channel }, null);
+      this._send(subscribe(channel, sub), null);
     }
     const queue = this._queue;
     this._queue = [];
     for (const { frame, promise } of queue) {
-      if (frame.op === "subscribe" && !this._subs.has(frame.channel)) continue;
+      if (frame.op === "subscribe") {
+        const sub = this._subs.get(frame.channel);
+        // A subscribe queued while offline may have a position by now (the SSE or REST fallback delivered).
+        if (sub) this._send(subscribe(frame.channel, sub), promise);
+        continue;
+      }
       this._send(frame, promise);
     }
   }
@@ -832,6 +875,7 @@ export class RelayHub {
     if (!sub) return;
     this._subs.delete(target);
     if (sub.prefix !== null) this._patternCount -= 1;
+    this._refreshSse();
   }
 
   _deliver(channel, data, meta) {
@@ -904,11 +948,134 @@ export class RelayHub {
     this._emit("latency", this._latency);
   }
 
+  // --- SSE fallback ------------------------------------------------------------------------------------------
+
+  _sseUsable() {
+    return this.options.sse && typeof this._EventSource === "function" && !this._sseFailed;
+  }
+
+  /** Starts following the subscriptions over SSE; false when SSE cannot be used (then REST polls). */
+  _startSse() {
+    if (!this._sseUsable()) return false;
+    if (this._sseWanted) return true;
+    this._sseWanted = true;
+    this._openSse();
+    return true;
+  }
+
+  /** After subscription changes: one reopen per tick with the new set, from the positions reached. */
+  _refreshSse() {
+    if (!this._sseWanted || this._sseRefresh) return;
+    this._sseRefresh = true;
+    queueMicrotask(() => {
+      this._sseRefresh = false;
+      if (this._sseWanted) this._openSse();
+    });
+  }
+
+  /**
+   * Opens the stream of every subscription, resuming each exact channel from its position: the hub's id
+   * format, `<epoch>:<seq>` per channel in the order of the `channel` parameters (empty where there is none).
+   * EventSource's own reconnects send the id of the last event instead, which carries the same positions.
+   */
+  _openSse() {
+    this._closeSse();
+    const channels = this.channels();
+    if (channels.length === 0) return;
+    const query = new URLSearchParams();
+    for (const c of channels) query.append("channel", c);
+    const entries = channels.map((c) => {
+      const pos = this._subs.get(c)?.pos;
+      return pos && pos.epoch ? `${pos.epoch}:${pos.seq}` : "";
+    });
+    if (entries.some((e) => e !== "")) query.set("last_event_id", entries.join(","));
+    // EventSource cannot send headers: the connection token goes in the URL, as on `/ws?token=`.
+    if (this._token) query.set("token", this._token);
+    let es;
+    try {
+      es = new this._EventSource(`${this.restBase}/sse?${query}`);
+    } catch {
+      this._sseFailed = true;
+      this._sseWanted = false;
+      this._startRest();
+      return;
+    }
+    this._es = es;
+    this._esChannels = channels;
+    this._esAnswered = false;
+    es.onopen = () => {
+      if (this._es !== es) return;
+      this._esAnswered = true;
+      this._stopRest();
+    };
+    es.addEventListener("message", (ev) => this._onSseEvent(es, ev, false));
+    es.addEventListener("snapshot", (ev) => this._onSseEvent(es, ev, true));
+    es.onerror = () => {
+      if (this._es !== es) return;
+      // Closed (a refusal: not 200, not an event stream) or never reached: REST polling instead. An error on a
+      // stream that worked is EventSource reconnecting by itself, with the last event's id.
+      if (es.readyState === 2 || !this._esAnswered) {
+        this._closeSse();
+        this._sseWanted = false;
+        this._sseFailed = true;
+        this._startRest();
+      }
+    };
+  }
+
+  _closeSse() {
+    const es = this._es;
+    this._es = null;
+    this._esAnswered = false;
+    if (!es) return;
+    es.onopen = es.onerror = null;
+    es.close();
+  }
+
+  /** One event of the stream: `data` is the socket's frame; the event's id gives the channel's epoch. */
+  _onSseEvent(es, ev, snapshot) {
+    if (this._es !== es) return;
+    this._esAnswered = true;
+    let frame;
+    try {
+      frame = JSON.parse(ev.data);
+    } catch {
+      this._emit("error", { code: "bad_frame", message: "unparsable event from server", channel: null, op: null });
+      return;
+    }
+    if (frame === null || typeof frame !== "object" || typeof frame.channel !== "string") return;
+    const seq = typeof frame.seq === "number" ? frame.seq : null;
+    const sub = this._subs.get(frame.channel);
+    if (sub && sub.prefix === null) {
+      const entry = (ev.lastEventId ?? "").split(",")[this._esChannels.indexOf(frame.channel)] ?? "";
+      const cut = entry.lastIndexOf(":");
+      const epoch = cut > 0 ? entry.slice(0, cut) : null;
+      const unrecovered = snapshot && frame.recovered === false;
+      if (sub.pos === null || unrecovered) {
+        // As a `subscribed` answer on the socket: a fresh position; `recovered:false` reports the gap.
+        sub.pos = { epoch, seq: 0 };
+        sub.replayUntil = 0;
+        if (unrecovered) this._emit("gap", { channel: frame.channel, source: "sse" });
+      } else if (sub.pos !== null && sub.pos.epoch === null && epoch !== null) {
+        sub.pos.epoch = epoch;
+      }
+    }
+    this._deliver(frame.channel, frame.data, {
+      channel: frame.channel,
+      seq,
+      ts: frame.ts ?? null,
+      snapshot,
+      // The stream does not tell replayed messages from live ones.
+      recovered: false,
+      source: "sse",
+    });
+  }
+
   // --- REST fallback -----------------------------------------------------------------------------------------
 
   /** Starts the REST fallback a random time in [0, fallbackInterval) from now, so clients do not poll in step. */
   _startFallbackSoon() {
-    if (!this.options.fallback || !this._fetch) return;
+    if (!this.options.fallback || (!this._fetch && !this._sseUsable())) return;
     if (this._fallbackTimer !== null || this._fallbackDelayTimer !== null) return;
     const delay = Math.floor(Math.random() * this.options.fallbackInterval);
     this._fallbackDelayTimer = setTimeout(() => {
@@ -917,9 +1084,16 @@ export class RelayHub {
     }, delay);
   }
 
+  /** The socket cannot be had: the SSE stream where it can be used, else REST polling. */
   _startFallback() {
     clearTimeout(this._fallbackDelayTimer);
     this._fallbackDelayTimer = null;
+    if (!this.options.fallback) return;
+    if (this._startSse()) return;
+    this._startRest();
+  }
+
+  _startRest() {
     if (!this.options.fallback || !this._fetch || this._fallbackTimer !== null) return;
     this._fallbackTimer = setInterval(() => this._poll(), this.options.fallbackInterval);
     this._emit("fallback", true);
@@ -929,6 +1103,16 @@ export class RelayHub {
   _stopFallback() {
     clearTimeout(this._fallbackDelayTimer);
     this._fallbackDelayTimer = null;
+    this._sseWanted = false;
+    this._closeSse();
+    if (this._fallbackTimer === null) return;
+    clearInterval(this._fallbackTimer);
+    this._fallbackTimer = null;
+    this._emit("fallback", false);
+  }
+
+  /** Stops REST polling only (the SSE stream took over). */
+  _stopRest() {
     if (this._fallbackTimer === null) return;
     clearInterval(this._fallbackTimer);
     this._fallbackTimer = null;

@@ -1,9 +1,62 @@
 //! Who may use the edge: allowed origins (WebSocket upgrades, CORS, foreign writes) and bearer secrets.
 
 use actix_web::HttpRequest;
+use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 
 use crate::core::config::Config;
+use crate::core::protocol::{ErrorCode, Target};
+use crate::core::token::{self, Identity};
+use crate::node::hub::Hub;
+use crate::stats::Stats;
+
+/// Why a read over HTTP (REST, an event stream) is refused: the status, the error code and the message.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The identity of a request that carries a connection token (`None` without one, or without `[auth]`).
+pub fn request_identity(hub: &Hub, token: Option<&str>) -> Result<Option<Identity>, Refusal> {
+    let (Some(verifier), Some(token)) = (hub.verifier(), token) else {
+        return Ok(None);
+    };
+    verifier.verify_connection(token).map(Some).map_err(|e| {
+        Stats::add(&hub.stats().tokens_rejected, 1);
+        Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            code: "invalid_token",
+            message: e.message,
+        }
+    })
+}
+
+/// Whether `identity` may read `target` over HTTP: the rules of a WebSocket subscribe with a connection
+/// token (subscription tokens are for WebSocket subscribes only).
+pub fn may_read(hub: &Hub, identity: Option<&Identity>, target: &Target) -> Result<(), Refusal> {
+    let name = match target {
+        Target::Channel(c) | Target::Pattern(c) => c.as_str(),
+    };
+    let policy = hub
+        .config()
+        .policy(name)
+        .unwrap_or_else(|| hub.config().default_policy());
+    let auth = hub.verifier().is_some();
+    token::may_subscribe(auth, &policy, target, identity, None)
+        .map(|_| ())
+        .map_err(|refused| {
+            Stats::add(&hub.stats().auth_refused, 1);
+            Refusal {
+                status: match refused.code {
+                    ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::FORBIDDEN,
+                },
+                code: refused.code.as_str(),
+                message: refused.message,
+            }
+        })
+}
 
 /// Whether the request's `Origin` (if any) may use this hub. Requests without one are not from a browser.
 pub fn origin_allowed(headers: &HeaderMap, config: &Config) -> bool {

@@ -10,46 +10,23 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 
 use crate::core::position::Position;
-use crate::core::protocol::{ErrorCode, MAX_EPOCH_LEN, Target, validate_channel};
+use crate::core::protocol::{MAX_EPOCH_LEN, Target, validate_channel};
 use crate::core::publication::Publication;
-use crate::core::token;
 use crate::engine::Window;
-use crate::http::auth::bearer_token;
+use crate::http::auth::{bearer_token, may_read, request_identity};
 use crate::http::reply::error_response;
 use crate::node::hub::Hub;
 
 /// The answer refusing to read `channel`, if the request may not: the rules of a subscribe, with the bearer
-/// token as the connection token (subscription tokens are for WebSocket subscribes only).
+/// token as the connection token.
 fn read_refusal(hub: &Hub, req: &HttpRequest, channel: &str) -> Option<HttpResponse> {
-    let policy = hub
-        .config()
-        .policy(channel)
-        .unwrap_or_else(|| hub.config().default_policy());
-    let identity = match (hub.verifier(), bearer_token(req)) {
-        (Some(verifier), Some(bearer)) => match verifier.verify_connection(bearer) {
-            Ok(identity) => Some(identity),
-            Err(e) => {
-                crate::stats::Stats::add(&hub.stats().tokens_rejected, 1);
-                return Some(error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_token",
-                    &e.message,
-                ));
-            }
-        },
-        _ => None,
-    };
     let target = Target::Channel(channel.to_string());
-    let auth = hub.verifier().is_some();
-    let refused = token::may_subscribe(auth, &policy, &target, identity.as_ref(), None).err()?;
-    crate::stats::Stats::add(&hub.stats().auth_refused, 1);
-    let status = match refused.code {
-        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-        _ => StatusCode::FORBIDDEN,
-    };
+    let refused = request_identity(hub, bearer_token(req))
+        .and_then(|identity| may_read(hub, identity.as_ref(), &target))
+        .err()?;
     Some(error_response(
-        status,
-        refused.code.as_str(),
+        refused.status,
+        refused.code,
         &refused.message,
     ))
 }

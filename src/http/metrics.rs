@@ -62,6 +62,11 @@ pub fn render(hub: &Hub) -> String {
         Stats::get(&s.connections) as i64,
     );
     out.gauge(
+        "relayhub_sse_connections",
+        "Open Server-Sent Events streams.",
+        Stats::get(&s.sse_connections) as i64,
+    );
+    out.gauge(
         "relayhub_channels",
         "Channels with at least one local subscriber.",
         channels.len() as i64,
@@ -93,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 27] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 28] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -163,6 +168,11 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_connections_refused_total",
             "WebSocket handshakes refused by server.max_connections or max_connections_per_ip.",
             &s.connections_refused,
+        ),
+        (
+            "relayhub_sse_streams_opened_total",
+            "Server-Sent Events streams opened.",
+            &s.sse_streams_opened,
         ),
         (
             "relayhub_requests_rate_limited_total",

@@ -11,6 +11,7 @@ pub mod polling;
 pub mod publish;
 pub mod reply;
 pub mod server;
+pub mod sse;
 pub mod static_files;
 pub mod stats;
 pub mod upgrade;
@@ -33,6 +34,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         Method::GET,
         web::get().to(crate::http::upgrade::not_an_upgrade),
     ))
+    .service(one("/sse", Method::GET, web::get().to(sse::stream)))
     .service(one("/health", Method::GET, web::get().to(health::health)))
     .service(one("/ready", Method::GET, web::get().to(health::ready)))
     .service(one(

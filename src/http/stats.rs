@@ -37,6 +37,7 @@ pub async fn stats(hub: web::Data<Hub>) -> HttpResponse {
         "redis": redis_health(&hub),
         "uptime_seconds": hub.uptime().as_secs(),
         "connections": Stats::get(&s.connections),
+        "sse_connections": Stats::get(&s.sse_connections),
         "channels": subscribers.len(),
         "subscriptions": subscriptions,
         "subscribers": subscribers,

@@ -17,6 +17,7 @@ pub(crate) mod connection;
 /// Public for the fuzz targets: it reads bytes straight from strangers' sockets.
 pub mod decoder;
 pub(crate) mod outbox;
+pub(crate) mod sse;
 
 pub(crate) use crate::core::frame;
 pub(crate) use connection::{Endpoint, Failure, Transport, TransportLimits};

@@ -177,6 +177,8 @@ describe("dashboard against a real hub", () => {
         refused += 1;
         ws.close({ code: 1011, reason: "refused by the test" });
       });
+      // The Server-Sent Events fallback (tried first) is refused too, so the REST fallback takes over.
+      await page.route(/\/sse\?/, (route) => route.abort());
       await page.goto(dashboardUrl([channel]));
       await waitForStatus(page, "reconnecting");
       await page.waitForSelector('[data-testid="fallback"]:not([hidden])');

@@ -4,6 +4,7 @@
 
 pub mod nginx;
 pub mod process;
+pub mod sse;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};

@@ -50,6 +50,16 @@ impl Nginx {
     /// its listen line are replaced, and the file is wrapped in the main context a test needs (its own prefix
     /// directory, pid file and temp paths).
     pub fn start_fleet(replicas: &[SocketAddr]) -> Nginx {
+        Nginx::start_fleet_with(replicas, true)
+    }
+
+    /// As [`Nginx::start_fleet`], but with the `hash` line taken out: requests go round robin, each new
+    /// connection to the next replica (what a balancer without sticky sessions does).
+    pub fn start_round_robin(replicas: &[SocketAddr]) -> Nginx {
+        Nginx::start_fleet_with(replicas, false)
+    }
+
+    fn start_fleet_with(replicas: &[SocketAddr], sticky: bool) -> Nginx {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("relayhub-nginx-{}-{port}", std::process::id()));
@@ -65,7 +75,15 @@ impl Nginx {
             .iter()
             .map(|addr| format!("    server {addr} max_fails=1 fail_timeout=10s;\n"))
             .collect();
-        let site = replace_between(&shipped, "replicas", &servers);
+        let mut site = replace_between(&shipped, "replicas", &servers);
+        if !sticky {
+            let hash = "    hash $remote_addr consistent;\n";
+            assert!(
+                site.contains(hash),
+                "deploy/nginx.conf routes by client address"
+            );
+            site = site.replace(hash, "");
+        }
         let site = replace_between(&site, "listen", &format!("    listen 127.0.0.1:{port};\n"));
         let config = format!(
             r#"worker_processes 1;

@@ -17,6 +17,7 @@ import {
   type RelayHubOptions,
   type Status,
   type StatusDetail,
+  type Transport,
 } from "relayhub-client";
 
 const options: RelayHubOptions = {
@@ -27,6 +28,7 @@ const options: RelayHubOptions = {
   heartbeatTimeout: 25_000,
   connectTimeout: 10_000,
   fallback: true,
+  sse: true,
   fallbackInterval: 3_000,
   drainJitter: 5_000,
   maxQueue: 1_000,
@@ -34,6 +36,7 @@ const options: RelayHubOptions = {
   WebSocket: globalThis.WebSocket,
   fetch: globalThis.fetch,
   tokenRefreshBefore: 30_000,
+  EventSource: globalThis.EventSource,
 };
 
 // A token from the app's own backend, fetched before each connect and again before it expires.
@@ -57,7 +60,7 @@ interface Price {
 
 const off = hub.subscribe<Price>("prices:BTC", (data, meta: MessageMeta) => {
   const line: string = `${meta.channel} ${meta.seq ?? "-"} ${meta.ts ?? "-"} ${data.symbol} ${data.price}`;
-  const how: "socket" | "rest" = meta.source;
+  const how: "socket" | "sse" | "rest" = meta.source;
   const replayed: boolean = meta.recovered;
   console.log(line, how, meta.snapshot ? "snapshot" : "live", replayed ? "recovered" : "");
 });
@@ -71,7 +74,7 @@ const onError = (info: ErrorInfo) => console.log(info.code, info.message, info.c
 hub.on("error", onError);
 hub.on("fallback", (active: boolean) => console.log(active));
 hub.on("gap", (info: GapInfo) => {
-  const where: "socket" | "rest" = info.source;
+  const where: "socket" | "sse" | "rest" = info.source;
   console.log(`${info.channel}: messages missed (${where}); the latest value follows`);
 });
 hub.off("error", onError);
@@ -87,9 +90,10 @@ async function main(): Promise<void> {
   const state: Status = hub.status;
   const latency: number | null = hub.latency;
   const polling: boolean = hub.fallbackActive;
+  const transport: Transport | null = hub.transport;
   const wanted: string[] = hub.channels();
   const where: string = `${hub.url} ${hub.restBase} ${hub.options.maxQueue}`;
-  console.log(state, latency, polling, wanted, where, queueBound);
+  console.log(state, latency, polling, transport, wanted, where, queueBound);
   console.log(isValidChannel("chat:lobby"), isPattern("prices:*"), namespaceOf("chat:lobby"), backoffDelay(3, 500, 10_000));
   off();
   offPattern();

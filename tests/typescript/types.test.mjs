@@ -55,7 +55,7 @@ test("the declared exports are the module's exports", () => {
 
 test("every option with a default is declared, in RelayHubOptions and DEFAULTS", () => {
   const options = members(block("export interface RelayHubOptions"));
-  const injected = ["WebSocket", "fetch"]; // options without a default
+  const injected = ["WebSocket", "fetch", "EventSource"]; // options without a default
   assert.deepEqual(sorted(options), sorted([...Object.keys(client.DEFAULTS), ...injected]));
   assert.deepEqual(members(block("export declare const DEFAULTS")), sorted(Object.keys(client.DEFAULTS)));
   for (const name of injected) assert.match(js, new RegExp(`this\\.options\\.${name}\\b`), `relayhub.js reads ${name}`);

@@ -1,0 +1,219 @@
+//! `GET /sse?channel=a&channel=b`: a `text/event-stream` of the named channels, for networks that break
+//! WebSockets. Every check the WebSocket upgrade makes is made here before the stream opens, each refusal in
+//! the API's JSON error shape: shutdown, origin, the channels (namespaces, patterns, the per-connection
+//! limits) and the connection budgets. The stream is then one more subscriber of this worker's registry (see
+//! `node::sse`), and its body is written by `transport::sse`.
+//!
+//! `Last-Event-ID` (sent by browsers when an `EventSource` reconnects, or `?last_event_id=`) holds every
+//! channel's position, so the stream resumes through the recovery protocol on whichever replica it reaches.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use percent_encoding::percent_decode_str;
+
+use crate::core::protocol::{Target, parse_target};
+use crate::http::admission::Admission;
+use crate::http::auth::{Refusal, bearer_token, may_read, origin_allowed, request_identity};
+use crate::http::reply::ApiError;
+use crate::node::hub::Hub;
+use crate::node::registry::Registry;
+use crate::node::sse::{SseSubscriber, StreamSubscription};
+use crate::stats::Stats;
+use crate::transport::Outbox;
+use crate::transport::sse::{Cursor, EventStream};
+
+const LAST_EVENT_ID: header::HeaderName = header::HeaderName::from_static("last-event-id");
+
+/// The channels and resume point a request names, and its connection token if any.
+struct StreamRequest {
+    channels: Vec<String>,
+    last_event_id: Option<String>,
+    token: Option<String>,
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// Reads `channel` (repeated) and `last_event_id` from the query string; the header wins over the parameter.
+fn parse_request(req: &HttpRequest) -> Result<StreamRequest, ApiError> {
+    let mut channels = Vec::new();
+    let mut last_event_id = None;
+    let mut token = None;
+    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = value.replace('+', " ");
+        let value = percent_decode_str(&value)
+            .decode_utf8()
+            .map_err(|_| bad_request(format!("`{key}` is not UTF-8")))?
+            .into_owned();
+        match key {
+            "channel" => channels.push(value),
+            "last_event_id" => last_event_id = Some(value),
+            // EventSource cannot set headers: the token comes in the URL, as `/ws?token=` does.
+            "token" => token = Some(value),
+            _ => return Err(bad_request(format!("unknown query parameter `{key}`"))),
+        }
+    }
+    if let Some(header) = req.headers().get(LAST_EVENT_ID) {
+        let header = header
+            .to_str()
+            .map_err(|_| bad_request("Last-Event-ID is not ASCII"))?;
+        last_event_id = Some(header.to_string());
+    }
+    if channels.is_empty() {
+        return Err(bad_request("name at least one `channel`"));
+    }
+    if let Some(bearer) = bearer_token(req) {
+        token = Some(bearer.to_string());
+    }
+    Ok(StreamRequest {
+        channels,
+        last_event_id,
+        token,
+    })
+}
+
+/// Checks each channel as a WebSocket subscribe would be checked, and counts refusals the same way.
+fn check_channels(hub: &Hub, channels: &[String]) -> Result<Vec<(Target, String)>, ApiError> {
+    let ws = &hub.config().websocket;
+    let stats = hub.stats();
+    if channels.len() > ws.max_subscriptions_per_connection {
+        Stats::add(&stats.subscriptions_refused, 1);
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_subscriptions",
+            format!(
+                "at most {} channels per stream",
+                ws.max_subscriptions_per_connection
+            ),
+        ));
+    }
+    let mut patterns = 0;
+    let mut checked = Vec::with_capacity(channels.len());
+    for (i, name) in channels.iter().enumerate() {
+        if channels[..i].contains(name) {
+            return Err(bad_request(format!("`{name}` is named twice")));
+        }
+        let target = parse_target(name)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code.as_str(), e.message))?;
+        if matches!(target, Target::Pattern(_)) {
+            patterns += 1;
+            if patterns > ws.max_patterns_per_connection {
+                Stats::add(&stats.patterns_refused, 1);
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "too_many_patterns",
+                    format!(
+                        "at most {} pattern subscriptions per stream",
+                        ws.max_patterns_per_connection
+                    ),
+                ));
+            }
+        }
+        checked.push((target, name.clone()));
+    }
+    Ok(checked)
+}
+
+pub async fn stream(
+    req: HttpRequest,
+    hub: web::Data<Hub>,
+    registry: web::Data<Addr<Registry>>,
+    admission: web::Data<Admission>,
+) -> Result<HttpResponse, ApiError> {
+    if hub.is_shutting_down() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "server is shutting down",
+        ));
+    }
+    if !origin_allowed(req.headers(), hub.config()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "origin not allowed",
+        ));
+    }
+    let request = parse_request(&req)?;
+    let checked = check_channels(&hub, &request.channels)?;
+    let refused = |r: Refusal| ApiError::new(r.status, r.code, r.message);
+    // The token rules of a WebSocket subscribe, with the stream's token as the connection token.
+    let identity = request_identity(&hub, request.token.as_deref()).map_err(refused)?;
+    for (target, _) in &checked {
+        may_read(&hub, identity.as_ref(), target).map_err(refused)?;
+    }
+    let cursor = Cursor::new(request.channels, request.last_event_id.as_deref())
+        .map_err(|message| bad_request(format!("Last-Event-ID: {message}")))?;
+    let mut subscriptions = Vec::with_capacity(checked.len());
+    for ((target, name), (_, since)) in checked.into_iter().zip(cursor.resume_points()) {
+        let policy_name = match &target {
+            Target::Channel(c) | Target::Pattern(c) => c.as_str(),
+        };
+        let policy = hub.config().policy(policy_name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_channel",
+                format!("`{name}`: unknown namespace"),
+            )
+        })?;
+        if matches!(target, Target::Pattern(_)) && !policy.patterns {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("`{name}`: pattern subscriptions are not enabled for this namespace"),
+            ));
+        }
+        subscriptions.push(StreamSubscription {
+            name,
+            target,
+            policy,
+            since: since.cloned(),
+        });
+    }
+    // Checked last, so a request refused anyway takes no slot.
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let admission: Arc<Admission> = admission.into_inner();
+    let ip = admission.client_ip(peer, req.headers());
+    let permit = admission.admit(ip, hub.stats()).map_err(|refused| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            refused.message(),
+        )
+    })?;
+    let ws = &hub.config().websocket;
+    let outbox = Outbox::new(ws.mailbox_size, ws.max_queued_bytes);
+    let (gone, gone_heard) = tokio::sync::oneshot::channel::<()>();
+    SseSubscriber::start(
+        hub.get_ref().clone(),
+        registry.get_ref().clone(),
+        outbox.clone(),
+        subscriptions,
+        identity.map(|i| i.expires_at),
+        gone_heard,
+    );
+    let mut response = HttpResponse::Ok();
+    // The slot is held as long as the response (the connection), not only while the stream is subscribed.
+    let guard: Box<dyn Send> = Box::new((permit, gone));
+    response
+        // A stream is never followed by another request: when it ends, the connection goes too.
+        .force_close()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        // nginx: pass events on as they come, whatever its buffering settings.
+        .insert_header(("x-accel-buffering", "no"));
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        response
+            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()))
+            .insert_header((header::VARY, "Origin"));
+    }
+    Ok(response.streaming(EventStream::new(outbox, cursor, guard)))
+}
