@@ -227,11 +227,12 @@ channel = "team:{room}"
         }
         other => panic!("expected a 401, got {other:?}"),
     }
-    // Origins are checked on endpoint paths too.
+    // Origins are checked on endpoint paths too; `snapshot` is off unless asked for.
     let hub = TestHub::start(
         "[server]\nallowed_origins = [\"https://ok.example\"]\n[[endpoints]]\npath = \"/ws/feed\"\nchannel = \"feed\"\n",
     )
     .await;
+    hub.publish("feed", json!("before")).await;
     let foreign = Ws::connect_with_origin(&ws_url(&hub, "/ws/feed"), "https://evil.example").await;
     assert!(foreign.is_err(), "a foreign origin must be refused");
     let mut ok = Ws::connect_with_origin(&ws_url(&hub, "/ws/feed"), "https://ok.example")
@@ -244,6 +245,7 @@ channel = "team:{room}"
     )
     .await;
     hub.publish("feed", json!([1, 2])).await;
+    // The first frame is the new message, not the value published before the connection.
     assert_eq!(ok.recv().await, json!([1, 2]));
 }
 
