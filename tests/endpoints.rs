@@ -291,3 +291,32 @@ fn bad_endpoints_exit_2_and_name_the_key() {
     let mut process = Process::spawn(relayhub(&["check-config", "--config", good.path()], &[]));
     assert_eq!(process.exit_code(), 0, "{}", process.output());
 }
+
+#[actix_web::test]
+async fn a_raw_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
+    let hub = TestHub::start(
+        "[websocket]\nmax_message_bytes = 300000\nmax_queued_bytes = 400000\nwrite_timeout = \"30s\"\n\
+         [[endpoints]]\npath = \"/ws/feed\"\nchannel = \"feed\"\n",
+    )
+    .await;
+    // Connected, then never read from again.
+    let _stuck = Ws::connect(&ws_url(&hub, "/ws/feed")).await;
+    eventually(
+        Duration::from_secs(5),
+        "the endpoint subscribed",
+        || async { hub.stats().await["subscriptions"].as_u64() == Some(1) },
+    )
+    .await;
+    let text = "s".repeat(100_000);
+    let mut published = 0;
+    while published < 400 && hub.stats().await["slow_consumer_disconnects"] != 1 {
+        hub.publish("feed", json!({ "text": text })).await;
+        published += 1;
+    }
+    let stats = hub.stats().await;
+    assert_eq!(
+        stats["slow_consumer_disconnects"], 1,
+        "after {published}: {stats}"
+    );
+    assert_eq!(stats["subscriptions"], 0, "{stats}");
+}
