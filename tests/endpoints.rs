@@ -320,3 +320,38 @@ async fn a_raw_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
     );
     assert_eq!(stats["subscriptions"], 0, "{stats}");
 }
+
+#[actix_web::test]
+async fn an_endpoint_path_asked_for_as_an_event_stream_streams_its_channel() {
+    let hub = TestHub::start(
+        "[namespaces.crypto]\npatterns = true\n[[endpoints]]\npath = \"/ws/prices/{symbol}\"\n\
+         channel = \"crypto:{symbol}\"\nalias = { ALL = \"*\" }\nsnapshot = true\n",
+    )
+    .await;
+    hub.publish("crypto:BTC", json!({"price": 1})).await;
+    let accept = [("Accept", "text/event-stream")];
+    let mut btc = common::sse::Stream::open(&hub.http("/ws/prices/BTC"), &accept)
+        .await
+        .expect("a stream");
+    btc.subscribed(&["crypto:BTC"]).await;
+    let snapshot = btc.event().await;
+    assert_eq!(snapshot.event.as_deref(), Some("snapshot"));
+    assert_eq!(snapshot.data["data"], json!({"price": 1}));
+    let mut all = common::sse::Stream::open(&hub.http("/ws/prices/ALL"), &accept)
+        .await
+        .expect("a stream");
+    all.subscribed(&["crypto:*"]).await;
+    assert_eq!(all.event().await.data["channel"], "crypto:BTC");
+    hub.publish("crypto:ETH", json!({"price": 2})).await;
+    hub.publish("crypto:BTC", json!({"price": 3})).await;
+    assert_eq!(btc.event().await.data["data"], json!({"price": 3}));
+    assert_eq!(all.event().await.data["channel"], "crypto:ETH");
+    assert_eq!(all.event().await.data["data"], json!({"price": 3}));
+    // The path names its channel; without the Accept header, or on no endpoint, it is the 404 it was.
+    let named = common::sse::Stream::open(&hub.http("/ws/prices/BTC?channel=x"), &accept).await;
+    assert_eq!(named.err().map(|(status, _)| status), Some(400));
+    for (path, headers) in [("/ws/prices/BTC", &[][..]), ("/nope/x", &accept[..])] {
+        let reply = common::request("GET", &hub.http(path), headers, None).await;
+        assert_eq!(reply.status, 404, "{path}");
+    }
+}
