@@ -37,6 +37,8 @@ pub struct Stats {
     pub frames_too_big: AtomicU64,
     /// WebSocket connections closed with 1002 or 1007: broken framing, an invalid close, text not UTF-8.
     pub protocol_errors: AtomicU64,
+    /// Frames the clients of raw endpoints sent, read and dropped (they do not speak the protocol).
+    pub endpoint_frames_ignored: AtomicU64,
     /// WebSocket handshakes refused by `server.max_connections` or `server.max_connections_per_ip`.
     pub connections_refused: AtomicU64,
     /// Client requests refused with `rate_limited`.
@@ -100,7 +102,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 39] {
+    pub fn counters(&self) -> [(&'static str, u64); 40] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -115,6 +117,7 @@ impl Stats {
             ("write_timeouts", &self.write_timeouts),
             ("frames_too_big", &self.frames_too_big),
             ("protocol_errors", &self.protocol_errors),
+            ("endpoint_frames_ignored", &self.endpoint_frames_ignored),
             ("connections_refused", &self.connections_refused),
             ("requests_rate_limited", &self.requests_rate_limited),
             ("rate_limit_disconnects", &self.rate_limit_disconnects),

@@ -3,6 +3,8 @@
 //! errors that name the key, and the binary exits with code 2 on them.
 
 use std::collections::BTreeMap;
+
+use crate::core::endpoint::{Endpoints, Format, Spec};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Routes that relay a Redis channel of an outside producer into relayhub channels.
     pub ingest: Vec<IngestConfig>,
+    /// WebSocket paths bound to a channel or pattern, for front ends written for another server.
+    pub endpoints: Vec<EndpointConfig>,
     /// The built-in synthetic upstream, so a fresh start shows moving data.
     pub demo: DemoConfig,
     /// The poller's fleet coordination.
@@ -499,6 +503,22 @@ pub struct IngestConfig {
     pub cache: bool,
 }
 
+/// One `[[endpoints]]` table as written (checked and parsed by `core::endpoint`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The path template; `{name}` captures one whole segment.
+    pub path: String,
+    /// The channel template, naming captures of `path`.
+    pub channel: String,
+    /// Captured values standing for something else (`{ ALL = "*" }` turns `crypto:{symbol}` into `crypto:*`).
+    pub alias: BTreeMap<String, String>,
+    /// `raw` or `envelope`.
+    pub format: Format,
+    /// Send the latest value first.
+    pub snapshot: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
@@ -931,7 +951,20 @@ impl Config {
                 return err(&format!("ingest[{i}].channel"), "is required");
             }
         }
+        self.compiled_endpoints()?;
         Ok(())
+    }
+
+    /// `[[endpoints]]` checked and parsed; an error names the key at fault.
+    pub fn compiled_endpoints(&self) -> Result<Endpoints, ConfigError> {
+        Endpoints::compile(self.endpoints.iter().map(|e| Spec {
+            path: &e.path,
+            channel: &e.channel,
+            alias: &e.alias,
+            format: e.format,
+            snapshot: e.snapshot,
+        }))
+        .map_err(ConfigError)
     }
 
     /// Problems that do not stop the hub but are likely mistakes: `check-config` prints them, the hub logs

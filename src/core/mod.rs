@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod config;
 pub mod encoding;
+pub mod endpoint;
 pub mod frame;
 pub mod ingest;
 pub mod position;

@@ -34,6 +34,9 @@ pub struct Publication {
     fetched_at: Range<usize>,
     /// The `snapshot` frame, built the first time a subscriber needs it and shared by the next ones.
     snapshot: OnceLock<Bytes>,
+    /// The `data` JSON alone as a frame, for raw endpoints: built the first time one of their connections
+    /// needs it and shared by the next ones, so it too is framed once per publish.
+    raw: OnceLock<Bytes>,
 }
 
 impl Publication {
@@ -78,6 +81,7 @@ impl Publication {
             ts: ts_range,
             fetched_at: fetched_range,
             snapshot: OnceLock::new(),
+            raw: OnceLock::new(),
         }
     }
 
@@ -98,6 +102,26 @@ impl Publication {
                 wire::text_from_parts(&[SNAPSHOT_HEAD, &self.frame[MESSAGE_HEAD.len()..]])
             })
             .clone()
+    }
+
+    /// The `data` JSON alone as WebSocket bytes, shared: what a raw endpoint sends for a message and for a
+    /// snapshot alike.
+    pub fn raw_wire(&self) -> Bytes {
+        self.raw.get_or_init(|| wire::text(self.data())).clone()
+    }
+
+    /// The `message` frame, or the raw one for a connection that takes raw frames.
+    pub fn wire_for(&self, raw: bool) -> Bytes {
+        if raw { self.raw_wire() } else { self.wire() }
+    }
+
+    /// The `snapshot` frame, or the raw one for a connection that takes raw frames.
+    pub fn snapshot_wire_for(&self, raw: bool) -> Bytes {
+        if raw {
+            self.raw_wire()
+        } else {
+            self.snapshot_wire()
+        }
     }
 
     /// The published JSON, unchanged.
@@ -246,6 +270,9 @@ mod tests {
             json!({"type":"message","channel":"prices:BTC","data":{"p":1.5},"seq":42,"ts":"2026-01-01T00:00:00.000Z"})
         );
         assert_eq!(p.data(), r#"{"p": 1.5}"#);
+        assert_eq!(payload(&p.raw_wire()), json!({"p": 1.5}));
+        // Framed once: every raw subscriber shares one buffer.
+        assert_eq!(p.raw_wire().as_ptr(), p.wire_for(true).as_ptr());
         assert_eq!(p.ts(), Some("2026-01-01T00:00:00.000Z"));
         let s = payload(&p.snapshot_wire());
         assert_eq!(s["type"], "snapshot");

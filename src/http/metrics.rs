@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 28] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 29] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -163,6 +163,11 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_protocol_errors_total",
             "Connections closed with 1002 or 1007.",
             &s.protocol_errors,
+        ),
+        (
+            "relayhub_endpoint_frames_ignored_total",
+            "Frames the clients of raw endpoints sent, read and dropped.",
+            &s.endpoint_frames_ignored,
         ),
         (
             "relayhub_connections_refused_total",

@@ -129,7 +129,9 @@ fn method_not_allowed(req: &HttpRequest, allow: Method) -> HttpResponse {
 /// The dashboard and client library; registered last so every other route wins.
 pub fn static_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(static_files::index))
-        .route("/{name}", web::get().to(static_files::file));
+        .route("/{name}", web::get().to(static_files::file))
+        // Last of all: an endpoint's path asked for as an event stream, else 404.
+        .default_service(web::to(sse::endpoint_stream));
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {

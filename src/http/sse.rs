@@ -6,6 +6,9 @@
 //!
 //! `Last-Event-ID` (sent by browsers when an `EventSource` reconnects, or `?last_event_id=`) holds every
 //! channel's position, so the stream resumes through the recovery protocol on whichever replica it reaches.
+//!
+//! A path of `[[endpoints]]` asked for with `Accept: text/event-stream` is the same stream of the endpoint's
+//! channel; it is the app's last resort, so any other unrouted request stays a plain 404.
 
 use std::sync::Arc;
 
@@ -39,8 +42,8 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 }
 
 /// Reads `channel` (repeated) and `last_event_id` from the query string; the header wins over the parameter.
-fn parse_request(req: &HttpRequest) -> Result<StreamRequest, ApiError> {
-    let mut channels = Vec::new();
+fn parse_request(req: &HttpRequest, bound: Option<&str>) -> Result<StreamRequest, ApiError> {
+    let mut channels: Vec<String> = bound.into_iter().map(str::to_string).collect();
     let mut last_event_id = None;
     let mut token = None;
     for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
@@ -51,6 +54,11 @@ fn parse_request(req: &HttpRequest) -> Result<StreamRequest, ApiError> {
             .map_err(|_| bad_request(format!("`{key}` is not UTF-8")))?
             .into_owned();
         match key {
+            "channel" if bound.is_some() => {
+                return Err(bad_request(
+                    "this path names its channel: no `channel` here",
+                ));
+            }
             "channel" => channels.push(value),
             "last_event_id" => last_event_id = Some(value),
             // EventSource cannot set headers: the token comes in the URL, as `/ws?token=` does.
@@ -125,6 +133,40 @@ pub async fn stream(
     registry: web::Data<Addr<Registry>>,
     admission: web::Data<Admission>,
 ) -> Result<HttpResponse, ApiError> {
+    open(req, hub, registry, admission, None).await
+}
+
+/// A path of `[[endpoints]]` requested with `Accept: text/event-stream`: the stream of the endpoint's
+/// channel (or pattern), as `GET /sse?channel=` gives it. Any other request that reached no route is the
+/// plain 404 it always was.
+pub async fn endpoint_stream(
+    req: HttpRequest,
+    hub: web::Data<Hub>,
+    registry: web::Data<Addr<Registry>>,
+    admission: web::Data<Admission>,
+) -> Result<HttpResponse, ApiError> {
+    let wants_stream = req.method() == actix_web::http::Method::GET
+        && req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|accept| accept.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/event-stream"));
+    let binding = wants_stream
+        .then(|| hub.endpoints().resolve(req.path()))
+        .flatten();
+    let Some(binding) = binding else {
+        return Ok(HttpResponse::NotFound().finish());
+    };
+    open(req, hub, registry, admission, Some(&binding.channel)).await
+}
+
+async fn open(
+    req: HttpRequest,
+    hub: web::Data<Hub>,
+    registry: web::Data<Addr<Registry>>,
+    admission: web::Data<Admission>,
+    bound: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     if hub.is_shutting_down() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -139,7 +181,7 @@ pub async fn stream(
             "origin not allowed",
         ));
     }
-    let request = parse_request(&req)?;
+    let request = parse_request(&req, bound)?;
     let checked = check_channels(&hub, &request.channels)?;
     let refused = |r: Refusal| ApiError::new(r.status, r.code, r.message);
     // The token rules of a WebSocket subscribe, with the stream's token as the connection token.

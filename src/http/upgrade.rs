@@ -2,6 +2,8 @@
 //! the handshake, the origin, and the connection budgets (admission), in that order, each refusal answered
 //! with the API's JSON error shape; then the 101 and a session on this worker thread. A connection token in
 //! the query (`?token=<jwt>`) is verified here, so a bad one is answered 401 before a session exists.
+//! Besides `/ws`, the paths of `[[endpoints]]` upgrade too, under the same checks, into sessions bound to
+//! their channel.
 
 use actix::prelude::*;
 use actix_http::h1;
@@ -16,13 +18,14 @@ use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
+use crate::core::endpoint::Format;
 use crate::core::token::Identity;
 use crate::http::admission::Admission;
 use crate::http::auth::origin_allowed;
 use crate::http::reply::{error_body, error_response};
 use crate::node::hub::Hub;
 use crate::node::registry::Registry;
-use crate::node::session::SessionLimits;
+use crate::node::session::{Opening, SessionLimits};
 use crate::transport::{Outbox, Transport};
 
 /// The path browsers connect to.
@@ -42,13 +45,18 @@ pub async fn accept(
     let parts = framed.into_parts();
     let mut io = parts.io;
     let head = request.head();
+    // `/ws` speaks the protocol; an endpoint's path (`[[endpoints]]`) is bound to its channel.
+    let endpoint = match head.uri.path() {
+        WS_PATH => None,
+        path => hub.endpoints().resolve(path),
+    };
     let refusal = if head.method == Method::CONNECT {
         Some((
             StatusCode::METHOD_NOT_ALLOWED,
             "bad_request",
             "CONNECT is not supported",
         ))
-    } else if head.uri.path() != WS_PATH {
+    } else if head.uri.path() != WS_PATH && endpoint.is_none() {
         Some((StatusCode::NOT_FOUND, "not_found", "no such endpoint"))
     } else if hub.is_shutting_down() {
         Some((
@@ -120,6 +128,10 @@ pub async fn accept(
     // A conflated connection keeps at most one pending message per subscription beside its queue.
     let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes)
         .with_slots(limits.max_subscriptions);
+    let outbox = match &endpoint {
+        Some(e) => outbox.with_flavor(e.format == Format::Raw, e.snapshot),
+        None => outbox,
+    };
     // The 101 response goes out through the outbox, ahead of anything the session queues.
     let mut response = Vec::with_capacity(160);
     response.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
@@ -140,7 +152,7 @@ pub async fn accept(
         transport,
         outbox,
         Box::new(permit),
-        identity,
+        Opening { identity, endpoint },
     );
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::core::config::Config;
+use crate::core::endpoint::Endpoints;
 use crate::core::publication::Publication;
 use crate::core::token::Verifier;
 use crate::engine::{Engine, LinkHealth, MemoryUsage, Reach};
@@ -79,6 +80,8 @@ struct Inner {
     started: Instant,
     /// Verifies connection and subscription tokens; `None` when `[auth]` names no key.
     verifier: Option<Arc<Verifier>>,
+    /// `[[endpoints]]`, parsed once (the config was validated before the hub was built).
+    endpoints: Endpoints,
 }
 
 impl Hub {
@@ -91,6 +94,7 @@ impl Hub {
         verifier: Option<Arc<Verifier>>,
     ) -> Hub {
         let metrics = Arc::new(Metrics::new(&config));
+        let endpoints = config.compiled_endpoints().unwrap_or_default();
         Hub {
             inner: Arc::new(Inner {
                 config,
@@ -103,8 +107,14 @@ impl Hub {
                 next_session: AtomicU64::new(1),
                 started: Instant::now(),
                 verifier,
+                endpoints,
             }),
         }
+    }
+
+    /// The drop-in endpoints a WebSocket upgrade's path may name.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.inner.endpoints
     }
 
     pub fn config(&self) -> &Config {

@@ -191,16 +191,24 @@ impl Registry {
         }
     }
 
-    /// Hands `frame`, a message of `channel`, to one subscriber. Past its queue bound it is marked slow, or,
-    /// where the namespace conflates, keeps only the channel's newest pending message.
+    /// Hands `frame`, a message of `channel`, to one subscriber (or, to a raw connection, `publication`'s raw
+    /// frame, made once for all of them). Past its queue bound it is marked slow, or, where the namespace
+    /// conflates, keeps only the channel's newest pending message.
     fn offer(
         stats: &Stats,
         slow: &mut Vec<SessionId>,
         id: SessionId,
         to: &Outbox,
         (channel, mode): (&Arc<str>, SlowConsumer),
-        frame: &Bytes,
+        (frame, publication): (&Bytes, &Publication),
     ) {
+        let raw;
+        let frame = if to.is_raw() {
+            raw = publication.raw_wire();
+            &raw
+        } else {
+            frame
+        };
         let full = match mode {
             SlowConsumer::Disconnect => to.push(frame.clone()) == Err(Full),
             SlowConsumer::Conflate => match to.push_latest(channel, frame.clone()) {
@@ -243,13 +251,18 @@ impl Registry {
                 let snapshot = publication.snapshot_wire();
                 for waiting in std::mem::take(&mut entry.pending) {
                     if let Some(session) = self.sessions.get(&waiting.id) {
+                        // A connection without snapshots takes it as the message it is.
+                        let first = match session.outbox.snapshot_frame(&publication) {
+                            Some(_) => &snapshot,
+                            None => &frame,
+                        };
                         Self::offer(
                             stats,
                             &mut slow,
                             waiting.id,
                             &session.outbox,
                             to_channel,
-                            &snapshot,
+                            (first, &publication),
                         );
                         entry.active.insert(
                             waiting.id,
@@ -296,7 +309,8 @@ impl Registry {
                         match admit(&mut to.seq, publication.seq) {
                             Verdict::Drop => dropped += 1,
                             Verdict::Deliver | Verdict::Gap { .. } => {
-                                Self::offer(stats, &mut slow, *id, &to.outbox, to_channel, &frame);
+                                let frames = (&frame, &*publication);
+                                Self::offer(stats, &mut slow, *id, &to.outbox, to_channel, frames);
                                 delivered += 1;
                             }
                         }
@@ -330,7 +344,14 @@ impl Registry {
                     if several && !sent.insert(*id) {
                         continue;
                     }
-                    Self::offer(stats, &mut slow, *id, to, to_channel, &frame);
+                    Self::offer(
+                        stats,
+                        &mut slow,
+                        *id,
+                        to,
+                        to_channel,
+                        (&frame, &publication),
+                    );
                     delivered += 1;
                 }
             }
@@ -468,7 +489,7 @@ impl Registry {
                     *id,
                     &to.outbox,
                     (&message.channel, mode),
-                    &message.wire(),
+                    (&message.wire(), message),
                 );
                 delivered += 1;
             });
@@ -582,15 +603,17 @@ impl Registry {
             let seq = latest.seq.unwrap_or(0);
             let ack =
                 protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
-            let _ = outbox.push(crate::transport::frame::text(&ack));
-            let _ = outbox.push(latest.snapshot_wire());
+            let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+            if let Some(snapshot) = outbox.snapshot_frame(latest) {
+                let _ = outbox.push(snapshot);
+            }
             entry.active.insert(id, Subscriber { outbox, seq });
             return;
         }
         let acked = entry.awaiting_publish;
         if acked {
             // Acknowledged now; the job's first value follows as the snapshot.
-            let _ = outbox.push(crate::transport::frame::text(&protocol::subscribed_frame(
+            let _ = outbox.push_reply(crate::transport::frame::text(&protocol::subscribed_frame(
                 &msg.request,
                 &channel,
             )));
@@ -701,7 +724,7 @@ impl Registry {
             let awaiting = self.observer.request_fill(&channel, read_at);
             for waiting in &mut entry.pending {
                 if let Some(session) = self.sessions.get(&waiting.id) {
-                    let _ = session.outbox.push(ack(waiting, None));
+                    let _ = session.outbox.push_reply(ack(waiting, None));
                     waiting.acked = true;
                 }
             }
@@ -753,9 +776,9 @@ impl Registry {
                 (Some(since), Some(missed)) => {
                     Stats::add(&stats.subscribes_recovered, 1);
                     Stats::add(&stats.messages_replayed, missed.len() as u64);
-                    let _ = outbox.push(ack(&waiting, Some(true)));
+                    let _ = outbox.push_reply(ack(&waiting, Some(true)));
                     for message in &missed {
-                        let _ = outbox.push(message.wire());
+                        let _ = outbox.push(outbox.message_frame(message));
                     }
                     seq = seq.max(since.seq);
                 }
@@ -763,16 +786,18 @@ impl Registry {
                     if since.is_some() {
                         Stats::add(&stats.subscribes_unrecovered, 1);
                     }
-                    let _ = outbox.push(ack(&waiting, since.as_ref().map(|_| false)));
+                    let _ = outbox.push_reply(ack(&waiting, since.as_ref().map(|_| false)));
                     if let Some(snapshot) = &snapshot {
-                        let _ = outbox.push(snapshot.snapshot_wire());
+                        if let Some(frame) = outbox.snapshot_frame(snapshot) {
+                            let _ = outbox.push(frame);
+                        }
                         seq = seq.max(snapshot.seq.unwrap_or(0));
                     }
                 }
             }
             for message in &backlog {
                 if admit(&mut seq, message.seq) != Verdict::Drop {
-                    let _ = outbox.push(message.wire());
+                    let _ = outbox.push(outbox.message_frame(message));
                 }
             }
             entry.active.insert(
@@ -826,7 +851,7 @@ impl Registry {
         entry.slow_consumer = slow_consumer;
         if entry.live {
             let outbox = session.outbox.clone();
-            let _ = outbox.push(ack);
+            let _ = outbox.push_reply(ack);
             entry.subscribers.insert(id, outbox);
             self.send_pattern_snapshots(prefix, vec![id], ctx);
             return;
@@ -853,7 +878,7 @@ impl Registry {
             let mut ids = Vec::new();
             for (id, ack) in std::mem::take(&mut entry.waiting) {
                 if let Some(session) = act.sessions.get(&id) {
-                    let _ = session.outbox.push(ack);
+                    let _ = session.outbox.push_reply(ack);
                     entry.subscribers.insert(id, session.outbox.clone());
                     ids.push(id);
                 }
@@ -872,15 +897,18 @@ impl Registry {
         let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
         let fut = async move { engine.latest_matching(&prefix, limit).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
-            let frames: Vec<Bytes> = snapshots
+            let shown: Vec<_> = snapshots
                 .iter()
                 .filter(|p| channel_owner(&p.channel).is_none())
-                .map(|p| p.snapshot_wire())
                 .collect();
             for id in ids {
                 if let Some(session) = act.sessions.get(&id) {
-                    for frame in &frames {
-                        let _ = session.outbox.push(frame.clone());
+                    // Each publication frames its snapshot (envelope or raw) once, for every session.
+                    for frame in shown
+                        .iter()
+                        .filter_map(|p| session.outbox.snapshot_frame(p))
+                    {
+                        let _ = session.outbox.push(frame);
                     }
                 }
             }

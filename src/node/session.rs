@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::core::config::WebsocketConfig;
+use crate::core::endpoint::{Binding, Format};
 use crate::core::position::Position;
 use crate::core::protocol::{
     self, ClientFrame, ErrorCode, ProtocolError, RequestId, Target, close, parse_client_frame,
@@ -164,6 +165,8 @@ pub struct Session {
     expiry: Option<SpawnHandle>,
     /// Subscriptions that rest on a token (the connection's or a subscription token), by name.
     standing: HashMap<String, Standing>,
+    /// The endpoint this connection was opened on (`[[endpoints]]`): subscribed to its channel at once.
+    endpoint: Option<Binding>,
 }
 
 impl Session {
@@ -174,6 +177,7 @@ impl Session {
         outbox: Outbox,
         permit: Permit,
         identity: Option<Identity>,
+        endpoint: Option<Binding>,
     ) -> Session {
         Session {
             id: hub.next_session_id(),
@@ -194,6 +198,7 @@ impl Session {
             identity,
             expiry: None,
             standing: HashMap::new(),
+            endpoint,
         }
     }
 
@@ -272,6 +277,9 @@ impl Session {
     }
 
     fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        if self.speaks_raw() {
+            return self.ignore_frame();
+        }
         let parsed = parse_client_frame(text);
         let id = parsed.id;
         // Malformed frames spend the budget too: each one costs a parse and an answer.
@@ -301,6 +309,35 @@ impl Session {
         };
         if let Err(error) = result {
             self.send_error(&id, &error);
+        }
+    }
+
+    /// A raw endpoint's client does not speak the protocol: what it sends is read, counted and dropped.
+    fn speaks_raw(&self) -> bool {
+        self.endpoint
+            .as_ref()
+            .is_some_and(|e| e.format == Format::Raw)
+    }
+
+    fn ignore_frame(&self) {
+        Stats::add(&self.hub.stats().endpoint_frames_ignored, 1);
+    }
+
+    /// Subscribes an endpoint's connection to its channel under the rules of a subscribe; a refusal closes
+    /// the connection with 1008 and the reason, since its client cannot read an error frame.
+    fn subscribe_endpoint(&mut self, ctx: &mut Context<Self>) {
+        let Some(channel) = self.endpoint.as_ref().map(|e| e.channel.clone()) else {
+            return;
+        };
+        if let Err(error) = self.subscribe(&None, channel, None, None, ctx) {
+            self.hub.metrics().rejected(error.code);
+            if self.outbox.close(close::POLICY, &error.message) {
+                log::debug!(
+                    "session {}: endpoint subscribe refused: {}",
+                    self.id,
+                    error.message
+                );
+            }
         }
     }
 
@@ -616,6 +653,7 @@ impl Actor for Session {
             id: self.id,
             outbox: self.outbox.clone(),
         });
+        self.subscribe_endpoint(ctx);
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
@@ -635,6 +673,9 @@ impl Endpoint for Session {
     }
 
     fn on_unsupported(&mut self, what: &'static str, ctx: &mut Context<Self>) {
+        if self.speaks_raw() {
+            return self.ignore_frame();
+        }
         if self.admit_request(&None, ctx) {
             self.send_error(&None, &ProtocolError::new(ErrorCode::BadRequest, what));
         }
@@ -666,6 +707,12 @@ impl Endpoint for Session {
     }
 }
 
+/// What the upgrade decided about a connection: who opened it (its `?token=`) and on which endpoint.
+pub struct Opening {
+    pub identity: Option<Identity>,
+    pub endpoint: Option<Binding>,
+}
+
 /// Starts a session for an accepted WebSocket, with its transport in the same actor context.
 pub fn start<S>(
     hub: Hub,
@@ -674,13 +721,14 @@ pub fn start<S>(
     transport: Transport<S>,
     outbox: Outbox,
     permit: Permit,
-    identity: Option<Identity>,
+    opening: Opening,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     Session::create(move |ctx| {
         ctx.spawn(transport);
-        Session::new(hub, registry, limits, outbox, permit, identity)
+        let Opening { identity, endpoint } = opening;
+        Session::new(hub, registry, limits, outbox, permit, identity, endpoint)
     });
 }
 

@@ -28,13 +28,25 @@ use std::task::Waker;
 use bytes::Bytes;
 
 use crate::core::frame;
+use crate::core::publication::Publication;
 
 /// One connection's outgoing queue. Cloning shares it.
 ///
 /// A `Mutex` rather than a `RefCell`: the registry keeps these in actor state that actix requires to be
 /// `Send`. Producer and writer run on the same worker thread, so the lock is never contended.
+/// Beside the queue, what kind of frames the connection takes: fixed for its life, so the registry reads it
+/// without the lock.
 #[derive(Clone)]
-pub struct Outbox(Arc<Mutex<Queue>>);
+pub struct Outbox(Arc<Mutex<Queue>>, Flavor);
+
+/// What kind of frames a connection takes.
+#[derive(Debug, Clone, Copy)]
+struct Flavor {
+    /// A raw endpoint: messages as their `data` alone, no protocol replies.
+    raw: bool,
+    /// The latest value goes first on subscribing (off for endpoints with `snapshot = false`).
+    snapshots: bool,
+}
 
 struct Queue {
     frames: VecDeque<Bytes>,
@@ -81,18 +93,56 @@ impl Outbox {
     /// A queue for at most `limit` frames and `max_bytes` bytes (one frame is always accepted into an empty
     /// queue, however large).
     pub fn new(limit: usize, max_bytes: usize) -> Outbox {
-        Outbox(Arc::new(Mutex::new(Queue {
-            frames: VecDeque::new(),
-            limit: limit.max(1),
-            bytes: 0,
-            max_bytes,
-            waker: None,
-            closing: false,
-            close_code: None,
-            latest: HashMap::new(),
-            latest_bytes: 0,
-            max_slots: limit.max(1),
-        })))
+        Outbox(
+            Arc::new(Mutex::new(Queue {
+                frames: VecDeque::new(),
+                limit: limit.max(1),
+                bytes: 0,
+                max_bytes,
+                waker: None,
+                closing: false,
+                close_code: None,
+                latest: HashMap::new(),
+                latest_bytes: 0,
+                max_slots: limit.max(1),
+            })),
+            Flavor {
+                raw: false,
+                snapshots: true,
+            },
+        )
+    }
+
+    /// A connection of an endpoint: with `raw`, its messages are their `data` alone and it gets no protocol
+    /// replies; without `snapshots`, no latest value is sent when it subscribes.
+    pub fn with_flavor(self, raw: bool, snapshots: bool) -> Outbox {
+        Outbox(self.0, Flavor { raw, snapshots })
+    }
+
+    /// Whether this connection takes raw frames.
+    pub fn is_raw(&self) -> bool {
+        self.1.raw
+    }
+
+    /// A message's frame for this connection, shared by every connection of its kind.
+    pub fn message_frame(&self, publication: &Publication) -> Bytes {
+        publication.wire_for(self.1.raw)
+    }
+
+    /// A snapshot's frame for this connection; `None` when it takes no snapshots.
+    pub fn snapshot_frame(&self, publication: &Publication) -> Option<Bytes> {
+        self.1
+            .snapshots
+            .then(|| publication.snapshot_wire_for(self.1.raw))
+    }
+
+    /// Queues a protocol reply (an acknowledgement) as [`Outbox::push`]; a raw connection does not speak the
+    /// protocol and gets none.
+    pub fn push_reply(&self, frame: Bytes) -> Result<(), Full> {
+        if self.1.raw {
+            return Ok(());
+        }
+        self.push(frame)
     }
 
     /// At most `slots` channels wait in slots past the bound (one per subscription; default: `limit`).
@@ -177,8 +227,12 @@ impl Outbox {
         self.close_slow_consumer();
     }
 
-    /// Queues a text frame built from `json`, as [`Outbox::push_or_close`].
+    /// Queues a text frame built from `json` (a protocol reply), as [`Outbox::push_or_close`]; none on a raw
+    /// connection.
     pub fn push_text(&self, json: &str) {
+        if self.1.raw {
+            return;
+        }
         self.push_or_close(frame::text(json));
     }
 
