@@ -976,14 +976,20 @@ async fn ready_waits_for_the_pubsub_connection() {
     assert_eq!(msg["data"], 1, "{msg}");
 }
 
-#[actix_web::test]
-async fn a_dead_link_while_redis_answers_takes_only_this_replica_out() {
-    let redis = RedisServer::start();
+/// Two ready replicas on `redis`: A through a [`DeafProxy`] (probing its link every 200 ms), B directly.
+async fn deaf_pair(redis: &RedisServer) -> (DeafProxy, TestHub, TestHub) {
     let proxy = DeafProxy::start(redis.port).await;
     let a = TestHub::start(&config(&proxy.url(), "probe_interval = \"200ms\"\n", "")).await;
     let b = TestHub::start(&config(&redis.url(), "", "")).await;
     wait_ready(&a).await;
     wait_ready(&b).await;
+    (proxy, a, b)
+}
+
+#[actix_web::test]
+async fn a_dead_link_while_redis_answers_takes_only_this_replica_out() {
+    let redis = RedisServer::start();
+    let (proxy, a, b) = deaf_pair(&redis).await;
     // A's pub/sub connection goes deaf and every replacement is held back; its commands still get through.
     proxy.deafen_new_pubsub(true);
     proxy.deafen_open_pubsub();
@@ -1019,11 +1025,7 @@ async fn a_dead_link_while_redis_answers_takes_only_this_replica_out() {
 #[actix_web::test]
 async fn a_deaf_pubsub_connection_is_found_by_the_probe_and_replaced() {
     let redis = RedisServer::start();
-    let proxy = DeafProxy::start(redis.port).await;
-    let a = TestHub::start(&config(&proxy.url(), "probe_interval = \"200ms\"\n", "")).await;
-    let b = TestHub::start(&config(&redis.url(), "", "")).await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    let (proxy, a, b) = deaf_pair(&redis).await;
     let channel = "prices:DEAF";
     b.publish(channel, json!("seed")).await;
     let mut on_a = a.connect().await;

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { Hub, launchBrowser, openPage, targetDir, waitFor, waitForRow, waitForStatus } from "./harness.mjs";
+import { Hub, launchBrowser, openPage, targetDir, uniqueChannel, waitFor, waitForRow, waitForStatus } from "./harness.mjs";
 
 /** Per-test limit: generous, since every wait inside is bounded by its own timeout. */
 const LONG = { timeout: 90_000 };
@@ -47,11 +47,6 @@ async function withPage(fn, viewport) {
 function dashboardUrl(channels, extra = {}) {
   const q = new URLSearchParams({ channels: channels.join(","), ...extra });
   return `${hub.base}/?${q}`;
-}
-
-/** A channel name no other test uses. */
-function uniqueChannel(prefix) {
-  return `test:${prefix}-${Date.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
 }
 
 /**

@@ -63,6 +63,11 @@ export async function waitFor(check, { timeout = 10_000, interval = 100, message
 }
 
 /** A TCP port nobody listens on right now (the OS picks it; the listener is closed again). */
+/** A channel name no other test uses. */
+export function uniqueChannel(prefix) {
+  return `test:${prefix}-${Date.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
+}
+
 export function freePort() {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();

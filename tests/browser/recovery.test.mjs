@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { Hub, RedisServer, launchBrowser, openPage, waitFor } from "./harness.mjs";
+import { Hub, RedisServer, launchBrowser, openPage, uniqueChannel, waitFor } from "./harness.mjs";
 import { RelayHub } from "../../web/relayhub.js";
 
 const LONG = { timeout: 90_000 };
@@ -21,11 +21,6 @@ const QUICK = { backoffBase: 100, backoffMax: 300, drainJitter: 100, maxAttempts
 const hubs = [];
 const clients = [];
 process.on("exit", () => hubs.forEach((h) => h.killNow()));
-
-/** A channel name no other test uses. */
-function uniqueChannel(prefix) {
-  return `test:${prefix}-${Date.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
-}
 
 async function startHub(options) {
   const hub = new Hub(options);
