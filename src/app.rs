@@ -147,6 +147,21 @@ fn instance_id(config: &Config) -> String {
     )
 }
 
+/// Where Redis is, for the log, without passwords: the URL, or the cluster's seed nodes.
+fn redis_target(config: &Config) -> String {
+    if config.redis.is_cluster() {
+        let nodes: Vec<String> = config
+            .redis
+            .cluster_nodes
+            .iter()
+            .map(|n| redact(n))
+            .collect();
+        format!("the redis cluster at {}", nodes.join(", "))
+    } else {
+        redact(&config.redis.url)
+    }
+}
+
 async fn open_engine(
     config: &Arc<Config>,
     stats: &Arc<Stats>,
@@ -155,9 +170,11 @@ async fn open_engine(
     instance_id: &str,
 ) -> Result<Engine, StartError> {
     let memory = || Engine::from(MemoryEngine::new(config, fanout.clone(), instance_id));
-    if config.redis.url.is_empty() {
+    if !config.redis.is_configured() {
         if config.redis.required {
-            return Err(StartError::RedisRequired("redis.url is empty".into()));
+            return Err(StartError::RedisRequired(
+                "redis.url and redis.cluster_nodes are empty".into(),
+            ));
         }
         log::warn!("==========================================================================");
         log::warn!("MEMORY MODE: no Redis configured (redis.url / REDIS_URL). This instance keeps");
@@ -175,7 +192,7 @@ async fn open_engine(
     .await
     {
         Ok(engine) => {
-            log::info!("redis mode: connected to {}", redact(&config.redis.url));
+            log::info!("redis mode: connected to {}", redis_target(config));
             Ok(Engine::from(engine))
         }
         Err(e) if config.redis.required => Err(StartError::RedisRequired(e.0)),
@@ -185,7 +202,7 @@ async fn open_engine(
             );
             log::warn!(
                 "MEMORY MODE: Redis at {} is unreachable ({e}).",
-                redact(&config.redis.url)
+                redis_target(config)
             );
             log::warn!(
                 "redis.required = false, so this instance runs alone with values in memory;"

@@ -25,6 +25,9 @@ pub struct Stats {
     pub relayed_out: AtomicU64,
     /// Times the pub/sub connection was re-established.
     pub redis_reconnects: AtomicU64,
+    /// Cluster mode: sharded channels the cluster connection subscribed again by itself after their node
+    /// changed (failover, moved slot); each is followed by a read of the channel's history.
+    pub shard_resubscribes: AtomicU64,
     /// Subscribe snapshots served from the local latest value or the cache.
     pub cache_hits: AtomicU64,
     /// Subscribe snapshot look-ups that found nothing.
@@ -102,7 +105,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 40] {
+    pub fn counters(&self) -> [(&'static str, u64); 41] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -111,6 +114,7 @@ impl Stats {
             ("relayed_in", &self.relayed_in),
             ("relayed_out", &self.relayed_out),
             ("redis_reconnects", &self.redis_reconnects),
+            ("shard_resubscribes", &self.shard_resubscribes),
             ("cache_hits", &self.cache_hits),
             ("cache_misses", &self.cache_misses),
             ("rejected_messages", &self.rejected_messages),

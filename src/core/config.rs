@@ -251,6 +251,9 @@ pub struct RedisConfig {
     /// `redis://[:password@]host:port[/db]`; empty means memory mode. `REDIS_URL`, or `REDIS_HOST`,
     /// `REDIS_PORT` and `REDIS_PASSWORD`, override it.
     pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port`); non-empty means cluster mode, where `url` stays
+    /// empty. `REDIS_CLUSTER_NODES` (comma separated) overrides it.
+    pub cluster_nodes: Vec<String>,
     /// When true, a Redis that cannot be reached at start is fatal instead of a fall back to memory mode.
     pub required: bool,
     /// Prefix of every key and channel relayhub uses.
@@ -268,10 +271,48 @@ pub struct RedisConfig {
     pub probe_interval: Duration,
 }
 
+impl RedisConfig {
+    /// Cluster mode: keys carry hash tags, messages go through sharded pub/sub.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// Why a pattern subscription is refused in cluster mode (the same words on every transport).
+    pub const NO_PATTERNS_IN_CLUSTER: &'static str = "pattern subscriptions are not available: this hub runs on a Redis Cluster, whose sharded pub/sub has no patterns";
+
+    /// Whether a Redis (one, or a cluster) is configured at all.
+    pub fn is_configured(&self) -> bool {
+        !self.url.is_empty() || self.is_cluster()
+    }
+}
+
+/// What is wrong with a cluster seed node's URL, if anything: `redis://` or `rediss://`, a host and a port.
+fn node_url_problem(node: &str) -> Option<&'static str> {
+    let Some(rest) = node
+        .strip_prefix("redis://")
+        .or_else(|| node.strip_prefix("rediss://"))
+    else {
+        return Some("must start with redis:// or rediss://");
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let Some((host, port)) = host_port.rsplit_once(':') else {
+        return Some("must name host:port");
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Some("must name a host");
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Some("must name a port from 1 to 65535");
+    }
+    None
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            cluster_nodes: Vec::new(),
             required: false,
             prefix: "relayhub:".into(),
             pool_size: 16,
@@ -677,6 +718,14 @@ impl Config {
                 _ => format!("redis://{host}:{port}"),
             };
         }
+        if let Some(nodes) = var("REDIS_CLUSTER_NODES") {
+            self.redis.cluster_nodes = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
         if let Some(required) = var("RELAYHUB_REDIS_REQUIRED") {
             self.redis.required = match required.trim() {
                 "true" | "1" => true,
@@ -812,6 +861,7 @@ impl Config {
                 "must start with redis://, rediss:// or unix://",
             );
         }
+        self.validate_cluster()?;
         if self.poller.lease < Duration::from_millis(300) {
             return err("poller.lease", "must be at least 300ms");
         }
@@ -952,6 +1002,56 @@ impl Config {
             }
         }
         self.compiled_endpoints()?;
+        Ok(())
+    }
+
+    /// What cluster mode asks of the rest of the configuration: seed nodes that are URLs, no `url` beside them,
+    /// a prefix that cannot carry a hash tag of its own, and nothing that needs pattern subscriptions (Redis
+    /// Cluster's sharded pub/sub has none).
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| Err(ConfigError(format!("config key `{key}`: {msg}")));
+        if !self.redis.is_cluster() {
+            return Ok(());
+        }
+        if !self.redis.url.is_empty() {
+            return err(
+                "redis.cluster_nodes",
+                "set either redis.url (one Redis) or redis.cluster_nodes (a cluster), not both"
+                    .into(),
+            );
+        }
+        for (i, node) in self.redis.cluster_nodes.iter().enumerate() {
+            if let Some(problem) = node_url_problem(node) {
+                return err(
+                    &format!("redis.cluster_nodes[{i}]"),
+                    format!("`{node}` {problem}"),
+                );
+            }
+        }
+        if self.redis.prefix.contains(['{', '}']) {
+            return err(
+                "redis.prefix",
+                "must not contain `{` or `}` in cluster mode (relayhub places the hash tags itself)".into(),
+            );
+        }
+        for (i, route) in self.ingest.iter().enumerate() {
+            if route.redis_channel.contains('*') {
+                return err(
+                    &format!("ingest[{i}].redis_channel"),
+                    "is a pattern, which cluster mode cannot listen to (sharded pub/sub has no patterns)"
+                        .into(),
+                );
+            }
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if endpoint.channel.contains('*') || endpoint.alias.values().any(|v| v.contains('*')) {
+                return err(
+                    &format!("endpoints[{i}]"),
+                    "binds a pattern, which cluster mode cannot serve (sharded pub/sub has no patterns)"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -1189,6 +1289,59 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("websocket.write_timeout"), "{e}");
+    }
+
+    #[test]
+    fn cluster_settings_are_validated_by_key() {
+        let nodes =
+            "[redis]\ncluster_nodes = [\"redis://10.0.0.1:7000\", \"rediss://u:p@h:7001\"]\n";
+        let c = Config::from_toml(nodes).unwrap();
+        c.validate().unwrap();
+        assert!(c.redis.is_cluster() && c.redis.is_configured());
+        for (toml, key) in [
+            (
+                "[redis]\ncluster_nodes = [\"10.0.0.1:7000\"]\n",
+                "redis.cluster_nodes[0]",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h\"]\n",
+                "redis.cluster_nodes[0]",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h:1\", \"redis://:0\"]\n",
+                "redis.cluster_nodes[1]",
+            ),
+            (
+                "[redis]\nurl = \"redis://h:1\"\ncluster_nodes = [\"redis://h:1\"]\n",
+                "redis.cluster_nodes",
+            ),
+            (
+                "[redis]\nprefix = \"a{b}:\"\ncluster_nodes = [\"redis://h:1\"]\n",
+                "redis.prefix",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[ingest]]\nredis_channel = \"feed:*\"\nchannel = \"x:y\"\n",
+                "ingest[0].redis_channel",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[endpoints]]\npath = \"/ws/{s}\"\nchannel = \"prices:{s}\"\nalias = { all = \"*\" }\n",
+                "endpoints[0]",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap().validate().unwrap_err().0;
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        // Braces in the prefix are only a problem when relayhub places hash tags.
+        Config::from_toml("[redis]\nprefix = \"a{b}:\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let mut c = Config::default();
+        c.apply_env(|name| {
+            (name == "REDIS_CLUSTER_NODES").then(|| " redis://a:1, redis://b:2 ,".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.redis.cluster_nodes, ["redis://a:1", "redis://b:2"]);
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 29] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 30] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -133,6 +133,11 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_redis_reconnects_total",
             "Times the Redis pub/sub connection was re-established.",
             &s.redis_reconnects,
+        ),
+        (
+            "relayhub_shard_resubscribes_total",
+            "Cluster mode: sharded channels subscribed again after their node changed.",
+            &s.shard_resubscribes,
         ),
         (
             "relayhub_cache_hits_total",

@@ -203,6 +203,16 @@ async fn open(
                 format!("`{name}`: unknown namespace"),
             )
         })?;
+        if matches!(target, Target::Pattern(_)) && hub.config().redis.is_cluster() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "`{name}`: {}",
+                    crate::core::config::RedisConfig::NO_PATTERNS_IN_CLUSTER
+                ),
+            ));
+        }
         if matches!(target, Target::Pattern(_)) && !policy.patterns {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

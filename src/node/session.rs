@@ -358,6 +358,12 @@ impl Session {
             self.hub.config().policy(policy_channel).ok_or_else(|| {
                 ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
             })?;
+        if matches!(target, Target::Pattern(_)) && self.hub.config().redis.is_cluster() {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                crate::core::config::RedisConfig::NO_PATTERNS_IN_CLUSTER,
+            ));
+        }
         if matches!(target, Target::Pattern(_)) && !policy.patterns {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,

@@ -2,6 +2,7 @@
 //! (killable and restartable), real WebSocket and HTTP clients. Nothing here fakes Redis or the network.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod nginx;
 pub mod process;
 pub mod sse;

@@ -20,6 +20,7 @@ pub const ENV_VARS: &[&str] = &[
     "REDIS_HOST",
     "REDIS_PORT",
     "REDIS_PASSWORD",
+    "REDIS_CLUSTER_NODES",
     "RELAYHUB_CONFIG",
     "RELAYHUB_API_KEY",
     "RELAYHUB_ADMIN_TOKEN",

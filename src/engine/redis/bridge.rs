@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use deadpool_redis::redis::aio::PubSubSink;
 use deadpool_redis::redis::{self, Msg};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 use super::keys::Keys;
 use super::link::Link;
+use super::pubsub::{self, Incoming, PubSubClient, Sink};
 use super::store::{RedisStore, decode_payload, escape_glob};
 use crate::core::config::Config;
 use crate::core::ingest::Route;
@@ -74,8 +74,8 @@ pub struct BridgeParts {
     pub link: Arc<Link>,
     /// Where relayed messages and link events go.
     pub handler: Arc<dyn BrokerEventHandler>,
-    /// The dedicated pub/sub connection is opened from this client.
-    pub client: redis::Client,
+    /// The dedicated pub/sub connection is opened from this client (one Redis, or a cluster's seeds).
+    pub client: PubSubClient,
     /// Outside producers' channels relayed into relayhub channels (compiled at start).
     pub routes: Vec<Route>,
     pub instance_id: String,
@@ -103,6 +103,8 @@ struct IngestWrite {
 /// Something from one pub/sub connection, tagged with the connection it came from.
 enum Event {
     Message(u64, Msg),
+    /// A sharded channel was subscribed (cluster mode).
+    Subscribed(u64, String),
     Ended(u64),
 }
 
@@ -162,13 +164,13 @@ pub struct Bridge {
     store: Arc<RedisStore>,
     link: Arc<Link>,
     handler: Arc<dyn BrokerEventHandler>,
-    client: redis::Client,
+    client: Arc<PubSubClient>,
     keys: Keys,
     probe_channel: String,
     probe_interval: Duration,
     connect_timeout: Duration,
     /// Sends SUBSCRIBE/UNSUBSCRIBE on the live connection; `None` while disconnected.
-    sink: Option<PubSubSink>,
+    sink: Option<Sink>,
     /// Number of the current connection; events of older ones are ignored.
     generation: u64,
     /// The current connection's message stream in this actor's context. Cancelled when the connection is given
@@ -200,18 +202,22 @@ pub struct Bridge {
     syncing: bool,
     /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
     ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
+    /// Cluster mode: sharded channels whose SSUBSCRIBE this bridge sent and whose confirmation has not come
+    /// yet. A confirmation of any other channel is the cluster connection resubscribing by itself after the
+    /// channel's node was lost: the channel's history is read then, for what it missed.
+    awaiting_confirmation: HashSet<String>,
 }
 
 impl Bridge {
     pub fn new(parts: BridgeParts) -> Bridge {
         let config = &parts.config.redis;
-        let keys = Keys::new(&config.prefix);
+        let keys = Keys::with_layout(&config.prefix, config.is_cluster());
         Bridge {
             probe_channel: keys.probe(&parts.instance_id),
             probe_interval: config.probe_interval,
             connect_timeout: config.connect_timeout,
             keys,
-            client: parts.client,
+            client: Arc::new(parts.client),
             sink: None,
             generation: 0,
             stream: None,
@@ -229,6 +235,7 @@ impl Bridge {
             dirty_patterns: HashSet::new(),
             syncing: false,
             ingest_writes: None,
+            awaiting_confirmation: HashSet::new(),
             config: parts.config,
             stats: parts.stats,
             store: parts.store,
@@ -256,25 +263,18 @@ impl Bridge {
             .map(|(prefix, p)| (prefix.clone(), p.redis_name.clone()))
             .collect();
         let patterns: Vec<String> = wanted_patterns.iter().map(|(_, n)| n.clone()).collect();
+        if client.is_cluster() {
+            self.awaiting_confirmation = names.iter().cloned().collect();
+            self.awaiting_confirmation.insert(probe.clone());
+            self.awaiting_confirmation.extend(
+                routes
+                    .iter()
+                    .filter(|r| !r.is_pattern)
+                    .map(|r| r.redis_channel.clone()),
+            );
+        }
         let fut = async move {
-            let work = async {
-                let (mut sink, stream) = client.get_async_pubsub().await?.split();
-                sink.subscribe(&probe).await?;
-                for route in routes.iter() {
-                    if route.is_pattern {
-                        sink.psubscribe(&route.redis_channel).await?;
-                    } else {
-                        sink.subscribe(&route.redis_channel).await?;
-                    }
-                }
-                if !names.is_empty() {
-                    sink.subscribe(&names).await?;
-                }
-                if !patterns.is_empty() {
-                    sink.psubscribe(&patterns).await?;
-                }
-                Ok::<_, redis::RedisError>((sink, stream))
-            };
+            let work = pubsub::open(&client, &probe, &routes, &names, &patterns);
             match tokio::time::timeout(timeout * 2, work).await {
                 Ok(Ok(pair)) => Ok(pair),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -305,8 +305,8 @@ impl Bridge {
     fn connected(
         &mut self,
         generation: u64,
-        sink: PubSubSink,
-        stream: redis::aio::PubSubStream,
+        sink: Sink,
+        stream: futures_util::stream::BoxStream<'static, Incoming>,
         subscribed: Vec<Arc<str>>,
         psubscribed: Vec<(Arc<str>, String)>,
         ctx: &mut Context<Self>,
@@ -352,7 +352,10 @@ impl Bridge {
         self.stream = Some(
             ctx.add_stream(
                 stream
-                    .map(move |msg| Event::Message(generation, msg))
+                    .map(move |incoming| match incoming {
+                        Incoming::Message(msg) => Event::Message(generation, msg),
+                        Incoming::Subscribed(name) => Event::Subscribed(generation, name),
+                    })
                     .chain(futures_util::stream::once(async move {
                         Event::Ended(generation)
                     })),
@@ -455,6 +458,9 @@ impl Bridge {
             channels.iter().map(|c| keys.pubsub_channel(c)).collect()
         };
         let subscribe = names(&batch.subscribe);
+        if self.keys.is_cluster() {
+            self.awaiting_confirmation.extend(subscribe.iter().cloned());
+        }
         let unsubscribe = names(&batch.unsubscribe);
         let psubscribe: Vec<String> = batch.psubscribe.iter().map(|(_, n)| n.clone()).collect();
         let punsubscribe: Vec<String> = batch.punsubscribe.iter().map(|(_, n)| n.clone()).collect();
@@ -529,10 +535,11 @@ impl Bridge {
         }
         let store = self.store.clone();
         let channel = self.probe_channel.clone();
+        let command = pubsub::probe_command(self.keys.is_cluster());
         actix::spawn(async move {
             let _ = store
                 .with_conn(|mut c| async move {
-                    redis::cmd("PUBLISH")
+                    redis::cmd(command)
                         .arg(channel)
                         .arg("probe")
                         .query_async::<i64>(&mut c)
@@ -598,6 +605,30 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// Cluster mode: a sharded channel's subscription was confirmed. Unless this bridge asked for it, the
+    /// cluster connection resubscribed by itself after the channel's node went away (a failover, a moved
+    /// slot): messages published meanwhile never came, so the channel's history is read for its
+    /// subscribers, as after an outage of the whole connection.
+    fn sharded_subscribed(&mut self, name: String) {
+        if self.awaiting_confirmation.remove(&name) {
+            return;
+        }
+        let Some(channel) = self.keys.channel_of(&name) else {
+            return;
+        };
+        let Some((channel, _)) = self.channels.get_key_value(channel) else {
+            return;
+        };
+        Stats::add(&self.stats.shard_resubscribes, 1);
+        log::info!("sharded channel `{channel}` resubscribed after its node changed; catching up");
+        actix::spawn(catch_up(
+            self.config.clone(),
+            self.store.clone(),
+            self.handler.clone(),
+            vec![channel.clone()],
+        ));
     }
 
     fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
@@ -774,6 +805,9 @@ impl StreamHandler<Event> for Bridge {
     fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
         match event {
             Event::Message(generation, msg) if generation == self.generation => self.relay(msg),
+            Event::Subscribed(generation, name) if generation == self.generation => {
+                self.sharded_subscribed(name)
+            }
             Event::Ended(generation) if generation == self.generation => {
                 self.disconnected("connection closed", ctx)
             }

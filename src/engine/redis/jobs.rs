@@ -11,7 +11,7 @@ use std::time::Duration;
 use deadpool_redis::redis;
 
 use super::keys::Keys;
-use super::store::{RedisStore, escape_glob};
+use super::store::{Conn, RedisStore, escape_glob};
 use crate::engine::seam::{EngineError, Held, Job, JobStatus, Put, ScanReport};
 
 /// Releases a lease only if this replica still holds it.
@@ -28,6 +28,40 @@ pub struct RedisJobs {
     put: redis::Script,
     scan: redis::Script,
     rate_turn: redis::Script,
+}
+
+/// Cluster mode: whether some replica listens to each job's channel. An exact channel is asked of its slot's
+/// owner (`PUBSUB SHARDNUMSUB`: a shard's subscriptions live on the node serving it); a spread job's glob is
+/// asked of every node (`PUBSUB SHARDCHANNELS`, answers combined).
+async fn heard_in_cluster(
+    c: &mut Conn,
+    keys: &Keys,
+    single: &[&Held],
+    spread: &[&Held],
+) -> redis::RedisResult<HashMap<String, bool>> {
+    let mut heard = HashMap::new();
+    for h in single {
+        let channel = keys.pubsub_channel(&h.channel);
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("SHARDNUMSUB").arg(&channel);
+        let counts: HashMap<String, i64> = c.query_at_owner(numsub, &channel).await?;
+        let n = counts.get(&channel).copied().unwrap_or(0);
+        heard.insert(h.id.clone(), n > 0);
+    }
+    for h in spread {
+        let glob: Vec<String> = keys
+            .pubsub_channel(&h.channel)
+            .split('*')
+            .map(escape_glob)
+            .collect();
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg(glob.join("*"))
+            .query_async(c)
+            .await?;
+        heard.insert(h.id.clone(), !channels.is_empty());
+    }
+    Ok(heard)
 }
 
 impl RedisJobs {
@@ -293,6 +327,12 @@ impl RedisJobs {
                     .iter()
                     .copied()
                     .partition(|h| h.channel.contains('*'));
+                if keys.is_cluster() {
+                    // Sharded pub/sub has no patterns (nor pattern markers), and its subscriptions are
+                    // counted by the node owning each channel's slot.
+                    let heard = heard_in_cluster(&mut c, &keys, &single, &spread).await?;
+                    return Ok((jobs, held_now, heard));
+                }
                 let mut pipe = redis::pipe();
                 for prefix in patterns {
                     pipe.cmd("SET")

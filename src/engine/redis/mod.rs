@@ -9,6 +9,7 @@ pub mod fields;
 pub mod jobs;
 pub mod keys;
 pub mod link;
+pub mod pubsub;
 pub mod store;
 
 use std::sync::Arc;
@@ -83,7 +84,7 @@ impl RedisEngine {
         instance_id: &str,
     ) -> Result<RedisEngine, EngineError> {
         let store = Arc::new(RedisStore::connect(&config.redis).await?);
-        let client = deadpool_redis::redis::Client::open(config.redis.url.as_str())?;
+        let client = pubsub::PubSubClient::new(&config.redis)?;
         let link = Arc::new(Link::default());
         let bridge = Bridge::new(BridgeParts {
             config: config.clone(),

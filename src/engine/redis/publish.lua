@@ -2,7 +2,8 @@
 -- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list (the channel's history), KEYS[4] epoch
 -- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel,
 -- ARGV[6] a fresh epoch, used when the channel has none, ARGV[7] the fetch time of a polled value ('' or
--- absent for none, so a caller that passes six arguments still works)
+-- absent for none, so a caller that passes six arguments still works), ARGV[8] 's' in cluster mode: the message
+-- goes out with SPUBLISH (sharded pub/sub, on the channel's slot like the keys above)
 -- Returns {seq, number of pub/sub receivers}.
 local fetched_at = ARGV[7] or ''
 local seq = redis.call('INCR', KEYS[1])
@@ -35,5 +36,9 @@ if fetched_at ~= '' then
 else
   envelope = '\30' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
 end
-local receivers = redis.call('PUBLISH', ARGV[5], envelope)
+local publish = 'PUBLISH'
+if ARGV[8] == 's' then
+  publish = 'SPUBLISH'
+end
+local receivers = redis.call(publish, ARGV[5], envelope)
 return {seq, receivers}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::cluster_async::ClusterConnection;
 use serde_json::value::RawValue;
 
 use super::keys::Keys;
@@ -58,8 +59,77 @@ pub struct Published {
     pub receivers: u64,
 }
 
+/// Where commands go: a pool of connections to one Redis, or one cluster connection (it keeps a multiplexed
+/// connection per node, routes each command to its slot's owner and follows MOVED, slot migrations and
+/// failovers; cloning it is cheap and shares those connections).
+enum Backend {
+    Single(Pool),
+    Cluster(ClusterConnection),
+}
+
+/// One connection taken for a command, whichever backend gave it; commands, pipelines and scripts run on it
+/// alike. A pipeline given to a cluster connection must stay in one slot (relayhub's stay in a channel's or
+/// in the fleet's).
+pub enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Runs `cmd` on the master owning `key`'s slot (a cluster's command that Redis answers per node, such as
+    /// `PUBSUB SHARDNUMSUB`, asked where the answer is); on one Redis, simply runs it.
+    pub async fn query_at_owner<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: redis::Cmd,
+        key: &str,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                let value = c.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
 pub struct RedisStore {
-    pool: Pool,
+    backend: Backend,
     keys: Keys,
     script: redis::Script,
     ingest_script: redis::Script,
@@ -93,14 +163,28 @@ impl RedisStore {
             create: Some(config.connect_timeout),
             recycle: Some(config.command_timeout),
         };
-        let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
-        cfg.pool = Some(pool_config);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| RedisError(format!("bad redis.url: {e}")))?;
+        let backend = if config.is_cluster() {
+            let client = redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.command_timeout)
+                .build()
+                .map_err(|e| RedisError(format!("bad redis.cluster_nodes: {e}")))?;
+            let connecting = client.get_async_connection();
+            let connection = tokio::time::timeout(config.connect_timeout * 2, connecting)
+                .await
+                .map_err(|_| RedisError("the redis cluster did not answer in time".into()))??;
+            Backend::Cluster(connection)
+        } else {
+            let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
+            cfg.pool = Some(pool_config);
+            let pool = cfg
+                .create_pool(Some(Runtime::Tokio1))
+                .map_err(|e| RedisError(format!("bad redis.url: {e}")))?;
+            Backend::Single(pool)
+        };
         let store = RedisStore {
-            pool,
-            keys: Keys::new(&config.prefix),
+            backend,
+            keys: Keys::with_layout(&config.prefix, config.is_cluster()),
             script: redis::Script::new(PUBLISH_SCRIPT),
             ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
             window_script: redis::Script::new(WINDOW_SCRIPT),
@@ -117,11 +201,14 @@ impl RedisStore {
     /// Runs `f` on a pooled connection within the command timeout.
     pub async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, RedisError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
         let work = async {
-            let conn = self.pool.get().await?;
+            let conn = match &self.backend {
+                Backend::Single(pool) => Conn::Single(pool.get().await?),
+                Backend::Cluster(connection) => Conn::Cluster(connection.clone()),
+            };
             f(conn).await.map_err(RedisError::from)
         };
         match tokio::time::timeout(self.command_timeout, work).await {
@@ -163,7 +250,8 @@ impl RedisStore {
             .arg(policy.history_size)
             .arg(keys.pubsub_channel(channel))
             .arg(new_epoch())
-            .arg(fetched_at.unwrap_or(""));
+            .arg(fetched_at.unwrap_or(""))
+            .arg(if keys.is_cluster() { "s" } else { "" });
         let (seq, receivers): (u64, u64) = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
@@ -245,6 +333,13 @@ impl RedisStore {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
+        if self.keys.is_cluster() {
+            // A cluster pipeline stays in one slot: one small pipeline per channel, all in flight at once.
+            let reads = channels
+                .iter()
+                .map(|channel| self.latest_one(channel.clone()));
+            return futures_util::future::try_join_all(reads).await;
+        }
         let mut pipe = redis::pipe();
         for channel in channels {
             pipe.get(self.keys.cache(channel))
@@ -260,6 +355,17 @@ impl RedisStore {
                 decode_latest(channel.clone(), pair[0].as_deref(), pair[1].as_deref())
             })
             .collect())
+    }
+
+    /// One channel's cached value (its two reads share the channel's slot).
+    async fn latest_one(&self, channel: Arc<str>) -> Result<Option<Publication>, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.get(self.keys.cache(&channel))
+            .lindex(self.keys.snapshots(&channel), 0);
+        let (value, newest): (Option<String>, Option<String>) = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(decode_latest(channel, value.as_deref(), newest.as_deref()))
     }
 
     /// Up to `limit` snapshots, newest first, as publications.
@@ -292,7 +398,11 @@ impl RedisStore {
         limit: usize,
         max_scan: usize,
     ) -> Result<(Vec<Publication>, bool), RedisError> {
-        let pattern = format!("{}*", escape_glob(&self.keys.cache(prefix)));
+        if self.keys.is_cluster() {
+            // Cluster mode refuses pattern subscriptions, the only reason to look keys up by prefix.
+            return Ok((Vec::new(), false));
+        }
+        let pattern = format!("{}*", escape_glob(&self.keys.cache_prefix(prefix)));
         let step = SCAN_STEP.min(max_scan).max(1);
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
@@ -324,7 +434,7 @@ impl RedisStore {
             }
         }
         keys.truncate(limit);
-        let cache_prefix = self.keys.cache("");
+        let cache_prefix = self.keys.cache_prefix("");
         let channels: Vec<Arc<str>> = keys
             .iter()
             .filter_map(|key| key.strip_prefix(&cache_prefix))
