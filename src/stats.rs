@@ -25,8 +25,9 @@ pub struct Stats {
     pub relayed_out: AtomicU64,
     /// Times the pub/sub connection was re-established.
     pub redis_reconnects: AtomicU64,
-    /// Cluster mode: sharded channels the cluster connection subscribed again by itself after their node
-    /// changed (failover, moved slot); each is followed by a read of the channel's history.
+    /// Cluster mode: times sharded subscriptions were renewed because a node changed: a node's connection
+    /// dropped (the pub/sub connection is replaced), or a channel's slot moved (it is subscribed again). Each
+    /// is followed by a read of the channels' history.
     pub shard_resubscribes: AtomicU64,
     /// Subscribe snapshots served from the local latest value or the cache.
     pub cache_hits: AtomicU64,

@@ -136,7 +136,7 @@ pub fn render(hub: &Hub) -> String {
         ),
         (
             "relayhub_shard_resubscribes_total",
-            "Cluster mode: sharded channels subscribed again after their node changed.",
+            "Cluster mode: times sharded subscriptions were renewed because a node changed.",
             &s.shard_resubscribes,
         ),
         (

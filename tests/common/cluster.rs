@@ -69,7 +69,65 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         cluster.wait_ok();
+        cluster.wait_replicas_synced();
         cluster
+    }
+
+    /// Waits until every replica has synced with its master, so each can take over when its master dies.
+    fn wait_replicas_synced(&self) {
+        wait_for(Duration::from_secs(30), "every replica in sync", || {
+            let replicas: Vec<String> = self
+                .live_ports()
+                .filter_map(|port| command(port, &["INFO", "replication"]).ok())
+                .filter(|info| info.contains("role:slave"))
+                .collect();
+            replicas.len() == 3
+                && replicas
+                    .iter()
+                    .all(|info| info.contains("master_link_status:up"))
+        });
+    }
+
+    /// Waits until the replica of a killed master has taken its slots: every live node reports
+    /// `cluster_state:ok` and `key`'s slot is served by a live master.
+    pub fn wait_failover(&self, key: &str) {
+        wait_for(Duration::from_secs(30), "a replica took over", || {
+            let any = self.live_ports().next().expect("a live node");
+            let slot = self.cmd(any, &["CLUSTER", "KEYSLOT", key]);
+            let slot = slot.trim().trim_start_matches(':').to_string();
+            let owner_alive = self.live_ports().any(|port| {
+                command(port, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).is_ok()
+                    && command(port, &["ROLE"]).is_ok_and(|r| r.contains("master"))
+                    && self.owns(port, &slot)
+            });
+            owner_alive
+                && self.live_ports().all(|port| {
+                    command(port, &["CLUSTER", "INFO"])
+                        .is_ok_and(|info| info.contains("cluster_state:ok"))
+                })
+        });
+    }
+
+    /// Whether the node on `port` says it serves `slot` itself.
+    fn owns(&self, port: u16, slot: &str) -> bool {
+        let Ok(nodes) = command(port, &["CLUSTER", "NODES"]) else {
+            return false;
+        };
+        let slot: u16 = slot.parse().unwrap_or(u16::MAX);
+        nodes.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 8
+                && fields[2].contains("myself")
+                && fields[2].contains("master")
+                && fields[8..].iter().any(|range| {
+                    let mut b = range.split('-').map(|x| x.parse::<u16>().ok());
+                    match (b.next().flatten(), b.next().flatten()) {
+                        (Some(lo), Some(hi)) => (lo..=hi).contains(&slot),
+                        (Some(one), None) => one == slot,
+                        _ => false,
+                    }
+                })
+        })
     }
 
     /// Seed node URLs for `redis.cluster_nodes`.
@@ -206,6 +264,10 @@ fn spawn_node(port: u16, bus: u16, dir: &Path) -> Child {
             "",
             "--appendonly",
             "no",
+            // Replicas sync at once (the default waits 5 s for more replicas): a replica that never synced
+            // cannot take over.
+            "--repl-diskless-sync-delay",
+            "0",
         ])
         .arg("--dir")
         .arg(dir)

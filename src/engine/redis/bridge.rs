@@ -105,6 +105,10 @@ enum Event {
     Message(u64, Msg),
     /// A sharded channel was subscribed (cluster mode).
     Subscribed(u64, String),
+    /// A sharded channel was unsubscribed (cluster mode).
+    Unsubscribed(u64, String),
+    /// The connection to a cluster node dropped.
+    NodeLost(u64),
     Ended(u64),
 }
 
@@ -206,6 +210,9 @@ pub struct Bridge {
     /// yet. A confirmation of any other channel is the cluster connection resubscribing by itself after the
     /// channel's node was lost: the channel's history is read then, for what it missed.
     awaiting_confirmation: HashSet<String>,
+    /// Cluster mode: sharded channels the server unsubscribed by itself and this bridge subscribed again;
+    /// their confirmation is followed by a catch-up.
+    resubscribing: HashSet<String>,
 }
 
 impl Bridge {
@@ -236,6 +243,7 @@ impl Bridge {
             syncing: false,
             ingest_writes: None,
             awaiting_confirmation: HashSet::new(),
+            resubscribing: HashSet::new(),
             config: parts.config,
             stats: parts.stats,
             store: parts.store,
@@ -355,6 +363,8 @@ impl Bridge {
                     .map(move |incoming| match incoming {
                         Incoming::Message(msg) => Event::Message(generation, msg),
                         Incoming::Subscribed(name) => Event::Subscribed(generation, name),
+                        Incoming::Unsubscribed(name) => Event::Unsubscribed(generation, name),
+                        Incoming::NodeLost => Event::NodeLost(generation),
                     })
                     .chain(futures_util::stream::once(async move {
                         Event::Ended(generation)
@@ -382,6 +392,8 @@ impl Bridge {
         self.drop_stream(ctx);
         self.generation += 1;
         self.set_active(false);
+        self.awaiting_confirmation.clear();
+        self.resubscribing.clear();
         for watched in self.channels.values_mut() {
             watched.confirmed = false;
         }
@@ -607,12 +619,13 @@ impl Bridge {
         }
     }
 
-    /// Cluster mode: a sharded channel's subscription was confirmed. Unless this bridge asked for it, the
-    /// cluster connection resubscribed by itself after the channel's node went away (a failover, a moved
-    /// slot): messages published meanwhile never came, so the channel's history is read for its
+    /// Cluster mode: a sharded channel's subscription was confirmed. Unless this bridge asked for it (or asked
+    /// again after the server dropped it), the cluster connection resubscribed by itself after the channel's
+    /// node changed: messages published meanwhile never came, so the channel's history is read for its
     /// subscribers, as after an outage of the whole connection.
     fn sharded_subscribed(&mut self, name: String) {
-        if self.awaiting_confirmation.remove(&name) {
+        let asked_again = self.resubscribing.remove(&name);
+        if self.awaiting_confirmation.remove(&name) && !asked_again {
             return;
         }
         let Some(channel) = self.keys.channel_of(&name) else {
@@ -621,7 +634,9 @@ impl Bridge {
         let Some((channel, _)) = self.channels.get_key_value(channel) else {
             return;
         };
-        Stats::add(&self.stats.shard_resubscribes, 1);
+        if !asked_again {
+            Stats::add(&self.stats.shard_resubscribes, 1);
+        }
         log::info!("sharded channel `{channel}` resubscribed after its node changed; catching up");
         actix::spawn(catch_up(
             self.config.clone(),
@@ -629,6 +644,28 @@ impl Bridge {
             self.handler.clone(),
             vec![channel.clone()],
         ));
+    }
+
+    /// Cluster mode: a sharded channel was unsubscribed. When this replica still wants it and did not ask,
+    /// the server dropped it (its slot moved to another node): it is subscribed again, where the slot now
+    /// lives, and caught up once confirmed.
+    fn sharded_unsubscribed(&mut self, name: String, ctx: &mut Context<Self>) {
+        let Some(channel) = self.keys.channel_of(&name) else {
+            return;
+        };
+        let Some((channel, _)) = self.channels.get_key_value(channel) else {
+            return;
+        };
+        let channel = channel.clone();
+        if self.subscribed.remove(&channel) {
+            log::info!(
+                "sharded channel `{channel}` was unsubscribed by redis (slot moved); subscribing again"
+            );
+            Stats::add(&self.stats.shard_resubscribes, 1);
+            self.resubscribing.insert(name);
+            self.dirty.insert(channel);
+            self.sync(ctx);
+        }
     }
 
     fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
@@ -807,6 +844,13 @@ impl StreamHandler<Event> for Bridge {
             Event::Message(generation, msg) if generation == self.generation => self.relay(msg),
             Event::Subscribed(generation, name) if generation == self.generation => {
                 self.sharded_subscribed(name)
+            }
+            Event::Unsubscribed(generation, name) if generation == self.generation => {
+                self.sharded_unsubscribed(name, ctx)
+            }
+            Event::NodeLost(generation) if generation == self.generation => {
+                Stats::add(&self.stats.shard_resubscribes, 1);
+                self.disconnected("a redis cluster node's connection dropped", ctx)
             }
             Event::Ended(generation) if generation == self.generation => {
                 self.disconnected("connection closed", ctx)

@@ -2,11 +2,13 @@
 //! listen to; this file says how: SUBSCRIBE and PSUBSCRIBE on one dedicated connection to one Redis, or
 //! SSUBSCRIBE (sharded pub/sub) through one cluster connection speaking RESP3.
 //!
-//! The cluster connection keeps a connection per node, sends each SSUBSCRIBE to the node owning the channel's
-//! slot and, because it tracks what it subscribed, subscribes again after a node's connection dropped, a slot
-//! moved or a replica took over. What it hears comes back as RESP3 pushes: messages, and a confirmation
-//! each time a channel is subscribed, also when it resubscribes by itself. The bridge uses those unasked
-//! confirmations to read what the channel missed while its shard was away.
+//! The cluster connection keeps a connection per node and sends each SSUBSCRIBE to the node owning the
+//! channel's slot. What it hears comes back as RESP3 pushes: messages, subscription changes and, from the
+//! library, a notice when a node's connection dropped. A connection that only listens sends no command that
+//! would make the library look for the slot's new owner, so a lost node is reported to the bridge, which
+//! treats it like a lost connection: it opens a new one (subscribing each channel where its slot now lives,
+//! once a replica took over) and reads what its channels missed. A channel the server unsubscribes by itself
+//! (its slot moved to another node) is reported too, so the bridge subscribes it again where it now lives.
 
 use std::time::Duration;
 
@@ -53,8 +55,12 @@ impl PubSubClient {
 pub enum Incoming {
     Message(Msg),
     /// A sharded channel was subscribed: answering a SSUBSCRIBE the bridge sent, or one the cluster
-    /// connection sent by itself after losing the channel's node.
+    /// connection sent by itself.
     Subscribed(String),
+    /// A sharded channel was unsubscribed: answering a SUNSUBSCRIBE, or by the server (its slot moved).
+    Unsubscribed(String),
+    /// The connection to one of the cluster's nodes dropped.
+    NodeLost,
 }
 
 /// Sends subscription changes on the live connection. Cloned into each batch; dropping every clone (and the
@@ -182,17 +188,17 @@ pub async fn open(
     }
 }
 
-/// A RESP3 push as the bridge sees it; pushes it has no use for (unsubscribe confirmations, disconnection
-/// notices: the cluster connection reconnects by itself) are dropped.
+/// A RESP3 push as the bridge sees it; pushes it has no use for are dropped.
 fn incoming(push: redis::PushInfo) -> Option<Incoming> {
+    let name = |push: &redis::PushInfo| -> Option<String> {
+        push.data
+            .first()
+            .and_then(|v| redis::from_redis_value_ref(v).ok())
+    };
     match push.kind {
-        PushKind::SSubscribe => {
-            let name: String = push
-                .data
-                .first()
-                .and_then(|v| redis::from_redis_value_ref(v).ok())?;
-            Some(Incoming::Subscribed(name))
-        }
+        PushKind::SSubscribe => Some(Incoming::Subscribed(name(&push)?)),
+        PushKind::SUnsubscribe => Some(Incoming::Unsubscribed(name(&push)?)),
+        PushKind::Disconnection => Some(Incoming::NodeLost),
         PushKind::SMessage | PushKind::Message => Msg::from_push_info(push).map(Incoming::Message),
         _ => None,
     }
