@@ -252,16 +252,9 @@ idle_grace = "1s"
         .iter()
         .find(|h| h.hub().instance_id() != owner)
         .unwrap();
-    let near_hub = hubs
-        .iter()
-        .find(|h| h.hub().instance_id() == owner)
-        .unwrap();
     let mut far = far_hub.connect().await;
     far.subscribe("ticker:X").await;
     ws.close().await;
-    let mut near_again = near_hub.connect().await;
-    near_again.ping().await;
-    drop(near_again);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         status(&hubs[0]).await["id"],
@@ -420,9 +413,10 @@ async fn next_message(ws: &mut Ws) -> Option<Value> {
 }
 
 #[actix_web::test]
-async fn pattern_subscriptions_are_refused_in_cluster_mode() {
+async fn patterns_are_refused_and_exact_ingest_routes_take_spublish() {
     let cluster = RedisCluster::start();
-    let hubs = fleet(&cluster, 1, "").await;
+    let ingest = "[[ingest]]\nredis_channel = \"feed:candles\"\nchannel = \"prices:{symbol}\"\ncache = true\n";
+    let hubs = fleet(&cluster, 1, ingest).await;
     let hub = &hubs[0];
     let mut ws = hub.connect().await;
     // `prices` allows patterns in the default config: cluster mode refuses them all the same, with a reason.
@@ -439,6 +433,28 @@ async fn pattern_subscriptions_are_refused_in_cluster_mode() {
     let (status, body) = get_json(&hub.http("/sse?channel=prices:*")).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "forbidden", "{body}");
+
+    // An exact ingest route listens with SSUBSCRIBE: its producer SPUBLISHes, and the cached value lands on
+    // the routed channel's tagged key.
+    let published = cluster.cmd_for_key(
+        "feed:candles",
+        &[
+            "SPUBLISH",
+            "feed:candles",
+            "{\"symbol\":\"BTC\",\"close\":1}",
+        ],
+    );
+    assert_eq!(published.trim(), ":1", "one replica listens");
+    let frame = ws.recv_type("message").await;
+    assert_eq!(frame["channel"], "prices:BTC");
+    assert_eq!(frame["data"]["close"], 1);
+    let key = "relayhub:cache:{prices:BTC}";
+    eventually(
+        Duration::from_secs(5),
+        "the ingested value cached",
+        || async { cluster.cmd_for_key(key, &["GET", key]).contains("close") },
+    )
+    .await;
 }
 
 #[actix_web::test]
