@@ -16,6 +16,8 @@
 #   relay-local    redis mode, one replica: 1,000 connections on 100 channels, 500 publishes/s over HTTP
 #   relay-cross    redis mode, two replicas: publishes on A over HTTP, subscribers on B (same load)
 #   redis-publish  redis mode, one replica: the same load published straight to Redis (PUBLISH)
+#   cluster-cross  cluster mode, two replicas on a 3-master Redis Cluster: the relay-cross load (publishes on A,
+#                  subscribers on B); compare with relay-cross (one Redis)
 #   soak           1,000 connections over 100 channels, 2,000 publishes/s over HTTP for SOAK_SECONDS (60), twice
 #                  on a fresh hub each: alone, then beside 100 hostile clients (--hostile: stuck readers, 4 GiB
 #                  frame headers, ping floods, subscribe churn, malformed frames); prints both side by side
@@ -27,7 +29,8 @@
 # Environment:
 #   RUNS=3              run the scenario N times (a fresh hub each time) and print the median of the key figures
 #   HUB_CPU=0 BENCH_CPU=1   cores to pin the hub and the bench to
-#   PORT=18080          first port used (hub A; hub B is PORT+1, Redis is PORT+2)
+#   PORT=18080          first port used (hub A; hub B is PORT+1, Redis is PORT+2; cluster nodes PORT+2..PORT+4,
+#                       their bus ports PORT+12..PORT+14)
 #   RELAYHUB_BIN, BENCH_BIN   binaries (default: the newer of release/ and debug/ in cargo's target directory,
 #                       which honours CARGO_TARGET_DIR, else `cargo build --release`); BENCH_BIN is also the
 #                       reference relay of the ref-* scenarios
@@ -41,7 +44,7 @@ scenario="${1:-}"
 [[ -n "$scenario" ]] || { sed -n '2,35p' "$0"; exit 64; }
 shift
 extra=("$@")
-scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish soak calibrate"
+scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish cluster-cross soak calibrate"
 scenarios+=" ref-fanout-20 ref-fanout-200 ref-fanout-1000 ref-channels "
 if [[ "$scenarios" != *" $scenario "* ]]; then
     echo "bench.sh: unknown scenario '$scenario'; one of:$scenarios" >&2
@@ -120,9 +123,34 @@ start_redis() {
     wait_port "$1"
 }
 
-# start_hub NAME PORT REDIS_URL: writes the config, starts the hub pinned; sets HUB_PID
+# start_cluster PORT...: a Redis Cluster of one non-persistent master per port (no replicas), slots spread
+start_cluster() {
+    command -v redis-cli >/dev/null || { echo "bench.sh: redis-cli is not installed" >&2; exit 1; }
+    local port nodes=()
+    for port in "$@"; do
+        mkdir -p "$OUT/cluster-$port"
+        (cd "$OUT/cluster-$port" && rm -f nodes.conf && exec redis-server --port "$port" --cluster-port "$((port + 10))" \
+            --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf --save "" --appendonly no) \
+            >"$OUT/redis-$port.log" 2>&1 &
+        pids+=($!)
+        wait_port "$port"
+        nodes+=("127.0.0.1:$port")
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$OUT/cluster-create.log" 2>&1
+    for _ in $(seq 1 100); do
+        redis-cli -p "$1" cluster info | grep -q cluster_state:ok && return 0
+        sleep 0.1
+    done
+    echo "bench.sh: the cluster did not reach cluster_state:ok" >&2
+    return 1
+}
+
+# start_hub NAME PORT REDIS_URL [CLUSTER_NODES]: writes the config, starts the hub pinned; sets HUB_PID.
+# CLUSTER_NODES is a TOML array of seed URLs; with it REDIS_URL is empty.
 start_hub() {
-    local name="$1" port="$2" redis_url="$3" config="$OUT/hub-$1.toml"
+    local name="$1" port="$2" redis_url="$3" cluster_nodes="${4:-[]}" config="$OUT/hub-$1.toml"
+    local required=false
+    [[ -n "$redis_url" || "$cluster_nodes" != "[]" ]] && required=true
     cat >"$config" <<EOF
 # Written by scripts/bench.sh for one benchmark run.
 [server]
@@ -138,7 +166,8 @@ write_delay = "${WRITE_DELAY:-0s}"
 
 [redis]
 url = "$redis_url"
-required = $([[ -n "$redis_url" ]] && echo true || echo false)
+cluster_nodes = $cluster_nodes
+required = $required
 
 [demo]
 enabled = false
@@ -146,7 +175,7 @@ EOF
     # exec: $! is then the hub itself (taskset execs it too), so --server-pid and kill reach the right process.
     # The config file says everything: the script's own PORT (and any HOST/REDIS_URL a caller exported) would
     # override it, since the hub honours those variables.
-    (unset PORT HOST REDIS_URL; RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$RELAYHUB_BIN" --config "$config") \
+    (unset PORT HOST REDIS_URL REDIS_CLUSTER_NODES; RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$RELAYHUB_BIN" --config "$config") \
         >"$OUT/hub-$name.log" 2>&1 &
     HUB_PID=$!
     pids+=("$HUB_PID")
@@ -240,6 +269,17 @@ one_run() {
             local sampled="$hub_a"
             [[ "$scenario" == relay-cross ]] && sampled="$HUB_PID"
             run_bench "$scenario" "$sampled" --url "$(hub_url "$subscribe_port")" "${publish[@]}" \
+                --connections 1000 --channels 100 --rate 500 --duration 10 --warmup 2 || status=$?
+            ;;
+        cluster-cross)
+            local first=$((PORT + 2)) seeds
+            start_cluster "$first" "$((first + 1))" "$((first + 2))"
+            seeds="[\"redis://127.0.0.1:$first\", \"redis://127.0.0.1:$((first + 1))\", \"redis://127.0.0.1:$((first + 2))\"]"
+            start_hub a "$PORT" "" "$seeds"
+            start_hub b "$((PORT + 1))" "" "$seeds"
+            # B delivers to the subscribers: it is the hub sampled, as in relay-cross.
+            run_bench cluster-cross "$HUB_PID" --url "$(hub_url "$((PORT + 1))")" \
+                --publish http --http "http://127.0.0.1:$PORT" \
                 --connections 1000 --channels 100 --rate 500 --duration 10 --warmup 2 || status=$?
             ;;
         soak)

@@ -460,7 +460,9 @@ async fn patterns_are_refused_and_exact_ingest_routes_take_spublish() {
 #[actix_web::test]
 async fn cluster_config_errors_name_the_key_and_exit_2() {
     use common::process::{ConfigFile, Process, relayhub};
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// A config file, environment variables, and the key the error must name.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             "[redis]\ncluster_nodes = [\"127.0.0.1:7000\"]\n",
             &[],
