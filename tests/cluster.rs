@@ -395,6 +395,39 @@ async fn a_master_killed_under_load_fails_over_and_delivery_resumes() {
     }
 }
 
+#[actix_web::test]
+async fn a_slot_moved_to_another_master_is_subscribed_again_there() {
+    let cluster = RedisCluster::start();
+    let hubs = fleet(&cluster, 2, "[channels]\nhistory_size = 50\n").await;
+    let channel = "prices:BTC";
+    let mut ws = hubs[1].connect().await;
+    ws.subscribe(channel).await;
+    wait_subscribers(&hubs[1], channel, 1).await;
+    for n in 1..=3 {
+        hubs[0].publish(channel, json!({"n": n})).await;
+    }
+    let key = format!("relayhub:ch:{{{channel}}}");
+    let before = cluster.master_of(&key);
+    let after = cluster.move_slot_of(&key);
+    assert_ne!(before, after);
+    assert_eq!(cluster.master_of(&key), after);
+    // Redis unsubscribed the replica's sharded channel with the slot; it subscribes again at the new owner.
+    eventually(
+        Duration::from_secs(10),
+        "the channel subscribed again",
+        || async { hubs[1].stats().await["shard_resubscribes"].as_u64() >= Some(1) },
+    )
+    .await;
+    for n in 4..=6 {
+        let body = hubs[0].publish(channel, json!({"n": n})).await;
+        assert_eq!(body["seq"], n, "the keys moved with the slot: {body}");
+    }
+    let got = collect(&mut ws, 6).await;
+    let seqs: Vec<u64> = got[channel].iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+    ws.ping().await;
+}
+
 /// The next `message` frame, or `None` if the connection ended.
 async fn next_message(ws: &mut Ws) -> Option<Value> {
     use futures_util::StreamExt;

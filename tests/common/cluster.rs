@@ -205,6 +205,45 @@ impl RedisCluster {
         panic!("no live master serves slot {slot}");
     }
 
+    /// Moves `key`'s slot, with its keys, from its master to another master (a resharding step, as
+    /// `redis-cli --cluster reshard` does it); returns the new owner's port.
+    pub fn move_slot_of(&self, key: &str) -> u16 {
+        let from = self.master_of(key);
+        let any = from;
+        let slot = self.cmd(any, &["CLUSTER", "KEYSLOT", key]);
+        let slot = slot.trim().trim_start_matches(':').to_string();
+        let to = self
+            .live_ports()
+            .filter(|p| *p != from)
+            .find(|p| command(*p, &["ROLE"]).is_ok_and(|r| r.contains("master")))
+            .expect("another master");
+        let id = |port: u16| -> String {
+            let reply = self.cmd(port, &["CLUSTER", "MYID"]);
+            reply.lines().nth(1).unwrap_or_default().trim().to_string()
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        self.cmd(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        self.cmd(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        let keys = self.cmd(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+        let keys: Vec<&str> = keys
+            .lines()
+            .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+            .collect();
+        if !keys.is_empty() {
+            let port = to.to_string();
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            migrate.extend(keys.iter().copied());
+            let reply = self.cmd(from, &migrate);
+            assert!(reply.contains("OK"), "MIGRATE: {reply}");
+        }
+        for port in self.live_ports().collect::<Vec<_>>() {
+            if command(port, &["ROLE"]).is_ok_and(|r| r.contains("master")) {
+                self.cmd(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+        to
+    }
+
     /// Kills a node (SIGKILL): a crash.
     pub fn kill(&mut self, port: u16) {
         let node = self
