@@ -258,7 +258,8 @@ pub struct RedisConfig {
     pub required: bool,
     /// Prefix of every key and channel relayhub uses.
     pub prefix: String,
-    /// Pooled connections for commands (the pub/sub connection is separate).
+    /// Pooled connections for commands (the pub/sub connection is separate); in cluster mode, the commands in
+    /// flight on each node's connection.
     pub pool_size: usize,
     /// Time allowed to open a connection.
     #[serde(deserialize_with = "de_duration")]

@@ -167,6 +167,9 @@ impl RedisStore {
             let client = redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.command_timeout)
+                // The pool's bound, per node: commands in flight past it wait their turn (within the
+                // command timeout) instead of queueing without end behind a slow node.
+                .connection_concurrency_limit(config.pool_size)
                 .build()
                 .map_err(|e| RedisError(format!("bad redis.cluster_nodes: {e}")))?;
             let connecting = client.get_async_connection();
