@@ -359,6 +359,11 @@ async fn a_master_killed_under_load_fails_over_and_delivery_resumes() {
         },
     )
     .await;
+    // Both replicas are back in the balancer, their link live again.
+    for hub in &hubs {
+        let (status, body) = get_json(&hub.http("/ready")).await;
+        assert_eq!(status, 200, "{body}");
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
     for publisher in publishers {
