@@ -496,6 +496,45 @@ async fn patterns_are_refused_and_exact_ingest_routes_take_spublish() {
 }
 
 #[actix_web::test]
+async fn a_redis_key_source_reads_keys_on_every_shard() {
+    let cluster = RedisCluster::start();
+    let keys = ["total_messages", "pending_messages", "current_rps"];
+    let masters: std::collections::BTreeSet<u16> =
+        keys.iter().map(|k| cluster.master_of(k)).collect();
+    assert!(masters.len() >= 2, "keys all on one master: {masters:?}");
+    cluster.cmd_for_key("total_messages", &["SET", "total_messages", "25"]);
+    cluster.cmd_for_key("pending_messages", &["RPUSH", "pending_messages", "a", "b"]);
+    cluster.cmd_for_key("current_rps", &["SET", "current_rps", "2.5"]);
+    let source = r#"
+[[sources]]
+name = "queue-stats"
+kind = "redis"
+channel = "stats:queue"
+interval = "200ms"
+[sources.fields]
+total_messages = "GET total_messages"
+queue_depth = "LLEN pending_messages"
+current_rps = "GET current_rps"
+"#;
+    let hubs = fleet(&cluster, 1, source).await;
+    let hub = &hubs[0];
+    let mut ws = hub.connect().await;
+    ws.subscribe("stats:queue").await;
+    let (status, started) = post_json(
+        &hub.http("/api/polling/start"),
+        &json!({"source": "queue-stats"}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    let frame = ws.recv_type("message").await;
+    assert_eq!(
+        frame["data"],
+        json!({"total_messages": 25, "queue_depth": 2, "current_rps": 2.5})
+    );
+}
+
+#[actix_web::test]
 async fn cluster_config_errors_name_the_key_and_exit_2() {
     use common::process::{ConfigFile, Process, relayhub};
     /// A config file, environment variables, and the key the error must name.

@@ -6,8 +6,21 @@ use serde_json::{Value, json};
 
 use super::store::RedisStore;
 
-/// Runs each `(command, key)` in one pipeline and returns the replies as JSON, in the order asked.
+/// Runs each `(command, key)` in one pipeline and returns the replies as JSON, in the order asked. In cluster
+/// mode the keys may live on different shards, and a pipeline must stay in one slot: each command goes on its
+/// own, all in flight at once.
 pub async fn read(store: &RedisStore, commands: &[(String, String)]) -> Result<Vec<Value>, String> {
+    if store.keys().is_cluster() {
+        let each = commands.iter().map(|(command, key)| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(key);
+            store.with_conn(|mut c| async move { cmd.query_async::<redis::Value>(&mut c).await })
+        });
+        let values = futures_util::future::try_join_all(each)
+            .await
+            .map_err(|e| e.0)?;
+        return Ok(values.into_iter().map(redis_to_json).collect());
+    }
     let mut pipe = redis::pipe();
     for (command, key) in commands {
         pipe.cmd(command).arg(key);
