@@ -47,6 +47,9 @@ pub struct Stats {
     pub rate_limit_disconnects: AtomicU64,
     /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
     pub patterns_refused: AtomicU64,
+    /// Messages given to a pattern subscriber without a position: its connection already tracked
+    /// `channels.max_pattern_positions` channels (not deduplicated, not recoverable).
+    pub pattern_positions_untracked: AtomicU64,
     /// Subscriptions refused by `websocket.max_subscriptions_per_connection`.
     pub subscriptions_refused: AtomicU64,
     /// Connections closed with 1008 for sending nothing, not even a pong, for `websocket.client_timeout`.
@@ -102,7 +105,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 40] {
+    pub fn counters(&self) -> [(&'static str, u64); 41] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -122,6 +125,10 @@ impl Stats {
             ("requests_rate_limited", &self.requests_rate_limited),
             ("rate_limit_disconnects", &self.rate_limit_disconnects),
             ("patterns_refused", &self.patterns_refused),
+            (
+                "pattern_positions_untracked",
+                &self.pattern_positions_untracked,
+            ),
             ("subscriptions_refused", &self.subscriptions_refused),
             ("heartbeat_timeouts", &self.heartbeat_timeouts),
             ("jobs_refused", &self.jobs_refused),

@@ -302,6 +302,9 @@ pub struct ChannelsConfig {
     pub slow_consumer: SlowConsumer,
     /// Most snapshots sent when a pattern subscription starts.
     pub max_pattern_snapshots: usize,
+    /// Most channels whose position a connection keeps for its pattern subscriptions (and most channels a
+    /// pattern subscribe's `since` may name); messages of further channels are delivered without one.
+    pub max_pattern_positions: usize,
     /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
     /// are evicted first.
     pub max_memory: usize,
@@ -323,6 +326,7 @@ impl Default for ChannelsConfig {
             history_ttl: Duration::from_secs(600),
             slow_consumer: SlowConsumer::Disconnect,
             max_pattern_snapshots: 100,
+            max_pattern_positions: 256,
             max_memory: 256 * 1024 * 1024,
             max_pattern_scan: 10_000,
             max_concurrent_pattern_scans: 2,
@@ -792,6 +796,9 @@ impl Config {
         }
         if self.channels.max_memory < 64 * 1024 {
             return err("channels.max_memory", "must be at least 65536 (bytes)");
+        }
+        if self.channels.max_pattern_positions == 0 {
+            return err("channels.max_pattern_positions", "must be at least 1");
         }
         if self.channels.max_pattern_scan == 0 {
             return err("channels.max_pattern_scan", "must be at least 1");

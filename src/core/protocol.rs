@@ -106,6 +106,9 @@ pub enum ClientFrame {
         channel: String,
         /// Where the client stands (`"since":{"epoch","seq"}`): recover what it missed after it.
         since: Option<crate::core::position::Position>,
+        /// A pattern's `since`: where the client stands in each named channel
+        /// (`"since":{"<channel>":{"epoch","seq"},...}`, possibly empty), in name order.
+        since_channels: Option<Vec<(String, crate::core::position::Position)>>,
         /// A subscription token for this channel.
         token: Option<String>,
     },
@@ -224,9 +227,38 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
             None => Err(bad("`auth` needs a `token`".into())),
         },
         "subscribe" => {
+            let channel = channel()?;
+            let is_pattern = channel.ends_with('*');
             let since = match raw.since {
                 None => None,
                 Some(since) if since.get() == "null" => None,
+                Some(since) if is_pattern => {
+                    let named: std::collections::BTreeMap<String, Since> =
+                        serde_json::from_str(since.get()).map_err(|_| {
+                            bad("a pattern's `since` must be {\"<channel>\": {\"epoch\": string, \"seq\": number}, ...}".into())
+                        })?;
+                    let mut since_channels = Vec::with_capacity(named.len());
+                    for (name, since) in named {
+                        if since.epoch.len() > MAX_EPOCH_LEN {
+                            return Err(bad(format!(
+                                "`since.epoch` is at most {MAX_EPOCH_LEN} characters"
+                            )));
+                        }
+                        since_channels.push((
+                            name,
+                            crate::core::position::Position {
+                                epoch: since.epoch,
+                                seq: since.seq,
+                            },
+                        ));
+                    }
+                    return Ok(ClientFrame::Subscribe {
+                        channel,
+                        since: None,
+                        since_channels: Some(since_channels),
+                        token: token()?,
+                    });
+                }
                 Some(since) => {
                     let since: Since = serde_json::from_str(since.get()).map_err(|_| {
                         bad("`since` must be {\"epoch\": string, \"seq\": number}".into())
@@ -243,8 +275,9 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
                 }
             };
             Ok(ClientFrame::Subscribe {
-                channel: channel()?,
+                channel,
                 since,
+                since_channels: None,
                 token: token()?,
             })
         }
@@ -373,6 +406,55 @@ pub fn positioned_subscribed_frame(
     reply("subscribed", id, Some(channel), &extra)
 }
 
+/// `subscribed` for a pattern subscribe that named channels in `since`: per channel, whether its history
+/// still held everything after the client's position (`recovered`), and where the channel stood when the
+/// subscription went live (`positions`; absent for a channel whose read failed).
+pub fn pattern_subscribed_frame(
+    id: &RequestId,
+    pattern: &str,
+    channels: &[(
+        std::sync::Arc<str>,
+        bool,
+        Option<(std::sync::Arc<str>, u64)>,
+    )],
+) -> ByteString {
+    let mut extra = String::with_capacity(32 + channels.len() * 64);
+    extra.push_str(",\"recovered\":{");
+    for (i, (channel, recovered, _)) in channels.iter().enumerate() {
+        if i > 0 {
+            extra.push(',');
+        }
+        write_json_str(&mut extra, channel);
+        let _ = write!(extra, ":{recovered}");
+    }
+    extra.push_str("},\"positions\":{");
+    let mut first = true;
+    for (channel, _, position) in channels {
+        let Some((epoch, seq)) = position else {
+            continue;
+        };
+        if !first {
+            extra.push(',');
+        }
+        first = false;
+        write_json_str(&mut extra, channel);
+        extra.push_str(":{\"epoch\":");
+        write_json_str(&mut extra, epoch);
+        let _ = write!(extra, ",\"seq\":{seq}}}");
+    }
+    extra.push('}');
+    reply("subscribed", id, Some(pattern), &extra)
+}
+
+/// `epoch`: the epoch of a channel a pattern subscription delivers, sent before or soon after its first
+/// message through the pattern (and again when its numbering starts over), so the client can resume it.
+pub fn epoch_frame(channel: &str, epoch: &str) -> ByteString {
+    let mut extra = String::with_capacity(16 + epoch.len());
+    extra.push_str(",\"epoch\":");
+    write_json_str(&mut extra, epoch);
+    reply("epoch", &None, Some(channel), &extra)
+}
+
 pub fn unsubscribed_frame(id: &RequestId, channel: &str) -> ByteString {
     reply("unsubscribed", id, Some(channel), "")
 }
@@ -447,7 +529,7 @@ mod tests {
         let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
         assert!(
-            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None, token: None } if channel == "prices:BTC")
+            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None, token: None, .. } if channel == "prices:BTC")
         );
         let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
         assert!(p.id.is_none());
@@ -500,6 +582,25 @@ mod tests {
                 assert_eq!((p.epoch.as_str(), p.seq), ("E", 41))
             }
             other => panic!("{other:?}"),
+        }
+        // A pattern's `since` names channels.
+        match parse_client_frame(
+            r#"{"op":"subscribe","channel":"p:*","since":{"p:b":{"epoch":"E","seq":4},"p:a":{"epoch":"F","seq":0}}}"#,
+        )
+        .frame
+        {
+            Ok(ClientFrame::Subscribe { since: None, since_channels: Some(named), .. }) => assert_eq!(
+                named
+                    .iter()
+                    .map(|(c, p)| (c.as_str(), p.epoch.as_str(), p.seq))
+                    .collect::<Vec<_>>(),
+                [("p:a", "F", 0), ("p:b", "E", 4)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        for since in [r#"{"epoch":"E","seq":4}"#, r#"{"p:a":3}"#, r#"[1]"#] {
+            let text = format!(r#"{{"op":"subscribe","channel":"p:*","since":{since}}}"#);
+            assert_eq!(err(&text).code, ErrorCode::BadRequest, "{since}");
         }
         // The id survives a bad op so the error can echo it.
         assert_eq!(

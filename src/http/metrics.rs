@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 29] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 30] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -193,6 +193,11 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_patterns_refused_total",
             "Pattern subscriptions refused by websocket.max_patterns_per_connection.",
             &s.patterns_refused,
+        ),
+        (
+            "relayhub_pattern_positions_untracked_total",
+            "Messages given to pattern subscribers without a position (channels.max_pattern_positions reached).",
+            &s.pattern_positions_untracked,
         ),
         (
             "relayhub_subscriptions_refused_total",

@@ -174,7 +174,10 @@ impl Hub {
             observer,
             self.inner.stats.clone(),
             self.inner.metrics.clone(),
-            self.config().channels.max_pattern_snapshots,
+            (
+                self.config().channels.max_pattern_snapshots,
+                self.config().channels.max_pattern_positions,
+            ),
         )
         .start_here()
     }

@@ -43,6 +43,9 @@ pub struct Subscribe {
     pub request: RequestId,
     /// Where the client stood in the channel, to recover from.
     pub since: Option<Position>,
+    /// A pattern subscription with `since`: where the client stood in each channel it names, to recover
+    /// from (possibly none: the client then only asks to be told each channel's epoch).
+    pub since_channels: Option<Vec<(Arc<str>, Position)>>,
     /// The channel's settings (how much history to read).
     pub policy: ChannelPolicy,
     /// The encoded `subscribed` frame of a pattern subscription.

@@ -301,8 +301,9 @@ impl Session {
             ClientFrame::Subscribe {
                 channel,
                 since,
+                since_channels,
                 token,
-            } => self.subscribe(&id, channel, since, token, ctx),
+            } => self.subscribe(&id, channel, (since, since_channels), token, ctx),
             ClientFrame::Auth { token } => self.authenticate(&id, &token, ctx),
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
             ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
@@ -329,7 +330,7 @@ impl Session {
         let Some(channel) = self.endpoint.as_ref().map(|e| e.channel.clone()) else {
             return;
         };
-        if let Err(error) = self.subscribe(&None, channel, None, None, ctx) {
+        if let Err(error) = self.subscribe(&None, channel, (None, None), None, ctx) {
             self.hub.metrics().rejected(error.code);
             if self.outbox.close(close::POLICY, &error.message) {
                 log::debug!(
@@ -345,11 +346,15 @@ impl Session {
         &mut self,
         id: &RequestId,
         name: String,
-        since: Option<Position>,
+        (since, since_channels): (Option<Position>, Option<Vec<(String, Position)>>),
         token: Option<String>,
         ctx: &mut Context<Self>,
     ) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
+        let since_channels = match (&target, since_channels) {
+            (Target::Pattern(prefix), Some(named)) => Some(self.pattern_since(prefix, named)?),
+            _ => None,
+        };
         let policy_channel = match &target {
             Target::Channel(c) => c.as_str(),
             Target::Pattern(p) => p.as_str(),
@@ -396,17 +401,52 @@ impl Session {
         self.rest_on(&name, standing, ctx);
         self.subscriptions.insert(name);
         self.patterns += usize::from(is_pattern);
-        // Patterns do not recover: `since` applies to one channel's numbering.
+        // A pattern recovers per named channel (`since_channels`); `since` applies to one channel's numbering.
         let since = since.filter(|_| !is_pattern);
         self.registry.do_send(Subscribe {
             id: self.id,
             target,
             request: id.clone(),
             since,
+            since_channels,
             policy,
             ack,
         });
         Ok(())
+    }
+
+    /// Checks a pattern subscribe's `since` map: at most `channels.max_pattern_positions` channels, each a
+    /// valid channel the pattern matches and a pattern may deliver (no user channels).
+    fn pattern_since(
+        &self,
+        prefix: &str,
+        named: Vec<(String, Position)>,
+    ) -> Result<Vec<(std::sync::Arc<str>, Position)>, ProtocolError> {
+        let bad = |m: String| ProtocolError::new(ErrorCode::BadRequest, m);
+        let cap = self.hub.config().channels.max_pattern_positions;
+        if named.len() > cap {
+            return Err(bad(format!(
+                "a pattern's `since` names at most {cap} channels"
+            )));
+        }
+        named
+            .into_iter()
+            .map(|(channel, position)| {
+                protocol::validate_channel(&channel)
+                    .map_err(|e| bad(format!("`since`: {}", e.message)))?;
+                if !channel.starts_with(prefix) {
+                    return Err(bad(format!(
+                        "`since` names `{channel}`, which the pattern does not match"
+                    )));
+                }
+                if protocol::channel_owner(&channel).is_some() {
+                    return Err(bad(format!(
+                        "`since` names the user channel `{channel}`, which patterns never deliver"
+                    )));
+                }
+                Ok((channel.into(), position))
+            })
+            .collect()
     }
 
     fn unsubscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {

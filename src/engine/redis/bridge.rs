@@ -70,7 +70,7 @@ pub struct BridgeParts {
     pub stats: Arc<Stats>,
     /// The pooled store, for probes, catch-up reads and ingest caching.
     pub store: Arc<RedisStore>,
-    /// Link liveness and echo bookkeeping, shared with the publish path.
+    /// Link liveness, shared with the publish path.
     pub link: Arc<Link>,
     /// Where relayed messages and link events go.
     pub handler: Arc<dyn BrokerEventHandler>,
@@ -186,9 +186,6 @@ pub struct Bridge {
     routes: Arc<Vec<Route>>,
     /// Pattern prefixes (`prices:`) with local subscribers.
     patterns: HashMap<Arc<str>, WatchedPattern>,
-    /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
-    /// yet: the exact copies of those messages are duplicates.
-    via_pattern: HashMap<Arc<str>, u64>,
     /// Channels the current connection is subscribed to, as Redis confirmed (or as last sent, see `sync`).
     subscribed: HashSet<Arc<str>>,
     /// Pattern prefixes the current connection is subscribed to, with their Redis pattern.
@@ -222,7 +219,6 @@ impl Bridge {
             last_reject_log: None,
             routes: Arc::new(parts.routes),
             patterns: HashMap::new(),
-            via_pattern: HashMap::new(),
             subscribed: HashSet::new(),
             psubscribed: HashMap::new(),
             dirty: HashSet::new(),
@@ -323,7 +319,6 @@ impl Bridge {
         }
         self.connected_once = true;
         self.attempts = 0;
-        self.via_pattern.clear();
         self.last_probe_seen = Instant::now();
         // What the connection listens to now; whatever was watched or dropped while it was being made is
         // reconciled by `sync`.
@@ -372,7 +367,6 @@ impl Bridge {
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
-        self.link.clear_local_echoes();
         self.handler.on_link_down();
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
@@ -565,12 +559,7 @@ impl Bridge {
                     return;
                 }
                 match decode_payload(channel.into(), msg.get_payload_bytes()) {
-                    Ok(publication)
-                        if self.is_duplicate(&publication, pattern.as_deref())
-                            || self
-                                .link
-                                .take_local_echo(&publication.channel, publication.seq) =>
-                    {
+                    Ok(publication) if self.is_duplicate(&publication, pattern.as_deref()) => {
                         return;
                     }
                     other => other.map_err(str::to_string),
@@ -608,41 +597,25 @@ impl Bridge {
     }
 
     /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
-    /// and pmessage); exactly one copy is relayed: the exact one once its SUBSCRIBE is confirmed, the pattern
-    /// one before that (remembered by `seq`, so the exact copy of the same message is then dropped).
-    fn is_duplicate(&mut self, publication: &Publication, pattern: Option<&str>) -> bool {
-        let channel = &publication.channel;
-        let exact = self.channels.get(channel).map(|w| w.confirmed);
-        if let Some(pattern) = pattern {
-            // Nested patterns (`a:*` and `a:b:*`) each send a copy: keep the copy of the longest prefix.
-            let longest = self
-                .patterns
-                .iter()
-                .filter(|(prefix, _)| channel.starts_with(&***prefix))
-                .max_by_key(|(prefix, _)| prefix.len());
-            if longest.is_some_and(|(_, watched)| watched.redis_name != pattern) {
-                return true;
-            }
-            match exact {
-                Some(true) => true,
-                Some(false) => {
-                    if let Some(seq) = publication.seq {
-                        self.via_pattern.insert(channel.clone(), seq);
-                    }
-                    false
-                }
-                None => false,
-            }
-        } else {
-            match (self.via_pattern.get(channel), publication.seq) {
-                (Some(&seen), Some(seq)) if seq <= seen => true,
-                (Some(_), _) => {
-                    self.via_pattern.remove(channel);
-                    false
-                }
-                _ => false,
-            }
+    /// and pmessage), and once more per pattern when patterns nest (`a:*` and `a:b:*`). Sequenced copies are
+    /// all relayed: the ordering rule gives each subscriber one. An unsequenced message (a raw PUBLISH of an
+    /// outside producer) has no seq to tell its copies apart, so exactly one of its copies is relayed: the
+    /// exact one once its SUBSCRIBE is confirmed, else the one of the longest matching pattern.
+    fn is_duplicate(&self, publication: &Publication, pattern: Option<&str>) -> bool {
+        if publication.seq.is_some() {
+            return false;
         }
+        let channel = &publication.channel;
+        let exact = self.channels.get(channel).is_some_and(|w| w.confirmed);
+        let Some(pattern) = pattern else {
+            return false;
+        };
+        let longest = self
+            .patterns
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(&***prefix))
+            .max_by_key(|(prefix, _)| prefix.len());
+        exact || longest.is_some_and(|(_, watched)| watched.redis_name != pattern)
     }
 
     /// Routes a message of an ingest route to its relayhub channel; caches it when the route says so.
@@ -868,7 +841,6 @@ impl Handler<Unwatch> for Bridge {
         if watched.refs == 0 {
             let mut watched = self.channels.remove(&msg.channel).expect("looked up above");
             confirm(&mut watched.waiters);
-            self.via_pattern.remove(&msg.channel);
             self.dirty.insert(msg.channel);
             self.sync(ctx);
         }

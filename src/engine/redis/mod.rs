@@ -1,7 +1,7 @@
 //! The Redis engine: the broker seam over one Redis, shared by every replica. Everything Redis-specific lives
 //! in this folder: key names ([`keys`]), the Lua scripts, the pooled store ([`store`]), the pubsub-bridge
-//! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state and
-//! exactly-once bookkeeping across link outages ([`link`]), job storage and leases ([`jobs`]) and the reads of
+//! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state
+//! ([`link`]), job storage and leases ([`jobs`]) and the reads of
 //! `redis` polling sources ([`fields`]).
 
 pub mod bridge;
@@ -133,8 +133,8 @@ impl RedisEngine {
 
     /// Records and publishes one message through the publish script. The echo from Redis delivers it here
     /// like on every replica, unless the link is (or was, during the script) down: then it is delivered here
-    /// directly, and the link's bookkeeping drops the echo if one still comes. If Redis cannot take it, it is
-    /// delivered to this replica's subscribers only.
+    /// directly too, and if the echo still comes, the ordering rule drops whichever copy arrives second (both
+    /// carry the seq). If Redis cannot take it, it is delivered to this replica's subscribers only.
     pub async fn publish(
         &self,
         channel: &str,
@@ -147,9 +147,6 @@ impl RedisEngine {
         // The echo is certain only if the link was live before the script ran and still is after.
         let live_before = shared.link.is_active();
         let name: Arc<str> = channel.into();
-        if !live_before {
-            shared.link.begin_unlinked_publish(&name);
-        }
         match self
             .store()
             .publish(channel, data, &ts, fetched_at, policy)
@@ -166,11 +163,7 @@ impl RedisEngine {
                         Some(&ts),
                         fetched_at,
                     );
-                    shared
-                        .link
-                        .finish_unlinked_publish(publication, !live_before, |p| {
-                            shared.handler.on_publication(p)
-                        });
+                    shared.handler.on_publication(Arc::new(publication));
                 }
                 Published {
                     seq: Some(published.seq),
@@ -179,9 +172,6 @@ impl RedisEngine {
                 }
             }
             Err(e) => {
-                if !live_before {
-                    shared.link.cancel_unlinked_publish(&name);
-                }
                 log::warn!(
                     "publish to `{channel}` through redis failed ({e}); delivering locally only"
                 );
