@@ -17,8 +17,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::core::publication::Publication;
-
 /// Where a client (or a subscriber) stands in a channel: the newest `seq` it saw under `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -216,27 +214,43 @@ pub enum Admission {
 /// them), while the first message of a numbering that started over (the sequence expired after the
 /// channel's whole `ttl` without a publish, or Redis lost its data) is. A jump past the next `seq` is
 /// delivered as it is: pattern subscriptions do not fill gaps from history while live.
-#[derive(Debug, Default)]
-pub struct PatternPositions {
-    channels: HashMap<Arc<str>, Tracked>,
+#[derive(Debug)]
+pub struct PatternPositions<M> {
+    channels: HashMap<Arc<str>, Tracked<M>>,
+}
+
+impl<M> Default for PatternPositions<M> {
+    fn default() -> Self {
+        PatternPositions {
+            channels: HashMap::new(),
+        }
+    }
+}
+
+/// What the pattern rule reads of a message (a `Publication`, kept apart so this file needs no frame type).
+pub trait Sequenced {
+    fn channel(&self) -> &Arc<str>;
+    fn seq(&self) -> Option<u64>;
+    /// When it was published (RFC 3339, UTC, milliseconds: later times compare greater as strings).
+    fn ts(&self) -> Option<&str>;
 }
 
 /// One channel's position for a pattern subscriber.
-#[derive(Debug, Clone)]
-struct Tracked {
+#[derive(Debug)]
+struct Tracked<M> {
     seq: u64,
     /// The newest message given (its `ts` tells a copy from a restarted numbering); `None` when the position
     /// came from a recovery whose newest message is not at hand.
-    newest: Option<Arc<Publication>>,
+    newest: Option<Arc<M>>,
 }
 
-impl PatternPositions {
+impl<M: Sequenced> PatternPositions<M> {
     /// Applies the rule to `publication` for a connection tracking at most `cap` channels.
-    pub fn admit(&mut self, publication: &Arc<Publication>, cap: usize) -> Admission {
-        let Some(seq) = publication.seq else {
+    pub fn admit(&mut self, publication: &Arc<M>, cap: usize) -> Admission {
+        let Some(seq) = publication.seq() else {
             return Admission::Deliver;
         };
-        if let Some(tracked) = self.channels.get_mut(&publication.channel) {
+        if let Some(tracked) = self.channels.get_mut(publication.channel()) {
             if seq > tracked.seq {
                 tracked.seq = seq;
                 tracked.newest = Some(publication.clone());
@@ -258,7 +272,7 @@ impl PatternPositions {
             return Admission::Untracked;
         }
         self.channels.insert(
-            publication.channel.clone(),
+            publication.channel().clone(),
             Tracked {
                 seq,
                 newest: Some(publication.clone()),
@@ -273,7 +287,7 @@ impl PatternPositions {
         &mut self,
         channel: &Arc<str>,
         seq: u64,
-        newest: Option<Arc<Publication>>,
+        newest: Option<Arc<M>>,
         cap: usize,
     ) -> bool {
         if let Some(tracked) = self.channels.get_mut(channel) {
@@ -492,12 +506,14 @@ mod tests {
         );
     }
 
+    use crate::core::publication::Publication;
+
     fn message(channel: &str, seq: Option<u64>, ts: &str) -> Arc<Publication> {
         Arc::new(Publication::new(channel.into(), "1", seq, Some(ts)))
     }
 
     fn admit_all(
-        positions: &mut PatternPositions,
+        positions: &mut PatternPositions<Publication>,
         cap: usize,
         messages: &[&Arc<Publication>],
     ) -> Vec<Admission> {
@@ -513,13 +529,13 @@ mod tests {
         use Admission::*;
         let (five, six) = (message("p:a", Some(5), T1), message("p:a", Some(6), T2));
         // Delivered locally while the link was down, then the echoes from Redis (copies of the same messages).
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         assert_eq!(
             admit_all(&mut at, 8, &[&five, &six, &five.clone(), &six]),
             vec![First, Deliver, Drop, Drop]
         );
         // The echo first, then the publisher's own local copy.
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         assert_eq!(admit_all(&mut at, 8, &[&five, &five]), vec![First, Drop]);
         assert_eq!(at.get("p:a"), Some(5));
     }
@@ -527,7 +543,7 @@ mod tests {
     #[test]
     fn a_pattern_subscriber_gets_catch_up_then_echo_once() {
         use Admission::*;
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         // Recovered up to 7 (a `since` replay), then the echoes of 6 and 7 and the next message.
         assert!(at.set(&"p:a".into(), 7, Some(message("p:a", Some(7), T2)), 8));
         assert_eq!(
@@ -547,7 +563,7 @@ mod tests {
     #[test]
     fn exact_plus_pattern_and_nested_pattern_copies_deliver_once_per_connection() {
         use Admission::*;
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         let three = message("p:a", Some(3), T1);
         let four = message("p:a", Some(4), T2);
         // The channel's own SUBSCRIBE and the PSUBSCRIBE (or two nested patterns) each bring a copy.
@@ -560,7 +576,7 @@ mod tests {
     #[test]
     fn a_pattern_subscriber_follows_a_numbering_that_started_over() {
         use Admission::*;
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         at.admit(&message("p:a", Some(40), T2), 8);
         // Seq 1 again, younger than anything given: a new numbering, announced (the client needs the epoch).
         let restarted = message("p:a", Some(1), T3);
@@ -574,7 +590,7 @@ mod tests {
     #[test]
     fn pattern_positions_are_capped_and_unsequenced_messages_pass() {
         use Admission::*;
-        let mut at = PatternPositions::default();
+        let mut at = PatternPositions::<Publication>::default();
         assert_eq!(at.admit(&message("p:a", Some(1), T1), 2), First);
         assert_eq!(at.admit(&message("p:b", Some(1), T1), 2), First);
         let c = message("p:c", Some(1), T1);

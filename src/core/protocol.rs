@@ -406,17 +406,21 @@ pub fn positioned_subscribed_frame(
     reply("subscribed", id, Some(channel), &extra)
 }
 
+/// One named channel of a pattern's `since`: whether it was recovered, and its epoch and newest seq (absent
+/// when its read failed).
+pub type ChannelRecovery = (
+    std::sync::Arc<str>,
+    bool,
+    Option<(std::sync::Arc<str>, u64)>,
+);
+
 /// `subscribed` for a pattern subscribe that named channels in `since`: per channel, whether its history
 /// still held everything after the client's position (`recovered`), and where the channel stood when the
 /// subscription went live (`positions`; absent for a channel whose read failed).
 pub fn pattern_subscribed_frame(
     id: &RequestId,
     pattern: &str,
-    channels: &[(
-        std::sync::Arc<str>,
-        bool,
-        Option<(std::sync::Arc<str>, u64)>,
-    )],
+    channels: &[ChannelRecovery],
 ) -> ByteString {
     let mut extra = String::with_capacity(32 + channels.len() * 64);
     extra.push_str(",\"recovered\":{");
@@ -656,6 +660,31 @@ mod tests {
         );
         assert!(parse_target("prices*").is_err());
         assert!(parse_target("*").is_err());
+    }
+
+    #[test]
+    fn pattern_recovery_frames_have_their_documented_shape() {
+        let id: RequestId = Some(RawValue::from_string("3".into()).unwrap());
+        let f = pattern_subscribed_frame(
+            &id,
+            "p:*",
+            &[
+                ("p:a".into(), true, Some(("E".into(), 7))),
+                ("p:\"b".into(), false, None),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "subscribed", "id": 3, "channel": "p:*",
+                "recovered": {"p:a": true, "p:\"b": false},
+                "positions": {"p:a": {"epoch": "E", "seq": 7}}})
+        );
+        let v: serde_json::Value = serde_json::from_str(&epoch_frame("p:a", "E")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "epoch", "channel": "p:a", "epoch": "E"})
+        );
     }
 
     #[test]

@@ -59,7 +59,7 @@ struct SessionEntry {
     /// Pattern prefixes this session is subscribed to.
     patterns: Vec<Arc<str>>,
     /// Where the session stands in each channel its patterns gave it (`channels.max_pattern_positions`).
-    positions: PatternPositions,
+    positions: PatternPositions<Publication>,
     /// The client sent a pattern subscribe with `since`: it is told the epoch of each channel its patterns
     /// start to deliver (`epoch` frames), to resume them later.
     wants_epochs: bool,
