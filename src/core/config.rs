@@ -266,6 +266,10 @@ pub struct RedisConfig {
     /// How often the bridge sends a probe through its own pub/sub connection to prove it is alive.
     #[serde(deserialize_with = "de_duration")]
     pub probe_interval: Duration,
+    /// How long an `[[ingest]]` route's lease lasts: one replica at a time takes the route's messages into
+    /// the sequenced path, renewing every third of this; another takes over this long after it stops.
+    #[serde(deserialize_with = "de_duration")]
+    pub ingest_lease: Duration,
 }
 
 impl Default for RedisConfig {
@@ -278,6 +282,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(3),
+            ingest_lease: Duration::from_secs(3),
         }
     }
 }
@@ -818,6 +823,9 @@ impl Config {
                 "redis.url",
                 "must start with redis://, rediss:// or unix://",
             );
+        }
+        if self.redis.ingest_lease < Duration::from_millis(300) {
+            return err("redis.ingest_lease", "must be at least 300ms");
         }
         if self.poller.lease < Duration::from_millis(300) {
             return err("poller.lease", "must be at least 300ms");

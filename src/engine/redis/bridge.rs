@@ -86,18 +86,16 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Probes that may go unanswered before the connection is declared dead.
 const PROBE_MISSES: u32 = 3;
-/// Ingested messages waiting to be cached; past this, cache writes are dropped and counted
+/// Ingested messages waiting for the lease holder to sequence them; past this they are dropped and counted
 /// (`ingest_cache_dropped`) rather than queued without bound.
 const INGEST_QUEUE: usize = 10_000;
-/// Routed channels whose previous ingested message is remembered (to tell repeats apart); past this the
-/// memory is cleared, which at worst lets one message per channel be cached twice.
-const INGEST_CHAINS: usize = 100_000;
 
-/// One ingested message to cache, in the order received.
+/// One ingested message to take into the sequenced path, in the order received.
 struct IngestWrite {
-    source: String,
     channel: String,
     data: String,
+    /// The route's `cache`: the message becomes the channel's latest value too.
+    keep_latest: bool,
 }
 
 /// Something from one pub/sub connection, tagged with the connection it came from.
@@ -195,8 +193,14 @@ pub struct Bridge {
     dirty_patterns: HashSet<Arc<str>>,
     /// A batch is in flight; the next one is computed when it is answered, so Redis sees them in order.
     syncing: bool,
-    /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
+    /// Ingested messages to sequence, published one after the other by one task, in the order received.
     ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
+    /// Per route (in `routes` order): until when this replica surely holds its lease (a margin before the
+    /// lease it took or renewed runs out); `None`: another replica, or nobody known, sequences it.
+    ingest_held: Vec<Option<Instant>>,
+    /// `redis.ingest_lease`.
+    ingest_lease: Duration,
+    instance_id: String,
 }
 
 impl Bridge {
@@ -217,6 +221,7 @@ impl Bridge {
             last_probe_seen: Instant::now(),
             connected_once: false,
             last_reject_log: None,
+            ingest_held: vec![None; parts.routes.len()],
             routes: Arc::new(parts.routes),
             patterns: HashMap::new(),
             subscribed: HashSet::new(),
@@ -225,6 +230,8 @@ impl Bridge {
             dirty_patterns: HashSet::new(),
             syncing: false,
             ingest_writes: None,
+            ingest_lease: config.ingest_lease,
+            instance_id: parts.instance_id.clone(),
             config: parts.config,
             stats: parts.stats,
             store: parts.store,
@@ -252,6 +259,11 @@ impl Bridge {
             .map(|(prefix, p)| (prefix.clone(), p.redis_name.clone()))
             .collect();
         let patterns: Vec<String> = wanted_patterns.iter().map(|(_, n)| n.clone()).collect();
+        let (store, me, lease) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.ingest_lease,
+        );
         let fut = async move {
             let work = async {
                 let (mut sink, stream) = client.get_async_pubsub().await?.split();
@@ -269,7 +281,20 @@ impl Bridge {
                 if !patterns.is_empty() {
                     sink.psubscribe(&patterns).await?;
                 }
-                Ok::<_, redis::RedisError>((sink, stream))
+                // The routes' leases are taken before the replica counts as live, so a fleet that is ready
+                // has a replica sequencing every route.
+                let sent = Instant::now();
+                let mut held = Vec::with_capacity(routes.len());
+                for route in routes.iter() {
+                    // A failed take counts as not held; the next renewal tries again.
+                    held.push(
+                        store
+                            .hold_ingest_lease(&route.redis_channel, &me, lease)
+                            .await
+                            .unwrap_or(false),
+                    );
+                }
+                Ok::<_, redis::RedisError>((sink, stream, held, sent))
             };
             match tokio::time::timeout(timeout * 2, work).await {
                 Ok(Ok(pair)) => Ok(pair),
@@ -282,7 +307,8 @@ impl Bridge {
                 return;
             }
             match result {
-                Ok((sink, stream)) => {
+                Ok((sink, stream, held, sent)) => {
+                    act.set_ingest_held(&held, sent);
                     act.connected(generation, sink, stream, wanted, wanted_patterns, ctx)
                 }
                 Err(e) => {
@@ -367,6 +393,8 @@ impl Bridge {
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
+        // Deaf, this replica cannot take the routes' messages: it stops renewing, so another takes over.
+        self.ingest_held.iter_mut().for_each(|h| *h = None);
         self.handler.on_link_down();
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
@@ -565,7 +593,10 @@ impl Bridge {
                     other => other.map_err(str::to_string),
                 }
             }
-            None => self.ingest(&msg),
+            None => match self.ingest(&msg) {
+                Ok(()) => return,
+                Err(why) => Err(why.to_string()),
+            },
         };
         let stats = &self.stats;
         match result {
@@ -618,18 +649,21 @@ impl Bridge {
         exact || longest.is_some_and(|(_, watched)| watched.redis_name != pattern)
     }
 
-    /// Routes a message of an ingest route to its relayhub channel; caches it when the route says so.
-    fn ingest(&self, msg: &Msg) -> Result<Publication, String> {
+    /// Routes a message of an ingest route to its relayhub channel. The replica holding the route's lease
+    /// takes it into the sequenced path (numbered, kept in history, published on the channel); every replica,
+    /// this one included, delivers that sequenced copy, never the raw one, so each subscriber gets it once.
+    fn ingest(&self, msg: &Msg) -> Result<(), String> {
         let name = msg.get_channel_name();
         let pattern: Option<String> = if msg.from_pattern() {
             msg.get_pattern().ok()
         } else {
             None
         };
-        let route = self
+        let (index, route) = self
             .routes
             .iter()
-            .find(|r| match &pattern {
+            .enumerate()
+            .find(|(_, r)| match &pattern {
                 Some(p) => r.is_pattern && r.redis_channel == *p,
                 None => !r.is_pattern && r.redis_channel == name,
             })
@@ -639,57 +673,91 @@ impl Bridge {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|_| "message is not JSON")?;
         let channel = route.target(&value)?;
-        if route.cache
-            && let Some(writes) = &self.ingest_writes
-        {
+        let holding = self.ingest_held[index].is_some_and(|until| Instant::now() < until);
+        if holding && let Some(writes) = &self.ingest_writes {
             let write = IngestWrite {
-                source: name.to_string(),
-                channel: channel.clone(),
+                channel,
                 data: text.to_string(),
+                keep_latest: route.cache,
             };
             if writes.try_send(write).is_err() {
                 Stats::add(&self.stats.ingest_cache_dropped, 1);
             }
         }
-        Ok(Publication::new(channel.into(), text, None, None))
+        Ok(())
+    }
+
+    /// Records what taking or renewing the routes' leases answered (asked at `sent`).
+    fn set_ingest_held(&mut self, held: &[bool], sent: Instant) {
+        // A margin of a fifth of the lease: this replica stops before another can have taken over.
+        let until = sent + self.ingest_lease - self.ingest_lease / 5;
+        for (slot, held) in self.ingest_held.iter_mut().zip(held) {
+            *slot = held.then_some(until);
+        }
+    }
+
+    /// Renews the leases this replica holds and tries to take the others (a holder that stopped renewing is
+    /// replaced once its lease ran out). Only while the pub/sub connection is live: a deaf replica would
+    /// hold a route whose messages it cannot hear.
+    fn renew_ingest_leases(&mut self, ctx: &mut Context<Self>) {
+        if self.routes.is_empty() || self.sink.is_none() {
+            return;
+        }
+        let (store, me, lease) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.ingest_lease,
+        );
+        let routes = self.routes.clone();
+        let sent = Instant::now();
+        let generation = self.generation;
+        let renew = async move {
+            let mut held = Vec::with_capacity(routes.len());
+            for route in routes.iter() {
+                match store
+                    .hold_ingest_lease(&route.redis_channel, &me, lease)
+                    .await
+                {
+                    Ok(h) => held.push(h),
+                    Err(e) => {
+                        log::warn!(
+                            "renewing the lease of ingest route `{}` failed: {e}",
+                            route.redis_channel
+                        );
+                        held.push(false);
+                    }
+                }
+            }
+            held
+        };
+        ctx.spawn(renew.into_actor(self).map(move |held, act, _| {
+            if act.generation == generation {
+                act.set_ingest_held(&held, sent);
+            }
+        }));
     }
 }
 
-/// Caches ingested messages one at a time, in the order they were received: every replica receives the same
-/// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
-/// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
-/// row, so A, B, A caches A last and A, A, A keeps three snapshots.
-async fn cache_ingested(
+/// Takes ingested messages into the sequenced path one at a time, in the order this replica (the route's
+/// lease holder) received them.
+async fn sequence_ingested(
     store: Arc<RedisStore>,
     config: Arc<Config>,
+    stats: Arc<Stats>,
     mut rx: tokio::sync::mpsc::Receiver<IngestWrite>,
 ) {
-    use std::hash::{Hash, Hasher};
-    // Per routed channel: the hash of the previous message and how many equal ones came in a row.
-    let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(write) = rx.recv().await {
-        // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&write.source, &write.data).hash(&mut hasher);
-        let own = hasher.finish();
-        if chains.len() >= INGEST_CHAINS && !chains.contains_key(&write.channel) {
-            chains.clear();
-        }
-        let chain = chains.entry(write.channel.clone()).or_insert((0, 0));
-        let repeat = if chain.0 == own { chain.1 + 1 } else { 0 };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (own, chain.0, repeat).hash(&mut hasher);
-        let identity = hasher.finish();
-        *chain = (own, repeat);
         let policy = config
             .policy(&write.channel)
             .unwrap_or_else(|| config.default_policy());
+        let ts = crate::core::protocol::now_ts();
         if let Err(e) = store
-            .ingest_cache(identity, &write.channel, &write.data, policy)
+            .publish_ingested(&write.channel, &write.data, &ts, policy, write.keep_latest)
             .await
         {
+            Stats::add(&stats.ingest_cache_dropped, 1);
             log::warn!(
-                "caching an ingested message for `{}` failed: {e}",
+                "sequencing an ingested message for `{}` failed: {e}",
                 write.channel
             );
         }
@@ -733,10 +801,18 @@ impl Actor for Bridge {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.set_active(false);
-        if self.routes.iter().any(|r| r.cache) {
+        if !self.routes.is_empty() {
             let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
             self.ingest_writes = Some(tx);
-            actix::spawn(cache_ingested(self.store.clone(), self.config.clone(), rx));
+            actix::spawn(sequence_ingested(
+                self.store.clone(),
+                self.config.clone(),
+                self.stats.clone(),
+                rx,
+            ));
+            ctx.run_interval(self.ingest_lease / 3, |act, ctx| {
+                act.renew_ingest_leases(ctx)
+            });
         }
         self.connect(ctx);
         ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));

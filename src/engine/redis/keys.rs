@@ -73,9 +73,10 @@ impl Keys {
         format!("{}patsub:{pattern_prefix}", self.prefix)
     }
 
-    /// Marks an ingested message as cached, so one replica writes it: `<prefix>ingested:<channel>:<hash>`.
-    pub fn ingested(&self, channel: &str, hash: u64) -> String {
-        format!("{}ingested:{channel}:{hash:016x}", self.prefix)
+    /// The lease of an `[[ingest]]` route, held by the replica that takes its messages into the sequenced
+    /// path: `<prefix>ingestlease:<redis_channel>`.
+    pub fn ingest_lease(&self, redis_channel: &str) -> String {
+        format!("{}ingestlease:{redis_channel}", self.prefix)
     }
 
     /// A polling source's fleet-wide request budget (when its next request may go): `<prefix>ratelimit:<source>`.

@@ -28,14 +28,11 @@ const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 const WINDOW_SCRIPT: &str = include_str!("window.lua");
 
 /// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
-const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
+const INGEST_LEASE_SCRIPT: &str = include_str!("ingest_lease.lua");
 
 /// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
 /// keeps Redis busy for long.
 const SCAN_STEP: usize = 500;
-
-/// How long an ingested message is remembered so that only one replica caches it.
-const INGEST_DEDUPE_MS: u64 = 60_000;
 
 pub use crate::engine::seam::EngineError as RedisError;
 
@@ -62,7 +59,7 @@ pub struct RedisStore {
     pool: Pool,
     keys: Keys,
     script: redis::Script,
-    ingest_script: redis::Script,
+    ingest_lease_script: redis::Script,
     window_script: redis::Script,
     command_timeout: Duration,
 }
@@ -102,7 +99,7 @@ impl RedisStore {
             pool,
             keys: Keys::new(&config.prefix),
             script: redis::Script::new(PUBLISH_SCRIPT),
-            ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
+            ingest_lease_script: redis::Script::new(INGEST_LEASE_SCRIPT),
             window_script: redis::Script::new(WINDOW_SCRIPT),
             command_timeout: config.command_timeout,
         };
@@ -204,30 +201,54 @@ impl RedisStore {
         })
     }
 
-    /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
-    /// replica receives it and calls this with the same `identity`; a marker keyed by it lets only the first
-    /// write.
-    pub async fn ingest_cache(
+    /// Takes or renews this replica's lease of the `[[ingest]]` route on `redis_channel`; true while it holds it.
+    pub async fn hold_ingest_lease(
         &self,
-        identity: u64,
-        channel: &str,
-        data: &str,
-        policy: ChannelPolicy,
+        redis_channel: &str,
+        me: &str,
+        lease: std::time::Duration,
     ) -> Result<bool, RedisError> {
-        let marker = self.keys.ingested(channel, identity);
-        let mut invocation = self.ingest_script.prepare_invoke();
+        let mut invocation = self.ingest_lease_script.prepare_invoke();
         invocation
-            .key(marker)
-            .key(self.keys.cache(channel))
-            .key(self.keys.snapshots(channel))
-            .arg(data)
-            .arg(policy.ttl.as_secs().max(1))
-            .arg(policy.history_size)
-            .arg(INGEST_DEDUPE_MS);
-        let wrote: i64 = self
+            .key(self.keys.ingest_lease(redis_channel))
+            .arg(me)
+            .arg(lease.as_millis() as u64);
+        let held: i64 = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
-        Ok(wrote == 1)
+        Ok(held == 1)
+    }
+
+    /// Takes a message that arrived through an `[[ingest]]` route into the sequenced path: the publish script
+    /// numbers it, keeps it in history and publishes it on the channel; with `keep_latest` false (a route
+    /// without `cache`) the latest value is left as it was.
+    pub async fn publish_ingested(
+        &self,
+        channel: &str,
+        data: &str,
+        ts: &str,
+        policy: ChannelPolicy,
+        keep_latest: bool,
+    ) -> Result<Published, RedisError> {
+        let keys = &self.keys;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.seq(channel))
+            .key(keys.cache(channel))
+            .key(keys.snapshots(channel))
+            .key(keys.epoch(channel))
+            .arg(data)
+            .arg(ts)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(keys.pubsub_channel(channel))
+            .arg(new_epoch())
+            .arg("")
+            .arg(if keep_latest { "1" } else { "0" });
+        let (seq, receivers): (u64, u64) = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(Published { seq, receivers })
     }
 
     /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
