@@ -56,7 +56,8 @@ pub struct Stats {
     pub heartbeat_timeouts: AtomicU64,
     /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
     pub jobs_refused: AtomicU64,
-    /// Ingested messages not cached because the queue of cache writes was full.
+    /// Ingested messages the route's lease holder could not take into the sequenced path (its queue of
+    /// 10,000 was full, or the publish script failed): lost.
     pub ingest_cache_dropped: AtomicU64,
     /// Polls answered 304 Not Modified (conditional requests; nothing published).
     pub poll_not_modified: AtomicU64,

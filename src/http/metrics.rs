@@ -216,7 +216,7 @@ pub fn render(hub: &Hub) -> String {
         ),
         (
             "relayhub_ingest_cache_dropped_total",
-            "Ingested messages not cached because the queue of cache writes was full.",
+            "Ingested messages the route's lease holder could not sequence (queue full or script failed).",
             &s.ingest_cache_dropped,
         ),
         (
