@@ -92,6 +92,7 @@ impl Running {
             // Leases first (another replica takes the jobs at once), then wait for the spread closes and give
             // the last sessions a moment to write their close frames before the workers stop.
             let _ = tokio::time::timeout(timeout / 4, poller.send(poller::ReleaseAll)).await;
+            let _ = tokio::time::timeout(timeout / 4, hub.engine().release_ingest_routes()).await;
             let drained = started + drain_period + (timeout - drain_period) / 2;
             while Stats::get(&hub.stats().connections) > 0 && tokio::time::Instant::now() < drained
             {

@@ -155,3 +155,34 @@ async fn an_ingest_route_is_sequenced_once_recovered_and_taken_over_when_its_hol
     assert_eq!(stats["ingest_cache_dropped"], 0, "{stats}");
     survivor_process.stop_gracefully();
 }
+
+#[actix_web::test]
+async fn a_holder_that_shuts_down_hands_its_ingest_route_back() {
+    let redis = RedisServer::start();
+    let (config_a, config_b) = (config(&redis, "hub-a"), config(&redis, "hub-b"));
+    let (a, base_a) = start_binary(&config_a).await;
+    ready(&base_a).await;
+    // Started first, hub-a holds the route; hub-b waits for it.
+    let (b, base_b) = start_binary(&config_b).await;
+    ready(&base_b).await;
+    assert_eq!(holder(&redis), "hub-a");
+    let (mut on_b, _) = subscribe(&base_b, None).await;
+    produce(&redis, 1, 3);
+    expect(&mut on_b, 1, 3, "subscriber on b").await;
+
+    let mut a = a;
+    a.stop_gracefully();
+    // Handed back on the way out, not left to run out.
+    assert_ne!(
+        holder(&redis),
+        "hub-a",
+        "the stopped replica's lease is gone"
+    );
+    eventually(Duration::from_secs(10), "hub-b takes the route", || async {
+        holder(&redis) == "hub-b"
+    })
+    .await;
+    produce(&redis, 4, 6);
+    expect(&mut on_b, 4, 6, "subscriber on b").await;
+    drop(b);
+}

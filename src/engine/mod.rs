@@ -180,6 +180,14 @@ impl Engine {
         }
     }
 
+    /// Shutting down: stop taking `[[ingest]]` routes into the sequenced path and hand their leases back, so
+    /// another replica takes them at its next renewal instead of after a whole lease.
+    pub async fn release_ingest_routes(&self) {
+        if let Engine::Redis(r) = self {
+            r.release_ingest_routes().await;
+        }
+    }
+
     /// Runs each `(command, key)` read of a `redis` polling source and returns the replies as JSON.
     pub async fn read_fields(
         &self,

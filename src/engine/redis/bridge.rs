@@ -57,6 +57,12 @@ pub struct UnwatchPattern {
     pub prefix: Arc<str>,
 }
 
+/// The replica is shutting down: stop sequencing `[[ingest]]` routes and hand their leases back (answered
+/// once Redis has been told).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseIngest;
+
 /// A registry no longer has subscribers of the channel.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -200,6 +206,8 @@ pub struct Bridge {
     ingest_held: Vec<Option<Instant>>,
     /// `redis.ingest_lease`.
     ingest_lease: Duration,
+    /// Shutting down: the leases were handed back and are not taken again.
+    ingest_released: bool,
     instance_id: String,
 }
 
@@ -231,6 +239,7 @@ impl Bridge {
             syncing: false,
             ingest_writes: None,
             ingest_lease: config.ingest_lease,
+            ingest_released: false,
             instance_id: parts.instance_id.clone(),
             config: parts.config,
             stats: parts.stats,
@@ -308,7 +317,9 @@ impl Bridge {
             }
             match result {
                 Ok((sink, stream, held, sent)) => {
-                    act.set_ingest_held(&held, sent);
+                    if !act.ingest_released {
+                        act.set_ingest_held(&held, sent);
+                    }
                     act.connected(generation, sink, stream, wanted, wanted_patterns, ctx)
                 }
                 Err(e) => {
@@ -700,7 +711,7 @@ impl Bridge {
     /// replaced once its lease ran out). Only while the pub/sub connection is live: a deaf replica would
     /// hold a route whose messages it cannot hear.
     fn renew_ingest_leases(&mut self, ctx: &mut Context<Self>) {
-        if self.routes.is_empty() || self.sink.is_none() {
+        if self.routes.is_empty() || self.sink.is_none() || self.ingest_released {
             return;
         }
         let (store, me, lease) = (
@@ -731,7 +742,7 @@ impl Bridge {
             held
         };
         ctx.spawn(renew.into_actor(self).map(move |held, act, _| {
-            if act.generation == generation {
+            if act.generation == generation && !act.ingest_released {
                 act.set_ingest_held(&held, sent);
             }
         }));
@@ -751,15 +762,18 @@ async fn sequence_ingested(
             .policy(&write.channel)
             .unwrap_or_else(|| config.default_policy());
         let ts = crate::core::protocol::now_ts();
-        if let Err(e) = store
+        match store
             .publish_ingested(&write.channel, &write.data, &ts, policy, write.keep_latest)
             .await
         {
-            Stats::add(&stats.ingest_cache_dropped, 1);
-            log::warn!(
-                "sequencing an ingested message for `{}` failed: {e}",
-                write.channel
-            );
+            Ok(_) => Stats::add(&stats.relayed_out, 1),
+            Err(e) => {
+                Stats::add(&stats.ingest_cache_dropped, 1);
+                log::warn!(
+                    "sequencing an ingested message for `{}` failed: {e}",
+                    write.channel
+                );
+            }
         }
     }
 }
@@ -902,6 +916,30 @@ impl Handler<UnwatchPattern> for Bridge {
             self.dirty_patterns.insert(msg.prefix);
             self.sync(ctx);
         }
+    }
+}
+
+impl Handler<ReleaseIngest> for Bridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: ReleaseIngest, _: &mut Self::Context) -> Self::Result {
+        self.ingest_released = true;
+        self.ingest_held.iter_mut().for_each(|h| *h = None);
+        let (store, me, routes) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.routes.clone(),
+        );
+        Box::pin(async move {
+            for route in routes.iter() {
+                if let Err(e) = store.release_ingest_lease(&route.redis_channel, &me).await {
+                    log::warn!(
+                        "handing back the lease of ingest route `{}` failed: {e}",
+                        route.redis_channel
+                    );
+                }
+            }
+        })
     }
 }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use self::bridge::{Bridge, BridgeParts, Unwatch, UnwatchPattern, Watch, WatchPattern};
+use self::bridge::{
+    Bridge, BridgeParts, ReleaseIngest, Unwatch, UnwatchPattern, Watch, WatchPattern,
+};
 use self::jobs::RedisJobs;
 use self::link::Link;
 use self::store::RedisStore;
@@ -264,6 +266,10 @@ impl RedisEngine {
 
     pub fn unsubscribe_pattern(&self, prefix: Arc<str>) {
         self.shared.bridge.do_send(UnwatchPattern { prefix });
+    }
+
+    pub async fn release_ingest_routes(&self) {
+        let _ = self.shared.bridge.send(ReleaseIngest).await;
     }
 
     pub async fn read_fields(

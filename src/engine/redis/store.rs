@@ -208,11 +208,32 @@ impl RedisStore {
         me: &str,
         lease: std::time::Duration,
     ) -> Result<bool, RedisError> {
+        self.ingest_lease(redis_channel, me, lease, "hold").await
+    }
+
+    /// Hands back this replica's lease of the `[[ingest]]` route on `redis_channel` (when it holds it).
+    pub async fn release_ingest_lease(
+        &self,
+        redis_channel: &str,
+        me: &str,
+    ) -> Result<bool, RedisError> {
+        self.ingest_lease(redis_channel, me, std::time::Duration::ZERO, "release")
+            .await
+    }
+
+    async fn ingest_lease(
+        &self,
+        redis_channel: &str,
+        me: &str,
+        lease: std::time::Duration,
+        mode: &str,
+    ) -> Result<bool, RedisError> {
         let mut invocation = self.ingest_lease_script.prepare_invoke();
         invocation
             .key(self.keys.ingest_lease(redis_channel))
             .arg(me)
-            .arg(lease.as_millis() as u64);
+            .arg(lease.as_millis() as u64)
+            .arg(mode);
         let held: i64 = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
