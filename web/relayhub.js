@@ -685,6 +685,15 @@ export class RelayHub {
       err.code = info.code;
       p.reject(err);
     }
+    const pattern = p?.op === "subscribe" && p.since ? this._subs.get(p.channel) : undefined;
+    if (pattern?.prefix != null && info.code === "bad_request" && !pattern.plain) {
+      // A hub that takes no `since` for patterns (an older one), or fewer channels than this client keeps:
+      // subscribe the pattern plainly from now on (its snapshots again) rather than drop it.
+      pattern.plain = true;
+      pattern.positions.clear();
+      this._enqueue({ op: "subscribe", channel: p.channel });
+      return;
+    }
     if (p?.op === "subscribe" && FINAL_SUBSCRIBE_ERRORS.has(info.code)) {
       // Retrying on every reconnect would fail the same way: forget the channel.
       this._forget(p.channel);
@@ -862,6 +871,7 @@ export class RelayHub {
   _resubscribeAndFlush() {
     const queuedSubs = new Set(this._queue.filter((q) => q.frame.op === "subscribe").map((q) => q.frame.channel));
     const subscribe = (channel, sub) => {
+      if (sub.prefix !== null && sub.plain) return { op: "subscribe", channel };
       if (sub.prefix !== null) {
         // A pattern: the channels whose epoch the hub named, each from its position.
         const since = {};
@@ -893,7 +903,7 @@ export class RelayHub {
   _send(frame, promise) {
     const id = this._nextId++;
     const out = { ...frame, id };
-    this._pending.set(id, { op: frame.op, channel: frame.channel, ...(promise ?? {}) });
+    this._pending.set(id, { op: frame.op, channel: frame.channel, since: frame.since !== undefined, ...(promise ?? {}) });
     try {
       this._ws.send(JSON.stringify(out));
     } catch (err) {

@@ -7,6 +7,7 @@
 // (node 20 needs --experimental-websocket; see scripts/test-browser.sh).
 
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import { after, before, describe, test } from "node:test";
 
 import { Hub, RedisServer, launchBrowser, openPage, uniqueChannel, waitFor } from "./harness.mjs";
@@ -279,6 +280,41 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual(rows(got, 5), [[102, 3, false, false, "socket"]]);
     assert.equal(gaps.length, 1);
+    client.close();
+  });
+});
+
+describe("relayhub.js and a hub that refuses a pattern's since map", () => {
+  test("4b. the pattern is subscribed plainly from then on and keeps delivering", LONG, async () => {
+    const extra = "\n[channels]\nmax_pattern_positions = 2\n[namespaces.test]\npatterns = true\n";
+    const hub = await startHub({ extra });
+    const base = uniqueChannel("plain");
+    const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, { ...QUICK, fallback: false });
+    clients.push(client);
+    const got = [];
+    const errors = [];
+    client.on("error", (info) => errors.push(info));
+    client.subscribe(`${base}:*`, (data, meta) => got.push({ data, ...meta }));
+    const positions = () => client._subs.get(`${base}:*`).positions;
+    // Two channels delivered, and their epochs known: the next subscribe names both.
+    await waitFor(async () => {
+      await hub.publish(`${base}:x`, { n: 1 });
+      await hub.publish(`${base}:y`, { n: 1 });
+      return positions().get(`${base}:x`)?.epoch && positions().get(`${base}:y`)?.epoch;
+    }, { message: "both epochs known" });
+
+    // The hub comes back allowing one channel per since map: the two-channel map is refused.
+    await hub.kill("SIGKILL");
+    fs.writeFileSync(hub.configPath, fs.readFileSync(hub.configPath, "utf8").replace("max_pattern_positions = 2", "max_pattern_positions = 1"));
+    await hub.start();
+    await waitFor(() => client.status === "open", { message: "reconnected" });
+    const before = got.length;
+    await waitFor(async () => {
+      await hub.publish(`${base}:x`, { n: 2 });
+      return got.slice(before).some((m) => m.data.n === 2);
+    }, { message: "the pattern delivers again" });
+    assert.deepEqual(errors.filter((e) => e.dropped), [], "the pattern was not dropped");
+    assert.ok(client.channels().includes(`${base}:*`));
     client.close();
   });
 });

@@ -74,7 +74,7 @@ pub struct Unwatch {
 pub struct BridgeParts {
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
-    /// The pooled store, for probes, catch-up reads and ingest caching.
+    /// The pooled store, for probes, catch-up reads, ingest leases and sequencing.
     pub store: Arc<RedisStore>,
     /// Link liveness, shared with the publish path.
     pub link: Arc<Link>,
