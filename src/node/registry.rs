@@ -128,9 +128,10 @@ struct PatternEntry {
     subscribers: HashMap<SessionId, Outbox>,
     /// Sessions waiting for the bridge to listen to the pattern.
     waiting: Vec<PatternWaiting>,
-    /// Sessions whose named channels are being read (a `since`): matching messages wait here, in order
-    /// (at most `HOLD_MAX`), and go out behind the replay.
-    recovering: HashMap<SessionId, Vec<Arc<Publication>>>,
+    /// Sessions whose named channels are being read (a `since`), each with the number of its read (a later
+    /// subscribe of the same session is another read): matching messages wait here, in order (at most
+    /// `HOLD_MAX`), and go out behind the replay.
+    recovering: HashMap<SessionId, (u64, Vec<Arc<Publication>>)>,
     /// The namespace's settings (how much history a recovery reads).
     policy: Option<ChannelPolicy>,
     /// The bridge listens to the pattern (or there is no Redis).
@@ -398,7 +399,7 @@ impl Registry {
                         .policy
                         .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer),
                 );
-                for backlog in entry.recovering.values_mut() {
+                for (_, backlog) in entry.recovering.values_mut() {
                     if backlog.len() == HOLD_MAX {
                         backlog.remove(0);
                         Stats::add(&stats.gaps_unfilled, 1);
@@ -1015,14 +1016,17 @@ impl Registry {
             } else {
                 // Matching messages wait for the replay from now on: the reads start after the pattern is
                 // live, so whatever they miss is held here.
-                entry.recovering.insert(waiting.id, Vec::new());
-                recovering.push(waiting);
+                self.next_epoch += 1;
+                entry
+                    .recovering
+                    .insert(waiting.id, (self.next_epoch, Vec::new()));
+                recovering.push((waiting, self.next_epoch));
             }
         }
         let policy = entry.policy;
         self.send_pattern_snapshots(prefix.clone(), ids, ctx);
-        for waiting in recovering {
-            self.recover_pattern(prefix.clone(), waiting, policy, ctx);
+        for (waiting, read) in recovering {
+            self.recover_pattern(prefix.clone(), (waiting, read), policy, ctx);
         }
     }
 
@@ -1032,7 +1036,7 @@ impl Registry {
     fn recover_pattern(
         &mut self,
         prefix: Arc<str>,
-        waiting: PatternWaiting,
+        (waiting, read): (PatternWaiting, u64),
         policy: Option<ChannelPolicy>,
         ctx: &mut Context<Self>,
     ) {
@@ -1058,22 +1062,30 @@ impl Registry {
                 .await
         };
         ctx.spawn(reads.into_actor(self).map(move |windows, act, ctx| {
-            act.recovered_pattern(prefix, waiting, windows, ctx);
+            act.recovered_pattern(prefix, (waiting, read), windows, ctx);
         }));
     }
 
     fn recovered_pattern(
         &mut self,
         prefix: Arc<str>,
-        waiting: PatternWaiting,
+        (waiting, read): (PatternWaiting, u64),
         windows: Vec<Result<Window, crate::engine::EngineError>>,
         ctx: &mut Context<Self>,
     ) {
         let Some(entry) = self.patterns.get_mut(&prefix) else {
             return;
         };
-        // Gone meanwhile (unsubscribed, disconnected, or the entry was made anew).
-        let Some(backlog) = entry.recovering.remove(&waiting.id) else {
+        // Gone meanwhile (unsubscribed, disconnected, or the entry was made anew), or subscribed again
+        // since: that later read answers instead.
+        if entry
+            .recovering
+            .get(&waiting.id)
+            .is_none_or(|(r, _)| *r != read)
+        {
+            return;
+        }
+        let Some((_, backlog)) = entry.recovering.remove(&waiting.id) else {
             return;
         };
         let Some(session) = self.sessions.get_mut(&waiting.id) else {
