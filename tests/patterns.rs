@@ -1,7 +1,10 @@
-//! Pattern subscriptions (`prices:*`): matching channels, snapshots, and one delivery when a pattern and an
-//! exact subscription overlap on one connection.
+//! Pattern subscriptions (`prices:*`): matching channels, snapshots, one delivery when a pattern and an
+//! exact subscription overlap on one connection, positions per channel (their cap, a numbering that starts
+//! over) and recovery from a `since` map.
 
 mod common;
+
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -334,4 +337,35 @@ async fn pattern_positions_stop_at_their_cap_and_say_so() {
     nothing_else(&mut ws).await;
     let stats = hub.stats().await;
     assert_eq!(stats["pattern_positions_untracked"], 2, "{stats}");
+}
+
+#[actix_web::test]
+async fn a_pattern_subscriber_follows_a_numbering_that_started_over_and_is_told_its_new_epoch() {
+    let redis = common::RedisServer::start();
+    let hub = TestHub::start(&redis_feed(&redis, "ttl = \"1s\"\n")).await;
+    ready(&hub).await;
+    let mut ws = hub.connect().await;
+    ws.send(json!({"op": "subscribe", "channel": "feed:*", "since": {}, "id": 1}))
+        .await;
+    ws.recv_type("subscribed").await;
+    for i in 1..=3 {
+        hub.publish("feed:r", json!({ "i": i })).await;
+    }
+    let (got, epochs) = messages_and_epochs(&mut ws, 3).await;
+    assert_eq!(got.iter().map(|(_, s)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+    // No publish for longer than the channel's ttl: its sequence expires and numbering starts over.
+    common::eventually(Duration::from_secs(10), "the sequence expired", || async {
+        redis
+            .cmd(&["EXISTS", "relayhub:seq:feed:r"])
+            .unwrap()
+            .contains(":0")
+    })
+    .await;
+    hub.publish("feed:r", json!({"i": "again"})).await;
+    // Seq 1 again, at or below the position, but younger than anything given: delivered, not a copy, and
+    // the new epoch is announced.
+    let (got, new_epochs) = messages_and_epochs(&mut ws, 1).await;
+    assert_eq!(got, [("feed:r".to_string(), 1)]);
+    assert_ne!(new_epochs["feed:r"], epochs["feed:r"]);
+    nothing_else(&mut ws).await;
 }
