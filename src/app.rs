@@ -254,7 +254,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let instance_id = instance_id(&config);
     let stats = Arc::new(Stats::default());
-    let fanout = Arc::new(Fanout::default());
+    let fanout = Arc::new(Fanout::new(&instance_id));
     if let Some(verifier) = &verifier
         && verifier.jwks().is_some()
     {

@@ -120,6 +120,10 @@ pub enum ClientFrame {
         channel: String,
         data: Box<RawValue>,
     },
+    /// Who is subscribed to a channel (namespaces with `presence = true`).
+    Presence {
+        channel: String,
+    },
     Ping,
 }
 
@@ -259,6 +263,9 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
                 .to_owned();
             Ok(ClientFrame::Publish { channel, data })
         }
+        "presence" => Ok(ClientFrame::Presence {
+            channel: channel()?,
+        }),
         "ping" => Ok(ClientFrame::Ping),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
@@ -402,6 +409,53 @@ pub fn authed_frame(id: &RequestId, user: &str, expires_at: &str) -> ByteString 
     extra.push_str(",\"expires_at\":");
     write_json_str(&mut extra, expires_at);
     reply("authed", id, None, &extra)
+}
+
+/// `presence`: a channel's members (each one's JSON as stored), with `"truncated":true` when the channel has
+/// more than were listed.
+pub fn presence_frame(
+    id: &RequestId,
+    channel: &str,
+    members: &[String],
+    truncated: bool,
+) -> ByteString {
+    let mut extra = String::with_capacity(16 + members.iter().map(|m| m.len() + 1).sum::<usize>());
+    extra.push_str(",\"members\":[");
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            extra.push(',');
+        }
+        extra.push_str(member);
+    }
+    extra.push(']');
+    if truncated {
+        extra.push_str(",\"truncated\":true");
+    }
+    reply("presence", id, Some(channel), &extra)
+}
+
+/// `join` or `leave`: a client subscribed to, or left, `channel`; `member` is its presence entry as JSON.
+pub fn presence_event_frame(join: bool, channel: &str, member: &str) -> ByteString {
+    let mut extra = String::with_capacity(12 + member.len());
+    extra.push_str(",\"member\":");
+    extra.push_str(member);
+    reply(if join { "join" } else { "leave" }, &None, Some(channel), &extra)
+}
+
+/// A connection's presence entry: `{"client","user","info"}` (`info`: the token's claim, compact JSON).
+pub fn member_json(client: &str, user: Option<&str>, info: Option<&str>) -> String {
+    let mut out = String::with_capacity(48 + client.len() + info.map_or(0, str::len));
+    out.push_str("{\"client\":");
+    write_json_str(&mut out, client);
+    out.push_str(",\"user\":");
+    match user {
+        Some(user) => write_json_str(&mut out, user),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"info\":");
+    out.push_str(info.unwrap_or("null"));
+    out.push('}');
+    out
 }
 
 pub fn pong_frame(id: &RequestId) -> ByteString {

@@ -15,6 +15,10 @@ impl Job for JobSpec {
     fn id(&self) -> &str {
         &self.id
     }
+
+    fn channel(&self) -> &str {
+        &self.channel
+    }
 }
 
 /// What one scan found.
@@ -92,22 +96,19 @@ impl JobStore {
         self.engine.fill_lock(channel, hold).await
     }
 
-    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others, and
-    /// tells which kept `auto_stop` jobs still have listeners anywhere. `patterns` are this replica's pattern
-    /// prefixes, announced for `lease` so the owners of jobs under them see them.
-    pub async fn scan(
-        &self,
-        held: &[Held],
-        patterns: &[String],
-        lease: Duration,
-    ) -> Result<ScanReport, RedisError> {
-        // A local subscriber (exact or pattern) is enough; only the others need asking.
+    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others,
+    /// records this replica's subscribers of every job's channel (held for `lease`) and reads the fleet's:
+    /// the demand of each job, and which kept `auto_stop` jobs still have listeners anywhere.
+    pub async fn scan(&self, held: &[Held], lease: Duration) -> Result<ScanReport, RedisError> {
         let hub = &self.hub;
         self.engine
-            .scan(held, patterns, lease, |channel| {
-                job_subscribers(hub, channel) > 0
-            })
+            .scan(held, lease, |channel| job_subscribers(hub, channel))
             .await
+    }
+
+    /// The fleet's subscribers of each job's channel as last recorded; `None` in memory mode.
+    pub async fn demand(&self, ids: &[String]) -> Result<Option<Vec<usize>>, RedisError> {
+        self.engine.demand(ids).await
     }
 }
 

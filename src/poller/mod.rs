@@ -107,6 +107,7 @@ struct Scan {
     acquired: Vec<String>,
     lost: Vec<String>,
     listening: HashMap<String, bool>,
+    demand: HashMap<String, usize>,
     refresh: Vec<String>,
     previous: HashMap<String, Option<Value>>,
 }
@@ -461,16 +462,12 @@ impl Poller {
     }
 
     fn fetched(&mut self, id: &str, fetch: Fetch, took: Duration, ctx: &mut Context<Self>) {
-        let subscribers = self
-            .hub
-            .local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
         let hub = self.hub.clone();
         let stats = hub.stats();
         let Some(job) = self.owned.get_mut(id) else {
             return;
         };
         job.in_flight = false;
-        job.status.subscribers = subscribers;
         if let Some(validators) = fetch.validators {
             job.validators = validators;
         }
@@ -622,14 +619,8 @@ impl Poller {
                 auto_stop: j.source.auto_stop,
             })
             .collect();
-        let patterns: Vec<String> = hub
-            .subscriber_counts()
-            .1
-            .into_iter()
-            .filter_map(|(pattern, _)| pattern.strip_suffix('*').map(str::to_string))
-            .collect();
         let fut = async move {
-            let report = store.scan(&held, &patterns, lease).await?;
+            let report = store.scan(&held, lease).await?;
             // Only jobs taken over need their last value (for `diff`): nothing per job in a steady scan.
             let mut previous = HashMap::new();
             for job in report
@@ -644,6 +635,7 @@ impl Poller {
                 acquired: report.acquired,
                 lost: report.lost,
                 listening: report.listening,
+                demand: report.demand,
                 refresh: report.refresh,
                 previous,
             })
@@ -675,6 +667,11 @@ impl Poller {
         for job in scan.jobs.iter().filter(|j| scan.acquired.contains(&j.id)) {
             let previous = scan.previous.remove(&job.id).flatten();
             self.own(job.clone(), previous, ctx);
+        }
+        for (id, job) in self.owned.iter_mut() {
+            if let Some(&n) = scan.demand.get(id) {
+                job.status.subscribers = n;
+            }
         }
         let now = Instant::now();
         let mut idle = Vec::new();
@@ -1181,14 +1178,21 @@ impl Handler<ListJobs> for Poller {
             jobs.sort_by(|a, b| a.id.cmp(&b.id));
             let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
             let states = store.owners_and_statuses(&ids).await?;
-            Ok::<_, PollError>((jobs, states))
+            let demand = store.demand(&ids).await?;
+            Ok::<_, PollError>((jobs, states, demand))
         };
         Box::pin(fut.into_actor(self).map(|result, act, _| {
-            let (jobs, states) = result?;
+            let (jobs, states, demand) = result?;
             Ok(jobs
                 .into_iter()
                 .zip(states)
-                .map(|(spec, (owner, status))| {
+                .enumerate()
+                .map(|(i, (spec, (owner, status)))| {
+                    // Every replica's subscribers as their scans last recorded them; in memory mode, ours.
+                    let subscribers = match &demand {
+                        Some(demand) => demand.get(i).copied().unwrap_or(0),
+                        None => jobs::job_subscribers(&act.hub, &spec.channel),
+                    };
                     let source = act.source(&spec.source);
                     let interval = source.as_ref().map(|s| format_duration(s.interval));
                     let stale = match (&source, &status) {
@@ -1209,7 +1213,7 @@ impl Handler<ListJobs> for Poller {
                         "last_error": status.last_error,
                         "consecutive_failures": status.consecutive_failures,
                         "fetches": status.fetches,
-                        "subscribers": jobs::job_subscribers(&act.hub, &spec.channel),
+                        "subscribers": subscribers,
                         "next_run": status.next_run,
                         "last_change": status.last_change,
                         "stale": stale,

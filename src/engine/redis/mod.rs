@@ -9,6 +9,7 @@ pub mod fields;
 pub mod jobs;
 pub mod keys;
 pub mod link;
+pub mod presence;
 pub mod store;
 
 use std::sync::Arc;
@@ -20,13 +21,14 @@ use tokio::sync::oneshot;
 use self::bridge::{Bridge, BridgeParts, Unwatch, UnwatchPattern, Watch, WatchPattern};
 use self::jobs::RedisJobs;
 use self::link::Link;
+use self::presence::RedisPresence;
 use self::store::RedisStore;
 use crate::core::config::{ChannelPolicy, Config};
 use crate::core::ingest::Route;
 use crate::core::publication::Publication;
 use crate::engine::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Published, Put, Reach,
-    ScanReport, Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Member, PresenceChange,
+    PresenceCounts, PresencePage, Published, Put, Reach, ScanReport, Window,
 };
 use crate::stats::Stats;
 
@@ -37,6 +39,7 @@ struct Shared {
     link: Arc<Link>,
     bridge: Addr<Bridge>,
     jobs: RedisJobs,
+    presence: RedisPresence,
     handler: Arc<dyn BrokerEventHandler>,
     /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
     pattern_scans: tokio::sync::Semaphore,
@@ -105,6 +108,7 @@ impl RedisEngine {
             link,
             bridge,
             jobs: RedisJobs::new(instance_id),
+            presence: RedisPresence::default(),
             handler,
             pattern_scans,
         });
@@ -364,14 +368,51 @@ impl RedisEngine {
     pub async fn scan<J: Job>(
         &self,
         held: &[Held],
-        patterns: &[String],
         lease: Duration,
-        locally_heard: impl Fn(&str) -> bool,
+        local_count: impl Fn(&str) -> usize,
     ) -> Result<ScanReport<J>, EngineError> {
         self.shared
             .jobs
-            .scan(self.store(), held, patterns, lease, locally_heard)
+            .scan(self.store(), held, lease, local_count)
             .await
+    }
+
+    pub async fn demand(&self, ids: &[String]) -> Result<Vec<usize>, EngineError> {
+        self.shared.jobs.demand(self.store(), ids).await
+    }
+
+    pub async fn apply_presence(&self, changes: &[PresenceChange]) -> Result<(), EngineError> {
+        let ttl = self.shared.config.channels.presence_ttl;
+        self.shared
+            .presence
+            .apply(self.store(), changes, ttl)
+            .await
+    }
+
+    pub async fn refresh_presence(
+        &self,
+        members: &[(Arc<str>, Vec<Member>)],
+    ) -> Result<(), EngineError> {
+        let ttl = self.shared.config.channels.presence_ttl;
+        self.shared
+            .presence
+            .refresh(self.store(), members, ttl)
+            .await
+    }
+
+    pub async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<PresencePage, EngineError> {
+        self.shared
+            .presence
+            .read(self.store(), channel, limit)
+            .await
+    }
+
+    pub async fn presence_counts(&self, channel: &str) -> Result<PresenceCounts, EngineError> {
+        self.shared.presence.counts(self.store(), channel).await
     }
 }
 

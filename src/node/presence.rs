@@ -1,0 +1,158 @@
+//! Presence on this replica: which of its connections are members of which channel, the queue that writes
+//! their joins and leaves to the engine in order, and the refresh that keeps them alive there.
+//!
+//! Sessions call [`Presence::join`] and [`Presence::leave`] without waiting: the change is recorded here at
+//! once and queued, and one task writes the queue in order, a batch per round trip. The same task refreshes
+//! every member of this replica every third of `channels.presence_ttl`, so a shared backend forgets the
+//! members of a replica that died, and a change lost on the way (queue full, Redis down) is repaired: a
+//! lost join is re-added by the next refresh, a lost leave expires.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, Member, PresenceChange};
+use crate::stats::Stats;
+
+/// Changes waiting to be written; past it a change is dropped (counted) and the refresh repairs it.
+const QUEUE_MAX: usize = 10_000;
+
+/// Changes written per round trip.
+const BATCH_MAX: usize = 256;
+
+/// One member of this replica, and whether its leaving is announced.
+struct Local {
+    member: Member,
+    announce: bool,
+}
+
+pub struct Presence {
+    engine: Engine,
+    stats: Arc<Stats>,
+    /// This replica's members: channel -> connection id -> member.
+    local: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Local>>>,
+    queue: mpsc::Sender<PresenceChange>,
+}
+
+impl Presence {
+    /// Builds the tracker and starts its writer, which ends once the tracker is dropped.
+    pub fn start(engine: Engine, stats: Arc<Stats>, ttl: Duration) -> Arc<Presence> {
+        let (queue, changes) = mpsc::channel(QUEUE_MAX);
+        let presence = Arc::new(Presence {
+            engine,
+            stats,
+            local: Mutex::new(HashMap::new()),
+            queue,
+        });
+        actix::spawn(write(Arc::downgrade(&presence), changes, ttl / 3));
+        presence
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashMap<Arc<str>, Local>>> {
+        self.local.lock().expect("presence lock poisoned")
+    }
+
+    fn enqueue(&self, change: PresenceChange) {
+        if self.queue.try_send(change).is_err() {
+            Stats::add(&self.stats.presence_dropped, 1);
+        }
+    }
+
+    /// A connection of this replica subscribed to `channel`; `announce`: its subscribers hear `join` (and
+    /// later `leave`).
+    pub fn join(&self, channel: &str, member: Member, announce: bool) {
+        let channel: Arc<str> = channel.into();
+        self.local().entry(channel.clone()).or_default().insert(
+            member.client.clone(),
+            Local {
+                member: member.clone(),
+                announce,
+            },
+        );
+        Stats::add(&self.stats.presence_joins, 1);
+        self.enqueue(PresenceChange::Add {
+            channel,
+            member,
+            announce,
+        });
+    }
+
+    /// The connection `client` left `channel` (nothing when it never joined it).
+    pub fn leave(&self, channel: &str, client: &str) {
+        let left = {
+            let mut local = self.local();
+            let Some(members) = local.get_mut(channel) else {
+                return;
+            };
+            let left = members.remove(client);
+            if members.is_empty() {
+                local.remove(channel);
+            }
+            left
+        };
+        let Some(Local { member, announce }) = left else {
+            return;
+        };
+        Stats::add(&self.stats.presence_leaves, 1);
+        self.enqueue(PresenceChange::Remove {
+            channel: channel.into(),
+            member,
+            announce,
+        });
+    }
+
+    /// Every member of this replica, by channel.
+    fn snapshot(&self) -> Vec<(Arc<str>, Vec<Member>)> {
+        self.local()
+            .iter()
+            .map(|(channel, members)| {
+                (
+                    channel.clone(),
+                    members.values().map(|l| l.member.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Writes queued changes in order, a batch per round trip, and refreshes this replica's members every
+/// `every`. One task does both, so a refresh never overtakes a leave written before it.
+async fn write(presence: Weak<Presence>, mut changes: mpsc::Receiver<PresenceChange>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    loop {
+        tokio::select! {
+            received = changes.recv_many(&mut batch, BATCH_MAX) => {
+                if received == 0 {
+                    return;
+                }
+                let Some(presence) = presence.upgrade() else {
+                    return;
+                };
+                if let Err(e) = presence.engine.apply_presence(&batch).await {
+                    Stats::add(&presence.stats.presence_dropped, batch.len() as u64);
+                    log::warn!("writing {} presence changes failed: {e}", batch.len());
+                }
+                batch.clear();
+            }
+            _ = tick.tick() => {
+                let Some(presence) = presence.upgrade() else {
+                    return;
+                };
+                if !presence.engine.is_shared() {
+                    continue;
+                }
+                let members = presence.snapshot();
+                if members.is_empty() {
+                    continue;
+                }
+                if let Err(e) = presence.engine.refresh_presence(&members).await {
+                    log::warn!("refreshing presence failed: {e}");
+                }
+            }
+        }
+    }
+}
