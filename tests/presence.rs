@@ -169,7 +169,10 @@ async fn presence_lists_the_members_of_every_replica_and_join_leave_crosses_repl
     let refused = ask_presence(&mut alice, "room:*").await;
     assert_eq!(refused["code"], "invalid_channel", "{refused}");
     let (status, body) = get_json(&hubs[0].http("/api/channels/chat:1/presence")).await;
-    assert_eq!((status, body["error"]["code"].clone()), (403, json!("forbidden")));
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("forbidden"))
+    );
     let (status, _) = get_json(&hubs[0].http("/api/channels/bad%20name/presence/stats")).await;
     assert_eq!(status, 400);
 
@@ -183,7 +186,10 @@ async fn presence_lists_the_members_of_every_replica_and_join_leave_crosses_repl
 #[actix_web::test]
 async fn private_channels_need_the_read_rules_for_presence() {
     let redis = RedisServer::start();
-    let config = presence_config(Some(&redis), "[namespaces.team]\npresence = true\nprivate = true\n");
+    let config = presence_config(
+        Some(&redis),
+        "[namespaces.team]\npresence = true\nprivate = true\n",
+    );
     let hub = TestHub::start(&config).await;
     wait_ready(&hub).await;
     let granted = format!(
@@ -373,8 +379,15 @@ async fn the_polling_status_counts_subscribers_on_every_replica_and_auto_stop_wa
     })
     .await;
     // The fleet-wide counts live in Redis, one entry per replica with subscribers, gone with them.
-    eventually(Duration::from_secs(10), "no demand entry is left", || async {
-        redis.cmd(&["KEYS", "relayhub:demand:*"]).unwrap_or_default() == "*0\r\n"
-    })
+    eventually(
+        Duration::from_secs(10),
+        "no demand entry is left",
+        || async {
+            redis
+                .cmd(&["KEYS", "relayhub:demand:*"])
+                .unwrap_or_default()
+                == "*0\r\n"
+        },
+    )
     .await;
 }

@@ -439,7 +439,12 @@ pub fn presence_event_frame(join: bool, channel: &str, member: &str) -> ByteStri
     let mut extra = String::with_capacity(12 + member.len());
     extra.push_str(",\"member\":");
     extra.push_str(member);
-    reply(if join { "join" } else { "leave" }, &None, Some(channel), &extra)
+    reply(
+        if join { "join" } else { "leave" },
+        &None,
+        Some(channel),
+        &extra,
+    )
 }
 
 /// A connection's presence entry: `{"client","user","info"}` (`info`: the token's claim, compact JSON).

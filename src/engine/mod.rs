@@ -359,11 +359,7 @@ impl Engine {
     }
 
     /// A channel's members on every replica, at most `limit`.
-    pub async fn presence(
-        &self,
-        channel: &str,
-        limit: usize,
-    ) -> Result<PresencePage, EngineError> {
+    pub async fn presence(&self, channel: &str, limit: usize) -> Result<PresencePage, EngineError> {
         match self {
             Engine::Memory(m) => Ok(m.presence(channel, limit)),
             Engine::Redis(r) => r.presence(channel, limit).await,

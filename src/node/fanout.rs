@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use actix::Recipient;
 
+use crate::core::protocol;
 use crate::core::publication::Publication;
 use crate::engine::{BrokerEventHandler, Window};
-use crate::core::protocol;
 use crate::node::messages::{Announce, CatchUp, CloseAll, Dispatch, ForgetLatest, SessionId};
 use crate::transport::frame;
 

@@ -98,11 +98,7 @@ impl Hub {
     ) -> Hub {
         let metrics = Arc::new(Metrics::new(&config));
         let endpoints = config.compiled_endpoints().unwrap_or_default();
-        let presence = Presence::start(
-            engine.clone(),
-            stats.clone(),
-            config.channels.presence_ttl,
-        );
+        let presence = Presence::start(engine.clone(), stats.clone(), config.channels.presence_ttl);
         Hub {
             inner: Arc::new(Inner {
                 config,

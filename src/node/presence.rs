@@ -28,11 +28,14 @@ struct Local {
     announce: bool,
 }
 
+/// Channel -> connection id -> member.
+type Members = HashMap<Arc<str>, HashMap<Arc<str>, Local>>;
+
 pub struct Presence {
     engine: Engine,
     stats: Arc<Stats>,
-    /// This replica's members: channel -> connection id -> member.
-    local: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Local>>>,
+    /// This replica's members.
+    local: Mutex<Members>,
     queue: mpsc::Sender<PresenceChange>,
 }
 
@@ -50,7 +53,7 @@ impl Presence {
         presence
     }
 
-    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashMap<Arc<str>, Local>>> {
+    fn local(&self) -> std::sync::MutexGuard<'_, Members> {
         self.local.lock().expect("presence lock poisoned")
     }
 
@@ -119,7 +122,11 @@ impl Presence {
 
 /// Writes queued changes in order, a batch per round trip, and refreshes this replica's members every
 /// `every`. One task does both, so a refresh never overtakes a leave written before it.
-async fn write(presence: Weak<Presence>, mut changes: mpsc::Receiver<PresenceChange>, every: Duration) {
+async fn write(
+    presence: Weak<Presence>,
+    mut changes: mpsc::Receiver<PresenceChange>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH_MAX);

@@ -696,25 +696,28 @@ impl Session {
         let id = id.clone();
         let limit = hub.config().channels.max_presence_members;
         let fut = async move { hub.engine().presence(&name, limit).await.map(|p| (name, p)) };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, _| match result {
-            Ok((name, page)) => {
-                let stats = act.hub.stats();
-                Stats::add(&stats.presence_queries, 1);
-                if page.truncated {
-                    Stats::add(&stats.presence_truncated, 1);
-                }
-                act.outbox.push_text(&protocol::presence_frame(
-                    &id,
-                    &name,
-                    &page.members,
-                    page.truncated,
-                ));
-            }
-            Err(e) => act.send_error(
-                &id,
-                &ProtocolError::new(ErrorCode::Unavailable, format!("presence: {e}")),
-            ),
-        }));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |result, act, _| match result {
+                    Ok((name, page)) => {
+                        let stats = act.hub.stats();
+                        Stats::add(&stats.presence_queries, 1);
+                        if page.truncated {
+                            Stats::add(&stats.presence_truncated, 1);
+                        }
+                        act.outbox.push_text(&protocol::presence_frame(
+                            &id,
+                            &name,
+                            &page.members,
+                            page.truncated,
+                        ));
+                    }
+                    Err(e) => act.send_error(
+                        &id,
+                        &ProtocolError::new(ErrorCode::Unavailable, format!("presence: {e}")),
+                    ),
+                }),
+        );
         Ok(())
     }
 }

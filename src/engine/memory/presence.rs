@@ -9,14 +9,16 @@ use crate::engine::seam::{
     BrokerEventHandler, Member, PresenceChange, PresenceCounts, PresencePage,
 };
 
+/// Channel -> connection id -> member; ordered so a capped answer lists the same members each time.
+type Members = HashMap<Arc<str>, BTreeMap<Arc<str>, Member>>;
+
 #[derive(Default)]
 pub struct MemoryPresence {
-    /// Channel -> connection id -> member; ordered so a capped answer lists the same members each time.
-    channels: Mutex<HashMap<Arc<str>, BTreeMap<Arc<str>, Member>>>,
+    channels: Mutex<Members>,
 }
 
 impl MemoryPresence {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, BTreeMap<Arc<str>, Member>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
         self.channels.lock().expect("presence lock poisoned")
     }
 

@@ -307,8 +307,8 @@ impl RedisJobs {
             .iter()
             .filter(|h| h.auto_stop && !lost.contains(&h.id))
             .map(|h| {
-                let heard = local_count(&h.channel) > 0
-                    || demand.get(&h.id).copied().unwrap_or(0) > 0;
+                let heard =
+                    local_count(&h.channel) > 0 || demand.get(&h.id).copied().unwrap_or(0) > 0;
                 (h.id.clone(), heard)
             })
             .collect();

@@ -383,10 +383,7 @@ impl RedisEngine {
 
     pub async fn apply_presence(&self, changes: &[PresenceChange]) -> Result<(), EngineError> {
         let ttl = self.shared.config.channels.presence_ttl;
-        self.shared
-            .presence
-            .apply(self.store(), changes, ttl)
-            .await
+        self.shared.presence.apply(self.store(), changes, ttl).await
     }
 
     pub async fn refresh_presence(
@@ -400,11 +397,7 @@ impl RedisEngine {
             .await
     }
 
-    pub async fn presence(
-        &self,
-        channel: &str,
-        limit: usize,
-    ) -> Result<PresencePage, EngineError> {
+    pub async fn presence(&self, channel: &str, limit: usize) -> Result<PresencePage, EngineError> {
         self.shared
             .presence
             .read(self.store(), channel, limit)
