@@ -98,6 +98,8 @@ impl Running {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server.stop(true).await;
+            // The closed sessions' leaves, written and announced now rather than left to expire.
+            hub.presence().flush().await;
         };
         // Everything above, together, within shutdown_timeout.
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
@@ -111,6 +113,7 @@ impl Running {
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
         self.poller.do_send(poller::Halt);
+        self.hub.presence().halt();
         if let Some(metrics) = &self.metrics_server {
             metrics.stop(false).await;
         }

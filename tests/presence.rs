@@ -391,3 +391,43 @@ async fn the_polling_status_counts_subscribers_on_every_replica_and_auto_stop_wa
     )
     .await;
 }
+
+#[actix_web::test]
+async fn the_cap_holds_in_redis_and_a_graceful_stop_announces_its_members_leaving() {
+    let redis = RedisServer::start();
+    let config = presence_config(
+        Some(&redis),
+        "[server]\ndrain_period = \"0s\"\n[channels]\nmax_presence_members = 3\n",
+    );
+    let file = ConfigFile::new(&config);
+    let (mut process, base) = start_binary(&file).await;
+    let hub = TestHub::start(&config).await;
+    wait_ready(&hub).await;
+    let mut watcher = hub.connect().await;
+    watcher.subscribe("room:g").await;
+    let mut leaving = Vec::new();
+    for _ in 0..4 {
+        let mut ws = Ws::connect(&format!("ws://{base}/ws")).await;
+        ws.subscribe("room:g").await;
+        watcher.recv_type("join").await;
+        leaving.push(ws);
+    }
+    // Five members in Redis, three listed.
+    let answer = ask_presence(&mut watcher, "room:g").await;
+    assert_eq!(answer["members"].as_array().unwrap().len(), 3, "{answer}");
+    assert_eq!(answer["truncated"], true, "{answer}");
+    let (_, body) = get_json(&hub.http("/api/channels/room:g/presence")).await;
+    assert_eq!(body["members"].as_array().unwrap().len(), 3, "{body}");
+    let stats_url = hub.http("/api/channels/room:g/presence/stats");
+    assert_eq!(get_json(&stats_url).await.1["clients"], 5);
+    // A graceful stop (SIGTERM) closes its clients with 1001 and writes their leaves before it exits.
+    process.stop_gracefully();
+    for _ in 0..4 {
+        watcher.recv_type("leave").await;
+    }
+    assert_eq!(
+        get_json(&stats_url).await.1,
+        json!({"clients": 1, "users": 0})
+    );
+    drop(leaving);
+}

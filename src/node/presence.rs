@@ -8,10 +8,11 @@
 //! lost join is re-added by the next refresh, a lost leave expires.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Engine, Member, PresenceChange};
 use crate::stats::Stats;
@@ -21,6 +22,13 @@ const QUEUE_MAX: usize = 10_000;
 
 /// Changes written per round trip.
 const BATCH_MAX: usize = 256;
+
+/// What the writer is asked to do, in order.
+enum Work {
+    Change(PresenceChange),
+    /// Answer once every change queued before is written (a graceful stop's leaves).
+    Flush(oneshot::Sender<()>),
+}
 
 /// One member of this replica, and whether its leaving is announced.
 struct Local {
@@ -36,7 +44,9 @@ pub struct Presence {
     stats: Arc<Stats>,
     /// This replica's members.
     local: Mutex<Members>,
-    queue: mpsc::Sender<PresenceChange>,
+    queue: mpsc::Sender<Work>,
+    /// Set by a kill: nothing more is written or refreshed, as after a crash.
+    halted: AtomicBool,
 }
 
 impl Presence {
@@ -48,6 +58,7 @@ impl Presence {
             stats,
             local: Mutex::new(HashMap::new()),
             queue,
+            halted: AtomicBool::new(false),
         });
         actix::spawn(write(Arc::downgrade(&presence), changes, ttl / 3));
         presence
@@ -58,9 +69,22 @@ impl Presence {
     }
 
     fn enqueue(&self, change: PresenceChange) {
-        if self.queue.try_send(change).is_err() {
+        if self.queue.try_send(Work::Change(change)).is_err() {
             Stats::add(&self.stats.presence_dropped, 1);
         }
+    }
+
+    /// Waits until the changes queued so far are written (or the writer is gone).
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send(Work::Flush(done)).await.is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    /// Stops writing and refreshing for good: this replica's members then expire as if it had crashed.
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::Relaxed);
     }
 
     /// A connection of this replica subscribed to `channel`; `announce`: its subscribers hear `join` (and
@@ -122,33 +146,45 @@ impl Presence {
 
 /// Writes queued changes in order, a batch per round trip, and refreshes this replica's members every
 /// `every`. One task does both, so a refresh never overtakes a leave written before it.
-async fn write(
-    presence: Weak<Presence>,
-    mut changes: mpsc::Receiver<PresenceChange>,
-    every: Duration,
-) {
+async fn write(presence: Weak<Presence>, mut queue: mpsc::Receiver<Work>, every: Duration) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut work = Vec::with_capacity(BATCH_MAX);
+    let mut changes = Vec::with_capacity(BATCH_MAX);
+    let mut flushed = Vec::new();
     loop {
         tokio::select! {
-            received = changes.recv_many(&mut batch, BATCH_MAX) => {
-                if received == 0 {
-                    return;
-                }
-                let Some(presence) = presence.upgrade() else {
+            received = queue.recv_many(&mut work, BATCH_MAX) => {
+                let Some(presence) = presence.upgrade().filter(|_| received > 0) else {
                     return;
                 };
-                if let Err(e) = presence.engine.apply_presence(&batch).await {
-                    Stats::add(&presence.stats.presence_dropped, batch.len() as u64);
-                    log::warn!("writing {} presence changes failed: {e}", batch.len());
+                if presence.halted.load(Ordering::Relaxed) {
+                    return;
                 }
-                batch.clear();
+                for item in work.drain(..) {
+                    match item {
+                        Work::Change(change) => changes.push(change),
+                        Work::Flush(done) => flushed.push(done),
+                    }
+                }
+                if !changes.is_empty()
+                    && let Err(e) = presence.engine.apply_presence(&changes).await
+                {
+                    Stats::add(&presence.stats.presence_dropped, changes.len() as u64);
+                    log::warn!("writing {} presence changes failed: {e}", changes.len());
+                }
+                changes.clear();
+                for done in flushed.drain(..) {
+                    let _ = done.send(());
+                }
             }
             _ = tick.tick() => {
                 let Some(presence) = presence.upgrade() else {
                     return;
                 };
+                if presence.halted.load(Ordering::Relaxed) {
+                    return;
+                }
                 if !presence.engine.is_shared() {
                     continue;
                 }

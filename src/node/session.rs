@@ -157,7 +157,10 @@ pub struct Session {
     /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
     /// publishes keep their order.
     publishing: bool,
-    /// The transport, parked while `publishing` or `throttled`.
+    /// A presence query is in flight: like a publish, the next frame waits for its answer, so one connection
+    /// has at most one presence read running.
+    querying: bool,
+    /// The transport, parked while `publishing`, `querying` or `throttled`.
     resume_input: Option<Waker>,
     /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
     _permit: Permit,
@@ -195,6 +198,7 @@ impl Session {
             throttled: false,
             outbox,
             publishing: false,
+            querying: false,
             resume_input: None,
             _permit: permit,
             identity,
@@ -695,30 +699,48 @@ impl Session {
         let hub = self.hub.clone();
         let id = id.clone();
         let limit = hub.config().channels.max_presence_members;
-        let fut = async move { hub.engine().presence(&name, limit).await.map(|p| (name, p)) };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(move |result, act, _| match result {
-                    Ok((name, page)) => {
-                        let stats = act.hub.stats();
-                        Stats::add(&stats.presence_queries, 1);
-                        if page.truncated {
-                            Stats::add(&stats.presence_truncated, 1);
-                        }
-                        act.outbox.push_text(&protocol::presence_frame(
-                            &id,
-                            &name,
-                            &page.members,
-                            page.truncated,
-                        ));
-                    }
-                    Err(e) => act.send_error(
-                        &id,
-                        &ProtocolError::new(ErrorCode::Unavailable, format!("presence: {e}")),
-                    ),
-                }),
-        );
+        let fut = async move {
+            let page = hub.engine().presence(&name, limit).await;
+            (name, page)
+        };
+        // Like a publish, the next frame waits for the answer: one presence read per connection at a time.
+        self.querying = true;
+        ctx.spawn(fut.into_actor(self).map(move |(name, page), act, _| {
+            act.querying = false;
+            // Woken while still publishing or throttled, the transport only asks again.
+            if let Some(waker) = act.resume_input.take() {
+                waker.wake();
+            }
+            act.answer_presence(&id, &name, page);
+        }));
         Ok(())
+    }
+
+    fn answer_presence(
+        &self,
+        id: &RequestId,
+        name: &str,
+        page: Result<crate::engine::PresencePage, crate::engine::EngineError>,
+    ) {
+        match page {
+            Ok(page) => {
+                let stats = self.hub.stats();
+                Stats::add(&stats.presence_queries, 1);
+                if page.truncated {
+                    Stats::add(&stats.presence_truncated, 1);
+                }
+                self.outbox.push_text(&protocol::presence_frame(
+                    id,
+                    name,
+                    &page.members,
+                    page.truncated,
+                ));
+            }
+            Err(e) => self.send_error(
+                id,
+                &ProtocolError::new(ErrorCode::Unavailable, format!("presence: {e}")),
+            ),
+        }
     }
 }
 
@@ -791,7 +813,7 @@ impl Endpoint for Session {
     }
 
     fn input_paused(&mut self, waker: &Waker) -> bool {
-        let paused = self.publishing || self.throttled;
+        let paused = self.publishing || self.querying || self.throttled;
         if paused {
             match &self.resume_input {
                 Some(parked) if parked.will_wake(waker) => {}
