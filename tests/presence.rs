@@ -431,3 +431,41 @@ async fn the_cap_holds_in_redis_and_a_graceful_stop_announces_its_members_leavin
     );
     drop(leaving);
 }
+
+#[actix_web::test]
+async fn the_polling_status_sums_cache_reads_over_the_fleet() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    upstream.set_mode(Mode::Fixed(json!({"price": 1})));
+    let config = format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n[poller]\nlease = \"2s\"\n\
+         [[sources]]\nname = \"ticker\"\nurl = \"{}\"\nchannel = \"ticker:{{symbol}}\"\n\
+         interval = \"1h\"\ntimeout = \"500ms\"\nauto_start = true\n",
+        redis.url(),
+        upstream.url("/ticker/{symbol}")
+    );
+    let hubs = [TestHub::start(&config).await, TestHub::start(&config).await];
+    for hub in &hubs {
+        wait_ready(hub).await;
+    }
+    // The first subscriber finds nothing cached (a miss); the others, on both replicas, find the value.
+    let mut clients = Vec::new();
+    for hub in [&hubs[0], &hubs[1], &hubs[1]] {
+        let mut ws = hub.connect().await;
+        ws.subscribe("ticker:C").await;
+        ws.recv_type("snapshot").await;
+        clients.push(ws);
+    }
+    for hub in &hubs {
+        eventually(
+            Duration::from_secs(10),
+            "both replicas' cache reads in the status of each",
+            || async {
+                let (_, body) = get_json(&hub.http("/api/polling/status")).await;
+                let job = &body["jobs"][0];
+                job["cache_hits"] == 2 && job["cache_misses"] == 1
+            },
+        )
+        .await;
+    }
+}

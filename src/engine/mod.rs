@@ -334,6 +334,26 @@ impl Engine {
         }
     }
 
+    /// Adds this replica's cache-aside reads per polling source (hits, misses since its last report) to the
+    /// fleet's totals; memory mode has no fleet (this replica's own counters answer).
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.add_cache_reads(deltas).await,
+        }
+    }
+
+    /// Each source's cache-aside reads (hits, misses) summed over the fleet; `None` in memory mode.
+    pub async fn cache_reads(
+        &self,
+        sources: &[String],
+    ) -> Result<Option<Vec<(u64, u64)>>, EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(None),
+            Engine::Redis(r) => r.cache_reads(sources).await.map(Some),
+        }
+    }
+
     /// Applies presence changes in order (announcing `join` and `leave` to the channels' subscribers on
     /// every replica where asked).
     pub async fn apply_presence(&self, changes: &[PresenceChange]) -> Result<(), EngineError> {

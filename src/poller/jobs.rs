@@ -106,6 +106,19 @@ impl JobStore {
             .await
     }
 
+    /// Adds this replica's cache reads since its last report to the fleet's totals.
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), RedisError> {
+        self.engine.add_cache_reads(deltas).await
+    }
+
+    /// Each source's fleet-wide cache reads; `None` in memory mode.
+    pub async fn cache_reads(
+        &self,
+        sources: &[String],
+    ) -> Result<Option<Vec<(u64, u64)>>, RedisError> {
+        self.engine.cache_reads(sources).await
+    }
+
     /// The fleet's subscribers of each job's channel as last recorded; `None` in memory mode.
     pub async fn demand(&self, ids: &[String]) -> Result<Option<Vec<usize>>, RedisError> {
         self.engine.demand(ids).await

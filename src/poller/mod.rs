@@ -110,6 +110,8 @@ struct Scan {
     demand: HashMap<String, usize>,
     refresh: Vec<String>,
     previous: HashMap<String, Option<Value>>,
+    /// The cache reads this scan added to the fleet's totals (empty when that failed: they go next time).
+    cache_reported: Vec<(String, u64, u64)>,
 }
 
 /// A job this replica owns and runs.
@@ -181,6 +183,8 @@ pub struct Poller {
     /// Channels being filled by a one-off fetch here.
     filling: HashSet<String>,
     scanning: bool,
+    /// This replica's cache reads per source already added to the fleet's totals.
+    cache_reported: HashMap<String, (u64, u64)>,
     /// Shutting down: take no job any more.
     stopping: bool,
     /// Jobs to start when the poller starts (the demo symbols).
@@ -283,6 +287,7 @@ impl Poller {
             owned: HashMap::new(),
             filling: HashSet::new(),
             scanning: false,
+            cache_reported: HashMap::new(),
             stopping: false,
             initial,
         });
@@ -619,8 +624,30 @@ impl Poller {
                 auto_stop: j.source.auto_stop,
             })
             .collect();
+        // Cache reads counted here since the last report, added to the fleet's totals with this scan.
+        let cache_deltas: Vec<(String, u64, u64)> = self
+            .sources
+            .iter()
+            .filter_map(|source| {
+                let (hits, misses) = hub.metrics().cache_reads(&source.name);
+                let (h0, m0) = self
+                    .cache_reported
+                    .get(&source.name)
+                    .copied()
+                    .unwrap_or((0, 0));
+                let delta = (hits.saturating_sub(h0), misses.saturating_sub(m0));
+                (delta != (0, 0)).then(|| (source.name.clone(), delta.0, delta.1))
+            })
+            .collect();
         let fut = async move {
             let report = store.scan(&held, lease).await?;
+            let cache_reported = match store.add_cache_reads(&cache_deltas).await {
+                Ok(()) => cache_deltas,
+                Err(e) => {
+                    log::debug!("adding cache reads to the fleet's totals failed: {e}");
+                    Vec::new()
+                }
+            };
             // Only jobs taken over need their last value (for `diff`): nothing per job in a steady scan.
             let mut previous = HashMap::new();
             for job in report
@@ -638,6 +665,7 @@ impl Poller {
                 demand: report.demand,
                 refresh: report.refresh,
                 previous,
+                cache_reported,
             })
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
@@ -650,6 +678,11 @@ impl Poller {
     }
 
     fn apply_scan(&mut self, mut scan: Scan, ctx: &mut Context<Self>) {
+        for (source, hits, misses) in scan.cache_reported.drain(..) {
+            let reported = self.cache_reported.entry(source).or_insert((0, 0));
+            reported.0 += hits;
+            reported.1 += misses;
+        }
         {
             let mut known = self.known.lock().expect("poller state poisoned");
             known.jobs_by_channel = scan
@@ -1179,10 +1212,12 @@ impl Handler<ListJobs> for Poller {
             let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
             let states = store.owners_and_statuses(&ids).await?;
             let demand = store.demand(&ids).await?;
-            Ok::<_, PollError>((jobs, states, demand))
+            let sources: Vec<String> = jobs.iter().map(|j| j.source.clone()).collect();
+            let cache_reads = store.cache_reads(&sources).await?;
+            Ok::<_, PollError>((jobs, states, demand, cache_reads))
         };
         Box::pin(fut.into_actor(self).map(|result, act, _| {
-            let (jobs, states, demand) = result?;
+            let (jobs, states, demand, cache_reads) = result?;
             Ok(jobs
                 .into_iter()
                 .zip(states)
@@ -1200,7 +1235,11 @@ impl Handler<ListJobs> for Poller {
                         _ => None,
                     };
                     let status = status.unwrap_or_default();
-                    let (cache_hits, cache_misses) = act.hub.metrics().cache_reads(&spec.source);
+                    // The fleet's totals as every replica's last scan added to them; in memory mode, ours.
+                    let (cache_hits, cache_misses) = match &cache_reads {
+                        Some(reads) => reads.get(i).copied().unwrap_or((0, 0)),
+                        None => act.hub.metrics().cache_reads(&spec.source),
+                    };
                     json!({
                         "id": spec.id,
                         "source": spec.source,

@@ -322,6 +322,53 @@ impl RedisJobs {
         })
     }
 
+    /// Adds this replica's cache reads since its last report to each source's fleet-wide totals, in one
+    /// round trip.
+    pub async fn add_cache_reads(
+        &self,
+        r: &RedisStore,
+        deltas: &[(String, u64, u64)],
+    ) -> Result<(), EngineError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (source, hits, misses) in deltas {
+            let key = r.keys().cache_reads(source);
+            pipe.hincr(&key, "hits", *hits)
+                .ignore()
+                .hincr(&key, "misses", *misses)
+                .ignore();
+        }
+        r.with_conn(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    /// Each source's fleet-wide cache reads (hits, misses).
+    pub async fn cache_reads(
+        &self,
+        r: &RedisStore,
+        sources: &[String],
+    ) -> Result<Vec<(u64, u64)>, EngineError> {
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for source in sources {
+            pipe.cmd("HMGET")
+                .arg(r.keys().cache_reads(source))
+                .arg("hits")
+                .arg("misses");
+        }
+        let found: Vec<(Option<u64>, Option<u64>)> = r
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|(h, m)| (h.unwrap_or(0), m.unwrap_or(0)))
+            .collect())
+    }
+
     /// The subscribers of each job's channel on every replica, as their last scans recorded them.
     pub async fn demand(&self, r: &RedisStore, ids: &[String]) -> Result<Vec<usize>, EngineError> {
         if ids.is_empty() {

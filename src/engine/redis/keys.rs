@@ -105,6 +105,12 @@ impl Keys {
         format!("{}demand:{job}", self.prefix)
     }
 
+    /// A polling source's cache-aside reads summed over the fleet (fields `hits`, `misses`), added to by every
+    /// replica's scan: `<prefix>cachereads:<source>`.
+    pub fn cache_reads(&self, source: &str) -> String {
+        format!("{}cachereads:{source}", self.prefix)
+    }
+
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
     pub fn fill_lock(&self, channel: &str) -> String {
         format!("{}fill:{channel}", self.prefix)

@@ -377,6 +377,14 @@ impl RedisEngine {
             .await
     }
 
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), EngineError> {
+        self.shared.jobs.add_cache_reads(self.store(), deltas).await
+    }
+
+    pub async fn cache_reads(&self, sources: &[String]) -> Result<Vec<(u64, u64)>, EngineError> {
+        self.shared.jobs.cache_reads(self.store(), sources).await
+    }
+
     pub async fn demand(&self, ids: &[String]) -> Result<Vec<usize>, EngineError> {
         self.shared.jobs.demand(self.store(), ids).await
     }
