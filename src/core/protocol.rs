@@ -631,4 +631,43 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&subscribed_frame(&None, "a:b")).unwrap();
         assert_eq!(v, serde_json::json!({"type":"subscribed","channel":"a:b"}));
     }
+
+    #[test]
+    fn presence_frames_carry_members_as_given() {
+        let parsed = parse_client_frame(r#"{"op":"presence","channel":"room:1","id":7}"#);
+        assert!(
+            matches!(parsed.frame, Ok(ClientFrame::Presence { ref channel }) if channel == "room:1")
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"presence"}"#)
+                .frame
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        let ann = member_json("h-1", Some("a \"q\"\n"), Some(r#"{"n":[1,2]}"#));
+        let anon = member_json("h-2", None, None);
+        let id: RequestId = Some(RawValue::from_string("7".into()).unwrap());
+        let frame = presence_frame(&id, "room:1", &[ann, anon.clone()], true);
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","id":7,"channel":"room:1","members":[
+                {"client":"h-1","user":"a \"q\"\n","info":{"n":[1,2]}},
+                {"client":"h-2","user":null,"info":null}
+            ],"truncated":true})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_frame(&None, "room:1", &[], false)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","channel":"room:1","members":[]})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_event_frame(false, "room:1", &anon)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"leave","channel":"room:1","member":{"client":"h-2","user":null,"info":null}})
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The broker seam: everything a shared backend does for the node, behind one type. Publish (atomically with
 //! its sequence number, latest value and history), subscribe and unsubscribe channels and patterns, read
-//! latest values and history, and store polling jobs with their leases. The engine reports what it hears
+//! latest values and history, store polling jobs with their leases and the fleet's demand for them, and keep
+//! channel presence (members of every replica, with `join` and `leave`). The engine reports what it hears
 //! through [`BrokerEventHandler`], which the node implements and hands over at construction, so the engine
 //! never imports the node and nothing is filled in late.
 //!
@@ -331,6 +332,19 @@ impl Engine {
         match self {
             Engine::Memory(_) => Ok(None),
             Engine::Redis(r) => r.demand(ids).await.map(Some),
+        }
+    }
+
+    /// Records this replica's subscribers of some jobs' channels now rather than at its next scan (a first
+    /// subscriber counts for the owner's `auto_stop` at once), held for `hold`.
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.record_demand(counts, hold).await,
         }
     }
 

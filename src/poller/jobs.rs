@@ -106,6 +106,15 @@ impl JobStore {
             .await
     }
 
+    /// Records this replica's subscribers of some jobs' channels now (held for `hold`).
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), RedisError> {
+        self.engine.record_demand(counts, hold).await
+    }
+
     /// Adds this replica's cache reads since its last report to the fleet's totals.
     pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), RedisError> {
         self.engine.add_cache_reads(deltas).await

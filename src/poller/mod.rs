@@ -101,6 +101,14 @@ struct AutoStart {
     channel: String,
 }
 
+/// A channel gained its first local subscriber: if it is a job's that another replica runs, record this
+/// replica's demand for it now, so the owner's `auto_stop` does not wait for this replica's next scan.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Demanded {
+    channel: String,
+}
+
 /// The result of one scan, applied to the actor's state when it completes.
 struct Scan {
     jobs: Vec<JobSpec>,
@@ -202,6 +210,11 @@ pub struct PollerObserver {
 
 impl ChannelObserver for PollerObserver {
     fn subscribers_changed(&self, channel: &str, count: usize) {
+        if count > 0 {
+            self.addr.do_send(Demanded {
+                channel: channel.to_string(),
+            });
+        }
         if count > 0
             && self
                 .sources
@@ -1343,6 +1356,36 @@ impl Handler<AutoStart> for Poller {
         if let Some(spec) = self.auto_job(&msg.channel) {
             self.start_job(spec, ctx);
         }
+    }
+}
+
+impl Handler<Demanded> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, msg: Demanded, _: &mut Self::Context) {
+        let channel = job_channel(&self.sources, &msg.channel);
+        if self.owned.values().any(|j| j.spec.channel == channel) {
+            // The owner counts its own subscribers when it decides.
+            return;
+        }
+        let Some(id) = self
+            .known
+            .lock()
+            .expect("poller state poisoned")
+            .jobs_by_channel
+            .get(&channel)
+            .map(|j| j.id.clone())
+        else {
+            return;
+        };
+        let count = jobs::job_subscribers(&self.hub, &channel);
+        let store = self.store.clone();
+        let hold = self.lease;
+        actix::spawn(async move {
+            if let Err(e) = store.record_demand(&[(id, count)], hold).await {
+                log::debug!("recording the demand for a job failed: {e}");
+            }
+        });
     }
 }
 

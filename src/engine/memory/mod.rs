@@ -1,7 +1,7 @@
 //! The memory engine: the broker seam for a single instance with no shared backend. Values, snapshots and
 //! sequences live in [`store::MemoryStore`]; jobs and their statuses in local maps (this replica owns every
-//! job); a publish is delivered straight to the node's handler. A real implementation, used when there is no
-//! Redis and in tests.
+//! job); presence in [`presence::MemoryPresence`]; a publish (and a join or leave) is delivered straight to the
+//! node's handler. A real implementation, used when there is no Redis and in tests.
 
 pub mod presence;
 pub mod store;

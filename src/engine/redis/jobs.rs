@@ -322,6 +322,27 @@ impl RedisJobs {
         })
     }
 
+    /// Records this replica's subscribers of some jobs' channels at once (held for `hold`), between scans.
+    pub async fn record_demand(
+        &self,
+        r: &RedisStore,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.demand.prepare_invoke();
+        call.arg(&self.me).arg(hold.as_millis().max(1) as u64);
+        for (id, count) in counts {
+            call.key(r.keys().demand(id)).arg(*count);
+        }
+        let _: Vec<u64> = r
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
     /// Adds this replica's cache reads since its last report to each source's fleet-wide totals, in one
     /// round trip.
     pub async fn add_cache_reads(

@@ -1,8 +1,8 @@
 //! The Redis engine: the broker seam over one Redis, shared by every replica. Everything Redis-specific lives
 //! in this folder: key names ([`keys`]), the Lua scripts, the pooled store ([`store`]), the pubsub-bridge
 //! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state and
-//! exactly-once bookkeeping across link outages ([`link`]), job storage and leases ([`jobs`]) and the reads of
-//! `redis` polling sources ([`fields`]).
+//! exactly-once bookkeeping across link outages ([`link`]), job storage, leases and the fleet's demand and
+//! cache reads ([`jobs`]), presence ([`presence`]) and the reads of `redis` polling sources ([`fields`]).
 
 pub mod bridge;
 pub mod fields;
@@ -374,6 +374,17 @@ impl RedisEngine {
         self.shared
             .jobs
             .scan(self.store(), held, lease, local_count)
+            .await
+    }
+
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        self.shared
+            .jobs
+            .record_demand(self.store(), counts, hold)
             .await
     }
 
