@@ -469,3 +469,31 @@ async fn the_polling_status_sums_cache_reads_over_the_fleet() {
         .await;
     }
 }
+
+#[actix_web::test]
+async fn presence_requests_spend_the_connection_s_request_budget() {
+    let config = presence_config(
+        None,
+        "[websocket]\nrequests_per_second = 1\nrequest_burst = 3\n",
+    );
+    let hub = TestHub::start(&config).await;
+    let mut ws = hub.connect().await;
+    // Pipelined: each is read only after the one before was answered, and past the burst they are refused.
+    for i in 0..6 {
+        ws.send(json!({"op": "presence", "channel": "room:r", "id": i}))
+            .await;
+    }
+    let mut answered = 0;
+    let mut refused = 0;
+    for _ in 0..6 {
+        let frame = ws.recv().await;
+        match frame["type"].as_str() {
+            Some("presence") => answered += 1,
+            Some("error") if frame["code"] == "rate_limited" => refused += 1,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert!(answered <= 4, "{answered} answered, {refused} refused");
+    assert!(refused >= 2, "{answered} answered, {refused} refused");
+    assert_eq!(hub.stats().await["presence_queries"], answered);
+}
