@@ -236,13 +236,14 @@ async fn the_members_of_a_killed_replica_leave_presence_within_presence_ttl() {
     here.subscribe("room:k").await;
     let mut there = Ws::connect(&format!("ws://{base}/ws")).await;
     there.subscribe("room:k").await;
-    here.recv_type("join").await;
+    let there_id = here.recv_type("join").await["member"]["client"].clone();
     let stats_url = hub.http("/api/channels/room:k/presence/stats");
     assert_eq!(get_json(&stats_url).await.1["clients"], 2);
     // Both replicas refresh their members: well past presence_ttl, both are still there.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(get_json(&stats_url).await.1["clients"], 2);
-    // SIGKILL: no leave is written, so only the expiry removes its member.
+    // SIGKILL: the replica writes no leave, so the expiry removes its member, and whichever script prunes it
+    // (the live replica's refresh, or a read) announces its leave.
     drop(process);
     eventually(
         Duration::from_secs(6),
@@ -250,6 +251,8 @@ async fn the_members_of_a_killed_replica_leave_presence_within_presence_ttl() {
         || async { get_json(&stats_url).await.1["clients"] == 1 },
     )
     .await;
+    let leave = here.recv_type("leave").await;
+    assert_eq!(leave["member"]["client"], there_id, "{leave}");
     let (_, body) = get_json(&hub.http("/api/channels/room:k/presence")).await;
     let members = body["members"].as_array().unwrap();
     assert_eq!(members.len(), 1, "{body}");
@@ -496,4 +499,30 @@ async fn presence_requests_spend_the_connection_s_request_budget() {
     assert!(answered <= 4, "{answered} answered, {refused} refused");
     assert!(refused >= 2, "{answered} answered, {refused} refused");
     assert_eq!(hub.stats().await["presence_queries"], answered);
+}
+
+#[actix_web::test]
+async fn a_live_replica_s_refresh_announces_the_leaving_of_a_dead_one_s_members() {
+    let redis = RedisServer::start();
+    let config = presence_config(Some(&redis), "[channels]\npresence_ttl = \"2s\"\n");
+    let file = ConfigFile::new(&config);
+    let (process, base) = start_binary(&file).await;
+    let hub = TestHub::start(&config).await;
+    wait_ready(&hub).await;
+    let mut here = hub.connect().await;
+    here.subscribe("room:d").await;
+    let mut there = Ws::connect(&format!("ws://{base}/ws")).await;
+    there.subscribe("room:d").await;
+    let there_id = here.recv_type("join").await["member"]["client"].clone();
+    drop(process);
+    // Nobody reads the channel's presence: the live replica's refresh (every third of presence_ttl) prunes
+    // the dead member and announces it.
+    let leave = here.recv_type("leave").await;
+    assert_eq!(leave["member"]["client"], there_id, "{leave}");
+    assert_eq!(
+        get_json(&hub.http("/api/channels/room:d/presence/stats"))
+            .await
+            .1,
+        json!({"clients": 1, "users": 0})
+    );
 }

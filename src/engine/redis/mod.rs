@@ -412,19 +412,30 @@ impl RedisEngine {
         let ttl = self.shared.config.channels.presence_ttl;
         self.shared
             .presence
-            .refresh(self.store(), members, ttl)
+            .refresh(self.store(), members, ttl, |c| self.announces(c))
             .await
     }
 
     pub async fn presence(&self, channel: &str, limit: usize) -> Result<PresencePage, EngineError> {
         self.shared
             .presence
-            .read(self.store(), channel, limit)
+            .read(self.store(), channel, limit, self.announces(channel))
             .await
     }
 
     pub async fn presence_counts(&self, channel: &str) -> Result<PresenceCounts, EngineError> {
-        self.shared.presence.counts(self.store(), channel).await
+        self.shared
+            .presence
+            .counts(self.store(), channel, self.announces(channel))
+            .await
+    }
+
+    /// Whether the channel's namespace tells its subscribers of joins and leaves.
+    fn announces(&self, channel: &str) -> bool {
+        self.shared
+            .config
+            .policy(channel)
+            .is_some_and(|p| p.join_leave)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Presence in Redis, shared by every replica: per channel a hash of members (connection id -> member JSON), a
 //! sorted set of their expiry times and a hash of members per user, changed and read by one Lua script per
 //! operation. Each replica refreshes its own members' expiry (batched, one pipeline per batch), so the members
-//! of a replica that died are pruned by the next read once `presence_ttl` has passed.
+//! of a replica that died are pruned once `presence_ttl` has passed, by the next script to touch the channel
+//! (a read, or a live replica's refresh), which also announces their `leave` where the namespace has
+//! `join_leave`.
 //!
 //! `join` and `leave` travel on the channel's own pub/sub channel, published by the same script that changes
 //! the presence: they reach exactly the replicas with subscribers of the channel. Their payload is byte 0x1D,
@@ -60,6 +62,15 @@ pub fn decode_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
         client,
         member,
     })
+}
+
+/// Where the pruned members' leaves go: the channel's pub/sub channel, or nowhere ('').
+fn leaves_to(r: &RedisStore, channel: &str, announce: bool) -> String {
+    if announce {
+        r.keys().pubsub_channel(channel)
+    } else {
+        String::new()
+    }
 }
 
 fn announcement(join: bool, member: &Member) -> Vec<u8> {
@@ -131,6 +142,7 @@ impl RedisPresence {
                     let mut call = self.keyed(&self.add, r, channel);
                     call.arg(ttl_ms)
                         .arg(r.keys().pubsub_channel(channel))
+                        .arg(if *announce { "1" } else { "0" })
                         .arg(&*member.client)
                         .arg(member.user.as_deref().unwrap_or(""))
                         .arg(&*member.json)
@@ -164,19 +176,22 @@ impl RedisPresence {
     }
 
     /// Pushes back the expiry of this replica's members (and re-adds any that Redis lost), a batch of
-    /// members per round trip.
+    /// members per round trip. `announces`: whether a channel's namespace has `join_leave` (the members of
+    /// others that expired are pruned, and their leaving announced, on the way).
     pub async fn refresh(
         &self,
         r: &RedisStore,
         members: &[(Arc<str>, Vec<Member>)],
         ttl: Duration,
+        announces: impl Fn(&str) -> bool,
     ) -> Result<(), EngineError> {
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let mut pending: Vec<(&str, &[Member])> = Vec::new();
+        let mut pending: Vec<(&str, bool, &[Member])> = Vec::new();
         let mut in_batch = 0;
         for (channel, list) in members {
+            let announce = announces(channel);
             for chunk in list.chunks(REFRESH_BATCH) {
-                pending.push((channel, chunk));
+                pending.push((channel, announce, chunk));
                 in_batch += chunk.len();
                 if in_batch >= REFRESH_BATCH {
                     self.refresh_batch(r, &pending, ttl_ms).await?;
@@ -191,7 +206,7 @@ impl RedisPresence {
     async fn refresh_batch(
         &self,
         r: &RedisStore,
-        batch: &[(&str, &[Member])],
+        batch: &[(&str, bool, &[Member])],
         ttl_ms: u64,
     ) -> Result<(), EngineError> {
         if batch.is_empty() {
@@ -199,9 +214,11 @@ impl RedisPresence {
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&self.add).ignore();
-        for (channel, members) in batch {
+        for (channel, announce, members) in batch {
             let mut call = self.keyed(&self.add, r, channel);
-            call.arg(ttl_ms).arg(r.keys().pubsub_channel(channel));
+            call.arg(ttl_ms)
+                .arg(r.keys().pubsub_channel(channel))
+                .arg(if *announce { "1" } else { "0" });
             for member in *members {
                 call.arg(&*member.client)
                     .arg(member.user.as_deref().unwrap_or(""))
@@ -214,14 +231,16 @@ impl RedisPresence {
             .await
     }
 
+    /// `announce`: the namespace has `join_leave` (expired members pruned here get their `leave`).
     pub async fn read(
         &self,
         r: &RedisStore,
         channel: &str,
         limit: usize,
+        announce: bool,
     ) -> Result<PresencePage, EngineError> {
         let mut call = self.keyed(&self.read, r, channel);
-        call.arg(limit);
+        call.arg(limit).arg(leaves_to(r, channel, announce));
         let (total, members): (usize, Vec<String>) = r
             .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
             .await?;
@@ -235,8 +254,10 @@ impl RedisPresence {
         &self,
         r: &RedisStore,
         channel: &str,
+        announce: bool,
     ) -> Result<PresenceCounts, EngineError> {
-        let call = self.keyed(&self.stats, r, channel);
+        let mut call = self.keyed(&self.stats, r, channel);
+        call.arg(leaves_to(r, channel, announce));
         let (clients, users): (u64, u64) = r
             .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
             .await?;

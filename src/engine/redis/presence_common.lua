@@ -23,10 +23,16 @@ local function forget(client)
   end
 end
 
--- Forgets the members whose replica stopped refreshing them (it died, or lost Redis for presence_ttl).
-local function prune()
+-- Forgets the members whose replica stopped refreshing them (it died, or lost Redis for presence_ttl); with
+-- a pub/sub channel (not ''), announces each one's `leave` there, since their replica never will. The member
+-- is gone once this runs, so exactly one script announces it.
+local function prune(announce_to)
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms())
   for _, client in ipairs(expired) do
+    local member = redis.call('HGET', KEYS[1], client)
     forget(client)
+    if member and announce_to ~= '' then
+      redis.call('PUBLISH', announce_to, '\29l' .. client .. ' ' .. member)
+    end
   end
 end

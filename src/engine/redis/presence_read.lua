@@ -1,5 +1,6 @@
--- Lists a channel's live members, at most ARGV[1] of them. Returns {members in the channel, {member JSON...}}.
-prune()
+-- Lists a channel's live members, at most ARGV[1] of them; ARGV[2] is the pub/sub channel the expired ones'
+-- leaves go to ('' for none). Returns {members in the channel, {member JSON...}}.
+prune(ARGV[2])
 local limit = tonumber(ARGV[1])
 local total = redis.call('HLEN', KEYS[1])
 if total <= limit then
