@@ -99,6 +99,8 @@ impl Running {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server.stop(true).await;
+            // The closed sessions' leaves, written and announced now rather than left to expire.
+            hub.presence().flush().await;
         };
         // Everything above, together, within shutdown_timeout.
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
@@ -112,6 +114,7 @@ impl Running {
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
         self.poller.do_send(poller::Halt);
+        self.hub.presence().halt();
         if let Some(metrics) = &self.metrics_server {
             metrics.stop(false).await;
         }
@@ -255,7 +258,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let instance_id = instance_id(&config);
     let stats = Arc::new(Stats::default());
-    let fanout = Arc::new(Fanout::default());
+    let fanout = Arc::new(Fanout::new(&instance_id));
     if let Some(verifier) = &verifier
         && verifier.jwks().is_some()
     {

@@ -93,6 +93,18 @@ pub struct Stats {
     pub jwks_fetches: AtomicU64,
     /// JWKS fetches that failed (unreachable, timeout, too big, no usable key); the old keys stay.
     pub jwks_fetch_failures: AtomicU64,
+    /// Presence answers given (WebSocket `presence`, REST presence and presence stats).
+    pub presence_queries: AtomicU64,
+    /// Presence answers cut at `channels.max_presence_members`.
+    pub presence_truncated: AtomicU64,
+    /// Clients of this replica that joined a channel's presence (subscribed in a namespace with presence or
+    /// join_leave).
+    pub presence_joins: AtomicU64,
+    /// Clients of this replica that left it (unsubscribed, revoked or disconnected).
+    pub presence_leaves: AtomicU64,
+    /// Presence changes not written: the write queue was full, or the backend refused them. The periodic
+    /// refresh re-adds a lost join and a lost leave expires within `channels.presence_ttl`.
+    pub presence_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -106,7 +118,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 41] {
+    pub fn counters(&self) -> [(&'static str, u64); 46] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -152,6 +164,11 @@ impl Stats {
             ("jwks_fetches", &self.jwks_fetches),
             ("jwks_fetch_failures", &self.jwks_fetch_failures),
             ("sse_streams_opened", &self.sse_streams_opened),
+            ("presence_queries", &self.presence_queries),
+            ("presence_truncated", &self.presence_truncated),
+            ("presence_joins", &self.presence_joins),
+            ("presence_leaves", &self.presence_leaves),
+            ("presence_dropped", &self.presence_dropped),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

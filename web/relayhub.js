@@ -425,9 +425,34 @@ export class RelayHub {
   }
 
   /**
+   * Who is subscribed to `channel` on every replica (namespaces with `presence = true`): sent at once when open,
+   * otherwise queued like a publish.
+   * @param {string} channel
+   * @returns {Promise<{channel: string, members: Array<{client: string, user: string|null, info: any}>, truncated: boolean}>}
+   *   resolves on the hub's `presence` answer (`truncated`: the channel has more members than the hub lists);
+   *   rejects with an Error carrying `code` when the hub refuses (`forbidden`: no presence in the namespace, or
+   *   the channel may not be read), or when the connection drops before the answer
+   */
+  presence(channel) {
+    if (!isValidChannel(channel)) {
+      return Promise.reject(new TypeError(`RelayHub: invalid channel name ${JSON.stringify(channel)}`));
+    }
+    if (this._status === "closed" && !this._gaveUp) {
+      return Promise.reject(new Error("RelayHub: closed; call connect() first"));
+    }
+    const promise = new Promise((resolve, reject) => {
+      this._enqueue({ op: "presence", channel }, { resolve, reject });
+    });
+    promise.catch(() => {});
+    return promise;
+  }
+
+  /**
    * Adds a listener. Events: `status` (state, {code, reason, attempt, delay}), `latency` (ms),
-   * `error` ({code, message, channel, op, dropped}), `fallback` (active), `gap` ({channel, source}).
-   * @param {"status"|"latency"|"error"|"fallback"|"gap"} event
+   * `error` ({code, message, channel, op, dropped}), `fallback` (active), `gap` ({channel, source}),
+   * `join` and `leave` ({channel, member}: another client subscribed to, or left, a channel whose namespace
+   * has `join_leave = true`).
+   * @param {"status"|"latency"|"error"|"fallback"|"gap"|"authed"|"join"|"leave"} event
    * @param {Function} fn
    * @returns {() => void} a function that removes the listener
    */
@@ -594,6 +619,19 @@ export class RelayHub {
         this._takePending(frame.id);
         this._onSubscribed(frame);
         break;
+      case "presence": {
+        const p = this._takePending(frame.id);
+        p?.resolve?.({
+          channel: frame.channel,
+          members: Array.isArray(frame.members) ? frame.members : [],
+          truncated: frame.truncated === true,
+        });
+        break;
+      }
+      case "join":
+      case "leave":
+        this._emit(frame.type, { channel: frame.channel, member: frame.member ?? null });
+        break;
       case "unsubscribed":
         this._takePending(frame.id);
         break;
@@ -680,8 +718,8 @@ export class RelayHub {
       channel: p?.channel ?? frame.channel ?? null,
       op: p?.op ?? null,
     };
-    if (p?.op === "publish") {
-      const err = new Error(`RelayHub: publish refused: ${info.code}: ${info.message}`);
+    if (p?.op === "publish" || p?.op === "presence") {
+      const err = new Error(`RelayHub: ${p.op} refused: ${info.code}: ${info.message}`);
       err.code = info.code;
       p.reject(err);
     }
@@ -929,7 +967,7 @@ export class RelayHub {
   _rejectQueued(err) {
     const keep = [];
     for (const q of this._queue) {
-      if (q.frame.op === "publish") q.promise?.reject(err);
+      if (q.frame.op === "publish" || q.frame.op === "presence") q.promise?.reject(err);
       else keep.push(q);
     }
     this._queue = keep;

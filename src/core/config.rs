@@ -319,6 +319,12 @@ pub struct ChannelsConfig {
     /// Redis mode: pattern snapshot look-ups running at once; more wait, so they never take the pool from
     /// publishes.
     pub max_concurrent_pattern_scans: usize,
+    /// How long a replica's presence entries outlive its last refresh: the members of a replica that died
+    /// leave presence within it (each replica refreshes its own every third of it).
+    #[serde(deserialize_with = "de_duration")]
+    pub presence_ttl: Duration,
+    /// Most members one presence answer (WebSocket or REST) lists; past it the answer says `truncated`.
+    pub max_presence_members: usize,
 }
 
 impl Default for ChannelsConfig {
@@ -335,6 +341,8 @@ impl Default for ChannelsConfig {
             max_memory: 256 * 1024 * 1024,
             max_pattern_scan: 10_000,
             max_concurrent_pattern_scans: 2,
+            presence_ttl: Duration::from_secs(30),
+            max_presence_members: 1_000,
         }
     }
 }
@@ -362,6 +370,11 @@ pub struct NamespaceConfig {
     pub private: bool,
     /// What happens to a connection over its queue bound, for this namespace's messages.
     pub slow_consumer: Option<SlowConsumer>,
+    /// Whether the subscribers of a channel here are listed by `presence` (WebSocket) and
+    /// `GET /api/channels/{c}/presence`.
+    pub presence: bool,
+    /// Whether the subscribers of a channel here are told when a client subscribes (`join`) or leaves it.
+    pub join_leave: bool,
 }
 
 /// What the hub does with a connection whose outgoing queue is over `websocket.mailbox_size` or
@@ -390,6 +403,10 @@ pub struct ChannelPolicy {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub slow_consumer: SlowConsumer,
+    /// Subscribers are listed by presence queries.
+    pub presence: bool,
+    /// Subscribers hear `join` and `leave`.
+    pub join_leave: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -808,6 +825,12 @@ impl Config {
         if self.channels.max_pattern_scan == 0 {
             return err("channels.max_pattern_scan", "must be at least 1");
         }
+        if self.channels.presence_ttl < Duration::from_secs(1) {
+            return err("channels.presence_ttl", "must be at least 1s");
+        }
+        if self.channels.max_presence_members == 0 {
+            return err("channels.max_presence_members", "must be at least 1");
+        }
         if self.channels.max_concurrent_pattern_scans == 0 {
             return err(
                 "channels.max_concurrent_pattern_scans",
@@ -1017,6 +1040,8 @@ impl Config {
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
                 slow_consumer: ns.slow_consumer.unwrap_or(defaults.slow_consumer),
+                presence: ns.presence,
+                join_leave: ns.join_leave,
             }),
             None if defaults.strict_namespaces => None,
             None => Some(self.default_policy()),
@@ -1034,6 +1059,8 @@ impl Config {
             history_size: self.channels.history_size,
             history_ttl: self.channels.history_ttl,
             slow_consumer: self.channels.slow_consumer,
+            presence: false,
+            join_leave: false,
         }
     }
 }

@@ -123,6 +123,10 @@ pub enum ClientFrame {
         channel: String,
         data: Box<RawValue>,
     },
+    /// Who is subscribed to a channel (namespaces with `presence = true`).
+    Presence {
+        channel: String,
+    },
     Ping,
 }
 
@@ -292,6 +296,9 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
                 .to_owned();
             Ok(ClientFrame::Publish { channel, data })
         }
+        "presence" => Ok(ClientFrame::Presence {
+            channel: channel()?,
+        }),
         "ping" => Ok(ClientFrame::Ping),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
@@ -488,6 +495,58 @@ pub fn authed_frame(id: &RequestId, user: &str, expires_at: &str) -> ByteString 
     extra.push_str(",\"expires_at\":");
     write_json_str(&mut extra, expires_at);
     reply("authed", id, None, &extra)
+}
+
+/// `presence`: a channel's members (each one's JSON as stored), with `"truncated":true` when the channel has
+/// more than were listed.
+pub fn presence_frame(
+    id: &RequestId,
+    channel: &str,
+    members: &[String],
+    truncated: bool,
+) -> ByteString {
+    let mut extra = String::with_capacity(16 + members.iter().map(|m| m.len() + 1).sum::<usize>());
+    extra.push_str(",\"members\":[");
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            extra.push(',');
+        }
+        extra.push_str(member);
+    }
+    extra.push(']');
+    if truncated {
+        extra.push_str(",\"truncated\":true");
+    }
+    reply("presence", id, Some(channel), &extra)
+}
+
+/// `join` or `leave`: a client subscribed to, or left, `channel`; `member` is its presence entry as JSON.
+pub fn presence_event_frame(join: bool, channel: &str, member: &str) -> ByteString {
+    let mut extra = String::with_capacity(12 + member.len());
+    extra.push_str(",\"member\":");
+    extra.push_str(member);
+    reply(
+        if join { "join" } else { "leave" },
+        &None,
+        Some(channel),
+        &extra,
+    )
+}
+
+/// A connection's presence entry: `{"client","user","info"}` (`info`: the token's claim, compact JSON).
+pub fn member_json(client: &str, user: Option<&str>, info: Option<&str>) -> String {
+    let mut out = String::with_capacity(48 + client.len() + info.map_or(0, str::len));
+    out.push_str("{\"client\":");
+    write_json_str(&mut out, client);
+    out.push_str(",\"user\":");
+    match user {
+        Some(user) => write_json_str(&mut out, user),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"info\":");
+    out.push_str(info.unwrap_or("null"));
+    out.push('}');
+    out
 }
 
 pub fn pong_frame(id: &RequestId) -> ByteString {
@@ -701,5 +760,44 @@ mod tests {
         assert_eq!(v["message"], "no \"quotes\"");
         let v: serde_json::Value = serde_json::from_str(&subscribed_frame(&None, "a:b")).unwrap();
         assert_eq!(v, serde_json::json!({"type":"subscribed","channel":"a:b"}));
+    }
+
+    #[test]
+    fn presence_frames_carry_members_as_given() {
+        let parsed = parse_client_frame(r#"{"op":"presence","channel":"room:1","id":7}"#);
+        assert!(
+            matches!(parsed.frame, Ok(ClientFrame::Presence { ref channel }) if channel == "room:1")
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"presence"}"#)
+                .frame
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        let ann = member_json("h-1", Some("a \"q\"\n"), Some(r#"{"n":[1,2]}"#));
+        let anon = member_json("h-2", None, None);
+        let id: RequestId = Some(RawValue::from_string("7".into()).unwrap());
+        let frame = presence_frame(&id, "room:1", &[ann, anon.clone()], true);
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","id":7,"channel":"room:1","members":[
+                {"client":"h-1","user":"a \"q\"\n","info":{"n":[1,2]}},
+                {"client":"h-2","user":null,"info":null}
+            ],"truncated":true})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_frame(&None, "room:1", &[], false)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","channel":"room:1","members":[]})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_event_frame(false, "room:1", &anon)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"leave","channel":"room:1","member":{"client":"h-2","user":null,"info":null}})
+        );
     }
 }

@@ -65,6 +65,16 @@ pub struct Unsubscribe {
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<Publication>);
 
+/// A `join` or `leave` frame for the exact subscribers of `channel` (not sequenced, not history), except
+/// `skip`: the local connection it is about.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Announce {
+    pub channel: Arc<str>,
+    pub frame: Bytes,
+    pub skip: Option<SessionId>,
+}
+
 /// The pub/sub connection went down: the epochs known per channel may be stale (Redis may restart and start
 /// its sequences over), so new subscribers read them again.
 #[derive(Message, Clone)]

@@ -21,7 +21,7 @@ use crate::engine::{Engine, Window};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
-    CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
+    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
     Unsubscribe,
 };
 use crate::node::observer::ChannelObserver;
@@ -211,6 +211,7 @@ impl Registry {
             forget: addr.clone().recipient(),
             catch_up: addr.clone().recipient(),
             close_all: addr.clone().recipient(),
+            announce: addr.clone().recipient(),
         });
         addr
     }
@@ -1408,6 +1409,33 @@ impl Handler<Dispatch> for Registry {
 
     fn handle(&mut self, msg: Dispatch, ctx: &mut Context<Self>) {
         self.dispatch(msg.0, ctx);
+    }
+}
+
+impl Handler<Announce> for Registry {
+    type Result = ();
+
+    /// `join` and `leave` go to the channel's live exact subscribers that speak the protocol; they are not
+    /// messages (no seq, no slot of their own). Over its bound a subscriber is the usual slow consumer, or,
+    /// in a conflating namespace, just misses the announcement.
+    fn handle(&mut self, msg: Announce, _: &mut Context<Self>) {
+        let Some(entry) = self.channels.get(&msg.channel) else {
+            return;
+        };
+        let conflate = entry.policy.slow_consumer == SlowConsumer::Conflate;
+        let mut slow = std::mem::take(&mut self.slow);
+        for (id, subscriber) in &entry.active {
+            if Some(*id) != msg.skip
+                && subscriber.outbox.push_reply(msg.frame.clone()).is_err()
+                && !conflate
+            {
+                slow.push(*id);
+            }
+        }
+        for id in slow.drain(..) {
+            self.drop_slow(id);
+        }
+        self.slow = slow;
     }
 }
 

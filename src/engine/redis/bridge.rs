@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::keys::Keys;
 use super::link::Link;
+use super::presence;
 use super::store::{RedisStore, decode_payload, escape_glob};
 use crate::core::config::Config;
 use crate::core::ingest::Route;
@@ -597,6 +598,13 @@ impl Bridge {
                     // An ingest pattern broad enough to match relayhub's own channels: not an ingest message.
                     return;
                 }
+                if let Some(announced) = presence::decode_announcement(msg.get_payload_bytes()) {
+                    // Only exact subscribers hear joins and leaves: a pattern's copy is not relayed.
+                    if !from_pattern {
+                        self.relay_announcement(channel, announced);
+                    }
+                    return;
+                }
                 match decode_payload(channel.into(), msg.get_payload_bytes()) {
                     Ok(publication) if self.is_duplicate(&publication, pattern.as_deref()) => {
                         return;
@@ -628,6 +636,16 @@ impl Bridge {
                     );
                 }
             }
+        }
+    }
+
+    fn relay_announcement(&self, channel: &str, announced: presence::Announcement<'_>) {
+        if announced.join {
+            self.handler
+                .on_join(channel, announced.client, announced.member);
+        } else {
+            self.handler
+                .on_leave(channel, announced.client, announced.member);
         }
     }
 

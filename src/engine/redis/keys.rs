@@ -67,12 +67,6 @@ impl Keys {
         format!("{}jobstatus:{job}", self.prefix)
     }
 
-    /// Marks that some replica has pattern subscribers of a prefix, refreshed by its poller and expiring
-    /// when not (an `auto_stop` job under the prefix keeps running): `<prefix>patsub:<pattern prefix>`.
-    pub fn pattern_presence(&self, pattern_prefix: &str) -> String {
-        format!("{}patsub:{pattern_prefix}", self.prefix)
-    }
-
     /// The lease of an `[[ingest]]` route, held by the replica that takes its messages into the sequenced
     /// path: `<prefix>ingestlease:<redis_channel>`.
     pub fn ingest_lease(&self, redis_channel: &str) -> String {
@@ -87,6 +81,35 @@ impl Keys {
     /// A request that a job's owner fetch at once, taken by its next scan: `<prefix>refresh:<job>`.
     pub fn refresh(&self, job: &str) -> String {
         format!("{}refresh:{job}", self.prefix)
+    }
+
+    /// A channel's presence members, by connection id (their JSON): `<prefix>presence:<channel>`.
+    pub fn presence(&self, channel: &str) -> String {
+        format!("{}presence:{channel}", self.prefix)
+    }
+
+    /// When each member of a channel's presence expires unless its replica refreshes it (sorted set of
+    /// connection ids scored by expiry, ms since the Unix epoch): `<prefix>presence_exp:<channel>`.
+    pub fn presence_expiry(&self, channel: &str) -> String {
+        format!("{}presence_exp:{channel}", self.prefix)
+    }
+
+    /// How many members of a channel's presence each user has (anonymous members not counted):
+    /// `<prefix>presence_users:<channel>`.
+    pub fn presence_users(&self, channel: &str) -> String {
+        format!("{}presence_users:{channel}", self.prefix)
+    }
+
+    /// Subscribers of a job's channel per replica (field: instance id, value: `<expiry ms> <count>`), written
+    /// by every replica's scan: `<prefix>demand:<job>`.
+    pub fn demand(&self, job: &str) -> String {
+        format!("{}demand:{job}", self.prefix)
+    }
+
+    /// A polling source's cache-aside reads summed over the fleet (fields `hits`, `misses`), added to by every
+    /// replica's scan: `<prefix>cachereads:<source>`.
+    pub fn cache_reads(&self, source: &str) -> String {
+        format!("{}cachereads:{source}", self.prefix)
     }
 
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.

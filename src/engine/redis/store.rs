@@ -27,7 +27,7 @@ const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// Epoch (created when missing), seq, latest value and history of a channel in one atomic read.
 const WINDOW_SCRIPT: &str = include_str!("window.lua");
 
-/// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
+/// Takes or renews the lease of an `[[ingest]]` route, or hands it back: one replica sequences its messages.
 const INGEST_LEASE_SCRIPT: &str = include_str!("ingest_lease.lua");
 
 /// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
