@@ -32,7 +32,7 @@ cd "$repo/tests/browser"
 ws_flag=()
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
 status=0
-node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs recovery.test.mjs token.test.mjs || status=$?
+node "${ws_flag[@]}" --test --test-reporter=tap dashboard.test.mjs client.test.mjs recovery.test.mjs token.test.mjs presence.test.mjs || status=$?
 # sse.test.mjs needs an EventSource in node too (behind a flag in node 20). Run on its own: with a global
 # EventSource the other files' clients would take the SSE fallback where they test REST polling.
 es_flag=()

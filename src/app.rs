@@ -92,12 +92,15 @@ impl Running {
             // Leases first (another replica takes the jobs at once), then wait for the spread closes and give
             // the last sessions a moment to write their close frames before the workers stop.
             let _ = tokio::time::timeout(timeout / 4, poller.send(poller::ReleaseAll)).await;
+            let _ = tokio::time::timeout(timeout / 4, hub.engine().release_ingest_routes()).await;
             let drained = started + drain_period + (timeout - drain_period) / 2;
             while Stats::get(&hub.stats().connections) > 0 && tokio::time::Instant::now() < drained
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server.stop(true).await;
+            // The closed sessions' leaves, written and announced now rather than left to expire.
+            hub.presence().flush().await;
         };
         // Everything above, together, within shutdown_timeout.
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
@@ -111,6 +114,7 @@ impl Running {
     /// Stops at once without closing clients or releasing leases: what a crash looks like to the fleet.
     pub async fn kill(self) {
         self.poller.do_send(poller::Halt);
+        self.hub.presence().halt();
         if let Some(metrics) = &self.metrics_server {
             metrics.stop(false).await;
         }
@@ -271,7 +275,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let instance_id = instance_id(&config);
     let stats = Arc::new(Stats::default());
-    let fanout = Arc::new(Fanout::default());
+    let fanout = Arc::new(Fanout::new(&instance_id));
     if let Some(verifier) = &verifier
         && verifier.jwks().is_some()
     {

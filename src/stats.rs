@@ -51,13 +51,17 @@ pub struct Stats {
     pub rate_limit_disconnects: AtomicU64,
     /// Pattern subscriptions refused by `websocket.max_patterns_per_connection`.
     pub patterns_refused: AtomicU64,
+    /// Messages given to a pattern subscriber without a position: its connection already tracked
+    /// `channels.max_pattern_positions` channels (not deduplicated, not recoverable).
+    pub pattern_positions_untracked: AtomicU64,
     /// Subscriptions refused by `websocket.max_subscriptions_per_connection`.
     pub subscriptions_refused: AtomicU64,
     /// Connections closed with 1008 for sending nothing, not even a pong, for `websocket.client_timeout`.
     pub heartbeat_timeouts: AtomicU64,
     /// Polling jobs not created because `poller.max_jobs` were stored (API starts and auto-starts).
     pub jobs_refused: AtomicU64,
-    /// Ingested messages not cached because the queue of cache writes was full.
+    /// Ingested messages the route's lease holder could not take into the sequenced path (its queue of
+    /// 10,000 was full, or the publish script failed): lost.
     pub ingest_cache_dropped: AtomicU64,
     /// Polls answered 304 Not Modified (conditional requests; nothing published).
     pub poll_not_modified: AtomicU64,
@@ -93,6 +97,18 @@ pub struct Stats {
     pub jwks_fetches: AtomicU64,
     /// JWKS fetches that failed (unreachable, timeout, too big, no usable key); the old keys stay.
     pub jwks_fetch_failures: AtomicU64,
+    /// Presence answers given (WebSocket `presence`, REST presence and presence stats).
+    pub presence_queries: AtomicU64,
+    /// Presence answers cut at `channels.max_presence_members`.
+    pub presence_truncated: AtomicU64,
+    /// Clients of this replica that joined a channel's presence (subscribed in a namespace with presence or
+    /// join_leave).
+    pub presence_joins: AtomicU64,
+    /// Clients of this replica that left it (unsubscribed, revoked or disconnected).
+    pub presence_leaves: AtomicU64,
+    /// Presence changes not written: the write queue was full, or the backend refused them. The periodic
+    /// refresh re-adds a lost join and a lost leave expires within `channels.presence_ttl`.
+    pub presence_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -106,7 +122,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 41] {
+    pub fn counters(&self) -> [(&'static str, u64); 47] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -127,6 +143,10 @@ impl Stats {
             ("requests_rate_limited", &self.requests_rate_limited),
             ("rate_limit_disconnects", &self.rate_limit_disconnects),
             ("patterns_refused", &self.patterns_refused),
+            (
+                "pattern_positions_untracked",
+                &self.pattern_positions_untracked,
+            ),
             ("subscriptions_refused", &self.subscriptions_refused),
             ("heartbeat_timeouts", &self.heartbeat_timeouts),
             ("jobs_refused", &self.jobs_refused),
@@ -149,6 +169,11 @@ impl Stats {
             ("jwks_fetches", &self.jwks_fetches),
             ("jwks_fetch_failures", &self.jwks_fetch_failures),
             ("sse_streams_opened", &self.sse_streams_opened),
+            ("presence_queries", &self.presence_queries),
+            ("presence_truncated", &self.presence_truncated),
+            ("presence_joins", &self.presence_joins),
+            ("presence_leaves", &self.presence_leaves),
+            ("presence_dropped", &self.presence_dropped),
         ]
         .map(|(name, counter)| (name, Self::get(counter)))
     }

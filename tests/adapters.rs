@@ -140,8 +140,8 @@ cache = true
             .await
             .unwrap();
     }
-    // Cached once fleet-wide (each replica receives every message; one writes it): the latest value, and one
-    // snapshot per message, not one per replica.
+    // Sequenced once fleet-wide (each replica receives every message; the route's lease holder publishes it):
+    // the latest value, and one snapshot per message, not one per replica.
     eventually(Duration::from_secs(5), "ingested values cached", || async {
         get_json(&hubs[0].http("/api/channels/prices:BTC")).await.1["data"]["price"]
             == json!(64001.0)
@@ -205,7 +205,7 @@ cache = true
         .map(|i| i["data"]["price"].clone())
         .collect();
     assert_eq!(prices, [json!(1.5), json!(64001.0), json!(64000.5)]);
-    // A new subscriber gets the ingested value as its snapshot (no seq: the producer published it).
+    // A new subscriber gets the ingested value as its snapshot, numbered: routes are sequenced like any publish.
     let mut late = hubs[1].connect().await;
     late.subscribe("prices:ETH").await;
     let snapshot = late.recv_type("snapshot").await;
@@ -214,6 +214,6 @@ cache = true
             snapshot["data"]["price"].clone(),
             snapshot.get("seq").cloned()
         ),
-        (json!(3150.2), None)
+        (json!(3150.2), Some(json!(1)))
     );
 }

@@ -100,7 +100,7 @@ impl Contract {
 async fn every_documented_operation_answers_as_documented() {
     let mut hub = TestHub::start(
         "[server]\napi_key = \"k\"\n[[sources]]\nname = \"feed\"\nurl = \"http://127.0.0.1:9/{id}\"\n\
-         channel = \"feed:{id}\"\ninterval = \"10s\"\n",
+         channel = \"feed:{id}\"\ninterval = \"10s\"\n[namespaces.room]\npresence = true\n",
     )
     .await;
     let mut c = Contract {
@@ -274,6 +274,34 @@ async fn every_documented_operation_answers_as_documented() {
         400,
     )
     .await;
+
+    let presence = "/api/channels/{channel}/presence";
+    let members = c
+        .call(
+            &hub,
+            "GET",
+            presence,
+            "/api/channels/room:a/presence",
+            &[],
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(members["members"], json!([]));
+    for (url, status) in [
+        ("/api/channels/chat:a/presence", 403),
+        ("/api/channels/bad%20name/presence", 400),
+    ] {
+        c.call(&hub, "GET", presence, url, &[], None, status).await;
+    }
+    let presence_stats = "/api/channels/{channel}/presence/stats";
+    for (url, status) in [
+        ("/api/channels/room:a/presence/stats", 200),
+        ("/api/channels/chat:a/presence/stats", 403),
+    ] {
+        c.call(&hub, "GET", presence_stats, url, &[], None, status)
+            .await;
+    }
 
     let start = "/api/polling/start";
     let job = c

@@ -169,6 +169,34 @@ export interface RelayHubEvents {
   fallback: (active: boolean) => void;
   gap: (info: GapInfo) => void;
   authed: (info: AuthedInfo) => void;
+  /** Another client subscribed to a channel of a namespace with `join_leave = true`. */
+  join: (info: PresenceEvent) => void;
+  /** A client unsubscribed from such a channel, or disconnected. */
+  leave: (info: PresenceEvent) => void;
+}
+
+/** One subscriber of a channel, as presence lists it. */
+export interface Member {
+  /** The connection's id, unique across the hub's replicas. */
+  client: string;
+  /** Its connection token's `sub`; null when anonymous. */
+  user: string | null;
+  /** Its connection token's `info` claim; null when none. */
+  info: unknown;
+}
+
+/** Payload of `join` and `leave` events. */
+export interface PresenceEvent {
+  channel: string;
+  member: Member;
+}
+
+/** What {@link RelayHub.presence} resolves with. */
+export interface PresenceAnswer {
+  channel: string;
+  members: Member[];
+  /** The channel has more members than the hub lists (`channels.max_presence_members`). */
+  truncated: boolean;
 }
 
 /** Payload of an `authed` event: the hub accepted the connection token. */
@@ -236,6 +264,12 @@ export declare class RelayHub {
    * Resolves on the hub's `published` reply; rejects with a {@link PublishError}.
    */
   publish(channel: string, data: unknown): Promise<{ channel: string; seq: number | null }>;
+
+  /**
+   * The members of `channel` on every replica (namespaces with `presence = true`); sent at once when open,
+   * otherwise queued. Rejects with a {@link PublishError} carrying `code` when the hub refuses.
+   */
+  presence(channel: string): Promise<PresenceAnswer>;
 
   /** Adds a listener; returns a function that removes it. */
   on<E extends keyof RelayHubEvents>(event: E, fn: RelayHubEvents[E]): () => void;

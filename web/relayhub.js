@@ -20,6 +20,9 @@
 // subscribed again with `since` = its position, so the hub replays exactly what was missed (`recovered:true`)
 // or says it cannot (`recovered:false`, a `gap` event, then the snapshot). The SSE fallback opens its stream
 // with the same positions as `last_event_id`, and the REST fallback reads the same history with `since_seq`.
+// A pattern subscription keeps one position per concrete channel it delivered (at most
+// MAX_PATTERN_POSITIONS; the hub names each channel's epoch in an `epoch` frame) and resubscribes with the
+// `since` map of those whose epoch it knows: each is replayed (`recovered` per channel) or gets its snapshot.
 
 /** Defaults of every option of {@link RelayHub}. */
 export const DEFAULTS = Object.freeze({
@@ -38,6 +41,12 @@ export const DEFAULTS = Object.freeze({
   token: null,
   tokenRefreshBefore: 30_000,
 });
+
+/**
+ * Most channels a pattern subscription keeps a position for: the hub's default `channels.max_pattern_positions`,
+ * which also bounds the `since` map a pattern subscribe may send.
+ */
+const MAX_PATTERN_POSITIONS = 256;
 
 /** What a channel name may look like (the server rejects anything else with `invalid_channel`). */
 const CHANNEL_RE = /^[A-Za-z0-9_.:@#-]{1,200}$/;
@@ -373,10 +382,13 @@ export class RelayHub {
       }
     } else {
       const prefix = isPattern(channel) ? channel.slice(0, -1) : null;
+      // A pattern's `positions`: channel -> { epoch, seq, replayUntil }, filled as its channels deliver.
       sub = { handlers: new Set([onMessage]), last: null, prefix, pos: null, replayUntil: 0 };
+      if (prefix !== null) sub.positions = new Map();
       if (sub.prefix !== null) this._patternCount += 1;
       this._subs.set(channel, sub);
-      this._enqueue({ op: "subscribe", channel });
+      // A pattern always sends `since` (empty at first), so the hub names each channel's epoch to resume from.
+      this._enqueue(prefix === null ? { op: "subscribe", channel } : { op: "subscribe", channel, since: {} });
       if (this._fallbackTimer !== null) this._poll();
       this._refreshSse();
     }
@@ -413,9 +425,34 @@ export class RelayHub {
   }
 
   /**
+   * Who is subscribed to `channel` on every replica (namespaces with `presence = true`): sent at once when open,
+   * otherwise queued like a publish.
+   * @param {string} channel
+   * @returns {Promise<{channel: string, members: Array<{client: string, user: string|null, info: any}>, truncated: boolean}>}
+   *   resolves on the hub's `presence` answer (`truncated`: the channel has more members than the hub lists);
+   *   rejects with an Error carrying `code` when the hub refuses (`forbidden`: no presence in the namespace, or
+   *   the channel may not be read), or when the connection drops before the answer
+   */
+  presence(channel) {
+    if (!isValidChannel(channel)) {
+      return Promise.reject(new TypeError(`RelayHub: invalid channel name ${JSON.stringify(channel)}`));
+    }
+    if (this._status === "closed" && !this._gaveUp) {
+      return Promise.reject(new Error("RelayHub: closed; call connect() first"));
+    }
+    const promise = new Promise((resolve, reject) => {
+      this._enqueue({ op: "presence", channel }, { resolve, reject });
+    });
+    promise.catch(() => {});
+    return promise;
+  }
+
+  /**
    * Adds a listener. Events: `status` (state, {code, reason, attempt, delay}), `latency` (ms),
-   * `error` ({code, message, channel, op, dropped}), `fallback` (active), `gap` ({channel, source}).
-   * @param {"status"|"latency"|"error"|"fallback"|"gap"} event
+   * `error` ({code, message, channel, op, dropped}), `fallback` (active), `gap` ({channel, source}),
+   * `join` and `leave` ({channel, member}: another client subscribed to, or left, a channel whose namespace
+   * has `join_leave = true`).
+   * @param {"status"|"latency"|"error"|"fallback"|"gap"|"authed"|"join"|"leave"} event
    * @param {Function} fn
    * @returns {() => void} a function that removes the listener
    */
@@ -567,6 +604,9 @@ export class RelayHub {
         });
         break;
       }
+      case "epoch":
+        this._onEpoch(frame);
+        break;
       case "pong":
         this._onPong(frame.id);
         break;
@@ -578,6 +618,19 @@ export class RelayHub {
       case "subscribed":
         this._takePending(frame.id);
         this._onSubscribed(frame);
+        break;
+      case "presence": {
+        const p = this._takePending(frame.id);
+        p?.resolve?.({
+          channel: frame.channel,
+          members: Array.isArray(frame.members) ? frame.members : [],
+          truncated: frame.truncated === true,
+        });
+        break;
+      }
+      case "join":
+      case "leave":
+        this._emit(frame.type, { channel: frame.channel, member: frame.member ?? null });
         break;
       case "unsubscribed":
         this._takePending(frame.id);
@@ -602,6 +655,10 @@ export class RelayHub {
    */
   _onSubscribed(frame) {
     const sub = this._subs.get(frame.channel);
+    if (sub?.prefix != null) {
+      this._onPatternSubscribed(sub, frame);
+      return;
+    }
     // Patterns carry no position; an answer to a repeated subscribe carries none either.
     if (!sub || sub.prefix !== null || typeof frame.epoch !== "string") return;
     if (frame.recovered === true && sub.pos?.epoch === frame.epoch) {
@@ -614,6 +671,45 @@ export class RelayHub {
     if (frame.recovered === false) this._emit("gap", { channel: frame.channel, source: "socket" });
   }
 
+  /**
+   * A pattern's subscription is live. A subscribe with `since` is answered per named channel: `recovered`
+   * (true: its missed messages follow; false: a gap, then its snapshot) and `positions` (the channel's epoch
+   * and newest seq then).
+   */
+  _onPatternSubscribed(sub, frame) {
+    const recovered = frame.recovered !== null && typeof frame.recovered === "object" ? frame.recovered : {};
+    const positions = frame.positions !== null && typeof frame.positions === "object" ? frame.positions : {};
+    for (const [channel, ok] of Object.entries(recovered)) {
+      const at = positions[channel];
+      const old = sub.positions.get(channel);
+      if (ok === true && at && old && old.epoch === at.epoch) {
+        old.replayUntil = typeof at.seq === "number" ? at.seq : 0;
+        continue;
+      }
+      if (at && typeof at.epoch === "string") {
+        sub.positions.set(channel, { epoch: at.epoch || null, seq: typeof at.seq === "number" ? at.seq : 0, replayUntil: 0 });
+      } else {
+        sub.positions.delete(channel);
+      }
+      if (ok === false) this._emit("gap", { channel, source: "socket" });
+    }
+  }
+
+  /** The epoch of a channel a pattern delivers: its position can be resumed from now on. */
+  _onEpoch(frame) {
+    if (typeof frame.channel !== "string" || typeof frame.epoch !== "string") return;
+    for (const p of this._subs.values()) {
+      if (p.prefix === null || !frame.channel.startsWith(p.prefix)) continue;
+      const at = p.positions.get(frame.channel);
+      if (at) {
+        // A new epoch (a numbering that started over) was already followed by the position rule.
+        at.epoch = frame.epoch;
+      } else if (p.positions.size < MAX_PATTERN_POSITIONS) {
+        p.positions.set(frame.channel, { epoch: frame.epoch, seq: 0, replayUntil: 0 });
+      }
+    }
+  }
+
   _onErrorFrame(frame) {
     const p = this._takePending(frame.id);
     const info = {
@@ -622,10 +718,19 @@ export class RelayHub {
       channel: p?.channel ?? frame.channel ?? null,
       op: p?.op ?? null,
     };
-    if (p?.op === "publish") {
-      const err = new Error(`RelayHub: publish refused: ${info.code}: ${info.message}`);
+    if (p?.op === "publish" || p?.op === "presence") {
+      const err = new Error(`RelayHub: ${p.op} refused: ${info.code}: ${info.message}`);
       err.code = info.code;
       p.reject(err);
+    }
+    const pattern = p?.op === "subscribe" && p.since ? this._subs.get(p.channel) : undefined;
+    if (pattern?.prefix != null && info.code === "bad_request" && !pattern.plain) {
+      // A hub that takes no `since` for patterns (an older one), or fewer channels than this client keeps:
+      // subscribe the pattern plainly from now on (its snapshots again) rather than drop it.
+      pattern.plain = true;
+      pattern.positions.clear();
+      this._enqueue({ op: "subscribe", channel: p.channel });
+      return;
     }
     if (p?.op === "subscribe" && FINAL_SUBSCRIBE_ERRORS.has(info.code)) {
       // Retrying on every reconnect would fail the same way: forget the channel.
@@ -804,6 +909,15 @@ export class RelayHub {
   _resubscribeAndFlush() {
     const queuedSubs = new Set(this._queue.filter((q) => q.frame.op === "subscribe").map((q) => q.frame.channel));
     const subscribe = (channel, sub) => {
+      if (sub.prefix !== null && sub.plain) return { op: "subscribe", channel };
+      if (sub.prefix !== null) {
+        // A pattern: the channels whose epoch the hub named, each from its position.
+        const since = {};
+        for (const [name, at] of sub.positions) {
+          if (at.epoch !== null) since[name] = { epoch: at.epoch, seq: at.seq };
+        }
+        return { op: "subscribe", channel, since };
+      }
       const since = sub.pos?.epoch != null ? { epoch: sub.pos.epoch, seq: sub.pos.seq } : undefined;
       return since ? { op: "subscribe", channel, since } : { op: "subscribe", channel };
     };
@@ -827,7 +941,7 @@ export class RelayHub {
   _send(frame, promise) {
     const id = this._nextId++;
     const out = { ...frame, id };
-    this._pending.set(id, { op: frame.op, channel: frame.channel, ...(promise ?? {}) });
+    this._pending.set(id, { op: frame.op, channel: frame.channel, since: frame.since !== undefined, ...(promise ?? {}) });
     try {
       this._ws.send(JSON.stringify(out));
     } catch (err) {
@@ -853,7 +967,7 @@ export class RelayHub {
   _rejectQueued(err) {
     const keep = [];
     for (const q of this._queue) {
-      if (q.frame.op === "publish") q.promise?.reject(err);
+      if (q.frame.op === "publish" || q.frame.op === "presence") q.promise?.reject(err);
       else keep.push(q);
     }
     this._queue = keep;
@@ -888,8 +1002,41 @@ export class RelayHub {
     if (this._patternCount === 0) return;
     for (const p of this._subs.values()) {
       if (p.prefix === null || !channel.startsWith(p.prefix)) continue;
-      for (const fn of [...p.handlers]) safeCall(fn, data, meta);
+      if (!this._admitPattern(p, channel, meta)) continue;
+      let given = meta;
+      if (meta.source === "socket" && !meta.snapshot && typeof meta.seq === "number") {
+        const at = p.positions.get(channel);
+        given = { ...meta, recovered: at !== undefined && meta.seq <= at.replayUntil };
+      }
+      for (const fn of [...p.handlers]) safeCall(fn, data, given);
     }
+  }
+
+  /**
+   * The position rule for a pattern, per concrete channel: as {@link _admit}, on the channel's entry in the
+   * pattern's `positions` (created on its first value, while fewer than MAX_PATTERN_POSITIONS are kept; past
+   * that the channel's values pass unchecked). As on the hub, a value at or below the position that is younger
+   * (`ts`) than the newest one given is the start of a numbering that started over, not a copy.
+   */
+  _admitPattern(p, channel, meta) {
+    if (typeof meta.seq !== "number") return true;
+    const at = p.positions.get(channel);
+    const ts = typeof meta.ts === "string" ? meta.ts : null;
+    if (at === undefined) {
+      if (p.positions.size < MAX_PATTERN_POSITIONS) {
+        p.positions.set(channel, { epoch: null, seq: meta.seq, ts, replayUntil: 0 });
+      }
+      return true;
+    }
+    if (meta.seq <= at.seq && !meta.snapshot) {
+      if (ts === null || at.ts == null || ts <= at.ts) return false;
+      at.seq = meta.seq;
+      at.ts = ts;
+      return true;
+    }
+    at.seq = Math.max(at.seq, meta.seq);
+    if (ts !== null && (at.ts == null || ts > at.ts)) at.ts = ts;
+    return true;
   }
 
   /**

@@ -23,6 +23,15 @@ fuzz_target!(|data: &[u8]| {
         Ok(ClientFrame::Publish { channel, .. }) => {
             protocol::published_frame(&parsed.id, channel, Some(1))
         }
+        Ok(ClientFrame::Presence { channel }) => {
+            // The channel doubles as a member's id and user: both are written by hand too.
+            let member = protocol::member_json(channel, Some(channel), None);
+            let answer = protocol::presence_frame(&parsed.id, channel, &[member], true);
+            let json: Value = serde_json::from_str(&answer).expect("a presence frame is JSON");
+            assert_eq!(json["channel"].as_str(), Some(channel.as_str()));
+            assert_eq!(json["members"][0]["user"].as_str(), Some(channel.as_str()));
+            answer
+        }
         Ok(ClientFrame::Ping) => protocol::pong_frame(&parsed.id),
         Ok(ClientFrame::Auth { token }) => {
             protocol::authed_frame(&parsed.id, token, "2026-01-01T00:00:00Z")

@@ -270,6 +270,10 @@ pub struct RedisConfig {
     /// How often the bridge sends a probe through its own pub/sub connection to prove it is alive.
     #[serde(deserialize_with = "de_duration")]
     pub probe_interval: Duration,
+    /// How long an `[[ingest]]` route's lease lasts: one replica at a time takes the route's messages into
+    /// the sequenced path, renewing every third of this; another takes over this long after it stops.
+    #[serde(deserialize_with = "de_duration")]
+    pub ingest_lease: Duration,
 }
 
 impl RedisConfig {
@@ -320,6 +324,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(3),
+            ingest_lease: Duration::from_secs(3),
         }
     }
 }
@@ -344,6 +349,9 @@ pub struct ChannelsConfig {
     pub slow_consumer: SlowConsumer,
     /// Most snapshots sent when a pattern subscription starts.
     pub max_pattern_snapshots: usize,
+    /// Most channels whose position a connection keeps for its pattern subscriptions (and most channels a
+    /// pattern subscribe's `since` may name); messages of further channels are delivered without one.
+    pub max_pattern_positions: usize,
     /// Memory mode: most bytes of latest values and snapshots kept; the least recently published channels
     /// are evicted first.
     pub max_memory: usize,
@@ -353,6 +361,12 @@ pub struct ChannelsConfig {
     /// Redis mode: pattern snapshot look-ups running at once; more wait, so they never take the pool from
     /// publishes.
     pub max_concurrent_pattern_scans: usize,
+    /// How long a replica's presence entries outlive its last refresh: the members of a replica that died
+    /// leave presence within it (each replica refreshes its own every third of it).
+    #[serde(deserialize_with = "de_duration")]
+    pub presence_ttl: Duration,
+    /// Most members one presence answer (WebSocket or REST) lists; past it the answer says `truncated`.
+    pub max_presence_members: usize,
 }
 
 impl Default for ChannelsConfig {
@@ -365,9 +379,12 @@ impl Default for ChannelsConfig {
             history_ttl: Duration::from_secs(600),
             slow_consumer: SlowConsumer::Disconnect,
             max_pattern_snapshots: 100,
+            max_pattern_positions: 256,
             max_memory: 256 * 1024 * 1024,
             max_pattern_scan: 10_000,
             max_concurrent_pattern_scans: 2,
+            presence_ttl: Duration::from_secs(30),
+            max_presence_members: 1_000,
         }
     }
 }
@@ -395,6 +412,11 @@ pub struct NamespaceConfig {
     pub private: bool,
     /// What happens to a connection over its queue bound, for this namespace's messages.
     pub slow_consumer: Option<SlowConsumer>,
+    /// Whether the subscribers of a channel here are listed by `presence` (WebSocket) and
+    /// `GET /api/channels/{c}/presence`.
+    pub presence: bool,
+    /// Whether the subscribers of a channel here are told when a client subscribes (`join`) or leaves it.
+    pub join_leave: bool,
 }
 
 /// What the hub does with a connection whose outgoing queue is over `websocket.mailbox_size` or
@@ -423,6 +445,10 @@ pub struct ChannelPolicy {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub slow_consumer: SlowConsumer,
+    /// Subscribers are listed by presence queries.
+    pub presence: bool,
+    /// Subscribers hear `join` and `leave`.
+    pub join_leave: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -843,8 +869,17 @@ impl Config {
         if self.channels.max_memory < 64 * 1024 {
             return err("channels.max_memory", "must be at least 65536 (bytes)");
         }
+        if self.channels.max_pattern_positions == 0 {
+            return err("channels.max_pattern_positions", "must be at least 1");
+        }
         if self.channels.max_pattern_scan == 0 {
             return err("channels.max_pattern_scan", "must be at least 1");
+        }
+        if self.channels.presence_ttl < Duration::from_secs(1) {
+            return err("channels.presence_ttl", "must be at least 1s");
+        }
+        if self.channels.max_presence_members == 0 {
+            return err("channels.max_presence_members", "must be at least 1");
         }
         if self.channels.max_concurrent_pattern_scans == 0 {
             return err(
@@ -863,6 +898,9 @@ impl Config {
             );
         }
         self.validate_cluster()?;
+        if self.redis.ingest_lease < Duration::from_millis(300) {
+            return err("redis.ingest_lease", "must be at least 300ms");
+        }
         if self.poller.lease < Duration::from_millis(300) {
             return err("poller.lease", "must be at least 300ms");
         }
@@ -1007,8 +1045,9 @@ impl Config {
     }
 
     /// What cluster mode asks of the rest of the configuration: seed nodes that are URLs, no `url` beside them,
-    /// a prefix that cannot carry a hash tag of its own, and nothing that needs pattern subscriptions (Redis
-    /// Cluster's sharded pub/sub has none).
+    /// a prefix that cannot carry a hash tag of its own, nothing that needs pattern subscriptions (Redis
+    /// Cluster's sharded pub/sub has none), and no presence (its scripts announce with PUBLISH and batch
+    /// several channels in one pipeline, which a cluster does not take).
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let err = |key: &str, msg: String| Err(ConfigError(format!("config key `{key}`: {msg}")));
         if !self.redis.is_cluster() {
@@ -1041,6 +1080,19 @@ impl Config {
                     &format!("ingest[{i}].redis_channel"),
                     "is a pattern, which cluster mode cannot listen to (sharded pub/sub has no patterns)"
                         .into(),
+                );
+            }
+        }
+        for (name, namespace) in &self.namespaces {
+            if namespace.presence || namespace.join_leave {
+                let key = if namespace.presence {
+                    "presence"
+                } else {
+                    "join_leave"
+                };
+                return err(
+                    &format!("namespaces.{name}.{key}"),
+                    "is not available in cluster mode yet (presence runs on one Redis only)".into(),
                 );
             }
         }
@@ -1103,6 +1155,8 @@ impl Config {
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
                 slow_consumer: ns.slow_consumer.unwrap_or(defaults.slow_consumer),
+                presence: ns.presence,
+                join_leave: ns.join_leave,
             }),
             None if defaults.strict_namespaces => None,
             None => Some(self.default_policy()),
@@ -1120,6 +1174,8 @@ impl Config {
             history_size: self.channels.history_size,
             history_ttl: self.channels.history_ttl,
             slow_consumer: self.channels.slow_consumer,
+            presence: false,
+            join_leave: false,
         }
     }
 }
@@ -1323,6 +1379,10 @@ mod tests {
             (
                 "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[ingest]]\nredis_channel = \"feed:*\"\nchannel = \"x:y\"\n",
                 "ingest[0].redis_channel",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[namespaces.room]\npresence = true\n",
+                "namespaces.room.presence",
             ),
             (
                 "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[endpoints]]\npath = \"/ws/{s}\"\nchannel = \"prices:{s}\"\nalias = { all = \"*\" }\n",

@@ -14,6 +14,9 @@
 //! gives each subscriber the missing messages before the held ones, or the held ones alone when history no
 //! longer has what is missing.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 /// Where a client (or a subscriber) stands in a channel: the newest `seq` it saw under `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -185,6 +188,139 @@ pub fn replay_after<T>(
     }
     missed.reverse();
     Some(missed)
+}
+
+/// What the ordering rule says about one message for a pattern subscription (see [`PatternPositions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Deliver it.
+    Deliver,
+    /// Deliver it; the channel's first message for this connection: it is told the channel's epoch.
+    First,
+    /// Deliver it; the first of a numbering that started over: the epoch the connection knows is stale.
+    Restarted,
+    /// A copy of something delivered already: drop it.
+    Drop,
+    /// Deliver it without a position: the connection already tracks its cap of channels.
+    Untracked,
+}
+
+/// Where one connection stands in each concrete channel its pattern subscriptions have given it: the newest
+/// message given per channel, at most `cap` channels. One map per connection, whichever of its patterns a
+/// copy came through, so nested patterns and copies from several Redis subscriptions share one position.
+///
+/// A pattern subscriber does not read a channel's epoch before its messages, so a message at or below the
+/// position is told apart by its `ts`: a copy is never younger than the newest message given (it is one of
+/// them), while the first message of a numbering that started over (the sequence expired after the
+/// channel's whole `ttl` without a publish, or Redis lost its data) is. A jump past the next `seq` is
+/// delivered as it is: pattern subscriptions do not fill gaps from history while live.
+#[derive(Debug)]
+pub struct PatternPositions<M> {
+    channels: HashMap<Arc<str>, Tracked<M>>,
+}
+
+impl<M> Default for PatternPositions<M> {
+    fn default() -> Self {
+        PatternPositions {
+            channels: HashMap::new(),
+        }
+    }
+}
+
+/// What the pattern rule reads of a message (a `Publication`, kept apart so this file needs no frame type).
+pub trait Sequenced {
+    fn channel(&self) -> &Arc<str>;
+    fn seq(&self) -> Option<u64>;
+    /// When it was published (RFC 3339, UTC, milliseconds: later times compare greater as strings).
+    fn ts(&self) -> Option<&str>;
+}
+
+/// One channel's position for a pattern subscriber.
+#[derive(Debug)]
+struct Tracked<M> {
+    seq: u64,
+    /// The newest message given (its `ts` tells a copy from a restarted numbering); `None` when the position
+    /// came from a recovery whose newest message is not at hand.
+    newest: Option<Arc<M>>,
+}
+
+impl<M: Sequenced> PatternPositions<M> {
+    /// Applies the rule to `publication` for a connection tracking at most `cap` channels.
+    pub fn admit(&mut self, publication: &Arc<M>, cap: usize) -> Admission {
+        let Some(seq) = publication.seq() else {
+            return Admission::Deliver;
+        };
+        if let Some(tracked) = self.channels.get_mut(publication.channel()) {
+            if seq > tracked.seq {
+                tracked.seq = seq;
+                tracked.newest = Some(publication.clone());
+                return Admission::Deliver;
+            }
+            let younger = match (&tracked.newest, publication.ts()) {
+                (Some(newest), Some(ts)) => newest.ts().is_some_and(|newest| ts > newest),
+                _ => false,
+            };
+            if !younger {
+                return Admission::Drop;
+            }
+            // A numbering that started over: the position follows it, and the epoch the client holds is stale.
+            tracked.seq = seq;
+            tracked.newest = Some(publication.clone());
+            return Admission::Restarted;
+        }
+        if self.channels.len() >= cap {
+            return Admission::Untracked;
+        }
+        self.channels.insert(
+            publication.channel().clone(),
+            Tracked {
+                seq,
+                newest: Some(publication.clone()),
+            },
+        );
+        Admission::First
+    }
+
+    /// Sets the position of `channel` (a recovery, a snapshot, an exact subscription that ended), when it is
+    /// tracked or there is room; returns whether it is tracked.
+    pub fn set(
+        &mut self,
+        channel: &Arc<str>,
+        seq: u64,
+        newest: Option<Arc<M>>,
+        cap: usize,
+    ) -> bool {
+        if let Some(tracked) = self.channels.get_mut(channel) {
+            if seq >= tracked.seq {
+                tracked.seq = seq;
+                if newest.is_some() {
+                    tracked.newest = newest;
+                }
+            }
+            return true;
+        }
+        if self.channels.len() >= cap {
+            return false;
+        }
+        self.channels
+            .insert(channel.clone(), Tracked { seq, newest });
+        true
+    }
+
+    /// The position of `channel`, when tracked.
+    pub fn get(&self, channel: &str) -> Option<u64> {
+        self.channels.get(channel).map(|t| t.seq)
+    }
+
+    /// Forgets the channels no remaining pattern covers.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.channels.retain(|channel, _| keep(channel));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.channels.len()
+    }
 }
 
 #[cfg(test)]
@@ -368,5 +504,106 @@ mod tests {
             replay_after(&at(42), "E", 43, history(&[45, 44, 43])),
             Some(vec![43])
         );
+    }
+
+    use crate::core::publication::Publication;
+
+    fn message(channel: &str, seq: Option<u64>, ts: &str) -> Arc<Publication> {
+        Arc::new(Publication::new(channel.into(), "1", seq, Some(ts)))
+    }
+
+    fn admit_all(
+        positions: &mut PatternPositions<Publication>,
+        cap: usize,
+        messages: &[&Arc<Publication>],
+    ) -> Vec<Admission> {
+        messages.iter().map(|m| positions.admit(m, cap)).collect()
+    }
+
+    const T1: &str = "2026-11-22T01:00:00.001Z";
+    const T2: &str = "2026-11-22T01:00:00.002Z";
+    const T3: &str = "2026-11-23T01:00:00.000Z";
+
+    #[test]
+    fn a_pattern_subscriber_gets_local_then_echo_and_echo_then_local_once() {
+        use Admission::*;
+        let (five, six) = (message("p:a", Some(5), T1), message("p:a", Some(6), T2));
+        // Delivered locally while the link was down, then the echoes from Redis (copies of the same messages).
+        let mut at = PatternPositions::<Publication>::default();
+        assert_eq!(
+            admit_all(&mut at, 8, &[&five, &six, &five.clone(), &six]),
+            vec![First, Deliver, Drop, Drop]
+        );
+        // The echo first, then the publisher's own local copy.
+        let mut at = PatternPositions::<Publication>::default();
+        assert_eq!(admit_all(&mut at, 8, &[&five, &five]), vec![First, Drop]);
+        assert_eq!(at.get("p:a"), Some(5));
+    }
+
+    #[test]
+    fn a_pattern_subscriber_gets_catch_up_then_echo_once() {
+        use Admission::*;
+        let mut at = PatternPositions::<Publication>::default();
+        // Recovered up to 7 (a `since` replay), then the echoes of 6 and 7 and the next message.
+        assert!(at.set(&"p:a".into(), 7, Some(message("p:a", Some(7), T2)), 8));
+        assert_eq!(
+            admit_all(
+                &mut at,
+                8,
+                &[
+                    &message("p:a", Some(6), T1),
+                    &message("p:a", Some(7), T2),
+                    &message("p:a", Some(8), T3)
+                ]
+            ),
+            vec![Drop, Drop, Deliver]
+        );
+    }
+
+    #[test]
+    fn exact_plus_pattern_and_nested_pattern_copies_deliver_once_per_connection() {
+        use Admission::*;
+        let mut at = PatternPositions::<Publication>::default();
+        let three = message("p:a", Some(3), T1);
+        let four = message("p:a", Some(4), T2);
+        // The channel's own SUBSCRIBE and the PSUBSCRIBE (or two nested patterns) each bring a copy.
+        assert_eq!(
+            admit_all(&mut at, 8, &[&three, &three, &four, &four]),
+            vec![First, Drop, Deliver, Drop]
+        );
+    }
+
+    #[test]
+    fn a_pattern_subscriber_follows_a_numbering_that_started_over() {
+        use Admission::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(40), T2), 8);
+        // Seq 1 again, younger than anything given: a new numbering, announced (the client needs the epoch).
+        let restarted = message("p:a", Some(1), T3);
+        assert_eq!(at.admit(&restarted, 8), Restarted);
+        assert_eq!(at.admit(&restarted, 8), Drop, "and its copy is a copy");
+        assert_eq!(at.admit(&message("p:a", Some(2), T3), 8), Deliver);
+        // An old copy (not younger) at or below the position stays a copy.
+        assert_eq!(at.admit(&message("p:a", Some(1), T1), 8), Drop);
+    }
+
+    #[test]
+    fn pattern_positions_are_capped_and_unsequenced_messages_pass() {
+        use Admission::*;
+        let mut at = PatternPositions::<Publication>::default();
+        assert_eq!(at.admit(&message("p:a", Some(1), T1), 2), First);
+        assert_eq!(at.admit(&message("p:b", Some(1), T1), 2), First);
+        let c = message("p:c", Some(1), T1);
+        // Past the cap: delivered, not deduplicated, never tracked.
+        assert_eq!(admit_all(&mut at, 2, &[&c, &c]), vec![Untracked, Untracked]);
+        assert_eq!(at.len(), 2);
+        let raw = Arc::new(Publication::new("p:a".into(), "1", None, None));
+        assert_eq!(admit_all(&mut at, 2, &[&raw, &raw]), vec![Deliver; 2]);
+        assert_eq!(
+            at.get("p:a"),
+            Some(1),
+            "an unsequenced message does not move the position"
+        );
+        assert!(!at.set(&"p:d".into(), 4, None, 2), "no room");
     }
 }

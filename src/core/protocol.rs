@@ -106,6 +106,9 @@ pub enum ClientFrame {
         channel: String,
         /// Where the client stands (`"since":{"epoch","seq"}`): recover what it missed after it.
         since: Option<crate::core::position::Position>,
+        /// A pattern's `since`: where the client stands in each named channel
+        /// (`"since":{"<channel>":{"epoch","seq"},...}`, possibly empty), in name order.
+        since_channels: Option<Vec<(String, crate::core::position::Position)>>,
         /// A subscription token for this channel.
         token: Option<String>,
     },
@@ -119,6 +122,10 @@ pub enum ClientFrame {
     Publish {
         channel: String,
         data: Box<RawValue>,
+    },
+    /// Who is subscribed to a channel (namespaces with `presence = true`).
+    Presence {
+        channel: String,
     },
     Ping,
 }
@@ -224,9 +231,38 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
             None => Err(bad("`auth` needs a `token`".into())),
         },
         "subscribe" => {
+            let channel = channel()?;
+            let is_pattern = channel.ends_with('*');
             let since = match raw.since {
                 None => None,
                 Some(since) if since.get() == "null" => None,
+                Some(since) if is_pattern => {
+                    let named: std::collections::BTreeMap<String, Since> =
+                        serde_json::from_str(since.get()).map_err(|_| {
+                            bad("a pattern's `since` must be {\"<channel>\": {\"epoch\": string, \"seq\": number}, ...}".into())
+                        })?;
+                    let mut since_channels = Vec::with_capacity(named.len());
+                    for (name, since) in named {
+                        if since.epoch.len() > MAX_EPOCH_LEN {
+                            return Err(bad(format!(
+                                "`since.epoch` is at most {MAX_EPOCH_LEN} characters"
+                            )));
+                        }
+                        since_channels.push((
+                            name,
+                            crate::core::position::Position {
+                                epoch: since.epoch,
+                                seq: since.seq,
+                            },
+                        ));
+                    }
+                    return Ok(ClientFrame::Subscribe {
+                        channel,
+                        since: None,
+                        since_channels: Some(since_channels),
+                        token: token()?,
+                    });
+                }
                 Some(since) => {
                     let since: Since = serde_json::from_str(since.get()).map_err(|_| {
                         bad("`since` must be {\"epoch\": string, \"seq\": number}".into())
@@ -243,8 +279,9 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
                 }
             };
             Ok(ClientFrame::Subscribe {
-                channel: channel()?,
+                channel,
                 since,
+                since_channels: None,
                 token: token()?,
             })
         }
@@ -259,6 +296,9 @@ fn parse_fields(raw: &RawFrame) -> Result<ClientFrame, ProtocolError> {
                 .to_owned();
             Ok(ClientFrame::Publish { channel, data })
         }
+        "presence" => Ok(ClientFrame::Presence {
+            channel: channel()?,
+        }),
         "ping" => Ok(ClientFrame::Ping),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
@@ -373,6 +413,59 @@ pub fn positioned_subscribed_frame(
     reply("subscribed", id, Some(channel), &extra)
 }
 
+/// One named channel of a pattern's `since`: whether it was recovered, and its epoch and newest seq (absent
+/// when its read failed).
+pub type ChannelRecovery = (
+    std::sync::Arc<str>,
+    bool,
+    Option<(std::sync::Arc<str>, u64)>,
+);
+
+/// `subscribed` for a pattern subscribe that named channels in `since`: per channel, whether its history
+/// still held everything after the client's position (`recovered`), and where the channel stood when the
+/// subscription went live (`positions`; absent for a channel whose read failed).
+pub fn pattern_subscribed_frame(
+    id: &RequestId,
+    pattern: &str,
+    channels: &[ChannelRecovery],
+) -> ByteString {
+    let mut extra = String::with_capacity(32 + channels.len() * 64);
+    extra.push_str(",\"recovered\":{");
+    for (i, (channel, recovered, _)) in channels.iter().enumerate() {
+        if i > 0 {
+            extra.push(',');
+        }
+        write_json_str(&mut extra, channel);
+        let _ = write!(extra, ":{recovered}");
+    }
+    extra.push_str("},\"positions\":{");
+    let mut first = true;
+    for (channel, _, position) in channels {
+        let Some((epoch, seq)) = position else {
+            continue;
+        };
+        if !first {
+            extra.push(',');
+        }
+        first = false;
+        write_json_str(&mut extra, channel);
+        extra.push_str(":{\"epoch\":");
+        write_json_str(&mut extra, epoch);
+        let _ = write!(extra, ",\"seq\":{seq}}}");
+    }
+    extra.push('}');
+    reply("subscribed", id, Some(pattern), &extra)
+}
+
+/// `epoch`: the epoch of a channel a pattern subscription delivers, sent before or soon after its first
+/// message through the pattern (and again when its numbering starts over), so the client can resume it.
+pub fn epoch_frame(channel: &str, epoch: &str) -> ByteString {
+    let mut extra = String::with_capacity(16 + epoch.len());
+    extra.push_str(",\"epoch\":");
+    write_json_str(&mut extra, epoch);
+    reply("epoch", &None, Some(channel), &extra)
+}
+
 pub fn unsubscribed_frame(id: &RequestId, channel: &str) -> ByteString {
     reply("unsubscribed", id, Some(channel), "")
 }
@@ -402,6 +495,58 @@ pub fn authed_frame(id: &RequestId, user: &str, expires_at: &str) -> ByteString 
     extra.push_str(",\"expires_at\":");
     write_json_str(&mut extra, expires_at);
     reply("authed", id, None, &extra)
+}
+
+/// `presence`: a channel's members (each one's JSON as stored), with `"truncated":true` when the channel has
+/// more than were listed.
+pub fn presence_frame(
+    id: &RequestId,
+    channel: &str,
+    members: &[String],
+    truncated: bool,
+) -> ByteString {
+    let mut extra = String::with_capacity(16 + members.iter().map(|m| m.len() + 1).sum::<usize>());
+    extra.push_str(",\"members\":[");
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            extra.push(',');
+        }
+        extra.push_str(member);
+    }
+    extra.push(']');
+    if truncated {
+        extra.push_str(",\"truncated\":true");
+    }
+    reply("presence", id, Some(channel), &extra)
+}
+
+/// `join` or `leave`: a client subscribed to, or left, `channel`; `member` is its presence entry as JSON.
+pub fn presence_event_frame(join: bool, channel: &str, member: &str) -> ByteString {
+    let mut extra = String::with_capacity(12 + member.len());
+    extra.push_str(",\"member\":");
+    extra.push_str(member);
+    reply(
+        if join { "join" } else { "leave" },
+        &None,
+        Some(channel),
+        &extra,
+    )
+}
+
+/// A connection's presence entry: `{"client","user","info"}` (`info`: the token's claim, compact JSON).
+pub fn member_json(client: &str, user: Option<&str>, info: Option<&str>) -> String {
+    let mut out = String::with_capacity(48 + client.len() + info.map_or(0, str::len));
+    out.push_str("{\"client\":");
+    write_json_str(&mut out, client);
+    out.push_str(",\"user\":");
+    match user {
+        Some(user) => write_json_str(&mut out, user),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"info\":");
+    out.push_str(info.unwrap_or("null"));
+    out.push('}');
+    out
 }
 
 pub fn pong_frame(id: &RequestId) -> ByteString {
@@ -447,7 +592,7 @@ mod tests {
         let p = parse_client_frame(r#"{"op":"subscribe","channel":"prices:BTC","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
         assert!(
-            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None, token: None } if channel == "prices:BTC")
+            matches!(p.frame.unwrap(), ClientFrame::Subscribe { channel, since: None, token: None, .. } if channel == "prices:BTC")
         );
         let p = parse_client_frame(r#"{"op":"publish","channel":"chat:x","data":{"a":[1, 2]}}"#);
         assert!(p.id.is_none());
@@ -500,6 +645,25 @@ mod tests {
                 assert_eq!((p.epoch.as_str(), p.seq), ("E", 41))
             }
             other => panic!("{other:?}"),
+        }
+        // A pattern's `since` names channels.
+        match parse_client_frame(
+            r#"{"op":"subscribe","channel":"p:*","since":{"p:b":{"epoch":"E","seq":4},"p:a":{"epoch":"F","seq":0}}}"#,
+        )
+        .frame
+        {
+            Ok(ClientFrame::Subscribe { since: None, since_channels: Some(named), .. }) => assert_eq!(
+                named
+                    .iter()
+                    .map(|(c, p)| (c.as_str(), p.epoch.as_str(), p.seq))
+                    .collect::<Vec<_>>(),
+                [("p:a", "F", 0), ("p:b", "E", 4)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        for since in [r#"{"epoch":"E","seq":4}"#, r#"{"p:a":3}"#, r#"[1]"#] {
+            let text = format!(r#"{{"op":"subscribe","channel":"p:*","since":{since}}}"#);
+            assert_eq!(err(&text).code, ErrorCode::BadRequest, "{since}");
         }
         // The id survives a bad op so the error can echo it.
         assert_eq!(
@@ -558,6 +722,31 @@ mod tests {
     }
 
     #[test]
+    fn pattern_recovery_frames_have_their_documented_shape() {
+        let id: RequestId = Some(RawValue::from_string("3".into()).unwrap());
+        let f = pattern_subscribed_frame(
+            &id,
+            "p:*",
+            &[
+                ("p:a".into(), true, Some(("E".into(), 7))),
+                ("p:\"b".into(), false, None),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "subscribed", "id": 3, "channel": "p:*",
+                "recovered": {"p:a": true, "p:\"b": false},
+                "positions": {"p:a": {"epoch": "E", "seq": 7}}})
+        );
+        let v: serde_json::Value = serde_json::from_str(&epoch_frame("p:a", "E")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "epoch", "channel": "p:a", "epoch": "E"})
+        );
+    }
+
+    #[test]
     fn frames_are_valid_json() {
         let id: RequestId = Some(RawValue::from_string("3".into()).unwrap());
         let f = error_frame(
@@ -571,5 +760,44 @@ mod tests {
         assert_eq!(v["message"], "no \"quotes\"");
         let v: serde_json::Value = serde_json::from_str(&subscribed_frame(&None, "a:b")).unwrap();
         assert_eq!(v, serde_json::json!({"type":"subscribed","channel":"a:b"}));
+    }
+
+    #[test]
+    fn presence_frames_carry_members_as_given() {
+        let parsed = parse_client_frame(r#"{"op":"presence","channel":"room:1","id":7}"#);
+        assert!(
+            matches!(parsed.frame, Ok(ClientFrame::Presence { ref channel }) if channel == "room:1")
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"presence"}"#)
+                .frame
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        let ann = member_json("h-1", Some("a \"q\"\n"), Some(r#"{"n":[1,2]}"#));
+        let anon = member_json("h-2", None, None);
+        let id: RequestId = Some(RawValue::from_string("7".into()).unwrap());
+        let frame = presence_frame(&id, "room:1", &[ann, anon.clone()], true);
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","id":7,"channel":"room:1","members":[
+                {"client":"h-1","user":"a \"q\"\n","info":{"n":[1,2]}},
+                {"client":"h-2","user":null,"info":null}
+            ],"truncated":true})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_frame(&None, "room:1", &[], false)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","channel":"room:1","members":[]})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_event_frame(false, "room:1", &anon)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"leave","channel":"room:1","member":{"client":"h-2","user":null,"info":null}})
+        );
     }
 }

@@ -215,6 +215,21 @@ impl SmallStr {
     }
 }
 
+/// What the pattern subscribers' ordering rule reads of a message.
+impl crate::core::position::Sequenced for Publication {
+    fn channel(&self) -> &Arc<str> {
+        &self.channel
+    }
+
+    fn seq(&self) -> Option<u64> {
+        self.seq
+    }
+
+    fn ts(&self) -> Option<&str> {
+        Publication::ts(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,9 @@ pub struct Identity {
     pub channels: Vec<String>,
     /// The same form, for client publish in namespaces that are not anonymous.
     pub publish: Vec<String>,
+    /// The token's `info` claim as compact JSON: what presence shows about the connection (bounded by the
+    /// token's size).
+    pub info: Option<String>,
 }
 
 impl Identity {
@@ -249,6 +252,10 @@ impl Verifier {
             expires_at: claims.exp,
             channels: grants(claims.channels, "channels")?,
             publish: grants(claims.publish, "publish")?,
+            info: claims
+                .info
+                .filter(|info| !info.is_null())
+                .map(|info| info.to_string()),
         })
     }
 

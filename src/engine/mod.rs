@@ -1,6 +1,7 @@
 //! The broker seam: everything a shared backend does for the node, behind one type. Publish (atomically with
 //! its sequence number, latest value and history), subscribe and unsubscribe channels and patterns, read
-//! latest values and history, and store polling jobs with their leases. The engine reports what it hears
+//! latest values and history, store polling jobs with their leases and the fleet's demand for them, and keep
+//! channel presence (members of every replica, with `join` and `leave`). The engine reports what it hears
 //! through [`BrokerEventHandler`], which the node implements and hands over at construction, so the engine
 //! never imports the node and nothing is filled in late.
 //!
@@ -19,8 +20,8 @@ use std::time::Duration;
 use self::memory::MemoryEngine;
 use self::redis::RedisEngine;
 pub use self::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, MemoryUsage, Published, Put,
-    Reach, ScanReport, Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Member, MemoryUsage,
+    PresenceChange, PresenceCounts, PresencePage, Published, Put, Reach, ScanReport, Window,
 };
 use crate::core::config::ChannelPolicy;
 use crate::core::publication::Publication;
@@ -180,6 +181,14 @@ impl Engine {
         }
     }
 
+    /// Shutting down: stop taking `[[ingest]]` routes into the sequenced path and hand their leases back, so
+    /// another replica takes them at its next renewal instead of after a whole lease.
+    pub async fn release_ingest_routes(&self) {
+        if let Engine::Redis(r) = self {
+            r.release_ingest_routes().await;
+        }
+    }
+
     /// Runs each `(command, key)` read of a `redis` polling source and returns the replies as JSON.
     pub async fn read_fields(
         &self,
@@ -311,18 +320,99 @@ impl Engine {
     }
 
     /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others, and
-    /// tells which kept `auto_stop` jobs still have listeners anywhere (`locally_heard` answers for this
-    /// replica). `patterns` are this replica's pattern prefixes, announced for `lease`.
+    /// reports the fleet-wide demand of every job: `local_count` answers for this replica (its subscribers of
+    /// a job's channel, patterns included), recorded for `lease` so a replica that dies stops counting.
     pub async fn scan<J: Job>(
         &self,
         held: &[Held],
-        patterns: &[String],
         lease: Duration,
-        locally_heard: impl Fn(&str) -> bool,
+        local_count: impl Fn(&str) -> usize,
     ) -> Result<ScanReport<J>, EngineError> {
         match self {
-            Engine::Memory(m) => m.scan(held, locally_heard),
-            Engine::Redis(r) => r.scan(held, patterns, lease, locally_heard).await,
+            Engine::Memory(m) => m.scan(held, local_count),
+            Engine::Redis(r) => r.scan(held, lease, local_count).await,
+        }
+    }
+
+    /// The subscribers of each job's channel on every replica, as last recorded; `None` in memory mode,
+    /// where this replica is the fleet (its own counts answer).
+    pub async fn demand(&self, ids: &[String]) -> Result<Option<Vec<usize>>, EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(None),
+            Engine::Redis(r) => r.demand(ids).await.map(Some),
+        }
+    }
+
+    /// Records this replica's subscribers of some jobs' channels now rather than at its next scan (a first
+    /// subscriber counts for the owner's `auto_stop` at once), held for `hold`.
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.record_demand(counts, hold).await,
+        }
+    }
+
+    /// Adds this replica's cache-aside reads per polling source (hits, misses since its last report) to the
+    /// fleet's totals; memory mode has no fleet (this replica's own counters answer).
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.add_cache_reads(deltas).await,
+        }
+    }
+
+    /// Each source's cache-aside reads (hits, misses) summed over the fleet; `None` in memory mode.
+    pub async fn cache_reads(
+        &self,
+        sources: &[String],
+    ) -> Result<Option<Vec<(u64, u64)>>, EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(None),
+            Engine::Redis(r) => r.cache_reads(sources).await.map(Some),
+        }
+    }
+
+    /// Applies presence changes in order (announcing `join` and `leave` to the channels' subscribers on
+    /// every replica where asked).
+    pub async fn apply_presence(&self, changes: &[PresenceChange]) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(m) => {
+                m.apply_presence(changes);
+                Ok(())
+            }
+            Engine::Redis(r) => r.apply_presence(changes).await,
+        }
+    }
+
+    /// Keeps this replica's members present for `channels.presence_ttl` more (a shared backend forgets the
+    /// members of a replica that stops refreshing them; memory mode has nobody else to forget them for).
+    pub async fn refresh_presence(
+        &self,
+        members: &[(Arc<str>, Vec<Member>)],
+    ) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Redis(r) => r.refresh_presence(members).await,
+        }
+    }
+
+    /// A channel's members on every replica, at most `limit`.
+    pub async fn presence(&self, channel: &str, limit: usize) -> Result<PresencePage, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.presence(channel, limit)),
+            Engine::Redis(r) => r.presence(channel, limit).await,
+        }
+    }
+
+    /// How many connections and distinct users a channel's presence holds, on every replica.
+    pub async fn presence_counts(&self, channel: &str) -> Result<PresenceCounts, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.presence_counts(channel)),
+            Engine::Redis(r) => r.presence_counts(channel).await,
         }
     }
 }

@@ -3,8 +3,8 @@
 //! return (publish results, job storage and leases). Kept apart from the `Engine` dispatch so the engines
 //! depend on this file and never on each other or on the dispatch.
 //!
-//! Built to grow: presence (add, remove, list, count) is a further method group of the same seam, with further
-//! callbacks here (`on_join`, `on_leave`) when it comes.
+//! Presence (add, remove, refresh, list, count) is a method group of the same seam; what other replicas
+//! announce comes back through `on_join` and `on_leave`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +23,55 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// The link is back after an outage: the history windows of channels this replica carries, to replay
     /// where subscribers have not seen them.
     fn on_catch_up(&self, windows: Arc<Vec<(Arc<str>, Window)>>);
+    /// A client of some replica subscribed to `channel` in a namespace with `join_leave`: `member` is its
+    /// presence entry as JSON, `client` its id (the same as in `member`).
+    fn on_join(&self, channel: &str, client: &str, member: &str);
+    /// A client of some replica left `channel` (unsubscribed or disconnected).
+    fn on_leave(&self, channel: &str, client: &str, member: &str);
+}
+
+/// One subscriber of a channel as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The connection's id, unique across the fleet: `<instance id>-<connection number>`.
+    pub client: Arc<str>,
+    /// The connection's user (its token's `sub`), counted by presence stats; `None`: anonymous.
+    pub user: Option<Arc<str>>,
+    /// `{"client","user","info"}`, encoded once: stored as is and sent as is.
+    pub json: Arc<str>,
+}
+
+/// One change of a channel's presence, applied in the order given.
+#[derive(Debug, Clone)]
+pub enum PresenceChange {
+    /// The member subscribed; `announce`: tell the channel's subscribers (`join`).
+    Add {
+        channel: Arc<str>,
+        member: Member,
+        announce: bool,
+    },
+    /// The member left; `announce`: tell the channel's subscribers (`leave`).
+    Remove {
+        channel: Arc<str>,
+        member: Member,
+        announce: bool,
+    },
+}
+
+/// A channel's members, at most the limit asked for.
+#[derive(Debug, Clone, Default)]
+pub struct PresencePage {
+    /// Each member's JSON.
+    pub members: Vec<String>,
+    /// Whether the channel has more members than were listed.
+    pub truncated: bool,
+}
+
+/// How many members a channel has: connections, and distinct users among them (anonymous ones not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceCounts {
+    pub clients: u64,
+    pub users: u64,
 }
 
 /// Why a backend operation failed, as text for logs and error replies.
@@ -99,6 +148,8 @@ pub struct MemoryUsage {
 /// A stored job definition: whatever the poller keeps, with its id.
 pub trait Job: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync {
     fn id(&self) -> &str;
+    /// The channel it publishes to (a split job's holds `*`): whose subscribers are its demand.
+    fn channel(&self) -> &str;
 }
 
 /// What recording a job did.
@@ -130,6 +181,8 @@ pub struct ScanReport<J> {
     pub acquired: Vec<String>,
     /// For each kept `auto_stop` job: whether any replica has a subscriber of its channel (exact or pattern).
     pub listening: HashMap<String, bool>,
+    /// For every job: the subscribers of its channel (exact and pattern) on every replica, as last reported.
+    pub demand: HashMap<String, usize>,
     /// Jobs this replica runs that another replica asked to fetch at once.
     pub refresh: Vec<String>,
 }
@@ -145,7 +198,7 @@ pub struct JobStatus {
     pub consecutive_failures: u32,
     pub next_run: Option<String>,
     pub fetches: u64,
-    /// The owner's local subscribers of the job's channel.
+    /// The subscribers of the job's channel on every replica, as the owner's last scan counted them.
     pub subscribers: usize,
     /// When the current owner took the job (the start of `stale` when nothing succeeded yet).
     #[serde(default)]

@@ -2,6 +2,8 @@
 //! `GET /api/channels/{channel}/history?limit=N` (the last snapshots, newest first; with `since_seq=N` and
 //! `epoch=E`, what a client that saw up to N missed, oldest first, and whether that is all of it). A channel
 //! that needs a token to subscribe needs the same connection token here, as `Authorization: Bearer <jwt>`.
+//! `GET /api/channels/{channel}/presence` and `.../presence/stats`: its members on every replica, and how
+//! many there are, in namespaces with `presence = true`, under the same read rules.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -16,6 +18,7 @@ use crate::engine::Window;
 use crate::http::auth::{bearer_token, may_read, request_identity};
 use crate::http::reply::error_response;
 use crate::node::hub::Hub;
+use crate::stats::Stats;
 
 /// The answer refusing to read `channel`, if the request may not: the rules of a subscribe, with the bearer
 /// token as the connection token.
@@ -191,4 +194,96 @@ fn render(
             recovered,
             items,
         })
+}
+
+/// The answer refusing presence of `channel`, if any: a name that is not a channel, a namespace without
+/// presence, or a request that may not read the channel.
+fn presence_refusal(hub: &Hub, req: &HttpRequest, channel: &str) -> Option<HttpResponse> {
+    if let Err(e) = validate_channel(channel) {
+        return Some(error_response(
+            StatusCode::BAD_REQUEST,
+            e.code.as_str(),
+            &e.message,
+        ));
+    }
+    let enabled = hub.config().policy(channel).is_some_and(|p| p.presence);
+    if !enabled {
+        return Some(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "presence is not enabled for this namespace",
+        ));
+    }
+    read_refusal(hub, req, channel)
+}
+
+fn unavailable(e: crate::engine::EngineError) -> HttpResponse {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &format!("presence: {e}"),
+    )
+}
+
+#[derive(serde::Serialize)]
+struct PresenceAnswer<'a> {
+    channel: &'a str,
+    members: Vec<&'a RawValue>,
+    /// Present (true) when the channel has more than `channels.max_presence_members` members.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
+}
+
+/// `GET /api/channels/{channel}/presence`: the channel's members on every replica.
+pub async fn presence(
+    hub: web::Data<Hub>,
+    req: HttpRequest,
+    channel: web::Path<String>,
+) -> HttpResponse {
+    if let Some(refused) = presence_refusal(&hub, &req, &channel) {
+        return refused;
+    }
+    let limit = hub.config().channels.max_presence_members;
+    let page = match hub.engine().presence(&channel, limit).await {
+        Ok(page) => page,
+        Err(e) => return unavailable(e),
+    };
+    let stats = hub.stats();
+    Stats::add(&stats.presence_queries, 1);
+    if page.truncated {
+        Stats::add(&stats.presence_truncated, 1);
+    }
+    // Stored members are JSON the hub wrote itself; one that does not parse is skipped, not passed on.
+    let members = page
+        .members
+        .iter()
+        .filter_map(|m| serde_json::from_str::<&RawValue>(m).ok())
+        .collect();
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(PresenceAnswer {
+            channel: &channel,
+            members,
+            truncated: page.truncated,
+        })
+}
+
+/// `GET /api/channels/{channel}/presence/stats`: how many connections and distinct users are members.
+pub async fn presence_stats(
+    hub: web::Data<Hub>,
+    req: HttpRequest,
+    channel: web::Path<String>,
+) -> HttpResponse {
+    if let Some(refused) = presence_refusal(&hub, &req, &channel) {
+        return refused;
+    }
+    match hub.engine().presence_counts(&channel).await {
+        Ok(counts) => {
+            Stats::add(&hub.stats().presence_queries, 1);
+            HttpResponse::Ok()
+                .insert_header(("Cache-Control", "no-store"))
+                .json(counts)
+        }
+        Err(e) => unavailable(e),
+    }
 }

@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 30] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 36] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -200,6 +200,11 @@ pub fn render(hub: &Hub) -> String {
             &s.patterns_refused,
         ),
         (
+            "relayhub_pattern_positions_untracked_total",
+            "Messages given to pattern subscribers without a position (channels.max_pattern_positions reached).",
+            &s.pattern_positions_untracked,
+        ),
+        (
             "relayhub_subscriptions_refused_total",
             "Subscriptions refused by websocket.max_subscriptions_per_connection.",
             &s.subscriptions_refused,
@@ -216,7 +221,7 @@ pub fn render(hub: &Hub) -> String {
         ),
         (
             "relayhub_ingest_cache_dropped_total",
-            "Ingested messages not cached because the queue of cache writes was full.",
+            "Ingested messages the route's lease holder could not sequence (queue full or script failed).",
             &s.ingest_cache_dropped,
         ),
         (
@@ -248,6 +253,31 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_jwks_fetch_failures_total",
             "JWKS fetches that failed; the keys held before stay in use.",
             &s.jwks_fetch_failures,
+        ),
+        (
+            "relayhub_presence_queries_total",
+            "Presence answers given (WebSocket presence, REST presence and presence stats).",
+            &s.presence_queries,
+        ),
+        (
+            "relayhub_presence_truncated_total",
+            "Presence answers cut at channels.max_presence_members.",
+            &s.presence_truncated,
+        ),
+        (
+            "relayhub_presence_joins_total",
+            "Clients of this replica that joined a channel's presence.",
+            &s.presence_joins,
+        ),
+        (
+            "relayhub_presence_leaves_total",
+            "Clients of this replica that left a channel's presence.",
+            &s.presence_leaves,
+        ),
+        (
+            "relayhub_presence_dropped_total",
+            "Presence changes not written (queue full or backend refused); the refresh repairs them.",
+            &s.presence_dropped,
         ),
     ];
     for (name, help, counter) in counters {

@@ -68,6 +68,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 web::get().to(channels::history),
             ))
             .service(one(
+                "/channels/{channel}/presence",
+                Method::GET,
+                web::get().to(channels::presence),
+            ))
+            .service(one(
+                "/channels/{channel}/presence/stats",
+                Method::GET,
+                web::get().to(channels::presence_stats),
+            ))
+            .service(one(
                 "/polling/start",
                 Method::POST,
                 web::post().to(polling::start),

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use actix::Recipient;
 
+use crate::core::protocol;
 use crate::core::publication::Publication;
 use crate::engine::{BrokerEventHandler, Window};
-use crate::node::messages::{CatchUp, CloseAll, Dispatch, ForgetLatest};
+use crate::node::messages::{Announce, CatchUp, CloseAll, Dispatch, ForgetLatest, SessionId};
+use crate::transport::frame;
 
 /// Subscriber counts by channel (or pattern).
 pub type Counts = Vec<(String, usize)>;
@@ -22,6 +24,7 @@ pub struct RegistryInbox {
     pub forget: Recipient<ForgetLatest>,
     pub catch_up: Recipient<CatchUp>,
     pub close_all: Recipient<CloseAll>,
+    pub announce: Recipient<Announce>,
 }
 
 /// Adds or removes one subscriber of `key` in a count index and returns the new count (a key at zero is
@@ -46,6 +49,8 @@ fn count_change(index: &Mutex<HashMap<Arc<str>, usize>>, key: &Arc<str>, join: b
 
 #[derive(Default)]
 pub struct Fanout {
+    /// This replica's id: a connection id under it is one of this replica's connections.
+    instance_id: String,
     /// One registry per HTTP worker thread, added as the workers start.
     registries: RwLock<Vec<RegistryInbox>>,
     /// Local subscribers per exact channel, across all registries.
@@ -55,6 +60,41 @@ pub struct Fanout {
 }
 
 impl Fanout {
+    pub fn new(instance_id: &str) -> Fanout {
+        Fanout {
+            instance_id: instance_id.to_string(),
+            ..Fanout::default()
+        }
+    }
+
+    /// The id presence gives a connection of this replica: unique across the fleet.
+    pub fn client_id(&self, session: SessionId) -> String {
+        format!("{}-{session}", self.instance_id)
+    }
+
+    /// The local connection a connection id names, if it is one of this replica's.
+    fn local_session(&self, client: &str) -> Option<SessionId> {
+        client
+            .strip_prefix(self.instance_id.as_str())?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
+    }
+
+    /// Hands a `join` or `leave` to every registry, encoded once.
+    fn announce(&self, join: bool, channel: &str, client: &str, member: &str) {
+        let frame = frame::text(&protocol::presence_event_frame(join, channel, member));
+        let channel: Arc<str> = channel.into();
+        let skip = self.local_session(client);
+        for registry in self.registries().iter() {
+            registry.announce.do_send(Announce {
+                channel: channel.clone(),
+                frame: frame.clone(),
+                skip,
+            });
+        }
+    }
+
     pub fn add_registry(&self, inbox: RegistryInbox) {
         self.registries
             .write()
@@ -149,5 +189,13 @@ impl BrokerEventHandler for Fanout {
         for registry in self.registries().iter() {
             registry.catch_up.do_send(CatchUp(windows.clone()));
         }
+    }
+
+    fn on_join(&self, channel: &str, client: &str, member: &str) {
+        self.announce(true, channel, client, member);
+    }
+
+    fn on_leave(&self, channel: &str, client: &str, member: &str) {
+        self.announce(false, channel, client, member);
     }
 }

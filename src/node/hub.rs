@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::node::fanout::{Counts, Fanout};
 use crate::node::messages::SessionId;
 use crate::node::observer::ChannelObserver;
+use crate::node::presence::Presence;
 use crate::node::registry::Registry;
 use crate::stats::Stats;
 
@@ -82,6 +83,8 @@ struct Inner {
     verifier: Option<Arc<Verifier>>,
     /// `[[endpoints]]`, parsed once (the config was validated before the hub was built).
     endpoints: Endpoints,
+    /// This replica's presence members and the writer of their changes.
+    presence: Arc<Presence>,
 }
 
 impl Hub {
@@ -95,6 +98,7 @@ impl Hub {
     ) -> Hub {
         let metrics = Arc::new(Metrics::new(&config));
         let endpoints = config.compiled_endpoints().unwrap_or_default();
+        let presence = Presence::start(engine.clone(), stats.clone(), config.channels.presence_ttl);
         Hub {
             inner: Arc::new(Inner {
                 config,
@@ -108,6 +112,7 @@ impl Hub {
                 started: Instant::now(),
                 verifier,
                 endpoints,
+                presence,
             }),
         }
     }
@@ -162,6 +167,16 @@ impl Hub {
         self.inner.started.elapsed()
     }
 
+    /// Presence on this replica: sessions join and leave it.
+    pub fn presence(&self) -> &Presence {
+        &self.inner.presence
+    }
+
+    /// The id presence gives a connection of this replica (unique across the fleet).
+    pub fn client_id(&self, session: SessionId) -> String {
+        self.inner.fanout.client_id(session)
+    }
+
     pub fn next_session_id(&self) -> SessionId {
         self.inner.next_session.fetch_add(1, Ordering::Relaxed)
     }
@@ -174,7 +189,10 @@ impl Hub {
             observer,
             self.inner.stats.clone(),
             self.inner.metrics.clone(),
-            self.config().channels.max_pattern_snapshots,
+            (
+                self.config().channels.max_pattern_snapshots,
+                self.config().channels.max_pattern_positions,
+            ),
         )
         .start_here()
     }

@@ -43,6 +43,9 @@ pub struct Subscribe {
     pub request: RequestId,
     /// Where the client stood in the channel, to recover from.
     pub since: Option<Position>,
+    /// A pattern subscription with `since`: where the client stood in each channel it names, to recover
+    /// from (possibly none: the client then only asks to be told each channel's epoch).
+    pub since_channels: Option<Vec<(Arc<str>, Position)>>,
     /// The channel's settings (how much history to read).
     pub policy: ChannelPolicy,
     /// The encoded `subscribed` frame of a pattern subscription.
@@ -61,6 +64,16 @@ pub struct Unsubscribe {
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<Publication>);
+
+/// A `join` or `leave` frame for the exact subscribers of `channel` (not sequenced, not history), except
+/// `skip`: the local connection it is about.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Announce {
+    pub channel: Arc<str>,
+    pub frame: Bytes,
+    pub skip: Option<SessionId>,
+}
 
 /// The pub/sub connection went down: the epochs known per channel may be stale (Redis may restart and start
 /// its sequences over), so new subscribers read them again.

@@ -14,14 +14,14 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::core::config::{ChannelPolicy, SlowConsumer};
-use crate::core::position::{self, Position, Step, Verdict, admit};
+use crate::core::position::{self, Admission, PatternPositions, Position, Step, Verdict, admit};
 use crate::core::protocol::{self, RequestId, Target, channel_owner, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
-    CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
+    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
     Unsubscribe,
 };
 use crate::node::observer::ChannelObserver;
@@ -39,6 +39,13 @@ const DRAIN_TICK: Duration = Duration::from_millis(50);
 /// (the gap stays, counted) and holding starts over, so a slow read never holds more than this.
 const HOLD_MAX: usize = 1024;
 
+/// Channels whose epoch a registry remembers for its pattern subscribers; past this the memory is cleared
+/// (the next announcement of each reads it again).
+const EPOCHS_MAX: usize = 100_000;
+
+/// Channel windows a recovering pattern subscribe reads at once.
+const RECOVERY_READS: usize = 4;
+
 /// How long subscribers of an uncached job channel wait for the poller's first value before they are let in
 /// without a snapshot.
 const FILL_WAIT: Duration = Duration::from_secs(10);
@@ -51,6 +58,11 @@ struct SessionEntry {
     channels: Vec<Arc<str>>,
     /// Pattern prefixes this session is subscribed to.
     patterns: Vec<Arc<str>>,
+    /// Where the session stands in each channel its patterns gave it (`channels.max_pattern_positions`).
+    positions: PatternPositions<Publication>,
+    /// The client sent a pattern subscribe with `since`: it is told the epoch of each channel its patterns
+    /// start to deliver (`epoch` frames), to resume them later.
+    wants_epochs: bool,
 }
 
 /// A subscriber receiving a channel's messages, with its position (the newest seq it was given under the
@@ -99,19 +111,39 @@ struct ChannelEntry {
     epoch: u64,
 }
 
+/// A session waiting for the bridge to listen to a pattern.
+struct PatternWaiting {
+    id: SessionId,
+    /// The plain `subscribed` frame (a subscribe without `since`).
+    ack: Bytes,
+    request: RequestId,
+    /// A subscribe with `since`: the channels to recover, with where the client stood in each.
+    since: Option<Vec<(Arc<str>, Position)>>,
+}
+
 /// Subscribers of one pattern prefix (`prices:` for `prices:*`).
 #[derive(Default)]
 struct PatternEntry {
     /// Sessions receiving matching messages.
     subscribers: HashMap<SessionId, Outbox>,
-    /// Sessions (with their `subscribed` frame) waiting for the bridge to listen to the pattern.
-    waiting: Vec<(SessionId, Bytes)>,
+    /// Sessions waiting for the bridge to listen to the pattern.
+    waiting: Vec<PatternWaiting>,
+    /// Sessions whose named channels are being read (a `since`), each with the number of its read (a later
+    /// subscribe of the same session is another read): matching messages wait here, in order (at most
+    /// `HOLD_MAX`), and go out behind the replay.
+    recovering: HashMap<SessionId, (u64, Vec<Arc<Publication>>)>,
+    /// The namespace's settings (how much history a recovery reads).
+    policy: Option<ChannelPolicy>,
     /// The bridge listens to the pattern (or there is no Redis).
     live: bool,
-    /// What a subscriber over its queue bound gets (the namespace's `slow_consumer`).
-    slow_consumer: SlowConsumer,
     /// Distinguishes this entry from an earlier one of the same prefix when an old watch is answered late.
     epoch: u64,
+}
+
+/// A channel's epoch for pattern subscribers: known, or being read for the sessions waiting to be told.
+enum EpochLookup {
+    Known(Arc<str>),
+    Reading(Vec<SessionId>),
 }
 
 pub struct Registry {
@@ -126,6 +158,10 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// `channels.max_pattern_snapshots`.
     max_pattern_snapshots: usize,
+    /// `channels.max_pattern_positions`.
+    max_pattern_positions: usize,
+    /// Epochs of channels pattern subscribers were given, read once per channel and registry.
+    epochs: HashMap<Arc<str>, EpochLookup>,
     sessions: HashMap<SessionId, SessionEntry>,
     channels: HashMap<Arc<str>, ChannelEntry>,
     patterns: HashMap<Arc<str>, PatternEntry>,
@@ -145,7 +181,7 @@ impl Registry {
         observer: Arc<dyn ChannelObserver>,
         stats: Arc<Stats>,
         metrics: Arc<Metrics>,
-        max_pattern_snapshots: usize,
+        (max_pattern_snapshots, max_pattern_positions): (usize, usize),
     ) -> Registry {
         Registry {
             engine,
@@ -154,6 +190,8 @@ impl Registry {
             stats,
             metrics,
             max_pattern_snapshots,
+            max_pattern_positions,
+            epochs: HashMap::new(),
             sessions: HashMap::new(),
             channels: HashMap::new(),
             patterns: HashMap::new(),
@@ -173,6 +211,7 @@ impl Registry {
             forget: addr.clone().recipient(),
             catch_up: addr.clone().recipient(),
             close_all: addr.clone().recipient(),
+            announce: addr.clone().recipient(),
         });
         addr
     }
@@ -237,6 +276,21 @@ impl Registry {
         let mut exact_subscribers = None;
         if let Some(entry) = exact {
             let to_channel = (channel, entry.policy.slow_consumer);
+            // The same message again (its copy through a pattern's PSUBSCRIBE beside the channel's own
+            // SUBSCRIBE, or an echo of what was delivered here while the link was down): every active
+            // subscriber was given it, so the rule drops it without the history read a message everyone is
+            // past would otherwise cost.
+            let copy = publication.seq.is_some()
+                && entry.held.is_none()
+                && entry.latest.as_ref().is_some_and(|latest| {
+                    latest.seq == publication.seq
+                        && latest.ts() == publication.ts()
+                        && latest.data() == publication.data()
+                })
+                && entry
+                    .active
+                    .values()
+                    .all(|to| to.seq >= publication.seq.unwrap_or(0));
             if entry
                 .latest
                 .as_ref()
@@ -289,6 +343,9 @@ impl Registry {
                     }
                     entry.held.get_or_insert_default().push(publication.clone());
                 }
+                None if copy => {
+                    Stats::add(&stats.duplicates_dropped, entry.active.len() as u64);
+                }
                 None if publication.seq.is_some()
                     && (entry.epoch_stale
                         || position::needs_read(
@@ -321,19 +378,35 @@ impl Registry {
             exact_subscribers = Some(&*entry);
         }
         // A user channel (`...#42`) goes to its exact subscribers only: a pattern cannot prove whose it is.
+        let mut announce = Vec::new();
         if !self.patterns.is_empty() && channel_owner(&publication.channel).is_none() {
+            let cap = self.max_pattern_positions;
+            let sessions = &mut self.sessions;
+            let (mut dropped, mut untracked) = (0u64, 0u64);
             let mut matching = self
                 .patterns
-                .iter()
+                .iter_mut()
                 .filter(|(prefix, _)| publication.channel.starts_with(&***prefix))
                 .peekable();
             let first = matching.next();
-            // Nested patterns (`a:*` and `a:b:*`) on one session: one copy, so remember who got it.
+            // Nested patterns (`a:*` and `a:b:*`) on one session: one look per copy, so remember who had it.
             let several = matching.peek().is_some();
             let sent = &mut self.pattern_sent;
             sent.clear();
             for (_, entry) in first.into_iter().chain(matching) {
-                let to_channel = (channel, entry.slow_consumer);
+                let to_channel = (
+                    channel,
+                    entry
+                        .policy
+                        .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer),
+                );
+                for (_, backlog) in entry.recovering.values_mut() {
+                    if backlog.len() == HOLD_MAX {
+                        backlog.remove(0);
+                        Stats::add(&stats.gaps_unfilled, 1);
+                    }
+                    backlog.push(publication.clone());
+                }
                 for (id, to) in &entry.subscribers {
                     // A session subscribed to the channel itself got it (or gets it after its snapshot).
                     if exact_subscribers.is_some_and(|exact| {
@@ -343,6 +416,19 @@ impl Registry {
                     }
                     if several && !sent.insert(*id) {
                         continue;
+                    }
+                    let Some(session) = sessions.get_mut(id) else {
+                        continue;
+                    };
+                    match session.positions.admit(&publication, cap) {
+                        Admission::Drop => {
+                            dropped += 1;
+                            continue;
+                        }
+                        Admission::Untracked => untracked += 1,
+                        Admission::First if session.wants_epochs => announce.push((*id, false)),
+                        Admission::Restarted if session.wants_epochs => announce.push((*id, true)),
+                        Admission::First | Admission::Restarted | Admission::Deliver => {}
                     }
                     Self::offer(
                         stats,
@@ -355,6 +441,8 @@ impl Registry {
                     delivered += 1;
                 }
             }
+            Stats::add(&stats.duplicates_dropped, dropped);
+            Stats::add(&stats.pattern_positions_untracked, untracked);
         }
         Stats::add(&stats.messages_delivered, delivered);
         self.metrics.delivered(&publication.channel, delivered);
@@ -364,6 +452,9 @@ impl Registry {
         self.slow = slow;
         if read_history {
             self.read_history(publication.channel.clone(), ctx);
+        }
+        for (id, restarted) in announce {
+            self.announce_epoch(&publication.channel, id, restarted, ctx);
         }
     }
 
@@ -528,7 +619,20 @@ impl Registry {
         let Some(entry) = self.channels.get_mut(channel) else {
             return;
         };
-        let was_active = entry.active.remove(&id).is_some();
+        let ended = entry.active.remove(&id);
+        let was_active = ended.is_some();
+        if let Some(ended) = ended
+            && let Some(session) = self.sessions.get_mut(&id)
+            && session.patterns.iter().any(|p| channel.starts_with(&**p))
+        {
+            // The session's patterns deliver the channel from now on, from where the exact subscription was.
+            session.positions.set(
+                channel,
+                ended.seq,
+                entry.latest.clone(),
+                self.max_pattern_positions,
+            );
+        }
         let before = entry.pending.len();
         entry.pending.retain(|w| w.id != id);
         if !was_active && before == entry.pending.len() {
@@ -546,11 +650,18 @@ impl Registry {
     fn remove_from_pattern(&mut self, id: SessionId, prefix: &Arc<str>) {
         if let Some(entry) = self.patterns.get_mut(prefix) {
             let waited = entry.waiting.len();
-            entry.waiting.retain(|(w, _)| *w != id);
-            if entry.subscribers.remove(&id).is_some() || entry.waiting.len() != waited {
+            entry.waiting.retain(|w| w.id != id);
+            let recovering = entry.recovering.remove(&id).is_some();
+            if entry.subscribers.remove(&id).is_some()
+                || entry.waiting.len() != waited
+                || recovering
+            {
                 self.fanout.pattern_subscriber_left(prefix);
             }
-            if entry.subscribers.is_empty() && entry.waiting.is_empty() {
+            if entry.subscribers.is_empty()
+                && entry.waiting.is_empty()
+                && entry.recovering.is_empty()
+            {
                 self.patterns.remove(prefix);
                 self.engine.unsubscribe_pattern(prefix.clone());
             }
@@ -835,8 +946,7 @@ impl Registry {
         &mut self,
         id: SessionId,
         prefix: Arc<str>,
-        ack: Bytes,
-        slow_consumer: SlowConsumer,
+        msg: Subscribe,
         ctx: &mut Context<Self>,
     ) {
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -848,15 +958,18 @@ impl Registry {
         session.patterns.push(prefix.clone());
         self.fanout.pattern_subscriber_joined(&prefix);
         let entry = self.patterns.entry(prefix.clone()).or_default();
-        entry.slow_consumer = slow_consumer;
+        entry.policy = Some(msg.policy);
+        let waiting = PatternWaiting {
+            id,
+            ack: msg.ack,
+            request: msg.request,
+            since: msg.since_channels,
+        };
         if entry.live {
-            let outbox = session.outbox.clone();
-            let _ = outbox.push_reply(ack);
-            entry.subscribers.insert(id, outbox);
-            self.send_pattern_snapshots(prefix, vec![id], ctx);
+            self.let_in_pattern(prefix, vec![waiting], ctx);
             return;
         }
-        entry.waiting.push((id, ack));
+        entry.waiting.push(waiting);
         if entry.waiting.len() > 1 {
             return;
         }
@@ -875,42 +988,339 @@ impl Registry {
                 return;
             }
             entry.live = true;
-            let mut ids = Vec::new();
-            for (id, ack) in std::mem::take(&mut entry.waiting) {
-                if let Some(session) = act.sessions.get(&id) {
-                    let _ = session.outbox.push_reply(ack);
-                    entry.subscribers.insert(id, session.outbox.clone());
-                    ids.push(id);
-                }
-            }
-            act.send_pattern_snapshots(prefix, ids, ctx);
+            let waiting = std::mem::take(&mut entry.waiting);
+            act.let_in_pattern(prefix, waiting, ctx);
         }));
     }
 
-    /// Sends the latest values of channels matching a pattern (bounded by configuration) to new subscribers.
+    /// Lets sessions into a live pattern: a plain subscribe at once (acknowledged, then the matching
+    /// snapshots); one with `since` once its named channels are read (see `recover_pattern`).
+    fn let_in_pattern(
+        &mut self,
+        prefix: Arc<str>,
+        waiting: Vec<PatternWaiting>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(entry) = self.patterns.get_mut(&prefix) else {
+            return;
+        };
+        let mut ids = Vec::new();
+        let mut recovering = Vec::new();
+        for waiting in waiting {
+            let Some(session) = self.sessions.get(&waiting.id) else {
+                continue;
+            };
+            if waiting.since.is_none() {
+                let _ = session.outbox.push_reply(waiting.ack);
+                entry.subscribers.insert(waiting.id, session.outbox.clone());
+                ids.push(waiting.id);
+            } else {
+                // Matching messages wait for the replay from now on: the reads start after the pattern is
+                // live, so whatever they miss is held here.
+                self.next_epoch += 1;
+                entry
+                    .recovering
+                    .insert(waiting.id, (self.next_epoch, Vec::new()));
+                recovering.push((waiting, self.next_epoch));
+            }
+        }
+        let policy = entry.policy;
+        self.send_pattern_snapshots(prefix.clone(), ids, ctx);
+        for (waiting, read) in recovering {
+            self.recover_pattern(prefix.clone(), (waiting, read), policy, ctx);
+        }
+    }
+
+    /// Reads the window of every channel a pattern subscribe's `since` names, then acknowledges with what was
+    /// recovered, replays (or sends the snapshot of) each, and lets the session in behind that, through the
+    /// ordering rule, with the messages held meanwhile.
+    fn recover_pattern(
+        &mut self,
+        prefix: Arc<str>,
+        (waiting, read): (PatternWaiting, u64),
+        policy: Option<ChannelPolicy>,
+        ctx: &mut Context<Self>,
+    ) {
+        use futures_util::StreamExt;
+        let Some(policy) = policy else {
+            return;
+        };
+        let engine = self.engine.clone();
+        let channels: Vec<Arc<str>> = waiting
+            .since
+            .iter()
+            .flatten()
+            .map(|(c, _)| c.clone())
+            .collect();
+        let reads = async move {
+            futures_util::stream::iter(channels)
+                .map(|channel| {
+                    let engine = engine.clone();
+                    async move { engine.window(&channel, policy).await }
+                })
+                .buffered(RECOVERY_READS)
+                .collect::<Vec<_>>()
+                .await
+        };
+        ctx.spawn(reads.into_actor(self).map(move |windows, act, ctx| {
+            act.recovered_pattern(prefix, (waiting, read), windows, ctx);
+        }));
+    }
+
+    fn recovered_pattern(
+        &mut self,
+        prefix: Arc<str>,
+        (waiting, read): (PatternWaiting, u64),
+        windows: Vec<Result<Window, crate::engine::EngineError>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(entry) = self.patterns.get_mut(&prefix) else {
+            return;
+        };
+        // Gone meanwhile (unsubscribed, disconnected, or the entry was made anew), or subscribed again
+        // since: that later read answers instead.
+        if entry
+            .recovering
+            .get(&waiting.id)
+            .is_none_or(|(r, _)| *r != read)
+        {
+            return;
+        }
+        let Some((_, backlog)) = entry.recovering.remove(&waiting.id) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&waiting.id) else {
+            return;
+        };
+        session.wants_epochs = true;
+        let stats = &self.stats;
+        let cap = self.max_pattern_positions;
+        let outbox = session.outbox.clone();
+        let mut answers = Vec::with_capacity(windows.len());
+        let mut frames: Vec<Bytes> = Vec::new();
+        for ((channel, since), window) in waiting.since.iter().flatten().zip(windows) {
+            let window = match window {
+                Ok(window) => window,
+                Err(e) => {
+                    log::warn!(
+                        "reading the history of `{channel}` for a pattern recovery failed: {e}"
+                    );
+                    Stats::add(&stats.subscribes_unrecovered, 1);
+                    answers.push((channel.clone(), false, None));
+                    continue;
+                }
+            };
+            // A channel the session also holds exactly is delivered by that subscription.
+            let exact = self.channels.get(channel).is_some_and(|e| {
+                e.active.contains_key(&waiting.id) || e.pending.iter().any(|w| w.id == waiting.id)
+            });
+            let latest = window
+                .latest
+                .clone()
+                .filter(|latest| latest.seq.is_some() && latest.seq == Some(window.seq));
+            let recovered = match window.replay_after(since) {
+                Some(missed) => {
+                    Stats::add(&stats.subscribes_recovered, 1);
+                    if !exact {
+                        Stats::add(&stats.messages_replayed, missed.len() as u64);
+                        frames.extend(missed.iter().map(|m| outbox.message_frame(m)));
+                        let newest = missed.last().cloned().or(latest);
+                        session
+                            .positions
+                            .set(channel, window.seq.max(since.seq), newest, cap);
+                    }
+                    true
+                }
+                None => {
+                    Stats::add(&stats.subscribes_unrecovered, 1);
+                    if !exact {
+                        let mut seq = window.seq;
+                        if let Some(snapshot) = &window.latest {
+                            frames.extend(outbox.snapshot_frame(snapshot));
+                            seq = seq.max(snapshot.seq.unwrap_or(0));
+                        }
+                        session.positions.set(channel, seq, latest, cap);
+                    }
+                    false
+                }
+            };
+            answers.push((
+                channel.clone(),
+                recovered,
+                Some((window.epoch.clone(), window.seq)),
+            ));
+        }
+        let name = format!("{prefix}*");
+        let ack = protocol::pattern_subscribed_frame(&waiting.request, &name, &answers);
+        let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+        let mut delivered = frames.len() as u64;
+        for frame in frames {
+            let _ = outbox.push(frame);
+        }
+        let mut announce = Vec::new();
+        for message in &backlog {
+            let exact = self.channels.get(&message.channel).is_some_and(|e| {
+                e.active.contains_key(&waiting.id) || e.pending.iter().any(|w| w.id == waiting.id)
+            });
+            if exact {
+                continue;
+            }
+            match session.positions.admit(message, cap) {
+                Admission::Drop => {
+                    Stats::add(&stats.duplicates_dropped, 1);
+                    continue;
+                }
+                Admission::Untracked => Stats::add(&stats.pattern_positions_untracked, 1),
+                Admission::First => announce.push((message.channel.clone(), false)),
+                Admission::Restarted => announce.push((message.channel.clone(), true)),
+                Admission::Deliver => {}
+            }
+            let _ = outbox.push(outbox.message_frame(message));
+            delivered += 1;
+        }
+        Stats::add(&stats.messages_delivered, delivered);
+        if let Some(entry) = self.patterns.get_mut(&prefix) {
+            entry.subscribers.insert(waiting.id, outbox);
+        }
+        for (channel, restarted) in announce {
+            self.announce_epoch(&channel, waiting.id, restarted, ctx);
+        }
+        self.send_pattern_snapshots(prefix, vec![waiting.id], ctx);
+    }
+
+    /// Tells a pattern subscriber the epoch of a channel it has started to receive (or whose numbering started
+    /// over), so it can resume it with `since`. One read per channel and registry, shared by every session
+    /// waiting for it; an exact subscription's current epoch needs none.
+    fn announce_epoch(
+        &mut self,
+        channel: &Arc<str>,
+        id: SessionId,
+        restarted: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if restarted {
+            self.epochs.remove(channel);
+        }
+        let known = self
+            .channels
+            .get(channel)
+            .filter(|e| !e.epoch_stale && e.held.is_none() && !restarted)
+            .and_then(|e| e.history_epoch.clone());
+        let known = known.or_else(|| match self.epochs.get(channel) {
+            Some(EpochLookup::Known(epoch)) => Some(epoch.clone()),
+            _ => None,
+        });
+        if let Some(epoch) = known {
+            if let Some(session) = self.sessions.get(&id) {
+                let _ = session.outbox.push_reply(crate::transport::frame::text(
+                    &protocol::epoch_frame(channel, &epoch),
+                ));
+            }
+            return;
+        }
+        if let Some(EpochLookup::Reading(waiting)) = self.epochs.get_mut(channel) {
+            if !waiting.contains(&id) {
+                waiting.push(id);
+            }
+            return;
+        }
+        let Some(policy) = self
+            .patterns
+            .iter()
+            .find(|(prefix, _)| channel.starts_with(&***prefix))
+            .and_then(|(_, entry)| entry.policy)
+        else {
+            return;
+        };
+        if self.epochs.len() >= EPOCHS_MAX {
+            self.epochs
+                .retain(|_, lookup| matches!(lookup, EpochLookup::Reading(_)));
+        }
+        self.epochs
+            .insert(channel.clone(), EpochLookup::Reading(vec![id]));
+        let (engine, link_downs, channel) = (self.engine.clone(), self.link_downs, channel.clone());
+        let read = async move {
+            let window = engine.window(&channel, policy).await;
+            (channel, window)
+        };
+        ctx.spawn(read.into_actor(self).map(move |(channel, window), act, ctx| {
+            let Some(EpochLookup::Reading(waiting)) = act.epochs.remove(&channel) else {
+                return;
+            };
+            let epoch = match window {
+                Ok(window) if !window.epoch.is_empty() => window.epoch,
+                Ok(_) => return,
+                Err(e) => {
+                    log::warn!("reading the epoch of `{channel}` for pattern subscribers failed: {e}");
+                    return;
+                }
+            };
+            if link_downs != act.link_downs {
+                // The link dropped meanwhile: the epoch read may predate a restart; read it again.
+                for id in waiting {
+                    act.announce_epoch(&channel, id, false, ctx);
+                }
+                return;
+            }
+            let frame = crate::transport::frame::text(&protocol::epoch_frame(&channel, &epoch));
+            for id in waiting {
+                if let Some(session) = act.sessions.get(&id) {
+                    let _ = session.outbox.push_reply(frame.clone());
+                }
+            }
+            act.epochs.insert(channel, EpochLookup::Known(epoch));
+        }));
+    }
+
+    /// Sends the latest values of channels matching a pattern (bounded by configuration) to new subscribers:
+    /// a channel the session already has a position in (a live message came first, or it was recovered) gets
+    /// none, since the snapshot could only be older.
     fn send_pattern_snapshots(
         &mut self,
         prefix: Arc<str>,
         ids: Vec<SessionId>,
         ctx: &mut Context<Self>,
     ) {
+        if ids.is_empty() {
+            return;
+        }
         let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
         let fut = async move { engine.latest_matching(&prefix, limit).await };
-        ctx.spawn(fut.into_actor(self).map(move |snapshots, act, _| {
+        ctx.spawn(fut.into_actor(self).map(move |snapshots, act, ctx| {
             let shown: Vec<_> = snapshots
                 .iter()
                 .filter(|p| channel_owner(&p.channel).is_none())
                 .collect();
+            let cap = act.max_pattern_positions;
+            let mut announce = Vec::new();
             for id in ids {
-                if let Some(session) = act.sessions.get(&id) {
+                let Some(session) = act.sessions.get_mut(&id) else {
+                    continue;
+                };
+                for snapshot in &shown {
+                    if session.positions.get(&snapshot.channel).is_some() {
+                        continue;
+                    }
                     // Each publication frames its snapshot (envelope or raw) once, for every session.
-                    for frame in shown
-                        .iter()
-                        .filter_map(|p| session.outbox.snapshot_frame(p))
+                    let Some(frame) = session.outbox.snapshot_frame(snapshot) else {
+                        continue;
+                    };
+                    let _ = session.outbox.push(frame);
+                    if let Some(seq) = snapshot.seq
+                        && session.positions.set(
+                            &snapshot.channel,
+                            seq,
+                            Some((*snapshot).clone()),
+                            cap,
+                        )
+                        && session.wants_epochs
                     {
-                        let _ = session.outbox.push(frame);
+                        announce.push((id, snapshot.channel.clone()));
                     }
                 }
+            }
+            for (id, channel) in announce {
+                act.announce_epoch(&channel, id, false, ctx);
             }
         }));
     }
@@ -930,6 +1340,8 @@ impl Handler<Connect> for Registry {
                 outbox: msg.outbox,
                 channels: Vec::new(),
                 patterns: Vec::new(),
+                positions: PatternPositions::default(),
+                wants_epochs: false,
             },
         );
     }
@@ -954,7 +1366,7 @@ impl Handler<Subscribe> for Registry {
             }
             Target::Pattern(ref prefix) => {
                 let prefix: Arc<str> = prefix.as_str().into();
-                self.subscribe_pattern(msg.id, prefix, msg.ack, msg.policy.slow_consumer, ctx)
+                self.subscribe_pattern(msg.id, prefix, msg, ctx)
             }
         }
     }
@@ -980,6 +1392,12 @@ impl Handler<Unsubscribe> for Registry {
                     return;
                 };
                 let prefix = session.patterns.swap_remove(pos);
+                // Positions of channels no remaining pattern covers go with it: a later subscribe starts
+                // from their snapshots again.
+                let patterns = &session.patterns;
+                session
+                    .positions
+                    .retain(|channel| patterns.iter().any(|p| channel.starts_with(&**p)));
                 self.remove_from_pattern(msg.id, &prefix);
             }
         }
@@ -994,6 +1412,33 @@ impl Handler<Dispatch> for Registry {
     }
 }
 
+impl Handler<Announce> for Registry {
+    type Result = ();
+
+    /// `join` and `leave` go to the channel's live exact subscribers that speak the protocol; they are not
+    /// messages (no seq, no slot of their own). Over its bound a subscriber is the usual slow consumer, or,
+    /// in a conflating namespace, just misses the announcement.
+    fn handle(&mut self, msg: Announce, _: &mut Context<Self>) {
+        let Some(entry) = self.channels.get(&msg.channel) else {
+            return;
+        };
+        let conflate = entry.policy.slow_consumer == SlowConsumer::Conflate;
+        let mut slow = std::mem::take(&mut self.slow);
+        for (id, subscriber) in &entry.active {
+            if Some(*id) != msg.skip
+                && subscriber.outbox.push_reply(msg.frame.clone()).is_err()
+                && !conflate
+            {
+                slow.push(*id);
+            }
+        }
+        for id in slow.drain(..) {
+            self.drop_slow(id);
+        }
+        self.slow = slow;
+    }
+}
+
 impl Handler<ForgetLatest> for Registry {
     type Result = ();
 
@@ -1004,6 +1449,9 @@ impl Handler<ForgetLatest> for Registry {
         for entry in self.channels.values_mut() {
             entry.epoch_stale = true;
         }
+        // Pattern subscribers' positions are kept (a copy is still a copy, and a numbering that started over
+        // shows itself by its younger messages); the epochs they were told are read again when announced.
+        self.epochs.clear();
     }
 }
 

@@ -3,6 +3,7 @@
 //! what it sends goes through the connection's [`Outbox`], the same queue its registry delivers into.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use crate::core::protocol::{
     parse_target,
 };
 use crate::core::token::{self, Identity, Standing};
+use crate::engine::Member;
 use crate::node::hub::{Hub, PublishError};
 use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
 use crate::node::registry::Registry;
@@ -155,7 +157,10 @@ pub struct Session {
     /// A publish is in flight: the transport reads no further frame until it is answered, so a connection's
     /// publishes keep their order.
     publishing: bool,
-    /// The transport, parked while `publishing` or `throttled`.
+    /// A presence query is in flight: like a publish, the next frame waits for its answer, so one connection
+    /// has at most one presence read running.
+    querying: bool,
+    /// The transport, parked while `publishing`, `querying` or `throttled`.
     resume_input: Option<Waker>,
     /// This connection's slot in the replica's connection budgets, given back when the session is dropped.
     _permit: Permit,
@@ -193,6 +198,7 @@ impl Session {
             throttled: false,
             outbox,
             publishing: false,
+            querying: false,
             resume_input: None,
             _permit: permit,
             identity,
@@ -301,11 +307,13 @@ impl Session {
             ClientFrame::Subscribe {
                 channel,
                 since,
+                since_channels,
                 token,
-            } => self.subscribe(&id, channel, since, token, ctx),
+            } => self.subscribe(&id, channel, (since, since_channels), token, ctx),
             ClientFrame::Auth { token } => self.authenticate(&id, &token, ctx),
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&id, channel),
             ClientFrame::Publish { channel, data } => self.publish(id.clone(), channel, data, ctx),
+            ClientFrame::Presence { channel } => self.presence(&id, channel, ctx),
         };
         if let Err(error) = result {
             self.send_error(&id, &error);
@@ -329,7 +337,7 @@ impl Session {
         let Some(channel) = self.endpoint.as_ref().map(|e| e.channel.clone()) else {
             return;
         };
-        if let Err(error) = self.subscribe(&None, channel, None, None, ctx) {
+        if let Err(error) = self.subscribe(&None, channel, (None, None), None, ctx) {
             self.hub.metrics().rejected(error.code);
             if self.outbox.close(close::POLICY, &error.message) {
                 log::debug!(
@@ -345,11 +353,15 @@ impl Session {
         &mut self,
         id: &RequestId,
         name: String,
-        since: Option<Position>,
+        (since, since_channels): (Option<Position>, Option<Vec<(String, Position)>>),
         token: Option<String>,
         ctx: &mut Context<Self>,
     ) -> Result<(), ProtocolError> {
         let target = parse_target(&name)?;
+        let since_channels = match (&target, since_channels) {
+            (Target::Pattern(prefix), Some(named)) => Some(self.pattern_since(prefix, named)?),
+            _ => None,
+        };
         let policy_channel = match &target {
             Target::Channel(c) => c.as_str(),
             Target::Pattern(p) => p.as_str(),
@@ -399,20 +411,58 @@ impl Session {
             ));
         }
         let ack = frame::text(&protocol::subscribed_frame(id, &name));
+        if !is_pattern && (policy.presence || policy.join_leave) {
+            self.join_presence(&name, policy.join_leave);
+        }
         self.rest_on(&name, standing, ctx);
         self.subscriptions.insert(name);
         self.patterns += usize::from(is_pattern);
-        // Patterns do not recover: `since` applies to one channel's numbering.
+        // A pattern recovers per named channel (`since_channels`); `since` applies to one channel's numbering.
         let since = since.filter(|_| !is_pattern);
         self.registry.do_send(Subscribe {
             id: self.id,
             target,
             request: id.clone(),
             since,
+            since_channels,
             policy,
             ack,
         });
         Ok(())
+    }
+
+    /// Checks a pattern subscribe's `since` map: at most `channels.max_pattern_positions` channels, each a
+    /// valid channel the pattern matches and a pattern may deliver (no user channels).
+    fn pattern_since(
+        &self,
+        prefix: &str,
+        named: Vec<(String, Position)>,
+    ) -> Result<Vec<(std::sync::Arc<str>, Position)>, ProtocolError> {
+        let bad = |m: String| ProtocolError::new(ErrorCode::BadRequest, m);
+        let cap = self.hub.config().channels.max_pattern_positions;
+        if named.len() > cap {
+            return Err(bad(format!(
+                "a pattern's `since` names at most {cap} channels"
+            )));
+        }
+        named
+            .into_iter()
+            .map(|(channel, position)| {
+                protocol::validate_channel(&channel)
+                    .map_err(|e| bad(format!("`since`: {}", e.message)))?;
+                if !channel.starts_with(prefix) {
+                    return Err(bad(format!(
+                        "`since` names `{channel}`, which the pattern does not match"
+                    )));
+                }
+                if protocol::channel_owner(&channel).is_some() {
+                    return Err(bad(format!(
+                        "`since` names the user channel `{channel}`, which patterns never deliver"
+                    )));
+                }
+                Ok((channel.into(), position))
+            })
+            .collect()
     }
 
     fn unsubscribe(&mut self, id: &RequestId, name: String) -> Result<(), ProtocolError> {
@@ -425,6 +475,7 @@ impl Session {
         }
         self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
         self.standing.remove(&name);
+        self.leave_presence(&name);
         self.registry.do_send(Unsubscribe {
             id: self.id,
             target,
@@ -545,6 +596,7 @@ impl Session {
         }
         self.standing.remove(name);
         self.patterns -= usize::from(matches!(target, Target::Pattern(_)));
+        self.leave_presence(name);
         self.registry.do_send(Unsubscribe {
             id: self.id,
             target,
@@ -637,6 +689,107 @@ impl Session {
     }
 }
 
+/// Presence: the connection joins the presence of the channels it subscribes to where the namespace keeps
+/// it, leaves it with them, and may ask who else is there.
+impl Session {
+    /// This connection as presence lists it, with its current identity.
+    fn member(&self) -> Member {
+        let client: Arc<str> = self.hub.client_id(self.id).into();
+        let user = self.identity.as_ref().map(|i| i.user.as_str());
+        let info = self.identity.as_ref().and_then(|i| i.info.as_deref());
+        Member {
+            json: protocol::member_json(&client, user, info).into(),
+            user: user.map(Arc::from),
+            client,
+        }
+    }
+
+    fn join_presence(&self, channel: &str, announce: bool) {
+        self.hub.presence().join(channel, self.member(), announce);
+    }
+
+    fn leave_presence(&self, channel: &str) {
+        self.hub
+            .presence()
+            .leave(channel, &self.hub.client_id(self.id));
+    }
+
+    /// `{"op":"presence"}`: the channel's members on every replica, for a connection that may read it.
+    fn presence(
+        &mut self,
+        id: &RequestId,
+        name: String,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), ProtocolError> {
+        let target = parse_target(&name)?;
+        if matches!(target, Target::Pattern(_)) {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidChannel,
+                "presence is per channel, not per pattern",
+            ));
+        }
+        let policy =
+            self.hub.config().policy(&name).ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
+            })?;
+        if !policy.presence {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "presence is not enabled for this namespace",
+            ));
+        }
+        // A subscriber may read it (whatever token it subscribed with); anyone else needs the subscribe rules.
+        if !self.subscriptions.contains(&name) {
+            self.may_subscribe(&policy, &target, None)?;
+        }
+        let hub = self.hub.clone();
+        let id = id.clone();
+        let limit = hub.config().channels.max_presence_members;
+        let fut = async move {
+            let page = hub.engine().presence(&name, limit).await;
+            (name, page)
+        };
+        // Like a publish, the next frame waits for the answer: one presence read per connection at a time.
+        self.querying = true;
+        ctx.spawn(fut.into_actor(self).map(move |(name, page), act, _| {
+            act.querying = false;
+            // Woken while still publishing or throttled, the transport only asks again.
+            if let Some(waker) = act.resume_input.take() {
+                waker.wake();
+            }
+            act.answer_presence(&id, &name, page);
+        }));
+        Ok(())
+    }
+
+    fn answer_presence(
+        &self,
+        id: &RequestId,
+        name: &str,
+        page: Result<crate::engine::PresencePage, crate::engine::EngineError>,
+    ) {
+        match page {
+            Ok(page) => {
+                let stats = self.hub.stats();
+                Stats::add(&stats.presence_queries, 1);
+                if page.truncated {
+                    Stats::add(&stats.presence_truncated, 1);
+                }
+                self.outbox.push_text(&protocol::presence_frame(
+                    id,
+                    name,
+                    &page.members,
+                    page.truncated,
+                ));
+            }
+            Err(e) => self.send_error(
+                id,
+                &ProtocolError::new(ErrorCode::Unavailable, format!("presence: {e}")),
+            ),
+        }
+    }
+}
+
 /// Time until `expires_at` (seconds since the epoch), capped at a day so a far expiry never overflows a
 /// timer; a capped timer re-arms itself.
 fn until(expires_at: u64) -> Duration {
@@ -664,6 +817,10 @@ impl Actor for Session {
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.registry.do_send(Disconnect { id: self.id });
+        let subscriptions = std::mem::take(&mut self.subscriptions);
+        for name in &subscriptions {
+            self.leave_presence(name);
+        }
         self.hub.metrics().disconnected(self.outbox.close_code());
         self.hub
             .stats()
@@ -702,7 +859,7 @@ impl Endpoint for Session {
     }
 
     fn input_paused(&mut self, waker: &Waker) -> bool {
-        let paused = self.publishing || self.throttled;
+        let paused = self.publishing || self.querying || self.throttled;
         if paused {
             match &self.resume_input {
                 Some(parked) if parked.will_wake(waker) => {}

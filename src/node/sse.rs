@@ -93,6 +93,7 @@ impl Actor for SseSubscriber {
                 target: subscription.target,
                 request: None,
                 since,
+                since_channels: None,
                 policy: subscription.policy,
             });
         }

@@ -15,6 +15,10 @@ impl Job for JobSpec {
     fn id(&self) -> &str {
         &self.id
     }
+
+    fn channel(&self) -> &str {
+        &self.channel
+    }
 }
 
 /// What one scan found.
@@ -92,22 +96,41 @@ impl JobStore {
         self.engine.fill_lock(channel, hold).await
     }
 
-    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others, and
-    /// tells which kept `auto_stop` jobs still have listeners anywhere. `patterns` are this replica's pattern
-    /// prefixes, announced for `lease` so the owners of jobs under them see them.
-    pub async fn scan(
-        &self,
-        held: &[Held],
-        patterns: &[String],
-        lease: Duration,
-    ) -> Result<ScanReport, RedisError> {
-        // A local subscriber (exact or pattern) is enough; only the others need asking.
+    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others,
+    /// records this replica's subscribers of every job's channel (held for `lease`) and reads the fleet's:
+    /// the demand of each job, and which kept `auto_stop` jobs still have listeners anywhere.
+    pub async fn scan(&self, held: &[Held], lease: Duration) -> Result<ScanReport, RedisError> {
         let hub = &self.hub;
         self.engine
-            .scan(held, patterns, lease, |channel| {
-                job_subscribers(hub, channel) > 0
-            })
+            .scan(held, lease, |channel| job_subscribers(hub, channel))
             .await
+    }
+
+    /// Records this replica's subscribers of some jobs' channels now (held for `hold`).
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), RedisError> {
+        self.engine.record_demand(counts, hold).await
+    }
+
+    /// Adds this replica's cache reads since its last report to the fleet's totals.
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), RedisError> {
+        self.engine.add_cache_reads(deltas).await
+    }
+
+    /// Each source's fleet-wide cache reads; `None` in memory mode.
+    pub async fn cache_reads(
+        &self,
+        sources: &[String],
+    ) -> Result<Option<Vec<(u64, u64)>>, RedisError> {
+        self.engine.cache_reads(sources).await
+    }
+
+    /// The fleet's subscribers of each job's channel as last recorded; `None` in memory mode.
+    pub async fn demand(&self, ids: &[String]) -> Result<Option<Vec<usize>>, RedisError> {
+        self.engine.demand(ids).await
     }
 }
 

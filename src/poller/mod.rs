@@ -101,14 +101,25 @@ struct AutoStart {
     channel: String,
 }
 
+/// A channel gained its first local subscriber: if it is a job's that another replica runs, record this
+/// replica's demand for it now, so the owner's `auto_stop` does not wait for this replica's next scan.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Demanded {
+    channel: String,
+}
+
 /// The result of one scan, applied to the actor's state when it completes.
 struct Scan {
     jobs: Vec<JobSpec>,
     acquired: Vec<String>,
     lost: Vec<String>,
     listening: HashMap<String, bool>,
+    demand: HashMap<String, usize>,
     refresh: Vec<String>,
     previous: HashMap<String, Option<Value>>,
+    /// The cache reads this scan added to the fleet's totals (empty when that failed: they go next time).
+    cache_reported: Vec<(String, u64, u64)>,
 }
 
 /// A job this replica owns and runs.
@@ -180,6 +191,8 @@ pub struct Poller {
     /// Channels being filled by a one-off fetch here.
     filling: HashSet<String>,
     scanning: bool,
+    /// This replica's cache reads per source already added to the fleet's totals.
+    cache_reported: HashMap<String, (u64, u64)>,
     /// Shutting down: take no job any more.
     stopping: bool,
     /// Jobs to start when the poller starts (the demo symbols).
@@ -197,6 +210,11 @@ pub struct PollerObserver {
 
 impl ChannelObserver for PollerObserver {
     fn subscribers_changed(&self, channel: &str, count: usize) {
+        if count > 0 {
+            self.addr.do_send(Demanded {
+                channel: channel.to_string(),
+            });
+        }
         if count > 0
             && self
                 .sources
@@ -282,6 +300,7 @@ impl Poller {
             owned: HashMap::new(),
             filling: HashSet::new(),
             scanning: false,
+            cache_reported: HashMap::new(),
             stopping: false,
             initial,
         });
@@ -461,16 +480,12 @@ impl Poller {
     }
 
     fn fetched(&mut self, id: &str, fetch: Fetch, took: Duration, ctx: &mut Context<Self>) {
-        let subscribers = self
-            .hub
-            .local_subscribers(self.owned.get(id).map_or("", |j| j.spec.channel.as_str()));
         let hub = self.hub.clone();
         let stats = hub.stats();
         let Some(job) = self.owned.get_mut(id) else {
             return;
         };
         job.in_flight = false;
-        job.status.subscribers = subscribers;
         if let Some(validators) = fetch.validators {
             job.validators = validators;
         }
@@ -622,14 +637,30 @@ impl Poller {
                 auto_stop: j.source.auto_stop,
             })
             .collect();
-        let patterns: Vec<String> = hub
-            .subscriber_counts()
-            .1
-            .into_iter()
-            .filter_map(|(pattern, _)| pattern.strip_suffix('*').map(str::to_string))
+        // Cache reads counted here since the last report, added to the fleet's totals with this scan.
+        let cache_deltas: Vec<(String, u64, u64)> = self
+            .sources
+            .iter()
+            .filter_map(|source| {
+                let (hits, misses) = hub.metrics().cache_reads(&source.name);
+                let (h0, m0) = self
+                    .cache_reported
+                    .get(&source.name)
+                    .copied()
+                    .unwrap_or((0, 0));
+                let delta = (hits.saturating_sub(h0), misses.saturating_sub(m0));
+                (delta != (0, 0)).then(|| (source.name.clone(), delta.0, delta.1))
+            })
             .collect();
         let fut = async move {
-            let report = store.scan(&held, &patterns, lease).await?;
+            let report = store.scan(&held, lease).await?;
+            let cache_reported = match store.add_cache_reads(&cache_deltas).await {
+                Ok(()) => cache_deltas,
+                Err(e) => {
+                    log::debug!("adding cache reads to the fleet's totals failed: {e}");
+                    Vec::new()
+                }
+            };
             // Only jobs taken over need their last value (for `diff`): nothing per job in a steady scan.
             let mut previous = HashMap::new();
             for job in report
@@ -644,8 +675,10 @@ impl Poller {
                 acquired: report.acquired,
                 lost: report.lost,
                 listening: report.listening,
+                demand: report.demand,
                 refresh: report.refresh,
                 previous,
+                cache_reported,
             })
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
@@ -658,6 +691,11 @@ impl Poller {
     }
 
     fn apply_scan(&mut self, mut scan: Scan, ctx: &mut Context<Self>) {
+        for (source, hits, misses) in scan.cache_reported.drain(..) {
+            let reported = self.cache_reported.entry(source).or_insert((0, 0));
+            reported.0 += hits;
+            reported.1 += misses;
+        }
         {
             let mut known = self.known.lock().expect("poller state poisoned");
             known.jobs_by_channel = scan
@@ -675,6 +713,11 @@ impl Poller {
         for job in scan.jobs.iter().filter(|j| scan.acquired.contains(&j.id)) {
             let previous = scan.previous.remove(&job.id).flatten();
             self.own(job.clone(), previous, ctx);
+        }
+        for (id, job) in self.owned.iter_mut() {
+            if let Some(&n) = scan.demand.get(id) {
+                job.status.subscribers = n;
+            }
         }
         let now = Instant::now();
         let mut idle = Vec::new();
@@ -1181,14 +1224,23 @@ impl Handler<ListJobs> for Poller {
             jobs.sort_by(|a, b| a.id.cmp(&b.id));
             let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
             let states = store.owners_and_statuses(&ids).await?;
-            Ok::<_, PollError>((jobs, states))
+            let demand = store.demand(&ids).await?;
+            let sources: Vec<String> = jobs.iter().map(|j| j.source.clone()).collect();
+            let cache_reads = store.cache_reads(&sources).await?;
+            Ok::<_, PollError>((jobs, states, demand, cache_reads))
         };
         Box::pin(fut.into_actor(self).map(|result, act, _| {
-            let (jobs, states) = result?;
+            let (jobs, states, demand, cache_reads) = result?;
             Ok(jobs
                 .into_iter()
                 .zip(states)
-                .map(|(spec, (owner, status))| {
+                .enumerate()
+                .map(|(i, (spec, (owner, status)))| {
+                    // Every replica's subscribers as their scans last recorded them; in memory mode, ours.
+                    let subscribers = match &demand {
+                        Some(demand) => demand.get(i).copied().unwrap_or(0),
+                        None => jobs::job_subscribers(&act.hub, &spec.channel),
+                    };
                     let source = act.source(&spec.source);
                     let interval = source.as_ref().map(|s| format_duration(s.interval));
                     let stale = match (&source, &status) {
@@ -1196,7 +1248,11 @@ impl Handler<ListJobs> for Poller {
                         _ => None,
                     };
                     let status = status.unwrap_or_default();
-                    let (cache_hits, cache_misses) = act.hub.metrics().cache_reads(&spec.source);
+                    // The fleet's totals as every replica's last scan added to them; in memory mode, ours.
+                    let (cache_hits, cache_misses) = match &cache_reads {
+                        Some(reads) => reads.get(i).copied().unwrap_or((0, 0)),
+                        None => act.hub.metrics().cache_reads(&spec.source),
+                    };
                     json!({
                         "id": spec.id,
                         "source": spec.source,
@@ -1209,7 +1265,7 @@ impl Handler<ListJobs> for Poller {
                         "last_error": status.last_error,
                         "consecutive_failures": status.consecutive_failures,
                         "fetches": status.fetches,
-                        "subscribers": jobs::job_subscribers(&act.hub, &spec.channel),
+                        "subscribers": subscribers,
                         "next_run": status.next_run,
                         "last_change": status.last_change,
                         "stale": stale,
@@ -1300,6 +1356,36 @@ impl Handler<AutoStart> for Poller {
         if let Some(spec) = self.auto_job(&msg.channel) {
             self.start_job(spec, ctx);
         }
+    }
+}
+
+impl Handler<Demanded> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, msg: Demanded, _: &mut Self::Context) {
+        let channel = job_channel(&self.sources, &msg.channel);
+        if self.owned.values().any(|j| j.spec.channel == channel) {
+            // The owner counts its own subscribers when it decides.
+            return;
+        }
+        let Some(id) = self
+            .known
+            .lock()
+            .expect("poller state poisoned")
+            .jobs_by_channel
+            .get(&channel)
+            .map(|j| j.id.clone())
+        else {
+            return;
+        };
+        let count = jobs::job_subscribers(&self.hub, &channel);
+        let store = self.store.clone();
+        let hold = self.lease;
+        actix::spawn(async move {
+            if let Err(e) = store.record_demand(&[(id, count)], hold).await {
+                log::debug!("recording the demand for a job failed: {e}");
+            }
+        });
     }
 }
 

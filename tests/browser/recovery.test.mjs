@@ -7,6 +7,7 @@
 // (node 20 needs --experimental-websocket; see scripts/test-browser.sh).
 
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import { after, before, describe, test } from "node:test";
 
 import { Hub, RedisServer, launchBrowser, openPage, uniqueChannel, waitFor } from "./harness.mjs";
@@ -133,6 +134,66 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     client.close();
   });
 
+  test("1b. Redis mode: a pattern resumes each channel it delivered, once, in order, recovered", LONG, async () => {
+    const extra = `${HISTORY}\n[namespaces.test]\npatterns = true\n`;
+    const a = await startHub({ redisUrl: redis.url, instanceId: "pat-a", extra });
+    const b = await startHub({ redisUrl: redis.url, instanceId: "pat-b", extra });
+    const base = uniqueChannel("pat");
+    const [x, y] = [`${base}:x`, `${base}:y`];
+    const gate = { held: false, restHeld: false };
+    const client = new RelayHub(`ws://127.0.0.1:${a.port}/ws`, {
+      WebSocket: gatedWebSocket(gate),
+      fetch: gatedFetch(gate),
+      ...QUICK,
+      fallback: false,
+    });
+    clients.push(client);
+    const got = [];
+    const gaps = [];
+    client.on("gap", (info) => gaps.push(info));
+    client.subscribe(`${base}:*`, (data, meta) => got.push({ data, ...meta }));
+    await waitFor(() => client.status === "open", { message: "open" });
+    const seen = (channel) => got.filter((m) => m.channel === channel).map((m) => [m.data.n, m.seq, m.recovered]);
+    // A first message on x proves the pattern is live before the rest is published.
+    await waitFor(async () => {
+      await a.publish(x, { n: 0 });
+      await new Promise((r) => setTimeout(r, 100));
+      return got.length > 0;
+    }, { message: "the pattern is live" });
+    const before = seen(x).length;
+    await publishRange(a, x, 1, 3);
+    await publishRange(a, y, 1, 2);
+    await waitForCount(got, before + 5, "before the outage");
+    // The hub names each channel's epoch in an `epoch` frame; wait until the client holds both.
+    const positions = () => client._subs.get(`${base}:*`).positions;
+    await waitFor(() => positions().get(x)?.epoch && positions().get(y)?.epoch, { message: "both epochs known" });
+    const [xBefore, yBefore] = [seen(x).length, seen(y).length];
+
+    gate.held = true;
+    await a.kill("SIGKILL");
+    await waitFor(() => client.status === "reconnecting", { message: "the client notices" });
+    await publishRange(b, x, 4, 8);
+    await publishRange(b, y, 3, 4);
+    await a.start();
+    gate.held = false;
+    await waitForCount(got, before + 12, "the outage's messages");
+    const xSeq = seen(x)[xBefore - 1][1];
+    const ySeq = seen(y)[yBefore - 1][1];
+    assert.deepEqual(
+      seen(x).slice(xBefore),
+      [4, 5, 6, 7, 8].map((n, i) => [n, xSeq + i + 1, true]),
+      "x: each missed message once, in order, replayed",
+    );
+    assert.deepEqual(seen(y).slice(yBefore), [3, 4].map((n, i) => [n, ySeq + i + 1, true]), "y: the same");
+    await b.publish(x, { n: 9 });
+    await waitForCount(got, before + 13, "a live message");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(seen(x).slice(xBefore + 5), [[9, xSeq + 6, false]]);
+    assert.equal(got.length, before + 13, "nothing twice, no snapshot of a resumed channel");
+    assert.deepEqual(gaps, []);
+    client.close();
+  });
+
   test("2. Redis mode: the REST fallback reads the outage's messages from history, then the socket resumes after them", LONG, async () => {
     const a = await startHub({ redisUrl: redis.url, instanceId: "rec-c", extra: HISTORY });
     const b = await startHub({ redisUrl: redis.url, instanceId: "rec-d", extra: HISTORY });
@@ -219,6 +280,41 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual(rows(got, 5), [[102, 3, false, false, "socket"]]);
     assert.equal(gaps.length, 1);
+    client.close();
+  });
+});
+
+describe("relayhub.js and a hub that refuses a pattern's since map", () => {
+  test("4b. the pattern is subscribed plainly from then on and keeps delivering", LONG, async () => {
+    const extra = "\n[channels]\nmax_pattern_positions = 2\n[namespaces.test]\npatterns = true\n";
+    const hub = await startHub({ extra });
+    const base = uniqueChannel("plain");
+    const client = new RelayHub(`ws://127.0.0.1:${hub.port}/ws`, { ...QUICK, fallback: false });
+    clients.push(client);
+    const got = [];
+    const errors = [];
+    client.on("error", (info) => errors.push(info));
+    client.subscribe(`${base}:*`, (data, meta) => got.push({ data, ...meta }));
+    const positions = () => client._subs.get(`${base}:*`).positions;
+    // Two channels delivered, and their epochs known: the next subscribe names both.
+    await waitFor(async () => {
+      await hub.publish(`${base}:x`, { n: 1 });
+      await hub.publish(`${base}:y`, { n: 1 });
+      return positions().get(`${base}:x`)?.epoch && positions().get(`${base}:y`)?.epoch;
+    }, { message: "both epochs known" });
+
+    // The hub comes back allowing one channel per since map: the two-channel map is refused.
+    await hub.kill("SIGKILL");
+    fs.writeFileSync(hub.configPath, fs.readFileSync(hub.configPath, "utf8").replace("max_pattern_positions = 2", "max_pattern_positions = 1"));
+    await hub.start();
+    await waitFor(() => client.status === "open", { message: "reconnected" });
+    const before = got.length;
+    await waitFor(async () => {
+      await hub.publish(`${base}:x`, { n: 2 });
+      return got.slice(before).some((m) => m.data.n === 2);
+    }, { message: "the pattern delivers again" });
+    assert.deepEqual(errors.filter((e) => e.dropped), [], "the pattern was not dropped");
+    assert.ok(client.channels().includes(`${base}:*`));
     client.close();
   });
 });

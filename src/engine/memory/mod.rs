@@ -1,20 +1,22 @@
 //! The memory engine: the broker seam for a single instance with no shared backend. Values, snapshots and
 //! sequences live in [`store::MemoryStore`]; jobs and their statuses in local maps (this replica owns every
-//! job); a publish is delivered straight to the node's handler. A real implementation, used when there is no
-//! Redis and in tests.
+//! job); presence in [`presence::MemoryPresence`]; a publish (and a join or leave) is delivered straight to the
+//! node's handler. A real implementation, used when there is no Redis and in tests.
 
+pub mod presence;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use self::presence::MemoryPresence;
 use self::store::MemoryStore;
 use crate::core::config::{ChannelPolicy, Config};
 use crate::core::publication::Publication;
 use crate::engine::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, MemoryUsage, Published, Put, ScanReport,
-    Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, MemoryUsage, PresenceChange,
+    PresenceCounts, PresencePage, Published, Put, ScanReport, Window,
 };
 
 /// How often expired values are reclaimed, and at most how many per sweep (the lock is held for it).
@@ -34,6 +36,7 @@ struct Shared {
     store: MemoryStore,
     jobs: Mutex<Jobs>,
     handler: Arc<dyn BrokerEventHandler>,
+    presence: MemoryPresence,
     /// This replica's id: the owner of every job.
     me: String,
 }
@@ -51,6 +54,7 @@ impl MemoryEngine {
             store: MemoryStore::new(config.channels.max_channels, config.channels.max_memory),
             jobs: Mutex::new(Jobs::default()),
             handler,
+            presence: MemoryPresence::default(),
             me: me.to_string(),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
@@ -176,11 +180,26 @@ impl MemoryEngine {
         }
     }
 
-    /// Every job is this replica's: the ones it does not hold yet are acquired, the ones gone are lost.
+    pub fn apply_presence(&self, changes: &[PresenceChange]) {
+        self.shared
+            .presence
+            .apply(changes, self.shared.handler.as_ref());
+    }
+
+    pub fn presence(&self, channel: &str, limit: usize) -> PresencePage {
+        self.shared.presence.read(channel, limit)
+    }
+
+    pub fn presence_counts(&self, channel: &str) -> PresenceCounts {
+        self.shared.presence.counts(channel)
+    }
+
+    /// Every job is this replica's: the ones it does not hold yet are acquired, the ones gone are lost; the
+    /// demand for a job is this replica's subscribers of its channel.
     pub fn scan<J: Job>(
         &self,
         held: &[Held],
-        locally_heard: impl Fn(&str) -> bool,
+        local_count: impl Fn(&str) -> usize,
     ) -> Result<ScanReport<J>, EngineError> {
         let held_ids: HashSet<&str> = held.iter().map(|h| h.id.as_str()).collect();
         let jobs: Vec<J> = self.list_jobs();
@@ -193,7 +212,11 @@ impl MemoryEngine {
         let listening = held
             .iter()
             .filter(|h| h.auto_stop && listed.contains(h.id.as_str()))
-            .map(|h| (h.id.clone(), locally_heard(&h.channel)))
+            .map(|h| (h.id.clone(), local_count(&h.channel) > 0))
+            .collect();
+        let demand = jobs
+            .iter()
+            .map(|j| (j.id().to_string(), local_count(j.channel())))
             .collect();
         let acquired = jobs
             .iter()
@@ -205,6 +228,7 @@ impl MemoryEngine {
             lost,
             acquired,
             listening,
+            demand,
             refresh: Vec::new(),
         })
     }

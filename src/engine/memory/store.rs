@@ -380,6 +380,8 @@ mod tests {
             history_size,
             history_ttl: Duration::from_secs(600),
             slow_consumer: crate::core::config::SlowConsumer::Disconnect,
+            presence: false,
+            join_leave: false,
         }
     }
 

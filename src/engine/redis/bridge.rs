@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use super::keys::Keys;
 use super::link::Link;
+use super::presence;
 use super::pubsub::{self, Incoming, PubSubClient, Sink};
 use super::store::{RedisStore, decode_payload, escape_glob};
 use crate::core::config::Config;
@@ -57,6 +58,12 @@ pub struct UnwatchPattern {
     pub prefix: Arc<str>,
 }
 
+/// The replica is shutting down: stop sequencing `[[ingest]]` routes and hand their leases back (answered
+/// once Redis has been told).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseIngest;
+
 /// A registry no longer has subscribers of the channel.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -68,9 +75,9 @@ pub struct Unwatch {
 pub struct BridgeParts {
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
-    /// The pooled store, for probes, catch-up reads and ingest caching.
+    /// The pooled store, for probes, catch-up reads, ingest leases and sequencing.
     pub store: Arc<RedisStore>,
-    /// Link liveness and echo bookkeeping, shared with the publish path.
+    /// Link liveness, shared with the publish path.
     pub link: Arc<Link>,
     /// Where relayed messages and link events go.
     pub handler: Arc<dyn BrokerEventHandler>,
@@ -86,18 +93,16 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Probes that may go unanswered before the connection is declared dead.
 const PROBE_MISSES: u32 = 3;
-/// Ingested messages waiting to be cached; past this, cache writes are dropped and counted
+/// Ingested messages waiting for the lease holder to sequence them; past this they are dropped and counted
 /// (`ingest_cache_dropped`) rather than queued without bound.
 const INGEST_QUEUE: usize = 10_000;
-/// Routed channels whose previous ingested message is remembered (to tell repeats apart); past this the
-/// memory is cleared, which at worst lets one message per channel be cached twice.
-const INGEST_CHAINS: usize = 100_000;
 
-/// One ingested message to cache, in the order received.
+/// One ingested message to take into the sequenced path, in the order received.
 struct IngestWrite {
-    source: String,
     channel: String,
     data: String,
+    /// The route's `cache`: the message becomes the channel's latest value too.
+    keep_latest: bool,
 }
 
 /// Something from one pub/sub connection, tagged with the connection it came from.
@@ -192,9 +197,6 @@ pub struct Bridge {
     routes: Arc<Vec<Route>>,
     /// Pattern prefixes (`prices:`) with local subscribers.
     patterns: HashMap<Arc<str>, WatchedPattern>,
-    /// Sequence numbers delivered from a pattern copy while the channel's own SUBSCRIBE was not confirmed
-    /// yet: the exact copies of those messages are duplicates.
-    via_pattern: HashMap<Arc<str>, u64>,
     /// Channels the current connection is subscribed to, as Redis confirmed (or as last sent, see `sync`).
     subscribed: HashSet<Arc<str>>,
     /// Pattern prefixes the current connection is subscribed to, with their Redis pattern.
@@ -204,7 +206,7 @@ pub struct Bridge {
     dirty_patterns: HashSet<Arc<str>>,
     /// A batch is in flight; the next one is computed when it is answered, so Redis sees them in order.
     syncing: bool,
-    /// Ingested messages to cache, written one after the other by one task so the cache ends with the last.
+    /// Ingested messages to sequence, published one after the other by one task, in the order received.
     ingest_writes: Option<tokio::sync::mpsc::Sender<IngestWrite>>,
     /// Cluster mode: sharded channels whose SSUBSCRIBE this bridge sent and whose confirmation has not come
     /// yet. A confirmation of any other channel is the cluster connection resubscribing by itself after the
@@ -213,6 +215,14 @@ pub struct Bridge {
     /// Cluster mode: sharded channels the server unsubscribed by itself and this bridge subscribed again;
     /// their confirmation is followed by a catch-up.
     resubscribing: HashSet<String>,
+    /// Per route (in `routes` order): until when this replica surely holds its lease (a margin before the
+    /// lease it took or renewed runs out); `None`: another replica, or nobody known, sequences it.
+    ingest_held: Vec<Option<Instant>>,
+    /// `redis.ingest_lease`.
+    ingest_lease: Duration,
+    /// Shutting down: the leases were handed back and are not taken again.
+    ingest_released: bool,
+    instance_id: String,
 }
 
 impl Bridge {
@@ -233,9 +243,9 @@ impl Bridge {
             last_probe_seen: Instant::now(),
             connected_once: false,
             last_reject_log: None,
+            ingest_held: vec![None; parts.routes.len()],
             routes: Arc::new(parts.routes),
             patterns: HashMap::new(),
-            via_pattern: HashMap::new(),
             subscribed: HashSet::new(),
             psubscribed: HashMap::new(),
             dirty: HashSet::new(),
@@ -244,6 +254,9 @@ impl Bridge {
             ingest_writes: None,
             awaiting_confirmation: HashSet::new(),
             resubscribing: HashSet::new(),
+            ingest_lease: config.ingest_lease,
+            ingest_released: false,
+            instance_id: parts.instance_id.clone(),
             config: parts.config,
             stats: parts.stats,
             store: parts.store,
@@ -281,8 +294,30 @@ impl Bridge {
                     .map(|r| r.redis_channel.clone()),
             );
         }
+        let (store, me, lease) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.ingest_lease,
+        );
         let fut = async move {
-            let work = pubsub::open(&client, &probe, &routes, &names, &patterns);
+            let work = async {
+                let (sink, stream) =
+                    pubsub::open(&client, &probe, &routes, &names, &patterns).await?;
+                // The routes' leases are taken before the replica counts as live, so a fleet that is ready
+                // has a replica sequencing every route.
+                let sent = Instant::now();
+                let mut held = Vec::with_capacity(routes.len());
+                for route in routes.iter() {
+                    // A failed take counts as not held; the next renewal tries again.
+                    held.push(
+                        store
+                            .hold_ingest_lease(&route.redis_channel, &me, lease)
+                            .await
+                            .unwrap_or(false),
+                    );
+                }
+                Ok::<_, redis::RedisError>((sink, stream, held, sent))
+            };
             match tokio::time::timeout(timeout * 2, work).await {
                 Ok(Ok(pair)) => Ok(pair),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -294,7 +329,10 @@ impl Bridge {
                 return;
             }
             match result {
-                Ok((sink, stream)) => {
+                Ok((sink, stream, held, sent)) => {
+                    if !act.ingest_released {
+                        act.set_ingest_held(&held, sent);
+                    }
                     act.connected(generation, sink, stream, wanted, wanted_patterns, ctx)
                 }
                 Err(e) => {
@@ -331,7 +369,6 @@ impl Bridge {
         }
         self.connected_once = true;
         self.attempts = 0;
-        self.via_pattern.clear();
         self.last_probe_seen = Instant::now();
         // What the connection listens to now; whatever was watched or dropped while it was being made is
         // reconciled by `sync`.
@@ -385,7 +422,8 @@ impl Bridge {
     }
 
     fn disconnected(&mut self, why: &str, ctx: &mut Context<Self>) {
-        self.link.clear_local_echoes();
+        // Deaf, this replica cannot take the routes' messages: it stops renewing, so another takes over.
+        self.ingest_held.iter_mut().for_each(|h| *h = None);
         self.handler.on_link_down();
         log::warn!("redis pub/sub connection lost ({why}); local delivery continues, reconnecting");
         self.sink = None;
@@ -583,19 +621,24 @@ impl Bridge {
                     // An ingest pattern broad enough to match relayhub's own channels: not an ingest message.
                     return;
                 }
+                if let Some(announced) = presence::decode_announcement(msg.get_payload_bytes()) {
+                    // Only exact subscribers hear joins and leaves: a pattern's copy is not relayed.
+                    if !from_pattern {
+                        self.relay_announcement(channel, announced);
+                    }
+                    return;
+                }
                 match decode_payload(channel.into(), msg.get_payload_bytes()) {
-                    Ok(publication)
-                        if self.is_duplicate(&publication, pattern.as_deref())
-                            || self
-                                .link
-                                .take_local_echo(&publication.channel, publication.seq) =>
-                    {
+                    Ok(publication) if self.is_duplicate(&publication, pattern.as_deref()) => {
                         return;
                     }
                     other => other.map_err(str::to_string),
                 }
             }
-            None => self.ingest(&msg),
+            None => match self.ingest(&msg) {
+                Ok(()) => return,
+                Err(why) => Err(why.to_string()),
+            },
         };
         let stats = &self.stats;
         match result {
@@ -668,6 +711,16 @@ impl Bridge {
         }
     }
 
+    fn relay_announcement(&self, channel: &str, announced: presence::Announcement<'_>) {
+        if announced.join {
+            self.handler
+                .on_join(channel, announced.client, announced.member);
+        } else {
+            self.handler
+                .on_leave(channel, announced.client, announced.member);
+        }
+    }
+
     fn is_relayhub_pattern(&self, redis_pattern: &str) -> bool {
         self.patterns
             .values()
@@ -676,55 +729,42 @@ impl Bridge {
     }
 
     /// A message of a channel with both an exact subscription and a matching pattern arrives twice (message
-    /// and pmessage); exactly one copy is relayed: the exact one once its SUBSCRIBE is confirmed, the pattern
-    /// one before that (remembered by `seq`, so the exact copy of the same message is then dropped).
-    fn is_duplicate(&mut self, publication: &Publication, pattern: Option<&str>) -> bool {
-        let channel = &publication.channel;
-        let exact = self.channels.get(channel).map(|w| w.confirmed);
-        if let Some(pattern) = pattern {
-            // Nested patterns (`a:*` and `a:b:*`) each send a copy: keep the copy of the longest prefix.
-            let longest = self
-                .patterns
-                .iter()
-                .filter(|(prefix, _)| channel.starts_with(&***prefix))
-                .max_by_key(|(prefix, _)| prefix.len());
-            if longest.is_some_and(|(_, watched)| watched.redis_name != pattern) {
-                return true;
-            }
-            match exact {
-                Some(true) => true,
-                Some(false) => {
-                    if let Some(seq) = publication.seq {
-                        self.via_pattern.insert(channel.clone(), seq);
-                    }
-                    false
-                }
-                None => false,
-            }
-        } else {
-            match (self.via_pattern.get(channel), publication.seq) {
-                (Some(&seen), Some(seq)) if seq <= seen => true,
-                (Some(_), _) => {
-                    self.via_pattern.remove(channel);
-                    false
-                }
-                _ => false,
-            }
+    /// and pmessage), and once more per pattern when patterns nest (`a:*` and `a:b:*`). Sequenced copies are
+    /// all relayed: the ordering rule gives each subscriber one. An unsequenced message (a raw PUBLISH of an
+    /// outside producer) has no seq to tell its copies apart, so exactly one of its copies is relayed: the
+    /// exact one once its SUBSCRIBE is confirmed, else the one of the longest matching pattern.
+    fn is_duplicate(&self, publication: &Publication, pattern: Option<&str>) -> bool {
+        if publication.seq.is_some() {
+            return false;
         }
+        let channel = &publication.channel;
+        let exact = self.channels.get(channel).is_some_and(|w| w.confirmed);
+        let Some(pattern) = pattern else {
+            return false;
+        };
+        let longest = self
+            .patterns
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(&***prefix))
+            .max_by_key(|(prefix, _)| prefix.len());
+        exact || longest.is_some_and(|(_, watched)| watched.redis_name != pattern)
     }
 
-    /// Routes a message of an ingest route to its relayhub channel; caches it when the route says so.
-    fn ingest(&self, msg: &Msg) -> Result<Publication, String> {
+    /// Routes a message of an ingest route to its relayhub channel. The replica holding the route's lease
+    /// takes it into the sequenced path (numbered, kept in history, published on the channel); every replica,
+    /// this one included, delivers that sequenced copy, never the raw one, so each subscriber gets it once.
+    fn ingest(&self, msg: &Msg) -> Result<(), String> {
         let name = msg.get_channel_name();
         let pattern: Option<String> = if msg.from_pattern() {
             msg.get_pattern().ok()
         } else {
             None
         };
-        let route = self
+        let (index, route) = self
             .routes
             .iter()
-            .find(|r| match &pattern {
+            .enumerate()
+            .find(|(_, r)| match &pattern {
                 Some(p) => r.is_pattern && r.redis_channel == *p,
                 None => !r.is_pattern && r.redis_channel == name,
             })
@@ -734,59 +774,96 @@ impl Bridge {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|_| "message is not JSON")?;
         let channel = route.target(&value)?;
-        if route.cache
-            && let Some(writes) = &self.ingest_writes
-        {
+        let holding = self.ingest_held[index].is_some_and(|until| Instant::now() < until);
+        if holding && let Some(writes) = &self.ingest_writes {
             let write = IngestWrite {
-                source: name.to_string(),
-                channel: channel.clone(),
+                channel,
                 data: text.to_string(),
+                keep_latest: route.cache,
             };
             if writes.try_send(write).is_err() {
                 Stats::add(&self.stats.ingest_cache_dropped, 1);
             }
         }
-        Ok(Publication::new(channel.into(), text, None, None))
+        Ok(())
+    }
+
+    /// Records what taking or renewing the routes' leases answered (asked at `sent`).
+    fn set_ingest_held(&mut self, held: &[bool], sent: Instant) {
+        // A margin of a fifth of the lease: this replica stops before another can have taken over.
+        let until = sent + self.ingest_lease - self.ingest_lease / 5;
+        for (slot, held) in self.ingest_held.iter_mut().zip(held) {
+            *slot = held.then_some(until);
+        }
+    }
+
+    /// Renews the leases this replica holds and tries to take the others (a holder that stopped renewing is
+    /// replaced once its lease ran out). Only while the pub/sub connection is live: a deaf replica would
+    /// hold a route whose messages it cannot hear.
+    fn renew_ingest_leases(&mut self, ctx: &mut Context<Self>) {
+        if self.routes.is_empty() || self.sink.is_none() || self.ingest_released {
+            return;
+        }
+        let (store, me, lease) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.ingest_lease,
+        );
+        let routes = self.routes.clone();
+        let sent = Instant::now();
+        let generation = self.generation;
+        let renew = async move {
+            let mut held = Vec::with_capacity(routes.len());
+            for route in routes.iter() {
+                match store
+                    .hold_ingest_lease(&route.redis_channel, &me, lease)
+                    .await
+                {
+                    Ok(h) => held.push(h),
+                    Err(e) => {
+                        log::warn!(
+                            "renewing the lease of ingest route `{}` failed: {e}",
+                            route.redis_channel
+                        );
+                        held.push(false);
+                    }
+                }
+            }
+            held
+        };
+        ctx.spawn(renew.into_actor(self).map(move |held, act, _| {
+            if act.generation == generation && !act.ingest_released {
+                act.set_ingest_held(&held, sent);
+            }
+        }));
     }
 }
 
-/// Caches ingested messages one at a time, in the order they were received: every replica receives the same
-/// messages in the same order, and the first replica to write one marks it so the others skip it. A message is
-/// told apart from an equal one sent earlier by the message before it and the number of equal messages in a
-/// row, so A, B, A caches A last and A, A, A keeps three snapshots.
-async fn cache_ingested(
+/// Takes ingested messages into the sequenced path one at a time, in the order this replica (the route's
+/// lease holder) received them.
+async fn sequence_ingested(
     store: Arc<RedisStore>,
     config: Arc<Config>,
+    stats: Arc<Stats>,
     mut rx: tokio::sync::mpsc::Receiver<IngestWrite>,
 ) {
-    use std::hash::{Hash, Hasher};
-    // Per routed channel: the hash of the previous message and how many equal ones came in a row.
-    let mut chains: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(write) = rx.recv().await {
-        // DefaultHasher::new() has fixed keys, so every replica computes the same identity for one message.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&write.source, &write.data).hash(&mut hasher);
-        let own = hasher.finish();
-        if chains.len() >= INGEST_CHAINS && !chains.contains_key(&write.channel) {
-            chains.clear();
-        }
-        let chain = chains.entry(write.channel.clone()).or_insert((0, 0));
-        let repeat = if chain.0 == own { chain.1 + 1 } else { 0 };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (own, chain.0, repeat).hash(&mut hasher);
-        let identity = hasher.finish();
-        *chain = (own, repeat);
         let policy = config
             .policy(&write.channel)
             .unwrap_or_else(|| config.default_policy());
-        if let Err(e) = store
-            .ingest_cache(identity, &write.channel, &write.data, policy)
+        let ts = crate::core::protocol::now_ts();
+        match store
+            .publish_ingested(&write.channel, &write.data, &ts, policy, write.keep_latest)
             .await
         {
-            log::warn!(
-                "caching an ingested message for `{}` failed: {e}",
-                write.channel
-            );
+            Ok(_) => Stats::add(&stats.relayed_out, 1),
+            Err(e) => {
+                Stats::add(&stats.ingest_cache_dropped, 1);
+                log::warn!(
+                    "sequencing an ingested message for `{}` failed: {e}",
+                    write.channel
+                );
+            }
         }
     }
 }
@@ -828,10 +905,18 @@ impl Actor for Bridge {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.set_active(false);
-        if self.routes.iter().any(|r| r.cache) {
+        if !self.routes.is_empty() {
             let (tx, rx) = tokio::sync::mpsc::channel(INGEST_QUEUE);
             self.ingest_writes = Some(tx);
-            actix::spawn(cache_ingested(self.store.clone(), self.config.clone(), rx));
+            actix::spawn(sequence_ingested(
+                self.store.clone(),
+                self.config.clone(),
+                self.stats.clone(),
+                rx,
+            ));
+            ctx.run_interval(self.ingest_lease / 3, |act, ctx| {
+                act.renew_ingest_leases(ctx)
+            });
         }
         self.connect(ctx);
         ctx.run_interval(self.probe_interval, |act, ctx| act.probe(ctx));
@@ -934,6 +1019,30 @@ impl Handler<UnwatchPattern> for Bridge {
     }
 }
 
+impl Handler<ReleaseIngest> for Bridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: ReleaseIngest, _: &mut Self::Context) -> Self::Result {
+        self.ingest_released = true;
+        self.ingest_held.iter_mut().for_each(|h| *h = None);
+        let (store, me, routes) = (
+            self.store.clone(),
+            self.instance_id.clone(),
+            self.routes.clone(),
+        );
+        Box::pin(async move {
+            for route in routes.iter() {
+                if let Err(e) = store.release_ingest_lease(&route.redis_channel, &me).await {
+                    log::warn!(
+                        "handing back the lease of ingest route `{}` failed: {e}",
+                        route.redis_channel
+                    );
+                }
+            }
+        })
+    }
+}
+
 impl Handler<Unwatch> for Bridge {
     type Result = ();
 
@@ -946,7 +1055,6 @@ impl Handler<Unwatch> for Bridge {
         if watched.refs == 0 {
             let mut watched = self.channels.remove(&msg.channel).expect("looked up above");
             confirm(&mut watched.waiters);
-            self.via_pattern.remove(&msg.channel);
             self.dirty.insert(msg.channel);
             self.sync(ctx);
         }

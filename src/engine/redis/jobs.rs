@@ -3,24 +3,19 @@
 //! atomically in Lua), and a status key the owner refreshes.
 //!
 //! A scan costs the same few round trips whatever the number of jobs: one listing, one script for every
-//! lease, one pipeline for the subscriber checks.
+//! lease, one script recording this replica's subscribers of every job's channel and summing the fleet's.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use deadpool_redis::redis;
 
 use super::keys::Keys;
-use super::store::{Conn, RedisStore, escape_glob};
+use super::store::RedisStore;
 use crate::engine::seam::{EngineError, Held, Job, JobStatus, Put, ScanReport};
 
 /// Releases a lease only if this replica still holds it.
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
-
-/// The pattern prefixes (`prices:`) whose patterns match `channel`: each prefix of it ending in `:`.
-fn covering_prefixes(channel: &str) -> impl Iterator<Item = &str> {
-    channel.match_indices(':').map(move |(i, _)| &channel[..=i])
-}
 
 pub struct RedisJobs {
     me: String,
@@ -28,40 +23,7 @@ pub struct RedisJobs {
     put: redis::Script,
     scan: redis::Script,
     rate_turn: redis::Script,
-}
-
-/// Cluster mode: whether some replica listens to each job's channel. An exact channel is asked of its slot's
-/// owner (`PUBSUB SHARDNUMSUB`: a shard's subscriptions live on the node serving it); a spread job's glob is
-/// asked of every node (`PUBSUB SHARDCHANNELS`, answers combined).
-async fn heard_in_cluster(
-    c: &mut Conn,
-    keys: &Keys,
-    single: &[&Held],
-    spread: &[&Held],
-) -> redis::RedisResult<HashMap<String, bool>> {
-    let mut heard = HashMap::new();
-    for h in single {
-        let channel = keys.pubsub_channel(&h.channel);
-        let mut numsub = redis::cmd("PUBSUB");
-        numsub.arg("SHARDNUMSUB").arg(&channel);
-        let counts: HashMap<String, i64> = c.query_at_owner(numsub, &channel).await?;
-        let n = counts.get(&channel).copied().unwrap_or(0);
-        heard.insert(h.id.clone(), n > 0);
-    }
-    for h in spread {
-        let glob: Vec<String> = keys
-            .pubsub_channel(&h.channel)
-            .split('*')
-            .map(escape_glob)
-            .collect();
-        let channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("SHARDCHANNELS")
-            .arg(glob.join("*"))
-            .query_async(c)
-            .await?;
-        heard.insert(h.id.clone(), !channels.is_empty());
-    }
-    Ok(heard)
+    demand: redis::Script,
 }
 
 impl RedisJobs {
@@ -72,6 +34,7 @@ impl RedisJobs {
             put: redis::Script::new(include_str!("put_job.lua")),
             scan: redis::Script::new(include_str!("scan_leases.lua")),
             rate_turn: redis::Script::new(include_str!("rate_turn.lua")),
+            demand: redis::Script::new(include_str!("demand.lua")),
         }
     }
 
@@ -264,25 +227,25 @@ impl RedisJobs {
             .await
     }
 
-    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others, and
-    /// tells which kept `auto_stop` jobs still have listeners anywhere. `patterns` are this replica's pattern
-    /// prefixes, announced for `lease` so the owners of jobs under them see them.
+    /// Lists the jobs, renews the leases of those this replica runs (`held`), tries to take the others,
+    /// records this replica's subscribers of every job's channel (`local_count`, held for `lease`) and reads
+    /// every replica's: the demand of each job, and for the kept `auto_stop` jobs whether anybody listens.
     pub async fn scan<J: Job>(
         &self,
         r: &RedisStore,
         held: &[Held],
-        patterns: &[String],
         lease: Duration,
-        locally_heard: impl Fn(&str) -> bool,
+        local_count: impl Fn(&str) -> usize,
     ) -> Result<ScanReport<J>, EngineError> {
         let held_ids: HashSet<&str> = held.iter().map(|h| h.id.as_str()).collect();
-        let locally_heard = &locally_heard;
         let keys = r.keys().clone();
         let me = self.me.clone();
         let lease_ms = lease.as_millis() as u64;
         let mut call = self.scan.prepare_invoke();
+        let mut demand_call = self.demand.prepare_invoke();
         let held_ids_ref = &held_ids;
-        let (all, held_now, heard) = r
+        let local_count = &local_count;
+        let (all, held_now, sums) = r
             .with_conn(|mut c| async move {
                 let all: HashMap<String, String> = redis::cmd("HGETALL")
                     .arg(keys.jobs())
@@ -292,6 +255,9 @@ impl RedisJobs {
                     .values()
                     .filter_map(|json| serde_json::from_str(json).ok())
                     .collect();
+                if jobs.is_empty() {
+                    return Ok((jobs, Vec::new(), Vec::new()));
+                }
                 // Renew what this replica runs, try to take the rest: one script call for every lease.
                 call.arg(&me).arg(lease_ms);
                 for job in &jobs {
@@ -305,118 +271,23 @@ impl RedisJobs {
                 for job in &jobs {
                     call.key(keys.refresh(job.id()));
                 }
-                let held_now: Vec<i64> = if jobs.is_empty() {
-                    Vec::new()
-                } else {
-                    call.invoke_async(&mut c).await?
-                };
-                // Listeners of the auto_stop jobs kept, and this replica's patterns: one pipeline.
-                let asking: Vec<&Held> = held
-                    .iter()
-                    .filter(|h| h.auto_stop && !locally_heard(&h.channel))
-                    .collect();
-                let prefixes: Vec<&str> = asking
-                    .iter()
-                    .flat_map(|h| covering_prefixes(&h.channel))
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
-                // A split job's channel stands for all its element channels (`prices:*`): asked with
-                // PUBSUB CHANNELS and a glob, the rest with one NUMSUB.
-                let (spread, single): (Vec<&Held>, Vec<&Held>) = asking
-                    .iter()
-                    .copied()
-                    .partition(|h| h.channel.contains('*'));
-                if keys.is_cluster() {
-                    // Sharded pub/sub has no patterns (nor pattern markers), and its subscriptions are
-                    // counted by the node owning each channel's slot.
-                    let heard = heard_in_cluster(&mut c, &keys, &single, &spread).await?;
-                    return Ok((jobs, held_now, heard));
+                let held_now: Vec<i64> = call.invoke_async(&mut c).await?;
+                // This replica's listeners of every job and the fleet's: one script call too.
+                demand_call.arg(&me).arg(lease_ms);
+                for job in &jobs {
+                    demand_call
+                        .key(keys.demand(job.id()))
+                        .arg(local_count(job.channel()));
                 }
-                let mut pipe = redis::pipe();
-                for prefix in patterns {
-                    pipe.cmd("SET")
-                        .arg(keys.pattern_presence(prefix))
-                        .arg(&me)
-                        .arg("PX")
-                        .arg(lease_ms)
-                        .ignore();
-                }
-                if !asking.is_empty() {
-                    let mut numsub = redis::cmd("PUBSUB");
-                    numsub.arg("NUMSUB");
-                    for h in &single {
-                        numsub.arg(keys.pubsub_channel(&h.channel));
-                    }
-                    pipe.add_command(numsub);
-                }
-                if !prefixes.is_empty() {
-                    let mut mget = redis::cmd("MGET");
-                    for prefix in &prefixes {
-                        mget.arg(keys.pattern_presence(prefix));
-                    }
-                    pipe.add_command(mget);
-                }
-                for h in &spread {
-                    let glob: Vec<String> = keys
-                        .pubsub_channel(&h.channel)
-                        .split('*')
-                        .map(escape_glob)
-                        .collect();
-                    pipe.cmd("PUBSUB").arg("CHANNELS").arg(glob.join("*"));
-                }
-                let mut heard = HashMap::new();
-                if pipe.cmd_iter().next().is_none() {
-                    return Ok((jobs, held_now, heard));
-                }
-                let mut replies = pipe
-                    .query_async::<Vec<redis::Value>>(&mut c)
-                    .await?
-                    .into_iter();
-                if !asking.is_empty() {
-                    // NUMSUB answers channel, count, channel, count ... in the order asked.
-                    let numsub: Vec<redis::Value> = match replies.next() {
-                        Some(redis::Value::Array(items)) => items,
-                        _ => Vec::new(),
-                    };
-                    let present: Vec<Option<String>> = if prefixes.is_empty() {
-                        Vec::new()
-                    } else {
-                        match replies.next() {
-                            Some(v) => redis::from_redis_value(v)?,
-                            None => Vec::new(),
-                        }
-                    };
-                    let present: HashSet<&str> = prefixes
-                        .iter()
-                        .zip(&present)
-                        .filter(|(_, v)| v.is_some())
-                        .map(|(p, _)| *p)
-                        .collect();
-                    let mut exact: HashMap<&str, bool> = single
-                        .iter()
-                        .zip(numsub.chunks(2))
-                        .map(|(h, count)| {
-                            let n = matches!(count.get(1), Some(redis::Value::Int(n)) if *n > 0);
-                            (h.id.as_str(), n)
-                        })
-                        .collect();
-                    for h in &spread {
-                        let channels: Vec<String> = match replies.next() {
-                            Some(v) => redis::from_redis_value(v)?,
-                            None => Vec::new(),
-                        };
-                        exact.insert(h.id.as_str(), !channels.is_empty());
-                    }
-                    for h in &asking {
-                        let exact = exact.get(h.id.as_str()).copied().unwrap_or(false);
-                        let pattern = covering_prefixes(&h.channel).any(|p| present.contains(p));
-                        heard.insert(h.id.clone(), exact || pattern);
-                    }
-                }
-                Ok((jobs, held_now, heard))
+                let sums: Vec<u64> = demand_call.invoke_async(&mut c).await?;
+                Ok((jobs, held_now, sums))
             })
             .await?;
+        let demand: HashMap<String, usize> = all
+            .iter()
+            .zip(&sums)
+            .map(|(job, n)| (job.id().to_string(), *n as usize))
+            .collect();
         let mut lost: Vec<String> = held
             .iter()
             .filter(|h| !all.iter().any(|j| j.id() == h.id))
@@ -436,7 +307,8 @@ impl RedisJobs {
             .iter()
             .filter(|h| h.auto_stop && !lost.contains(&h.id))
             .map(|h| {
-                let heard = locally_heard(&h.channel) || heard.get(&h.id).copied().unwrap_or(false);
+                let heard =
+                    local_count(&h.channel) > 0 || demand.get(&h.id).copied().unwrap_or(0) > 0;
                 (h.id.clone(), heard)
             })
             .collect();
@@ -445,8 +317,93 @@ impl RedisJobs {
             lost,
             acquired,
             listening,
+            demand,
             refresh,
         })
+    }
+
+    /// Records this replica's subscribers of some jobs' channels at once (held for `hold`), between scans.
+    pub async fn record_demand(
+        &self,
+        r: &RedisStore,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.demand.prepare_invoke();
+        call.arg(&self.me).arg(hold.as_millis().max(1) as u64);
+        for (id, count) in counts {
+            call.key(r.keys().demand(id)).arg(*count);
+        }
+        let _: Vec<u64> = r
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Adds this replica's cache reads since its last report to each source's fleet-wide totals, in one
+    /// round trip.
+    pub async fn add_cache_reads(
+        &self,
+        r: &RedisStore,
+        deltas: &[(String, u64, u64)],
+    ) -> Result<(), EngineError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (source, hits, misses) in deltas {
+            let key = r.keys().cache_reads(source);
+            pipe.hincr(&key, "hits", *hits)
+                .ignore()
+                .hincr(&key, "misses", *misses)
+                .ignore();
+        }
+        r.with_conn(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    /// Each source's fleet-wide cache reads (hits, misses).
+    pub async fn cache_reads(
+        &self,
+        r: &RedisStore,
+        sources: &[String],
+    ) -> Result<Vec<(u64, u64)>, EngineError> {
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for source in sources {
+            pipe.cmd("HMGET")
+                .arg(r.keys().cache_reads(source))
+                .arg("hits")
+                .arg("misses");
+        }
+        let found: Vec<(Option<u64>, Option<u64>)> = r
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|(h, m)| (h.unwrap_or(0), m.unwrap_or(0)))
+            .collect())
+    }
+
+    /// The subscribers of each job's channel on every replica, as their last scans recorded them.
+    pub async fn demand(&self, r: &RedisStore, ids: &[String]) -> Result<Vec<usize>, EngineError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.demand.prepare_invoke();
+        call.arg(&self.me).arg(1);
+        for id in ids {
+            call.key(r.keys().demand(id));
+        }
+        let sums: Vec<u64> = r
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(sums.into_iter().map(|n| n as usize).collect())
     }
 
     /// Asks the owner of a job to fetch at once: a flag its next scan takes (it expires after `hold`).

@@ -5,7 +5,7 @@
 //! them. In cluster mode every name carries a hash tag, so the keys one script touches sit in one slot: the
 //! keys (and the sharded pub/sub channel) of one relayhub channel carry the channel as their tag
 //! (`relayhub:cache:{prices:BTC}`, `relayhub:ch:{prices:BTC}`), and the fleet-wide keys (jobs, leases, job
-//! statuses, refresh requests, rate budgets, pattern markers) share the tag `{fleet}`
+//! statuses, refresh requests, rate budgets, job demand, ingest leases) share the tag `{fleet}`
 //! (`relayhub:{fleet}:lease:<job>`). Every builder goes through [`Keys::of_channel`] or [`Keys::of_fleet`],
 //! which apply the layout: a new key follows the pattern and gets its tag.
 
@@ -121,16 +121,10 @@ impl Keys {
         self.of_fleet("jobstatus", Some(job))
     }
 
-    /// Marks that some replica has pattern subscribers of a prefix, refreshed by its poller and expiring
-    /// when not (an `auto_stop` job under the prefix keeps running): `<prefix>patsub:<pattern prefix>`.
-    pub fn pattern_presence(&self, pattern_prefix: &str) -> String {
-        self.of_fleet("patsub", Some(pattern_prefix))
-    }
-
-    /// Marks an ingested message as cached, so one replica writes it: `<prefix>ingested:<channel>:<hash>`
-    /// (in the channel's slot in cluster mode: the ingest script also writes the channel's cache).
-    pub fn ingested(&self, channel: &str, hash: u64) -> String {
-        format!("{}:{hash:016x}", self.of_channel("ingested", channel))
+    /// The lease of an `[[ingest]]` route, held by the replica that takes its messages into the sequenced
+    /// path: `<prefix>ingestlease:<redis_channel>`.
+    pub fn ingest_lease(&self, redis_channel: &str) -> String {
+        self.of_fleet("ingestlease", Some(redis_channel))
     }
 
     /// A polling source's fleet-wide request budget (when its next request may go): `<prefix>ratelimit:<source>`.
@@ -141,6 +135,35 @@ impl Keys {
     /// A request that a job's owner fetch at once, taken by its next scan: `<prefix>refresh:<job>`.
     pub fn refresh(&self, job: &str) -> String {
         self.of_fleet("refresh", Some(job))
+    }
+
+    /// A channel's presence members, by connection id (their JSON): `<prefix>presence:<channel>`.
+    pub fn presence(&self, channel: &str) -> String {
+        self.of_channel("presence", channel)
+    }
+
+    /// When each member of a channel's presence expires unless its replica refreshes it (sorted set of
+    /// connection ids scored by expiry, ms since the Unix epoch): `<prefix>presence_exp:<channel>`.
+    pub fn presence_expiry(&self, channel: &str) -> String {
+        self.of_channel("presence_exp", channel)
+    }
+
+    /// How many members of a channel's presence each user has (anonymous members not counted):
+    /// `<prefix>presence_users:<channel>`.
+    pub fn presence_users(&self, channel: &str) -> String {
+        self.of_channel("presence_users", channel)
+    }
+
+    /// Subscribers of a job's channel per replica (field: instance id, value: `<expiry ms> <count>`), written
+    /// by every replica's scan: `<prefix>demand:<job>`.
+    pub fn demand(&self, job: &str) -> String {
+        self.of_fleet("demand", Some(job))
+    }
+
+    /// A polling source's cache-aside reads summed over the fleet (fields `hits`, `misses`), added to by every
+    /// replica's scan: `<prefix>cachereads:<source>`.
+    pub fn cache_reads(&self, source: &str) -> String {
+        self.of_fleet("cachereads", Some(source))
     }
 
     /// Short lock making one cache fill per channel fleet-wide: `<prefix>fill:<channel>`.
@@ -162,7 +185,7 @@ mod tests {
         assert_eq!(k.cache("a"), "t1:cache:a");
         assert_eq!(k.lease("j"), "t1:lease:j");
         assert_eq!(k.jobs(), "t1:jobs");
-        assert_eq!(k.ingested("a", 1), "t1:ingested:a:0000000000000001");
+        assert_eq!(k.presence("a"), "t1:presence:a");
     }
 
     /// The hash tag Redis Cluster hashes: the part between the first `{` and the next `}`, when not empty.
@@ -189,7 +212,9 @@ mod tests {
                 k.snapshots(channel),
                 k.epoch(channel),
                 k.seq(channel),
-                k.ingested(channel, 7),
+                k.presence(channel),
+                k.presence_expiry(channel),
+                k.presence_users(channel),
                 k.fill_lock(channel),
             ];
             assert!(names.iter().all(|n| tag(n) == tag(&names[0])), "{names:?}");
@@ -201,7 +226,9 @@ mod tests {
             k.job_status("j"),
             k.refresh("j"),
             k.rate_limit("s"),
-            k.pattern_presence("p:"),
+            k.demand("j"),
+            k.cache_reads("s"),
+            k.ingest_lease("feed:x"),
         ];
         assert!(fleet.iter().all(|n| tag(n) == "fleet"), "{fleet:?}");
     }

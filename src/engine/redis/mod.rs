@@ -1,14 +1,15 @@
 //! The Redis engine: the broker seam over one Redis, shared by every replica. Everything Redis-specific lives
 //! in this folder: key names ([`keys`]), the Lua scripts, the pooled store ([`store`]), the pubsub-bridge
-//! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state and
-//! exactly-once bookkeeping across link outages ([`link`]), job storage and leases ([`jobs`]) and the reads of
-//! `redis` polling sources ([`fields`]).
+//! actor that owns the one pub/sub connection with its probes and reconnects ([`bridge`]), the link state
+//! ([`link`]), job storage, leases and the fleet's demand and cache reads ([`jobs`]), presence
+//! ([`presence`]) and the reads of `redis` polling sources ([`fields`]).
 
 pub mod bridge;
 pub mod fields;
 pub mod jobs;
 pub mod keys;
 pub mod link;
+pub mod presence;
 pub mod pubsub;
 pub mod store;
 
@@ -18,16 +19,19 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use self::bridge::{Bridge, BridgeParts, Unwatch, UnwatchPattern, Watch, WatchPattern};
+use self::bridge::{
+    Bridge, BridgeParts, ReleaseIngest, Unwatch, UnwatchPattern, Watch, WatchPattern,
+};
 use self::jobs::RedisJobs;
 use self::link::Link;
+use self::presence::RedisPresence;
 use self::store::RedisStore;
 use crate::core::config::{ChannelPolicy, Config};
 use crate::core::ingest::Route;
 use crate::core::publication::Publication;
 use crate::engine::seam::{
-    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Published, Put, Reach,
-    ScanReport, Window,
+    BrokerEventHandler, EngineError, Held, Job, JobStatus, LinkHealth, Member, PresenceChange,
+    PresenceCounts, PresencePage, Published, Put, Reach, ScanReport, Window,
 };
 use crate::stats::Stats;
 
@@ -38,6 +42,7 @@ struct Shared {
     link: Arc<Link>,
     bridge: Addr<Bridge>,
     jobs: RedisJobs,
+    presence: RedisPresence,
     handler: Arc<dyn BrokerEventHandler>,
     /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
     pattern_scans: tokio::sync::Semaphore,
@@ -106,6 +111,7 @@ impl RedisEngine {
             link,
             bridge,
             jobs: RedisJobs::new(instance_id),
+            presence: RedisPresence::default(),
             handler,
             pattern_scans,
         });
@@ -134,8 +140,8 @@ impl RedisEngine {
 
     /// Records and publishes one message through the publish script. The echo from Redis delivers it here
     /// like on every replica, unless the link is (or was, during the script) down: then it is delivered here
-    /// directly, and the link's bookkeeping drops the echo if one still comes. If Redis cannot take it, it is
-    /// delivered to this replica's subscribers only.
+    /// directly too, and if the echo still comes, the ordering rule drops whichever copy arrives second (both
+    /// carry the seq). If Redis cannot take it, it is delivered to this replica's subscribers only.
     pub async fn publish(
         &self,
         channel: &str,
@@ -148,9 +154,6 @@ impl RedisEngine {
         // The echo is certain only if the link was live before the script ran and still is after.
         let live_before = shared.link.is_active();
         let name: Arc<str> = channel.into();
-        if !live_before {
-            shared.link.begin_unlinked_publish(&name);
-        }
         match self
             .store()
             .publish(channel, data, &ts, fetched_at, policy)
@@ -167,11 +170,7 @@ impl RedisEngine {
                         Some(&ts),
                         fetched_at,
                     );
-                    shared
-                        .link
-                        .finish_unlinked_publish(publication, !live_before, |p| {
-                            shared.handler.on_publication(p)
-                        });
+                    shared.handler.on_publication(Arc::new(publication));
                 }
                 Published {
                     seq: Some(published.seq),
@@ -180,9 +179,6 @@ impl RedisEngine {
                 }
             }
             Err(e) => {
-                if !live_before {
-                    shared.link.cancel_unlinked_publish(&name);
-                }
                 log::warn!(
                     "publish to `{channel}` through redis failed ({e}); delivering locally only"
                 );
@@ -277,6 +273,10 @@ impl RedisEngine {
         self.shared.bridge.do_send(UnwatchPattern { prefix });
     }
 
+    pub async fn release_ingest_routes(&self) {
+        let _ = self.shared.bridge.send(ReleaseIngest).await;
+    }
+
     pub async fn read_fields(
         &self,
         commands: &[(String, String)],
@@ -365,14 +365,74 @@ impl RedisEngine {
     pub async fn scan<J: Job>(
         &self,
         held: &[Held],
-        patterns: &[String],
         lease: Duration,
-        locally_heard: impl Fn(&str) -> bool,
+        local_count: impl Fn(&str) -> usize,
     ) -> Result<ScanReport<J>, EngineError> {
         self.shared
             .jobs
-            .scan(self.store(), held, patterns, lease, locally_heard)
+            .scan(self.store(), held, lease, local_count)
             .await
+    }
+
+    pub async fn record_demand(
+        &self,
+        counts: &[(String, usize)],
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        self.shared
+            .jobs
+            .record_demand(self.store(), counts, hold)
+            .await
+    }
+
+    pub async fn add_cache_reads(&self, deltas: &[(String, u64, u64)]) -> Result<(), EngineError> {
+        self.shared.jobs.add_cache_reads(self.store(), deltas).await
+    }
+
+    pub async fn cache_reads(&self, sources: &[String]) -> Result<Vec<(u64, u64)>, EngineError> {
+        self.shared.jobs.cache_reads(self.store(), sources).await
+    }
+
+    pub async fn demand(&self, ids: &[String]) -> Result<Vec<usize>, EngineError> {
+        self.shared.jobs.demand(self.store(), ids).await
+    }
+
+    pub async fn apply_presence(&self, changes: &[PresenceChange]) -> Result<(), EngineError> {
+        let ttl = self.shared.config.channels.presence_ttl;
+        self.shared.presence.apply(self.store(), changes, ttl).await
+    }
+
+    pub async fn refresh_presence(
+        &self,
+        members: &[(Arc<str>, Vec<Member>)],
+    ) -> Result<(), EngineError> {
+        let ttl = self.shared.config.channels.presence_ttl;
+        self.shared
+            .presence
+            .refresh(self.store(), members, ttl, |c| self.announces(c))
+            .await
+    }
+
+    pub async fn presence(&self, channel: &str, limit: usize) -> Result<PresencePage, EngineError> {
+        self.shared
+            .presence
+            .read(self.store(), channel, limit, self.announces(channel))
+            .await
+    }
+
+    pub async fn presence_counts(&self, channel: &str) -> Result<PresenceCounts, EngineError> {
+        self.shared
+            .presence
+            .counts(self.store(), channel, self.announces(channel))
+            .await
+    }
+
+    /// Whether the channel's namespace tells its subscribers of joins and leaves.
+    fn announces(&self, channel: &str) -> bool {
+        self.shared
+            .config
+            .policy(channel)
+            .is_some_and(|p| p.join_leave)
     }
 }
 

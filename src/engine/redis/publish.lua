@@ -2,8 +2,9 @@
 -- KEYS[1] sequence counter, KEYS[2] latest value, KEYS[3] snapshot list (the channel's history), KEYS[4] epoch
 -- ARGV[1] data (JSON), ARGV[2] timestamp, ARGV[3] ttl seconds, ARGV[4] snapshots kept, ARGV[5] pub/sub channel,
 -- ARGV[6] a fresh epoch, used when the channel has none, ARGV[7] the fetch time of a polled value ('' or
--- absent for none, so a caller that passes six arguments still works), ARGV[8] 's' in cluster mode: the message
--- goes out with SPUBLISH (sharded pub/sub, on the channel's slot like the keys above)
+-- absent for none, so a caller that passes six arguments still works), ARGV[8] '0' to leave the latest value
+-- alone (an [[ingest]] route without `cache`; absent or anything else: set it), ARGV[9] 's' in cluster mode:
+-- the message goes out with SPUBLISH (sharded pub/sub, on the channel's slot like the keys above)
 -- Returns {seq, number of pub/sub receivers}.
 local fetched_at = ARGV[7] or ''
 local seq = redis.call('INCR', KEYS[1])
@@ -17,7 +18,9 @@ redis.call('EXPIRE', KEYS[1], keep_for)
 -- starts over (expired, flushed, a restart without persistence) starts under a new epoch.
 local epoch = redis.call('GET', KEYS[4]) or ARGV[6]
 redis.call('SET', KEYS[4], epoch, 'EX', keep_for)
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
+if ARGV[8] ~= '0' then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
+end
 local keep = tonumber(ARGV[4])
 if keep > 0 then
   local fetched = ''
@@ -37,7 +40,7 @@ else
   envelope = '\30' .. seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
 end
 local publish = 'PUBLISH'
-if ARGV[8] == 's' then
+if ARGV[9] == 's' then
   publish = 'SPUBLISH'
 end
 local receivers = redis.call(publish, ARGV[5], envelope)

@@ -28,15 +28,12 @@ const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// Epoch (created when missing), seq, latest value and history of a channel in one atomic read.
 const WINDOW_SCRIPT: &str = include_str!("window.lua");
 
-/// SET the latest value and LPUSH+LTRIM the snapshots of an ingested message, once fleet-wide.
-const INGEST_CACHE_SCRIPT: &str = include_str!("ingest_cache.lua");
+/// Takes or renews the lease of an `[[ingest]]` route, or hands it back: one replica sequences its messages.
+const INGEST_LEASE_SCRIPT: &str = include_str!("ingest_lease.lua");
 
 /// Keys one SCAN step examines (its COUNT): large enough for few round trips, small enough that one step never
 /// keeps Redis busy for long.
 const SCAN_STEP: usize = 500;
-
-/// How long an ingested message is remembered so that only one replica caches it.
-const INGEST_DEDUPE_MS: u64 = 60_000;
 
 pub use crate::engine::seam::EngineError as RedisError;
 
@@ -106,33 +103,11 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-impl Conn {
-    /// Runs `cmd` on the master owning `key`'s slot (a cluster's command that Redis answers per node, such as
-    /// `PUBSUB SHARDNUMSUB`, asked where the answer is); on one Redis, simply runs it.
-    pub async fn query_at_owner<T: redis::FromRedisValue>(
-        &mut self,
-        cmd: redis::Cmd,
-        key: &str,
-    ) -> redis::RedisResult<T> {
-        match self {
-            Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_key(key, SlotAddr::Master),
-                ));
-                let value = c.route_command(cmd, route).await?;
-                Ok(redis::from_redis_value(value)?)
-            }
-        }
-    }
-}
-
 pub struct RedisStore {
     backend: Backend,
     keys: Keys,
     script: redis::Script,
-    ingest_script: redis::Script,
+    ingest_lease_script: redis::Script,
     window_script: redis::Script,
     command_timeout: Duration,
 }
@@ -189,7 +164,7 @@ impl RedisStore {
             backend,
             keys: Keys::with_layout(&config.prefix, config.is_cluster()),
             script: redis::Script::new(PUBLISH_SCRIPT),
-            ingest_script: redis::Script::new(INGEST_CACHE_SCRIPT),
+            ingest_lease_script: redis::Script::new(INGEST_LEASE_SCRIPT),
             window_script: redis::Script::new(WINDOW_SCRIPT),
             command_timeout: config.command_timeout,
         };
@@ -254,7 +229,8 @@ impl RedisStore {
             .arg(keys.pubsub_channel(channel))
             .arg(new_epoch())
             .arg(fetched_at.unwrap_or(""))
-            .arg(if keys.is_cluster() { "s" } else { "" });
+            .arg("1")
+            .arg(sharded(keys));
         let (seq, receivers): (u64, u64) = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
@@ -295,30 +271,76 @@ impl RedisStore {
         })
     }
 
-    /// Caches an ingested message (no sequence number: the producer published it, not relayhub). Every
-    /// replica receives it and calls this with the same `identity`; a marker keyed by it lets only the first
-    /// write.
-    pub async fn ingest_cache(
+    /// Takes or renews this replica's lease of the `[[ingest]]` route on `redis_channel`; true while it holds it.
+    pub async fn hold_ingest_lease(
         &self,
-        identity: u64,
-        channel: &str,
-        data: &str,
-        policy: ChannelPolicy,
+        redis_channel: &str,
+        me: &str,
+        lease: std::time::Duration,
     ) -> Result<bool, RedisError> {
-        let marker = self.keys.ingested(channel, identity);
-        let mut invocation = self.ingest_script.prepare_invoke();
+        self.ingest_lease(redis_channel, me, lease, "hold").await
+    }
+
+    /// Hands back this replica's lease of the `[[ingest]]` route on `redis_channel` (when it holds it).
+    pub async fn release_ingest_lease(
+        &self,
+        redis_channel: &str,
+        me: &str,
+    ) -> Result<bool, RedisError> {
+        self.ingest_lease(redis_channel, me, std::time::Duration::ZERO, "release")
+            .await
+    }
+
+    async fn ingest_lease(
+        &self,
+        redis_channel: &str,
+        me: &str,
+        lease: std::time::Duration,
+        mode: &str,
+    ) -> Result<bool, RedisError> {
+        let mut invocation = self.ingest_lease_script.prepare_invoke();
         invocation
-            .key(marker)
-            .key(self.keys.cache(channel))
-            .key(self.keys.snapshots(channel))
-            .arg(data)
-            .arg(policy.ttl.as_secs().max(1))
-            .arg(policy.history_size)
-            .arg(INGEST_DEDUPE_MS);
-        let wrote: i64 = self
+            .key(self.keys.ingest_lease(redis_channel))
+            .arg(me)
+            .arg(lease.as_millis() as u64)
+            .arg(mode);
+        let held: i64 = self
             .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
-        Ok(wrote == 1)
+        Ok(held == 1)
+    }
+
+    /// Takes a message that arrived through an `[[ingest]]` route into the sequenced path: the publish script
+    /// numbers it, keeps it in history and publishes it on the channel; with `keep_latest` false (a route
+    /// without `cache`) the latest value is left as it was.
+    pub async fn publish_ingested(
+        &self,
+        channel: &str,
+        data: &str,
+        ts: &str,
+        policy: ChannelPolicy,
+        keep_latest: bool,
+    ) -> Result<Published, RedisError> {
+        let keys = &self.keys;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.seq(channel))
+            .key(keys.cache(channel))
+            .key(keys.snapshots(channel))
+            .key(keys.epoch(channel))
+            .arg(data)
+            .arg(ts)
+            .arg(policy.ttl.as_secs().max(1))
+            .arg(policy.history_size)
+            .arg(keys.pubsub_channel(channel))
+            .arg(new_epoch())
+            .arg("")
+            .arg(if keep_latest { "1" } else { "0" })
+            .arg(sharded(keys));
+        let (seq, receivers): (u64, u64) = self
+            .with_conn(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(Published { seq, receivers })
     }
 
     /// The cached latest value. Its seq and ts come from the newest snapshot when that snapshot holds the same
@@ -474,6 +496,11 @@ fn decode_latest(
         return Some(entry.publication(channel));
     }
     Some(Publication::new(channel, value, None, None))
+}
+
+/// The publish script's last argument: `s` makes it SPUBLISH (cluster mode), anything else PUBLISH.
+fn sharded(keys: &Keys) -> &'static str {
+    if keys.is_cluster() { "s" } else { "" }
 }
 
 /// A fresh epoch: short, random, the same for every replica once one of them stored it.
