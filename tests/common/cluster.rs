@@ -244,6 +244,26 @@ impl RedisCluster {
         to
     }
 
+    /// Waits until the replica of the master on `port` has acknowledged everything the master had written
+    /// when this was called (replication is asynchronous: a master killed before that takes those writes
+    /// with it).
+    pub fn wait_replicated(&self, port: u16) {
+        let field = |info: &str, name: &str| -> Option<u64> {
+            info.split(['\r', '\n', ','])
+                .find_map(|part| part.trim().strip_prefix(name)?.parse().ok())
+        };
+        let info = self.cmd(port, &["INFO", "replication"]);
+        let written = field(&info, "master_repl_offset:").expect("master_repl_offset");
+        wait_for(
+            Duration::from_secs(10),
+            "the replica acknowledged the writes",
+            || {
+                command(port, &["INFO", "replication"])
+                    .is_ok_and(|info| field(&info, "offset=").is_some_and(|acked| acked >= written))
+            },
+        );
+    }
+
     /// Kills a node (SIGKILL): a crash.
     pub fn kill(&mut self, port: u16) {
         let node = self
