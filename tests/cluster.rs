@@ -539,6 +539,59 @@ current_rps = "GET current_rps"
 }
 
 #[actix_web::test]
+async fn presence_and_join_leave_cross_replicas_on_sharded_channels() {
+    let cluster = RedisCluster::start();
+    let hubs = fleet(
+        &cluster,
+        2,
+        "[channels]\npresence_ttl = \"1s\"\n[namespaces.room]\npresence = true\njoin_leave = true\n",
+    )
+    .await;
+    // Rooms on more than one master, so one replica's refresh spans several slots.
+    let rooms = ["room:1", "room:2", "room:3", "room:4"];
+    let masters: std::collections::BTreeSet<u16> = rooms
+        .iter()
+        .map(|c| cluster.master_of(&format!("relayhub:presence:{{{c}}}")))
+        .collect();
+    assert!(masters.len() >= 2, "rooms all on one master: {masters:?}");
+    let mut first = hubs[0].connect().await;
+    for room in rooms {
+        first.subscribe(room).await;
+    }
+    let mut second = hubs[1].connect().await;
+    for room in rooms {
+        second.subscribe(room).await;
+        // The join travels on the room's sharded channel to the other replica.
+        let join = first.recv_type("join").await;
+        assert_eq!(join["channel"], room, "{join}");
+    }
+    // Past several presence_ttl: each replica's refresh (a batch over rooms on several shards) kept them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for room in rooms {
+        second
+            .send(json!({"op": "presence", "channel": room, "id": "p"}))
+            .await;
+        let answer = second.recv().await;
+        assert_eq!(answer["type"], "presence", "{answer}");
+        assert_eq!(
+            answer["members"].as_array().map(Vec::len),
+            Some(2),
+            "{answer}"
+        );
+        let key = format!("relayhub:presence:{{{room}}}");
+        assert!(cluster.cmd_for_key(&key, &["HLEN", &key]).contains(":2"));
+    }
+    second.close().await;
+    for _ in rooms {
+        let leave = first.recv_type("leave").await;
+        assert!(
+            rooms.contains(&leave["channel"].as_str().unwrap()),
+            "{leave}"
+        );
+    }
+}
+
+#[actix_web::test]
 async fn cluster_config_errors_name_the_key_and_exit_2() {
     use common::process::{ConfigFile, Process, relayhub};
     /// A config file, environment variables, and the key the error must name.

@@ -1045,9 +1045,8 @@ impl Config {
     }
 
     /// What cluster mode asks of the rest of the configuration: seed nodes that are URLs, no `url` beside them,
-    /// a prefix that cannot carry a hash tag of its own, nothing that needs pattern subscriptions (Redis
-    /// Cluster's sharded pub/sub has none), and no presence (its scripts announce with PUBLISH and batch
-    /// several channels in one pipeline, which a cluster does not take).
+    /// a prefix that cannot carry a hash tag of its own, and nothing that needs pattern subscriptions
+    /// (Redis Cluster's sharded pub/sub has none).
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let err = |key: &str, msg: String| Err(ConfigError(format!("config key `{key}`: {msg}")));
         if !self.redis.is_cluster() {
@@ -1080,19 +1079,6 @@ impl Config {
                     &format!("ingest[{i}].redis_channel"),
                     "is a pattern, which cluster mode cannot listen to (sharded pub/sub has no patterns)"
                         .into(),
-                );
-            }
-        }
-        for (name, namespace) in &self.namespaces {
-            if namespace.presence || namespace.join_leave {
-                let key = if namespace.presence {
-                    "presence"
-                } else {
-                    "join_leave"
-                };
-                return err(
-                    &format!("namespaces.{name}.{key}"),
-                    "is not available in cluster mode yet (presence runs on one Redis only)".into(),
                 );
             }
         }
@@ -1379,10 +1365,6 @@ mod tests {
             (
                 "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[ingest]]\nredis_channel = \"feed:*\"\nchannel = \"x:y\"\n",
                 "ingest[0].redis_channel",
-            ),
-            (
-                "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[namespaces.room]\npresence = true\n",
-                "namespaces.room.presence",
             ),
             (
                 "[redis]\ncluster_nodes = [\"redis://h:1\"]\n[[endpoints]]\npath = \"/ws/{s}\"\nchannel = \"prices:{s}\"\nalias = { all = \"*\" }\n",

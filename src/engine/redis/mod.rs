@@ -104,6 +104,7 @@ impl RedisEngine {
         .start();
         let pattern_scans =
             tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
+        let cluster = config.redis.is_cluster();
         let shared = Arc::new(Shared {
             config,
             stats,
@@ -111,7 +112,7 @@ impl RedisEngine {
             link,
             bridge,
             jobs: RedisJobs::new(instance_id),
-            presence: RedisPresence::default(),
+            presence: RedisPresence::new(cluster),
             handler,
             pattern_scans,
         });

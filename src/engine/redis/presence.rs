@@ -65,6 +65,19 @@ pub fn decode_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
 }
 
 /// Where the pruned members' leaves go: the channel's pub/sub channel, or nowhere ('').
+/// Items grouped by channel, channels in the order first seen and each group in the order given.
+fn by_channel<T: Clone>(items: &[T], channel: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
+    let mut groups: Vec<(String, Vec<T>)> = Vec::new();
+    for item in items {
+        let name = channel(item);
+        match groups.iter_mut().find(|(c, _)| c == name) {
+            Some((_, group)) => group.push(item.clone()),
+            None => groups.push((name.to_string(), vec![item.clone()])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
 fn leaves_to(r: &RedisStore, channel: &str, announce: bool) -> String {
     if announce {
         r.keys().pubsub_channel(channel)
@@ -88,20 +101,26 @@ pub struct RedisPresence {
     remove: redis::Script,
     read: redis::Script,
     stats: redis::Script,
-}
-
-impl Default for RedisPresence {
-    fn default() -> Self {
-        RedisPresence {
-            add: redis::Script::new(ADD),
-            remove: redis::Script::new(REMOVE),
-            read: redis::Script::new(READ),
-            stats: redis::Script::new(STATS),
-        }
-    }
+    /// Cluster mode: a pipeline holds the calls of one channel only (one slot).
+    cluster: bool,
 }
 
 impl RedisPresence {
+    /// The scripts announce with PUBLISH, or SPUBLISH in cluster mode (the channel's pub/sub channel is then
+    /// a sharded one, in the slot of the presence keys).
+    pub fn new(cluster: bool) -> RedisPresence {
+        let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
+        let script =
+            |body: &str| redis::Script::new(&format!("local PUBLISH = '{publish}'\n{body}"));
+        RedisPresence {
+            add: script(ADD),
+            remove: script(REMOVE),
+            read: script(READ),
+            stats: script(STATS),
+            cluster,
+        }
+    }
+
     fn keyed<'a>(
         &'a self,
         script: &'a redis::Script,
@@ -126,6 +145,26 @@ impl RedisPresence {
         if changes.is_empty() {
             return Ok(());
         }
+        if self.cluster {
+            // One pipeline per channel (each in its channel's slot), the changes of each in order.
+            for run in by_channel(changes, |c| match c {
+                PresenceChange::Add { channel, .. } | PresenceChange::Remove { channel, .. } => {
+                    channel
+                }
+            }) {
+                self.apply_one_slot(r, &run, ttl).await?;
+            }
+            return Ok(());
+        }
+        self.apply_one_slot(r, changes, ttl).await
+    }
+
+    async fn apply_one_slot(
+        &self,
+        r: &RedisStore,
+        changes: &[PresenceChange],
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
         let ttl_ms = ttl.as_millis().max(1) as u64;
         let mut pipe = redis::pipe();
         pipe.load_script(&self.add)
@@ -212,6 +251,22 @@ impl RedisPresence {
         if batch.is_empty() {
             return Ok(());
         }
+        if self.cluster {
+            // One pipeline per channel (each in its channel's slot).
+            for run in by_channel(batch, |(channel, _, _)| channel) {
+                self.refresh_one_slot(r, &run, ttl_ms).await?;
+            }
+            return Ok(());
+        }
+        self.refresh_one_slot(r, batch, ttl_ms).await
+    }
+
+    async fn refresh_one_slot(
+        &self,
+        r: &RedisStore,
+        batch: &[(&str, bool, &[Member])],
+        ttl_ms: u64,
+    ) -> Result<(), EngineError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.add).ignore();
         for (channel, announce, members) in batch {

@@ -17,7 +17,7 @@ for i = 4, #ARGV, 4 do
   end
   redis.call('ZADD', KEYS[2], expires, client)
   if announcement ~= '' then
-    redis.call('PUBLISH', ARGV[2], announcement)
+    redis.call(PUBLISH, ARGV[2], announcement)
   end
 end
 -- The keys outlive every member in them: a channel nobody refreshes any more disappears whole.

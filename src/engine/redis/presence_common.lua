@@ -1,4 +1,5 @@
--- Shared by the presence scripts (prepended to each). KEYS[1] members (hash: connection id -> member JSON),
+-- Shared by the presence scripts (prepended to each, after the line that sets PUBLISH: 'PUBLISH', or
+-- 'SPUBLISH' in cluster mode, where the channel's pub/sub channel is a sharded one). KEYS[1] members (hash: connection id -> member JSON),
 -- KEYS[2] expiries (sorted set: connection id scored by expiry, ms since the Unix epoch), KEYS[3] users (hash:
 -- user -> members of that user).
 
@@ -32,7 +33,7 @@ local function prune(announce_to)
     local member = redis.call('HGET', KEYS[1], client)
     forget(client)
     if member and announce_to ~= '' then
-      redis.call('PUBLISH', announce_to, '\29l' .. client .. ' ' .. member)
+      redis.call(PUBLISH, announce_to, '\29l' .. client .. ' ' .. member)
     end
   end
 end

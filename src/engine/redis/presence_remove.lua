@@ -4,7 +4,7 @@
 for i = 2, #ARGV, 2 do
   forget(ARGV[i])
   if ARGV[i + 1] ~= '' then
-    redis.call('PUBLISH', ARGV[1], ARGV[i + 1])
+    redis.call(PUBLISH, ARGV[1], ARGV[i + 1])
   end
 end
 return 0
