@@ -629,8 +629,10 @@ export class RelayHub {
         break;
       }
       case "join":
+        this._emit("join", { channel: frame.channel, member: frame.member ?? null });
+        break;
       case "leave":
-        this._emit(frame.type, { channel: frame.channel, member: frame.member ?? null });
+        this._emit("leave", { channel: frame.channel, member: frame.member ?? null });
         break;
       case "unsubscribed":
         this._takePending(frame.id);

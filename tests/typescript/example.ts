@@ -12,7 +12,10 @@ import {
   type AuthedInfo,
   type ErrorInfo,
   type GapInfo,
+  type Member,
   type MessageMeta,
+  type PresenceAnswer,
+  type PresenceEvent,
   type PublishError,
   type RelayHubOptions,
   type Status,
@@ -77,6 +80,8 @@ hub.on("gap", (info: GapInfo) => {
   const where: "socket" | "sse" | "rest" = info.source;
   console.log(`${info.channel}: messages missed (${where}); the latest value follows`);
 });
+hub.on("join", (info: PresenceEvent) => console.log(`${info.member.client} joined ${info.channel}`));
+hub.on("leave", (info: PresenceEvent) => console.log(info.member.user ?? "anonymous", "left", info.channel));
 hub.off("error", onError);
 
 async function main(): Promise<void> {
@@ -87,6 +92,9 @@ async function main(): Promise<void> {
   } catch (err) {
     console.log((err as PublishError).code);
   }
+  const present: PresenceAnswer = await hub.presence("chat:lobby");
+  const members: Member[] = present.members;
+  console.log(members.map((m) => m.info), present.truncated);
   const state: Status = hub.status;
   const latency: number | null = hub.latency;
   const polling: boolean = hub.fallbackActive;
@@ -124,3 +132,5 @@ hub.status = "open";
 hub.unsubscribe("chat:lobby");
 // @ts-expect-error a subscription needs a callback
 hub.subscribe("chat:lobby");
+// @ts-expect-error presence takes a channel name
+hub.presence(42);
