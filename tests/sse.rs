@@ -329,3 +329,35 @@ async fn a_stream_whose_client_never_reads_is_dropped_after_the_write_timeout() 
         }
     }
 }
+
+#[actix_web::test]
+async fn a_stalled_stream_under_its_queue_bound_is_dropped_after_the_write_timeout() {
+    let hub = TestHub::start(
+        "[websocket]\nwrite_timeout = \"1s\"\nmax_message_bytes = 300000\nmax_queued_bytes = 100000000\n",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = socket.connect(hub.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /sse?channel=big:held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_subscribers(&hub, "big:held", 1).await;
+    // Enough to fill the socket buffers on both sides, far too little to count as a slow consumer: only the
+    // write timeout can end this stream.
+    let text = "h".repeat(200_000);
+    for _ in 0..40 {
+        hub.publish("big:held", json!(text)).await;
+    }
+    common::eventually(
+        Duration::from_secs(10),
+        "the stalled stream is dropped",
+        || async { hub.stats().await["sse_connections"] == 0 },
+    )
+    .await;
+    let stats = hub.stats().await;
+    assert_eq!(stats["write_timeouts"], 1, "{stats}");
+    assert_eq!(stats["slow_consumer_disconnects"], 0, "{stats}");
+    assert_eq!(stats["subscriptions"], 0, "{stats}");
+}

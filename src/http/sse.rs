@@ -252,7 +252,8 @@ async fn open(
         deadline,
         hub: hub.get_ref().clone(),
     };
-    let guard: Box<dyn Send> = Box::new((permit, gone, timed_out));
+    // Counted before the subscriber hears the client is gone, so the count is in before the stream is.
+    let guard: Box<dyn Send> = Box::new((timed_out, permit, gone));
     response
         // A stream is never followed by another request: when it ends, the connection goes too.
         .force_close()
