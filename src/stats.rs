@@ -35,7 +35,8 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Malformed frames and messages rejected (client frames, raw Redis messages, ingest messages).
     pub rejected_messages: AtomicU64,
-    /// WebSocket connections aborted because their socket took no bytes for `websocket.write_timeout`.
+    /// WebSocket connections and event streams aborted because their socket took no bytes for
+    /// `websocket.write_timeout`.
     pub write_timeouts: AtomicU64,
     /// WebSocket connections closed with 1009: a frame or message over `websocket.max_message_bytes`.
     pub frames_too_big: AtomicU64,

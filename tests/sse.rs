@@ -273,3 +273,91 @@ async fn a_shutdown_ends_every_stream_so_browsers_reconnect_elsewhere() {
     let (_, last) = tokio::join!(shutdown, read);
     assert_eq!(last.as_deref(), Some("closed: server shutting down"));
 }
+
+/// This process's resident set (the hub runs in-process), in KiB.
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[actix_web::test]
+async fn a_stream_whose_client_never_reads_is_dropped_after_the_write_timeout() {
+    let hub = TestHub::start(
+        "[server]\nmax_connections_per_ip = 1\n\
+         [websocket]\nheartbeat_interval = \"300ms\"\nwrite_timeout = \"1s\"\nmax_message_bytes = 300000\nmax_queued_bytes = 1000000\n",
+    )
+    .await;
+    // A raw client with the smallest receive buffer the kernel allows: it sends its request, then never
+    // reads and never goes away.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = socket.connect(hub.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /sse?channel=big:stuck HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_subscribers(&hub, "big:stuck", 1).await;
+    let before = vm_rss_kib();
+    // 40 MB at a client that takes nothing: far past the 1 MB queue bound.
+    let big = "s".repeat(200_000);
+    for _ in 0..200 {
+        hub.publish("big:stuck", json!(big)).await;
+    }
+    let grown_mib = vm_rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 32, "RSS grew by {grown_mib} MiB");
+    // The hub lets go of the socket itself: the budget of one connection comes back while the client
+    // still holds its end, and the client then reads what was in flight and the end (or a reset).
+    common::eventually(
+        Duration::from_secs(10),
+        "the stuck stream's connection is dropped",
+        || async { hub.stats().await["write_timeouts"] == 1 },
+    )
+    .await;
+    let stats = hub.stats().await;
+    assert_eq!(stats["slow_consumer_disconnects"], 1, "{stats}");
+    assert_eq!(stats["sse_connections"], 0, "{stats}");
+    assert_eq!(stats["subscriptions"], 0, "{stats}");
+    assert!(Stream::open(&hub.http("/sse?channel=a"), &[]).await.is_ok());
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout(Duration::from_secs(5), stuck.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the hub still holds the socket"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_stalled_stream_under_its_queue_bound_is_dropped_after_the_write_timeout() {
+    let hub = TestHub::start(
+        "[websocket]\nwrite_timeout = \"1s\"\nmax_message_bytes = 300000\nmax_queued_bytes = 100000000\n",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = socket.connect(hub.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /sse?channel=big:held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_subscribers(&hub, "big:held", 1).await;
+    // Enough to fill the socket buffers on both sides, far too little to count as a slow consumer: only the
+    // write timeout can end this stream.
+    let text = "h".repeat(200_000);
+    for _ in 0..40 {
+        hub.publish("big:held", json!(text)).await;
+    }
+    common::eventually(
+        Duration::from_secs(10),
+        "the stalled stream is dropped",
+        || async { hub.stats().await["sse_connections"] == 0 },
+    )
+    .await;
+    let stats = hub.stats().await;
+    assert_eq!(stats["write_timeouts"], 1, "{stats}");
+    assert_eq!(stats["slow_consumer_disconnects"], 0, "{stats}");
+    assert_eq!(stats["subscriptions"], 0, "{stats}");
+}

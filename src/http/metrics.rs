@@ -156,7 +156,7 @@ pub fn render(hub: &Hub) -> String {
         ),
         (
             "relayhub_write_timeouts_total",
-            "Connections aborted because their socket took no bytes for websocket.write_timeout.",
+            "Connections (WebSockets and event streams) aborted because their socket took no bytes for websocket.write_timeout.",
             &s.write_timeouts,
         ),
         (

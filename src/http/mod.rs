@@ -12,6 +12,7 @@ pub mod publish;
 pub mod reply;
 pub mod server;
 pub mod sse;
+pub mod stall;
 pub mod static_files;
 pub mod stats;
 pub mod upgrade;

@@ -2,7 +2,8 @@
 //! actix-http's HTTP/1 service parses each request and gives it to the actix-web app, except WebSocket upgrades,
 //! whose request and socket go to [`upgrade::accept`]. `HttpServer` does all of this but the last: it offers
 //! no way to take the socket at the upgrade, which is what lets a WebSocket connection shed actix-http's
-//! per-connection buffers (see `transport`).
+//! per-connection buffers (see `transport`). Every accepted socket is wrapped in [`stall::Guarded`], the write
+//! deadline the connection's requests can arm (event streams do).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use actix_web::{App, web};
 use crate::core::config::Config;
 use crate::demo;
 use crate::http::polling::PollerApi;
-use crate::http::{admission, upgrade};
+use crate::http::{admission, stall, upgrade};
 use crate::node::hub::Hub;
 use crate::node::observer::ChannelObserver;
 
@@ -97,12 +98,14 @@ pub fn serve(
                 .configure(super::static_routes);
             let upgrade_hub = hub.clone();
             let admission = admission.clone();
-            HttpService::build()
-                // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back.
-                .tcp_nodelay(true)
+            let http = HttpService::build()
                 // HttpServer's default: a client gets 1 s to close after the server's response said close.
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .local_addr(local)
+                // Each request can reach its connection's write deadline (event streams arm it).
+                .on_connect_ext(|io: &stall::Guarded, ext| {
+                    ext.insert(io.deadline().clone());
+                })
                 .upgrade(fn_service(move |request: upgrade::Upgrade| {
                     upgrade::accept(
                         request,
@@ -116,8 +119,18 @@ pub fn serve(
                         .map_err(|error: actix_web::Error| error.error_response()),
                     // The app's host and address are only used to build URLs, which relayhub does not.
                     |_| AppConfig::default(),
+                ));
+            fn_service(|io: tokio::net::TcpStream| async move {
+                // Realtime frames are small: without TCP_NODELAY, Nagle's algorithm holds them back.
+                let _ = io.set_nodelay(true);
+                let peer = io.peer_addr().ok();
+                Ok::<_, actix_http::error::DispatchError>((
+                    stall::Guarded::new(io),
+                    actix_http::Protocol::Http1,
+                    peer,
                 ))
-                .tcp()
+            })
+            .and_then(http)
         })?;
     }
     Ok(Bound { builder, addrs })

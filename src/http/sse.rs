@@ -1,8 +1,11 @@
 //! `GET /sse?channel=a&channel=b`: a `text/event-stream` of the named channels, for networks that break
 //! WebSockets. Every check the WebSocket upgrade makes is made here before the stream opens, each refusal in
 //! the API's JSON error shape: shutdown, origin, the channels (namespaces, patterns, the per-connection
-//! limits) and the connection budgets. The stream is then one more subscriber of this worker's registry (see
-//! `node::sse`), and its body is written by `transport::sse`.
+//! limits, by the rules a WebSocket subscribe passes: `node::subscribe_rules`) and the connection budgets.
+//! The stream is then one more subscriber of this worker's registry (see `node::sse`), and its body is
+//! written by `transport::sse`. Its connection's write deadline
+//! (`websocket.write_timeout`, see `stall`) is armed, so a client that stops reading loses its socket and
+//! slot as a WebSocket's would, not only its queue.
 //!
 //! `Last-Event-ID` (sent by browsers when an `EventSource` reconnects, or `?last_event_id=`) holds every
 //! channel's position, so the stream resumes through the recovery protocol on whichever replica it reaches.
@@ -17,13 +20,16 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use percent_encoding::percent_decode_str;
 
-use crate::core::protocol::{Target, parse_target};
+use crate::core::config::ChannelPolicy;
+use crate::core::protocol::{ErrorCode, ProtocolError, Target, parse_target};
 use crate::http::admission::Admission;
 use crate::http::auth::{Refusal, bearer_token, may_read, origin_allowed, request_identity};
 use crate::http::reply::ApiError;
+use crate::http::stall::WriteDeadline;
 use crate::node::hub::Hub;
 use crate::node::registry::Registry;
 use crate::node::sse::{SseSubscriber, StreamSubscription};
+use crate::node::subscribe_rules;
 use crate::stats::Stats;
 use crate::transport::Outbox;
 use crate::transport::sse::{Cursor, EventStream};
@@ -35,6 +41,21 @@ struct StreamRequest {
     channels: Vec<String>,
     last_event_id: Option<String>,
     token: Option<String>,
+}
+
+/// Counts a stream its connection's write deadline ended (`write_timeouts`, as for WebSockets), when the
+/// response goes with the connection.
+struct TimedOut {
+    deadline: Option<WriteDeadline>,
+    hub: Hub,
+}
+
+impl Drop for TimedOut {
+    fn drop(&mut self) {
+        if self.deadline.as_ref().is_some_and(WriteDeadline::fired) {
+            Stats::add(&self.hub.stats().write_timeouts, 1);
+        }
+    }
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
@@ -85,44 +106,38 @@ fn parse_request(req: &HttpRequest, bound: Option<&str>) -> Result<StreamRequest
     })
 }
 
-/// Checks each channel as a WebSocket subscribe would be checked, and counts refusals the same way.
-fn check_channels(hub: &Hub, channels: &[String]) -> Result<Vec<(Target, String)>, ApiError> {
+/// Checks each channel as a WebSocket subscribe of it would be checked, in turn, by the same rules (and
+/// counts refusals the same way): its name, its namespace, the per-connection limits.
+fn check_channels(
+    hub: &Hub,
+    channels: &[String],
+) -> Result<Vec<(Target, String, ChannelPolicy)>, ApiError> {
     let ws = &hub.config().websocket;
-    let stats = hub.stats();
-    if channels.len() > ws.max_subscriptions_per_connection {
-        Stats::add(&stats.subscriptions_refused, 1);
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_subscriptions",
-            format!(
-                "at most {} channels per stream",
-                ws.max_subscriptions_per_connection
-            ),
-        ));
-    }
-    let mut patterns = 0;
-    let mut checked = Vec::with_capacity(channels.len());
+    let limits = subscribe_rules::Limits {
+        max_subscriptions: ws.max_subscriptions_per_connection,
+        max_patterns: ws.max_patterns_per_connection,
+        per: "stream",
+    };
+    let mut held = subscribe_rules::Held::default();
+    let mut checked = Vec::with_capacity(channels.len().min(limits.max_subscriptions));
     for (i, name) in channels.iter().enumerate() {
         if channels[..i].contains(name) {
             return Err(bad_request(format!("`{name}` is named twice")));
         }
         let target = parse_target(name)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code.as_str(), e.message))?;
-        if matches!(target, Target::Pattern(_)) {
-            patterns += 1;
-            if patterns > ws.max_patterns_per_connection {
-                Stats::add(&stats.patterns_refused, 1);
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "too_many_patterns",
-                    format!(
-                        "at most {} pattern subscriptions per stream",
-                        ws.max_patterns_per_connection
-                    ),
-                ));
-            }
-        }
-        checked.push((target, name.clone()));
+        let refused = |e: ProtocolError| {
+            let status = match e.code {
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::new(status, e.code.as_str(), format!("`{name}`: {}", e.message))
+        };
+        let policy = subscribe_rules::target_policy(hub.config(), &target).map_err(refused)?;
+        subscribe_rules::within_limits(hub.stats(), limits, held, &target).map_err(refused)?;
+        held.subscriptions += 1;
+        held.patterns += usize::from(matches!(target, Target::Pattern(_)));
+        checked.push((target, name.clone(), policy));
     }
     Ok(checked)
 }
@@ -186,40 +201,13 @@ async fn open(
     let refused = |r: Refusal| ApiError::new(r.status, r.code, r.message);
     // The token rules of a WebSocket subscribe, with the stream's token as the connection token.
     let identity = request_identity(&hub, request.token.as_deref()).map_err(refused)?;
-    for (target, _) in &checked {
+    for (target, _, _) in &checked {
         may_read(&hub, identity.as_ref(), target).map_err(refused)?;
     }
     let cursor = Cursor::new(request.channels, request.last_event_id.as_deref())
         .map_err(|message| bad_request(format!("Last-Event-ID: {message}")))?;
     let mut subscriptions = Vec::with_capacity(checked.len());
-    for ((target, name), (_, since)) in checked.into_iter().zip(cursor.resume_points()) {
-        let policy_name = match &target {
-            Target::Channel(c) | Target::Pattern(c) => c.as_str(),
-        };
-        let policy = hub.config().policy(policy_name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_channel",
-                format!("`{name}`: unknown namespace"),
-            )
-        })?;
-        if matches!(target, Target::Pattern(_)) && hub.config().redis.is_cluster() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "`{name}`: {}",
-                    crate::core::config::RedisConfig::NO_PATTERNS_IN_CLUSTER
-                ),
-            ));
-        }
-        if matches!(target, Target::Pattern(_)) && !policy.patterns {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("`{name}`: pattern subscriptions are not enabled for this namespace"),
-            ));
-        }
+    for ((target, name, policy), (_, since)) in checked.into_iter().zip(cursor.resume_points()) {
         subscriptions.push(StreamSubscription {
             name,
             target,
@@ -242,6 +230,12 @@ async fn open(
         )
     })?;
     let ws = &hub.config().websocket;
+    // A stream whose client takes no bytes for the write timeout is dropped, as a WebSocket is: its
+    // socket, buffers and slot go back. Its queue is bounded (and let go) below that, by the outbox.
+    let deadline = req.conn_data::<WriteDeadline>().cloned();
+    if let Some(deadline) = &deadline {
+        deadline.arm(ws.write_timeout);
+    }
     let outbox = Outbox::new(ws.mailbox_size, ws.max_queued_bytes);
     let (gone, gone_heard) = tokio::sync::oneshot::channel::<()>();
     SseSubscriber::start(
@@ -254,7 +248,12 @@ async fn open(
     );
     let mut response = HttpResponse::Ok();
     // The slot is held as long as the response (the connection), not only while the stream is subscribed.
-    let guard: Box<dyn Send> = Box::new((permit, gone));
+    let timed_out = TimedOut {
+        deadline,
+        hub: hub.get_ref().clone(),
+    };
+    // Counted before the subscriber hears the client is gone, so the count is in before the stream is.
+    let guard: Box<dyn Send> = Box::new((timed_out, permit, gone));
     response
         // A stream is never followed by another request: when it ends, the connection goes too.
         .force_close()

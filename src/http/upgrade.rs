@@ -23,6 +23,7 @@ use crate::core::token::Identity;
 use crate::http::admission::Admission;
 use crate::http::auth::origin_allowed;
 use crate::http::reply::{error_body, error_response};
+use crate::http::stall::Guarded;
 use crate::node::hub::Hub;
 use crate::node::registry::Registry;
 use crate::node::session::{Opening, SessionLimits};
@@ -32,7 +33,7 @@ use crate::transport::{Outbox, Transport};
 pub const WS_PATH: &str = "/ws";
 
 /// What actix-http hands over when a request asks for a WebSocket upgrade.
-pub type Upgrade = (Request, actix_codec::Framed<TcpStream, h1::Codec>);
+pub type Upgrade = (Request, actix_codec::Framed<Guarded, h1::Codec>);
 
 /// Validates a WebSocket upgrade and, if it is acceptable, answers 101 and starts a session on this worker
 /// thread. Refusals get a JSON error like the rest of the HTTP API, and the connection is closed.
@@ -43,7 +44,8 @@ pub async fn accept(
     admission: Arc<Admission>,
 ) -> Result<(), actix_web::Error> {
     let parts = framed.into_parts();
-    let mut io = parts.io;
+    // The session's transport keeps its own write deadline: the socket leaves the HTTP layer's wrapper.
+    let mut io: TcpStream = parts.io.into_inner();
     let head = request.head();
     // `/ws` speaks the protocol; an endpoint's path (`[[endpoints]]`) is bound to its channel.
     let endpoint = match head.uri.path() {

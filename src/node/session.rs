@@ -21,6 +21,7 @@ use crate::engine::Member;
 use crate::node::hub::{Hub, PublishError};
 use crate::node::messages::{Connect, Disconnect, SessionId, Subscribe, Unsubscribe};
 use crate::node::registry::Registry;
+use crate::node::subscribe_rules;
 use crate::stats::Stats;
 use crate::transport::{Endpoint, Failure, Outbox, Transport, TransportLimits, frame};
 
@@ -362,26 +363,7 @@ impl Session {
             (Target::Pattern(prefix), Some(named)) => Some(self.pattern_since(prefix, named)?),
             _ => None,
         };
-        let policy_channel = match &target {
-            Target::Channel(c) => c.as_str(),
-            Target::Pattern(p) => p.as_str(),
-        };
-        let policy =
-            self.hub.config().policy(policy_channel).ok_or_else(|| {
-                ProtocolError::new(ErrorCode::InvalidChannel, "unknown namespace")
-            })?;
-        if matches!(target, Target::Pattern(_)) && self.hub.config().redis.is_cluster() {
-            return Err(ProtocolError::new(
-                ErrorCode::Forbidden,
-                crate::core::config::RedisConfig::NO_PATTERNS_IN_CLUSTER,
-            ));
-        }
-        if matches!(target, Target::Pattern(_)) && !policy.patterns {
-            return Err(ProtocolError::new(
-                ErrorCode::Forbidden,
-                "pattern subscriptions are not enabled for this namespace",
-            ));
-        }
+        let policy = subscribe_rules::target_policy(self.hub.config(), &target)?;
         let standing = self.may_subscribe(&policy, &target, token.as_deref())?;
         if self.subscriptions.contains(&name) {
             // Idempotent: answer again, change nothing (no second snapshot).
@@ -390,26 +372,19 @@ impl Session {
             return Ok(());
         }
         let is_pattern = matches!(target, Target::Pattern(_));
-        if is_pattern && self.patterns >= self.limits.max_patterns {
-            Stats::add(&self.hub.stats().patterns_refused, 1);
-            return Err(ProtocolError::new(
-                ErrorCode::TooManyPatterns,
-                format!(
-                    "at most {} pattern subscriptions per connection",
-                    self.limits.max_patterns
-                ),
-            ));
-        }
-        if self.subscriptions.len() >= self.limits.max_subscriptions {
-            Stats::add(&self.hub.stats().subscriptions_refused, 1);
-            return Err(ProtocolError::new(
-                ErrorCode::TooManySubscriptions,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.limits.max_subscriptions
-                ),
-            ));
-        }
+        subscribe_rules::within_limits(
+            self.hub.stats(),
+            subscribe_rules::Limits {
+                max_subscriptions: self.limits.max_subscriptions,
+                max_patterns: self.limits.max_patterns,
+                per: "connection",
+            },
+            subscribe_rules::Held {
+                subscriptions: self.subscriptions.len(),
+                patterns: self.patterns,
+            },
+            &target,
+        )?;
         let ack = frame::text(&protocol::subscribed_frame(id, &name));
         if !is_pattern && (policy.presence || policy.join_leave) {
             self.join_presence(&name, policy.join_leave);
