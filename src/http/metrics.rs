@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 36] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 37] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -113,6 +113,11 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_gaps_unfilled_total",
             "Messages delivered past a gap that history could no longer fill.",
             &s.gaps_unfilled,
+        ),
+        (
+            "relayhub_pattern_catch_ups_truncated_total",
+            "Channels of pattern subscribers a catch-up after a pub/sub outage did not read: past its cap.",
+            &s.pattern_catch_ups_truncated,
         ),
         (
             "relayhub_slow_consumer_disconnects_total",

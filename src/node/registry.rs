@@ -14,15 +14,17 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::core::config::{ChannelPolicy, SlowConsumer};
-use crate::core::position::{self, Admission, PatternPositions, Position, Step, Verdict, admit};
+use crate::core::position::{
+    self, Admission, PatternPositions, PatternStep, Position, Step, Verdict, admit,
+};
 use crate::core::protocol::{self, RequestId, Target, channel_owner, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
-    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
-    Unsubscribe,
+    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, LinkUp, SessionId,
+    Subscribe, Unsubscribe,
 };
 use crate::node::observer::ChannelObserver;
 use crate::stats::Stats;
@@ -140,6 +142,15 @@ struct PatternEntry {
     epoch: u64,
 }
 
+/// Pattern subscribers' messages of one channel held while its history is read, because one of them missed
+/// messages before the newest (a gap): one read per channel, shared by every session that saw the gap.
+struct PatternHold {
+    /// Sessions whose messages of the channel wait for the read (the others keep receiving them).
+    sessions: HashSet<SessionId>,
+    /// The channel's messages since the first gap, in arrival order (at most `HOLD_MAX`).
+    held: Vec<Arc<Publication>>,
+}
+
 /// A channel's epoch for pattern subscribers: known, or being read for the sessions waiting to be told.
 enum EpochLookup {
     Known(Arc<str>),
@@ -172,6 +183,8 @@ pub struct Registry {
     pattern_sent: HashSet<SessionId>,
     /// Pub/sub outages heard of: a history read started before the latest one cannot vouch for the epoch.
     link_downs: u64,
+    /// Channels whose pattern subscribers wait for a history read (a gap), by channel.
+    pattern_holds: HashMap<Arc<str>, PatternHold>,
 }
 
 impl Registry {
@@ -199,6 +212,7 @@ impl Registry {
             slow: Vec::new(),
             pattern_sent: HashSet::new(),
             link_downs: 0,
+            pattern_holds: HashMap::new(),
         }
     }
 
@@ -210,6 +224,7 @@ impl Registry {
             dispatch: addr.clone().recipient(),
             forget: addr.clone().recipient(),
             catch_up: addr.clone().recipient(),
+            link_up: addr.clone().recipient(),
             close_all: addr.clone().recipient(),
             announce: addr.clone().recipient(),
         });
@@ -268,6 +283,8 @@ impl Registry {
     fn dispatch(&mut self, publication: Arc<Publication>, ctx: &mut Context<Self>) {
         let stats = &self.stats;
         let mut read_history = false;
+        let mut read_pattern_history = false;
+        let mut pattern_overflow = None;
         let frame = publication.wire();
         let channel = &publication.channel;
         let mut delivered = 0u64;
@@ -393,6 +410,17 @@ impl Registry {
             let several = matching.peek().is_some();
             let sent = &mut self.pattern_sent;
             sent.clear();
+            // A read in flight for this channel: the message waits behind it for the sessions that saw the
+            // gap (past `HOLD_MAX` the held ones go out as they are first).
+            let mut hold = self.pattern_holds.get_mut(channel);
+            let mut overflow = Vec::new();
+            if let Some(hold) = &mut hold {
+                if hold.held.len() == HOLD_MAX {
+                    overflow = std::mem::take(&mut hold.held);
+                }
+                hold.held.push(publication.clone());
+            }
+            let mut gapped = Vec::new();
             for (_, entry) in first.into_iter().chain(matching) {
                 let to_channel = (
                     channel,
@@ -417,12 +445,19 @@ impl Registry {
                     if several && !sent.insert(*id) {
                         continue;
                     }
+                    if hold.as_ref().is_some_and(|h| h.sessions.contains(id)) {
+                        continue;
+                    }
                     let Some(session) = sessions.get_mut(id) else {
                         continue;
                     };
-                    match session.positions.admit(&publication, cap) {
+                    match session.positions.admit_live(&publication, cap) {
                         Admission::Drop => {
                             dropped += 1;
+                            continue;
+                        }
+                        Admission::Gap => {
+                            gapped.push(*id);
                             continue;
                         }
                         Admission::Untracked => untracked += 1,
@@ -443,6 +478,29 @@ impl Registry {
             }
             Stats::add(&stats.duplicates_dropped, dropped);
             Stats::add(&stats.pattern_positions_untracked, untracked);
+            if !overflow.is_empty() {
+                // The read is slow: what is held goes out as it is (the gap stays, counted).
+                let ids: Vec<SessionId> = hold
+                    .iter()
+                    .flat_map(|h| h.sessions.iter().copied())
+                    .collect();
+                pattern_overflow = Some((ids, overflow));
+            }
+            if !gapped.is_empty() {
+                match hold {
+                    Some(hold) => hold.sessions.extend(gapped),
+                    None => {
+                        self.pattern_holds.insert(
+                            channel.clone(),
+                            PatternHold {
+                                sessions: gapped.into_iter().collect(),
+                                held: vec![publication.clone()],
+                            },
+                        );
+                        read_pattern_history = true;
+                    }
+                }
+            }
         }
         Stats::add(&stats.messages_delivered, delivered);
         self.metrics.delivered(&publication.channel, delivered);
@@ -456,6 +514,213 @@ impl Registry {
         for (id, restarted) in announce {
             self.announce_epoch(&publication.channel, id, restarted, ctx);
         }
+        if let Some((ids, overflow)) = pattern_overflow {
+            self.fill_patterns(&publication.channel, &ids, &[], &overflow, ctx);
+        }
+        if read_pattern_history {
+            self.read_pattern_history(publication.channel.clone(), ctx);
+        }
+    }
+
+    /// The namespace settings a pattern covering `channel` was subscribed with.
+    fn pattern_policy(&self, channel: &str) -> Option<ChannelPolicy> {
+        self.patterns
+            .iter()
+            .find(|(prefix, _)| channel.starts_with(&***prefix))
+            .and_then(|(_, entry)| entry.policy)
+    }
+
+    /// Reads a channel's history for the pattern subscribers that saw a gap in it; their newer messages of
+    /// the channel wait in its `PatternHold` meanwhile (bounded by `HOLD_MAX`; the read by
+    /// `redis.command_timeout`). Held messages younger than the read wait for one more.
+    fn read_pattern_history(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(policy) = self.pattern_policy(&channel) else {
+            self.release_pattern_hold(&channel, &[], ctx);
+            return;
+        };
+        let engine = self.engine.clone();
+        let read = async move {
+            let window = engine.window(&channel, policy).await;
+            (channel, window)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(channel, window), act, ctx| match window {
+                    Ok(window) => {
+                        let history: Vec<Arc<Publication>> =
+                            window.history.iter().rev().cloned().collect();
+                        let Some(hold) = act.pattern_holds.get_mut(&channel) else {
+                            return;
+                        };
+                        let settled =
+                            position::settled(hold.held.iter().map(|p| p.seq), window.seq);
+                        let later = hold.held.split_off(settled);
+                        if later.is_empty() {
+                            act.release_pattern_hold(&channel, &history, ctx);
+                            return;
+                        }
+                        let now = std::mem::replace(&mut hold.held, later);
+                        let ids: Vec<SessionId> = hold.sessions.iter().copied().collect();
+                        act.fill_patterns(&channel, &ids, &history, &now, ctx);
+                        act.read_pattern_history(channel, ctx);
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "reading the history of `{channel}` to fill a pattern subscriber's gap failed: {e}"
+                        );
+                        act.release_pattern_hold(&channel, &[], ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Ends a channel's pattern hold: its sessions get what `history` fills and the held messages.
+    fn release_pattern_hold(
+        &mut self,
+        channel: &Arc<str>,
+        history: &[Arc<Publication>],
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(hold) = self.pattern_holds.remove(channel) else {
+            return;
+        };
+        let ids: Vec<SessionId> = hold.sessions.into_iter().collect();
+        self.fill_patterns(channel, &ids, history, &hold.held, ctx);
+    }
+
+    /// The pattern rule's fill for sessions of this registry: for each one still receiving `channel` through
+    /// a pattern (not through its own exact subscription, which delivers it), history entries (oldest first)
+    /// where it is missing them, merged with the held messages.
+    fn fill_patterns(
+        &mut self,
+        channel: &Arc<str>,
+        ids: &[SessionId],
+        history_oldest_first: &[Arc<Publication>],
+        held: &[Arc<Publication>],
+        ctx: &mut Context<Self>,
+    ) {
+        let mode = self
+            .pattern_policy(channel)
+            .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+        let cap = self.max_pattern_positions;
+        let stats = &self.stats;
+        let mut slow = std::mem::take(&mut self.slow);
+        let (mut delivered, mut replayed, mut unfilled, mut untracked) = (0u64, 0u64, 0u64, 0u64);
+        let mut announce = Vec::new();
+        let exact = self.channels.get(channel);
+        for id in ids {
+            let Some(session) = self.sessions.get_mut(id) else {
+                continue;
+            };
+            if !session.patterns.iter().any(|p| channel.starts_with(&**p))
+                || exact.is_some_and(|e| {
+                    e.active.contains_key(id) || e.pending.iter().any(|w| w.id == *id)
+                })
+            {
+                continue;
+            }
+            let outbox = session.outbox.clone();
+            let wants_epochs = session.wants_epochs;
+            session
+                .positions
+                .fill(channel, history_oldest_first, held, cap, |message, step| {
+                    match step {
+                        PatternStep::Held(Admission::Drop) => return,
+                        PatternStep::Replayed => replayed += 1,
+                        PatternStep::Unfilled => unfilled += 1,
+                        PatternStep::Held(Admission::Untracked) => untracked += 1,
+                        PatternStep::Held(Admission::First) if wants_epochs => {
+                            announce.push((*id, false))
+                        }
+                        PatternStep::Held(Admission::Restarted) if wants_epochs => {
+                            announce.push((*id, true))
+                        }
+                        PatternStep::Held(_) => {}
+                    }
+                    Self::offer(
+                        stats,
+                        &mut slow,
+                        *id,
+                        &outbox,
+                        (&message.channel, mode),
+                        (&message.wire(), message),
+                    );
+                    delivered += 1;
+                });
+        }
+        Stats::add(&stats.messages_replayed, replayed);
+        Stats::add(&stats.gaps_unfilled, unfilled);
+        Stats::add(&stats.pattern_positions_untracked, untracked);
+        self.delivered(channel, delivered, slow);
+        for (id, restarted) in announce {
+            self.announce_epoch(channel, id, restarted, ctx);
+        }
+    }
+
+    /// After a pub/sub outage: reads the history of the channels this registry's pattern subscribers have
+    /// positions in (at most `channels.max_pattern_positions` channels per catch-up; the rest are counted in
+    /// `pattern_catch_ups_truncated`), and gives each subscriber what it missed, through the pattern rule.
+    fn catch_up_patterns(&mut self, ctx: &mut Context<Self>) {
+        use futures_util::StreamExt;
+        let mut wanted: HashMap<Arc<str>, Vec<SessionId>> = HashMap::new();
+        for (id, session) in &self.sessions {
+            if session.patterns.is_empty() {
+                continue;
+            }
+            for channel in session.positions.channels() {
+                wanted.entry(channel.clone()).or_default().push(*id);
+            }
+        }
+        let cap = self.max_pattern_positions;
+        if wanted.len() > cap {
+            Stats::add(
+                &self.stats.pattern_catch_ups_truncated,
+                (wanted.len() - cap) as u64,
+            );
+        }
+        let reads: Vec<(Arc<str>, Vec<SessionId>, ChannelPolicy)> = wanted
+            .into_iter()
+            .filter_map(|(channel, ids)| {
+                let policy = self.pattern_policy(&channel)?;
+                Some((channel, ids, policy))
+            })
+            .take(cap)
+            .collect();
+        if reads.is_empty() {
+            return;
+        }
+        let engine = self.engine.clone();
+        let fut = async move {
+            futures_util::stream::iter(reads)
+                .map(|(channel, ids, policy)| {
+                    let engine = engine.clone();
+                    async move {
+                        let window = engine.window(&channel, policy).await;
+                        (channel, ids, window)
+                    }
+                })
+                .buffered(RECOVERY_READS)
+                .collect::<Vec<_>>()
+                .await
+        };
+        ctx.spawn(fut.into_actor(self).map(|windows, act, ctx| {
+            for (channel, ids, window) in windows {
+                let window = match window {
+                    Ok(window) => window,
+                    Err(e) => {
+                        log::warn!(
+                            "catching up `{channel}` for pattern subscribers after the pub/sub outage failed: {e}"
+                        );
+                        continue;
+                    }
+                };
+                let history: Vec<Arc<Publication>> =
+                    window.history.iter().rev().cloned().collect();
+                // A session whose messages of the channel are held for a gap read gets the catch-up too: the
+                // rule admits only what is above its position, so the held ones follow in order or drop.
+                act.fill_patterns(&channel, &ids, &history, &[], ctx);
+            }
+        }));
     }
 
     /// Reads a channel's history for the messages held (a gap, or a stale epoch); the registry goes on with
@@ -1173,7 +1438,7 @@ impl Registry {
                 Admission::Untracked => Stats::add(&stats.pattern_positions_untracked, 1),
                 Admission::First => announce.push((message.channel.clone(), false)),
                 Admission::Restarted => announce.push((message.channel.clone(), true)),
-                Admission::Deliver => {}
+                Admission::Deliver | Admission::Gap => {}
             }
             let _ = outbox.push(outbox.message_frame(message));
             delivered += 1;
@@ -1465,6 +1730,14 @@ impl Handler<CatchUp> for Registry {
                 self.apply_window(channel, window, &[], self.link_downs);
             }
         }
+    }
+}
+
+impl Handler<LinkUp> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: LinkUp, ctx: &mut Context<Self>) {
+        self.catch_up_patterns(ctx);
     }
 }
 
