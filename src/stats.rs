@@ -87,6 +87,9 @@ pub struct Stats {
     pub gaps_unfilled: AtomicU64,
     /// Channels of pattern subscribers not read by a catch-up after an outage: past its cap of channels.
     pub pattern_catch_ups_truncated: AtomicU64,
+    /// Subscribe answers, snapshots, replays and `epoch` frames past a connection's queue bound: handled as
+    /// its slow-consumer overflow (closed, or kept in a slot where the namespace conflates), never dropped unseen.
+    pub replies_refused: AtomicU64,
     /// Messages a conflating subscriber over its queue bound never got: a newer one of the channel replaced them.
     pub messages_conflated: AtomicU64,
     /// Tokens that did not verify: at the upgrade (401), in `auth` frames and with subscribes.
@@ -124,7 +127,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 48] {
+    pub fn counters(&self) -> [(&'static str, u64); 49] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -168,6 +171,7 @@ impl Stats {
                 "pattern_catch_ups_truncated",
                 &self.pattern_catch_ups_truncated,
             ),
+            ("replies_refused", &self.replies_refused),
             ("messages_conflated", &self.messages_conflated),
             ("tokens_rejected", &self.tokens_rejected),
             ("auth_refused", &self.auth_refused),

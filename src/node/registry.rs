@@ -280,6 +280,44 @@ impl Registry {
         }
     }
 
+    /// Queues a frame a subscribe owes its client: its answer or an `epoch` frame (`channel` `None`), or its
+    /// snapshot or replayed messages. Past the connection's queue bound (pipelined subscribes beyond
+    /// `websocket.mailbox_size`, or a full queue) the frame is not dropped unseen: it is that connection's
+    /// slow-consumer overflow, counted in `replies_refused`. The connection is closed with 1008 (its session
+    /// then leaves the registry), or, where the namespace conflates, the frame waits in a slot (the
+    /// connection's own for answers, the channel's for messages) and the connection closes only when none is
+    /// left.
+    fn owe(
+        stats: &Stats,
+        outbox: &Outbox,
+        mode: SlowConsumer,
+        channel: Option<&Arc<str>>,
+        frame: Bytes,
+    ) {
+        let pushed = match channel {
+            None => outbox.push_reply(frame.clone()),
+            Some(_) => outbox.push(frame.clone()),
+        };
+        if pushed.is_ok() {
+            return;
+        }
+        Stats::add(&stats.replies_refused, 1);
+        let kept = match (mode, channel) {
+            (SlowConsumer::Disconnect, _) => false,
+            (SlowConsumer::Conflate, None) => {
+                outbox.push_or_close(frame);
+                true
+            }
+            (SlowConsumer::Conflate, Some(channel)) => outbox.push_latest(channel, frame).is_ok(),
+        };
+        if !kept {
+            Stats::add(&stats.slow_consumer_drops, 1);
+            if outbox.close_slow_consumer() {
+                Stats::add(&stats.slow_consumer_disconnects, 1);
+            }
+        }
+    }
+
     fn dispatch(&mut self, publication: Arc<Publication>, ctx: &mut Context<Self>) {
         let stats = &self.stats;
         let mut read_history = false;
@@ -979,9 +1017,16 @@ impl Registry {
             let seq = latest.seq.unwrap_or(0);
             let ack =
                 protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
-            let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+            let mode = entry.policy.slow_consumer;
+            Self::owe(
+                stats,
+                &outbox,
+                mode,
+                None,
+                crate::transport::frame::text(&ack),
+            );
             if let Some(snapshot) = outbox.snapshot_frame(latest) {
-                let _ = outbox.push(snapshot);
+                Self::owe(stats, &outbox, mode, Some(&channel), snapshot);
             }
             entry.active.insert(id, Subscriber { outbox, seq });
             return;
@@ -989,10 +1034,9 @@ impl Registry {
         let acked = entry.awaiting_publish;
         if acked {
             // Acknowledged now; the job's first value follows as the snapshot.
-            let _ = outbox.push_reply(crate::transport::frame::text(&protocol::subscribed_frame(
-                &msg.request,
-                &channel,
-            )));
+            let frame =
+                crate::transport::frame::text(&protocol::subscribed_frame(&msg.request, &channel));
+            Self::owe(stats, &outbox, entry.policy.slow_consumer, None, frame);
         }
         entry.pending.push(Waiting {
             id,
@@ -1100,7 +1144,8 @@ impl Registry {
             let awaiting = self.observer.request_fill(&channel, read_at);
             for waiting in &mut entry.pending {
                 if let Some(session) = self.sessions.get(&waiting.id) {
-                    let _ = session.outbox.push_reply(ack(waiting, None));
+                    let mode = entry.policy.slow_consumer;
+                    Self::owe(stats, &session.outbox, mode, None, ack(waiting, None));
                     waiting.acked = true;
                 }
             }
@@ -1138,6 +1183,7 @@ impl Registry {
                 (backlog.next(), backlog.collect())
             }
         };
+        let mode = entry.policy.slow_consumer;
         for waiting in std::mem::take(&mut entry.pending) {
             let Some(session) = self.sessions.get(&waiting.id) else {
                 continue;
@@ -1152,9 +1198,15 @@ impl Registry {
                 (Some(since), Some(missed)) => {
                     Stats::add(&stats.subscribes_recovered, 1);
                     Stats::add(&stats.messages_replayed, missed.len() as u64);
-                    let _ = outbox.push_reply(ack(&waiting, Some(true)));
+                    Self::owe(stats, outbox, mode, None, ack(&waiting, Some(true)));
                     for message in &missed {
-                        let _ = outbox.push(outbox.message_frame(message));
+                        Self::owe(
+                            stats,
+                            outbox,
+                            mode,
+                            Some(&channel),
+                            outbox.message_frame(message),
+                        );
                     }
                     seq = seq.max(since.seq);
                 }
@@ -1162,10 +1214,11 @@ impl Registry {
                     if since.is_some() {
                         Stats::add(&stats.subscribes_unrecovered, 1);
                     }
-                    let _ = outbox.push_reply(ack(&waiting, since.as_ref().map(|_| false)));
+                    let frame = ack(&waiting, since.as_ref().map(|_| false));
+                    Self::owe(stats, outbox, mode, None, frame);
                     if let Some(snapshot) = &snapshot {
                         if let Some(frame) = outbox.snapshot_frame(snapshot) {
-                            let _ = outbox.push(frame);
+                            Self::owe(stats, outbox, mode, Some(&channel), frame);
                         }
                         seq = seq.max(snapshot.seq.unwrap_or(0));
                     }
@@ -1173,7 +1226,13 @@ impl Registry {
             }
             for message in &backlog {
                 if admit(&mut seq, message.seq) != Verdict::Drop {
-                    let _ = outbox.push(outbox.message_frame(message));
+                    Self::owe(
+                        stats,
+                        outbox,
+                        mode,
+                        Some(&channel),
+                        outbox.message_frame(message),
+                    );
                 }
             }
             entry.active.insert(
@@ -1276,7 +1335,10 @@ impl Registry {
                 continue;
             };
             if waiting.since.is_none() {
-                let _ = session.outbox.push_reply(waiting.ack);
+                let mode = entry
+                    .policy
+                    .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+                Self::owe(&self.stats, &session.outbox, mode, None, waiting.ack);
                 entry.subscribers.insert(waiting.id, session.outbox.clone());
                 ids.push(waiting.id);
             } else {
@@ -1362,7 +1424,10 @@ impl Registry {
         let cap = self.max_pattern_positions;
         let outbox = session.outbox.clone();
         let mut answers = Vec::with_capacity(windows.len());
-        let mut frames: Vec<Bytes> = Vec::new();
+        let mut frames: Vec<(Arc<str>, Bytes)> = Vec::new();
+        let mode = entry
+            .policy
+            .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
         for ((channel, since), window) in waiting.since.iter().flatten().zip(windows) {
             let window = match window {
                 Ok(window) => window,
@@ -1388,7 +1453,11 @@ impl Registry {
                     Stats::add(&stats.subscribes_recovered, 1);
                     if !exact {
                         Stats::add(&stats.messages_replayed, missed.len() as u64);
-                        frames.extend(missed.iter().map(|m| outbox.message_frame(m)));
+                        frames.extend(
+                            missed
+                                .iter()
+                                .map(|m| (channel.clone(), outbox.message_frame(m))),
+                        );
                         let newest = missed.last().cloned().or(latest);
                         session
                             .positions
@@ -1401,7 +1470,9 @@ impl Registry {
                     if !exact {
                         let mut seq = window.seq;
                         if let Some(snapshot) = &window.latest {
-                            frames.extend(outbox.snapshot_frame(snapshot));
+                            if let Some(frame) = outbox.snapshot_frame(snapshot) {
+                                frames.push((channel.clone(), frame));
+                            }
                             seq = seq.max(snapshot.seq.unwrap_or(0));
                         }
                         session.positions.set(channel, seq, latest, cap);
@@ -1417,10 +1488,16 @@ impl Registry {
         }
         let name = format!("{prefix}*");
         let ack = protocol::pattern_subscribed_frame(&waiting.request, &name, &answers);
-        let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+        Self::owe(
+            stats,
+            &outbox,
+            mode,
+            None,
+            crate::transport::frame::text(&ack),
+        );
         let mut delivered = frames.len() as u64;
-        for frame in frames {
-            let _ = outbox.push(frame);
+        for (channel, frame) in frames {
+            Self::owe(stats, &outbox, mode, Some(&channel), frame);
         }
         let mut announce = Vec::new();
         for message in &backlog {
@@ -1440,7 +1517,8 @@ impl Registry {
                 Admission::Restarted => announce.push((message.channel.clone(), true)),
                 Admission::Deliver | Admission::Gap => {}
             }
-            let _ = outbox.push(outbox.message_frame(message));
+            let frame = outbox.message_frame(message);
+            Self::owe(stats, &outbox, mode, Some(&message.channel), frame);
             delivered += 1;
         }
         Stats::add(&stats.messages_delivered, delivered);
@@ -1477,9 +1555,11 @@ impl Registry {
         });
         if let Some(epoch) = known {
             if let Some(session) = self.sessions.get(&id) {
-                let _ = session.outbox.push_reply(crate::transport::frame::text(
-                    &protocol::epoch_frame(channel, &epoch),
-                ));
+                let frame = crate::transport::frame::text(&protocol::epoch_frame(channel, &epoch));
+                let mode = self
+                    .pattern_policy(channel)
+                    .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+                Self::owe(&self.stats, &session.outbox, mode, None, frame);
             }
             return;
         }
@@ -1528,9 +1608,12 @@ impl Registry {
                 return;
             }
             let frame = crate::transport::frame::text(&protocol::epoch_frame(&channel, &epoch));
+            let mode = act
+                .pattern_policy(&channel)
+                .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
             for id in waiting {
                 if let Some(session) = act.sessions.get(&id) {
-                    let _ = session.outbox.push_reply(frame.clone());
+                    Self::owe(&act.stats, &session.outbox, mode, None, frame.clone());
                 }
             }
             act.epochs.insert(channel, EpochLookup::Known(epoch));
@@ -1550,13 +1633,19 @@ impl Registry {
             return;
         }
         let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
-        let fut = async move { engine.latest_matching(&prefix, limit).await };
+        let read = prefix.clone();
+        let fut = async move { engine.latest_matching(&read, limit).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, ctx| {
             let shown: Vec<_> = snapshots
                 .iter()
                 .filter(|p| channel_owner(&p.channel).is_none())
                 .collect();
             let cap = act.max_pattern_positions;
+            let mode = act
+                .patterns
+                .get(&prefix)
+                .and_then(|entry| entry.policy)
+                .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
             let mut announce = Vec::new();
             for id in ids {
                 let Some(session) = act.sessions.get_mut(&id) else {
@@ -1570,7 +1659,13 @@ impl Registry {
                     let Some(frame) = session.outbox.snapshot_frame(snapshot) else {
                         continue;
                     };
-                    let _ = session.outbox.push(frame);
+                    Self::owe(
+                        &act.stats,
+                        &session.outbox,
+                        mode,
+                        Some(&snapshot.channel),
+                        frame,
+                    );
                     if let Some(seq) = snapshot.seq
                         && session.positions.set(
                             &snapshot.channel,
