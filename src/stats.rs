@@ -86,6 +86,11 @@ pub struct Stats {
     pub duplicates_dropped: AtomicU64,
     /// Messages given to a subscriber past a gap that history could no longer fill (the ones before are lost).
     pub gaps_unfilled: AtomicU64,
+    /// Channels of pattern subscribers not read by a catch-up after an outage: past its cap of channels.
+    pub pattern_catch_ups_truncated: AtomicU64,
+    /// Subscribe answers, snapshots, replays and `epoch` frames past a connection's queue bound: handled as
+    /// its slow-consumer overflow (closed, or kept in a slot where the namespace conflates), never dropped unseen.
+    pub replies_refused: AtomicU64,
     /// Messages a conflating subscriber over its queue bound never got: a newer one of the channel replaced them.
     pub messages_conflated: AtomicU64,
     /// Tokens that did not verify: at the upgrade (401), in `auth` frames and with subscribes.
@@ -123,7 +128,7 @@ impl Stats {
 
     /// Every counter but the gauges `connections` and `sse_connections`, by the name `/api/stats` reports it under, in declaration
     /// order. A new counter needs a field above and a line here; nothing else lists them.
-    pub fn counters(&self) -> [(&'static str, u64); 47] {
+    pub fn counters(&self) -> [(&'static str, u64); 49] {
         [
             ("messages_published", &self.messages_published),
             ("messages_delivered", &self.messages_delivered),
@@ -163,6 +168,11 @@ impl Stats {
             ("messages_replayed", &self.messages_replayed),
             ("duplicates_dropped", &self.duplicates_dropped),
             ("gaps_unfilled", &self.gaps_unfilled),
+            (
+                "pattern_catch_ups_truncated",
+                &self.pattern_catch_ups_truncated,
+            ),
+            ("replies_refused", &self.replies_refused),
             ("messages_conflated", &self.messages_conflated),
             ("tokens_rejected", &self.tokens_rejected),
             ("auth_refused", &self.auth_refused),

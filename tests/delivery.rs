@@ -398,8 +398,8 @@ async fn pattern_subscribers_never_get_a_copy_across_killed_pubsub_connections()
     }
     hub.publish("feed:end", json!({})).await;
     expect_sequence(&mut exact, MESSAGES, "exact").await;
-    // The pattern subscriber may miss what an outage took (patterns are not caught up while connected), but
-    // never gets a message twice: seqs only go up.
+    // The pattern subscriber never gets a message twice: seqs only go up (that it misses nothing either is
+    // the test of the two replicas below).
     let mut last = 0;
     loop {
         let frame = pattern.recv().await;
@@ -420,4 +420,269 @@ async fn pattern_subscribers_never_get_a_copy_across_killed_pubsub_connections()
         stats["duplicates_dropped"].as_u64() > Some(0),
         "the copies reached the ordering rule: {stats}"
     );
+}
+
+const PATTERNS: &str = "[channels]\nhistory_size = 2000\n[namespaces.feed]\npatterns = true\n";
+
+/// Reads frames until `n` messages of `channel` arrived (skipping `epoch` frames) and checks they are
+/// `{"i": 0..n}` with consecutive seqs: every one, once, in order; then nothing else.
+async fn expect_pattern_sequence(ws: &mut Ws, channel: &str, n: u64, who: &str) {
+    let mut last_seq = None;
+    let mut i = 0;
+    while i < n {
+        let frame = ws.recv().await;
+        if frame["type"] == "epoch" {
+            continue;
+        }
+        assert_eq!(
+            (&frame["type"], &frame["channel"]),
+            (&json!("message"), &json!(channel)),
+            "{who}, message {i}: {frame}"
+        );
+        assert_eq!(frame["data"], json!({ "i": i }), "{who}: {frame}");
+        let seq = frame["seq"].as_u64().expect("a seq");
+        if let Some(last) = last_seq {
+            assert_eq!(seq, last + 1, "{who}: {frame}");
+        }
+        last_seq = Some(seq);
+        i += 1;
+    }
+    loop {
+        ws.send(json!({"op": "ping", "id": "p"})).await;
+        let next = ws.recv().await;
+        match next["type"].as_str() {
+            Some("epoch") => continue,
+            _ => {
+                assert_eq!(next["type"], "pong", "{who}: {next}");
+                break;
+            }
+        }
+    }
+}
+
+#[actix_web::test]
+async fn pattern_subscribers_on_another_replica_lose_nothing_across_killed_pubsub_connections() {
+    const MESSAGES: u64 = 1_000;
+    let redis = RedisServer::start();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n{PATTERNS}",
+        redis.url()
+    );
+    let (a, b) = (TestHub::start(&config).await, TestHub::start(&config).await);
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let mut plain = b.connect().await;
+    subscribe(&mut plain, "feed:*", None).await;
+    let mut resuming = b.connect().await;
+    subscribe(&mut resuming, "feed:*", Some(json!({}))).await;
+    // Both positioned in the channel before the outages begin (a gap is only seen from a known position).
+    a.publish("feed:kill", json!({ "i": 0 })).await;
+    for ws in [&mut plain, &mut resuming] {
+        let first = loop {
+            let frame = ws.recv().await;
+            if frame["type"] == "message" {
+                break frame;
+            }
+        };
+        assert_eq!(first["data"], json!({ "i": 0 }), "{first}");
+    }
+    // Published on A at 500 a second; B's (and A's) pub/sub connection is killed three times meanwhile.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
+    let mut kills = 0;
+    for i in 1..MESSAGES {
+        tick.tick().await;
+        if i % 250 == 125 {
+            let killed = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+            kills += common::int_reply(&killed);
+        }
+        a.publish("feed:kill", json!({ "i": i })).await;
+    }
+    assert!(kills >= 4, "{kills} pub/sub connections killed");
+    // The first message was read above: the rest follow, every one once, in order.
+    for (ws, who) in [(&mut plain, "plain"), (&mut resuming, "resuming")] {
+        expect_pattern_tail(ws, "feed:kill", 1, MESSAGES, who).await;
+    }
+    let stats = b.stats().await;
+    assert!(stats["redis_reconnects"].as_u64() >= Some(1), "{stats}");
+    assert!(
+        stats["messages_replayed"].as_u64() > Some(0),
+        "nothing was missed: the kills did not test anything: {stats}"
+    );
+}
+
+/// As `expect_pattern_sequence`, from message `from` (the ones before were read).
+async fn expect_pattern_tail(ws: &mut Ws, channel: &str, from: u64, n: u64, who: &str) {
+    let mut last_seq = None;
+    let mut i = from;
+    while i < n {
+        let frame = ws.recv().await;
+        if frame["type"] == "epoch" {
+            continue;
+        }
+        assert_eq!(
+            (&frame["type"], &frame["channel"], &frame["data"]),
+            (&json!("message"), &json!(channel), &json!({ "i": i })),
+            "{who}, message {i}: {frame}"
+        );
+        let seq = frame["seq"].as_u64().expect("a seq");
+        if let Some(last) = last_seq {
+            assert_eq!(seq, last + 1, "{who}: {frame}");
+        }
+        last_seq = Some(seq);
+        i += 1;
+    }
+    expect_pattern_sequence(ws, channel, 0, who).await;
+}
+
+/// A private Redis, one hub on it, and a pattern subscriber of `feed:*` given messages 1..=3 of `channel`.
+async fn pattern_subscribed_through_redis(channel: &str) -> (RedisServer, TestHub, Ws) {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(&format!(
+        "[redis]\nurl = \"{}\"\nrequired = true\n{PATTERNS}",
+        redis.url()
+    ))
+    .await;
+    wait_ready(&hub).await;
+    let mut ws = hub.connect().await;
+    subscribe(&mut ws, "feed:*", None).await;
+    for i in 1..=3u64 {
+        hub.publish(channel, json!({ "i": i })).await;
+    }
+    for i in 1..=3u64 {
+        let frame = ws.recv().await;
+        assert_eq!(
+            (&frame["seq"], &frame["data"]),
+            (&json!(i), &json!({ "i": i })),
+            "{frame}"
+        );
+    }
+    (redis, hub, ws)
+}
+
+/// The next `seqs` are messages of `channel` numbered so, with `{"i": seq}`, in order; then nothing else.
+async fn expect_seqs(ws: &mut Ws, channel: &str, seqs: std::ops::RangeInclusive<u64>) {
+    for i in seqs {
+        let frame = ws.recv().await;
+        assert_eq!(
+            (
+                &frame["type"],
+                &frame["channel"],
+                &frame["seq"],
+                &frame["data"]
+            ),
+            (
+                &json!("message"),
+                &json!(channel),
+                &json!(i),
+                &json!({ "i": i })
+            ),
+            "{frame}"
+        );
+    }
+    nothing_else(ws).await;
+}
+
+#[actix_web::test]
+async fn a_gap_in_a_pattern_subscribers_live_delivery_is_filled_from_history() {
+    let channel = "feed:pgap";
+    let (redis, hub, mut ws) = pattern_subscribed_through_redis(channel).await;
+    record_without_publishing(&redis, channel, json!({"i": 4})).await;
+    record_without_publishing(&redis, channel, json!({"i": 5})).await;
+    nothing_else(&mut ws).await;
+    hub.publish(channel, json!({"i": 6})).await;
+    // 4 and 5 from history, then 6: in order, each once.
+    expect_seqs(&mut ws, channel, 4..=6).await;
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["messages_replayed"], &stats["gaps_unfilled"]),
+        (&json!(2), &json!(0)),
+        "{stats}"
+    );
+    // Lost again, and history no longer has them: the newer message is delivered anyway, and counted.
+    record_without_publishing(&redis, channel, json!({"i": 7})).await;
+    record_without_publishing(&redis, channel, json!({"i": 8})).await;
+    redis
+        .cmd(&["DEL", &format!("relayhub:snap:{channel}")])
+        .unwrap();
+    hub.publish(channel, json!({"i": 9})).await;
+    expect_seqs(&mut ws, channel, 9..=9).await;
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["messages_replayed"], &stats["gaps_unfilled"]),
+        (&json!(2), &json!(1)),
+        "{stats}"
+    );
+    hub.publish(channel, json!({"i": 10})).await;
+    expect_seqs(&mut ws, channel, 10..=10).await;
+}
+
+#[actix_web::test]
+async fn a_pattern_subscriber_is_caught_up_after_its_replicas_pubsub_outage() {
+    let channel = "feed:outage";
+    let (redis, hub, mut ws) = pattern_subscribed_through_redis(channel).await;
+    // Missed by this replica, and nothing else is published on the channel afterwards: only the catch-up
+    // after the outage can bring them.
+    record_without_publishing(&redis, channel, json!({"i": 4})).await;
+    record_without_publishing(&redis, channel, json!({"i": 5})).await;
+    nothing_else(&mut ws).await;
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    expect_seqs(&mut ws, channel, 4..=5).await;
+    let stats = hub.stats().await;
+    assert_eq!(stats["redis_reconnects"], json!(1), "{stats}");
+    assert_eq!(stats["messages_replayed"], json!(2), "{stats}");
+    // The echo-free live path goes on from there.
+    hub.publish(channel, json!({"i": 6})).await;
+    expect_seqs(&mut ws, channel, 6..=6).await;
+}
+
+#[actix_web::test]
+async fn a_pattern_catch_up_reads_at_most_its_cap_of_channels_and_the_rest_fill_as_gaps() {
+    let redis = RedisServer::start();
+    // One worker, so both connections share one registry, and one channel per catch-up.
+    let hub = TestHub::start(&format!(
+        "[server]\nworkers = 1\n[redis]\nurl = \"{}\"\nrequired = true\n[channels]\nhistory_size = 100\nmax_pattern_positions = 1\n[namespaces.feed]\npatterns = true\n",
+        redis.url()
+    ))
+    .await;
+    wait_ready(&hub).await;
+    let mut clients = Vec::new();
+    for (pattern, channel) in [("feed:a:*", "feed:a:1"), ("feed:b:*", "feed:b:1")] {
+        let mut ws = hub.connect().await;
+        subscribe(&mut ws, pattern, None).await;
+        hub.publish(channel, json!({"i": 1})).await;
+        let frame = ws.recv().await;
+        assert_eq!(
+            (&frame["channel"], &frame["seq"]),
+            (&json!(channel), &json!(1)),
+            "{frame}"
+        );
+        record_without_publishing(&redis, channel, json!({"i": 2})).await;
+        clients.push((ws, channel));
+    }
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    let mut stats = hub.stats().await;
+    for _ in 0..100 {
+        if stats["messages_replayed"] == json!(1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stats = hub.stats().await;
+    }
+    assert_eq!(
+        (
+            &stats["messages_replayed"],
+            &stats["pattern_catch_ups_truncated"]
+        ),
+        (&json!(1), &json!(1)),
+        "{stats}"
+    );
+    // The channel left out is filled by its next message, as a gap: both end up with 2 and 3, in order.
+    for (_, channel) in &clients {
+        hub.publish(channel, json!({"i": 3})).await;
+    }
+    for (ws, channel) in &mut clients {
+        expect_seqs(ws, channel, 2..=3).await;
+    }
+    let stats = hub.stats().await;
+    assert_eq!(stats["messages_replayed"], json!(2), "{stats}");
 }

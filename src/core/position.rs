@@ -203,6 +203,20 @@ pub enum Admission {
     Drop,
     /// Deliver it without a position: the connection already tracks its cap of channels.
     Untracked,
+    /// Not delivered yet: the connection misses messages between its position and this one, which the
+    /// channel's history may still hold (only from [`PatternPositions::admit_live`]; the position stays).
+    Gap,
+}
+
+/// What [`PatternPositions::fill`] did with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatternStep {
+    /// A missing message from history, given before the held one that revealed the gap.
+    Replayed,
+    /// Given although messages before it are missing and history no longer has them.
+    Unfilled,
+    /// A held message, through the rule of [`PatternPositions::admit`].
+    Held(Admission),
 }
 
 /// Where one connection stands in each concrete channel its pattern subscriptions have given it: the newest
@@ -212,8 +226,8 @@ pub enum Admission {
 /// A pattern subscriber does not read a channel's epoch before its messages, so a message at or below the
 /// position is told apart by its `ts`: a copy is never younger than the newest message given (it is one of
 /// them), while the first message of a numbering that started over (the sequence expired after the
-/// channel's whole `ttl` without a publish, or Redis lost its data) is. A jump past the next `seq` is
-/// delivered as it is: pattern subscriptions do not fill gaps from history while live.
+/// channel's whole `ttl` without a publish, or Redis lost its data) is. A jump past the next `seq` of a tracked
+/// channel is a gap, filled from the channel's history as for exact subscribers ([`PatternPositions::fill`]).
 #[derive(Debug)]
 pub struct PatternPositions<M> {
     channels: HashMap<Arc<str>, Tracked<M>>,
@@ -247,10 +261,23 @@ struct Tracked<M> {
 impl<M: Sequenced> PatternPositions<M> {
     /// Applies the rule to `publication` for a connection tracking at most `cap` channels.
     pub fn admit(&mut self, publication: &Arc<M>, cap: usize) -> Admission {
+        self.admit_or_hold(publication, cap, false)
+    }
+
+    /// As [`PatternPositions::admit`], but a message past the next `seq` of a tracked channel is answered
+    /// [`Admission::Gap`] and not admitted: the caller holds it until the channel's history is read.
+    pub fn admit_live(&mut self, publication: &Arc<M>, cap: usize) -> Admission {
+        self.admit_or_hold(publication, cap, true)
+    }
+
+    fn admit_or_hold(&mut self, publication: &Arc<M>, cap: usize, hold_gaps: bool) -> Admission {
         let Some(seq) = publication.seq() else {
             return Admission::Deliver;
         };
         if let Some(tracked) = self.channels.get_mut(publication.channel()) {
+            if hold_gaps && is_gap(tracked.seq, Some(seq)) {
+                return Admission::Gap;
+            }
             if seq > tracked.seq {
                 tracked.seq = seq;
                 tracked.newest = Some(publication.clone());
@@ -305,6 +332,79 @@ impl<M: Sequenced> PatternPositions<M> {
         self.channels
             .insert(channel.clone(), Tracked { seq, newest });
         true
+    }
+
+    /// Gives one connection the messages of `channel` held while its history was read: before each held
+    /// message, the history entries (oldest first) between its position and that message, then the held
+    /// message itself through [`PatternPositions::admit`]; with nothing held (a catch-up after an outage),
+    /// every history entry above the position. An untracked channel has no position to fill from: its held
+    /// messages are admitted as they come. Each message given goes to `give` with what became of it.
+    pub fn fill<'a>(
+        &mut self,
+        channel: &Arc<str>,
+        history_oldest_first: &'a [Arc<M>],
+        held: &'a [Arc<M>],
+        cap: usize,
+        mut give: impl FnMut(&'a Arc<M>, PatternStep),
+    ) {
+        let mut next = 0;
+        for message in held {
+            if let Some(seq) = message.seq() {
+                next = self.replay_below(channel, history_oldest_first, next, seq, &mut give);
+            }
+            let after_replay = self.get(channel);
+            let step = match self.admit(message, cap) {
+                Admission::Drop => PatternStep::Held(Admission::Drop),
+                Admission::Deliver if after_replay.is_some_and(|p| is_gap(p, message.seq())) => {
+                    PatternStep::Unfilled
+                }
+                admission => PatternStep::Held(admission),
+            };
+            give(message, step);
+        }
+        self.replay_below(channel, history_oldest_first, next, u64::MAX, &mut give);
+    }
+
+    /// Gives the history entries from index `next` numbered below `below` that are above the channel's
+    /// position; returns the index of the first one left.
+    fn replay_below<'a>(
+        &mut self,
+        channel: &Arc<str>,
+        history_oldest_first: &'a [Arc<M>],
+        mut next: usize,
+        below: u64,
+        give: &mut impl FnMut(&'a Arc<M>, PatternStep),
+    ) -> usize {
+        while let Some(entry) = history_oldest_first.get(next) {
+            let Some(seq) = entry.seq() else {
+                next += 1;
+                continue;
+            };
+            if seq >= below {
+                break;
+            }
+            next += 1;
+            let Some(tracked) = self.channels.get_mut(channel) else {
+                continue;
+            };
+            if seq <= tracked.seq {
+                continue;
+            }
+            let step = if is_gap(tracked.seq, Some(seq)) {
+                PatternStep::Unfilled
+            } else {
+                PatternStep::Replayed
+            };
+            tracked.seq = seq;
+            tracked.newest = Some(entry.clone());
+            give(entry, step);
+        }
+        next
+    }
+
+    /// The channels this connection has a position in.
+    pub fn channels(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.channels.keys()
     }
 
     /// The position of `channel`, when tracked.
@@ -605,5 +705,85 @@ mod tests {
             "an unsequenced message does not move the position"
         );
         assert!(!at.set(&"p:d".into(), 4, None, 2), "no room");
+    }
+
+    fn fill_pattern(
+        at: &mut PatternPositions<Publication>,
+        history: &[u64],
+        held: &[u64],
+    ) -> Vec<(u64, PatternStep)> {
+        let history: Vec<_> = history
+            .iter()
+            .map(|s| message("p:a", Some(*s), T1))
+            .collect();
+        let held: Vec<_> = held.iter().map(|s| message("p:a", Some(*s), T2)).collect();
+        let mut given = Vec::new();
+        at.fill(&"p:a".into(), &history, &held, 8, |m, step| {
+            given.push((m.seq.unwrap(), step))
+        });
+        given
+    }
+
+    #[test]
+    fn a_pattern_subscribers_gap_is_held_and_filled_from_history() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(4), T1), 8);
+        // 5 and 6 were lost: 7 is not admitted live, and the position stays.
+        assert_eq!(
+            at.admit_live(&message("p:a", Some(7), T2), 8),
+            Admission::Gap
+        );
+        assert_eq!(at.get("p:a"), Some(4));
+        assert_eq!(
+            at.admit_live(&message("p:a", Some(5), T2), 8),
+            Admission::Deliver
+        );
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(4), T1), 8);
+        assert_eq!(
+            fill_pattern(&mut at, &[3, 4, 5, 6, 7, 8], &[7, 7]),
+            vec![
+                (5, Replayed),
+                (6, Replayed),
+                (7, Held(Admission::Deliver)),
+                (7, Held(Admission::Drop)),
+                (8, Replayed)
+            ]
+        );
+        assert_eq!(at.get("p:a"), Some(8));
+    }
+
+    #[test]
+    fn a_pattern_gap_history_no_longer_holds_is_delivered_once_and_counted() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(4), T1), 8);
+        assert_eq!(
+            fill_pattern(&mut at, &[9, 10], &[10]),
+            vec![(9, Unfilled), (10, Held(Admission::Deliver))]
+        );
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(4), T1), 8);
+        assert_eq!(fill_pattern(&mut at, &[], &[10]), vec![(10, Unfilled)]);
+    }
+
+    #[test]
+    fn a_pattern_catch_up_gives_what_is_above_the_position_and_untracked_channels_nothing() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(4), T1), 8);
+        assert_eq!(
+            fill_pattern(&mut at, &[3, 4, 5, 6], &[]),
+            vec![(5, Replayed), (6, Replayed)]
+        );
+        assert_eq!(fill_pattern(&mut at, &[5, 6], &[]), vec![], "nothing twice");
+        let mut fresh = PatternPositions::<Publication>::default();
+        assert_eq!(fill_pattern(&mut fresh, &[5, 6], &[]), vec![]);
+        // Held messages of a channel without a position are admitted as they come.
+        assert_eq!(
+            fill_pattern(&mut fresh, &[5, 6, 7], &[6, 7]),
+            vec![(6, Held(Admission::First)), (7, Held(Admission::Deliver))]
+        );
     }
 }

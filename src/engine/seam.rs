@@ -23,6 +23,9 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// The link is back after an outage: the history windows of channels this replica carries, to replay
     /// where subscribers have not seen them.
     fn on_catch_up(&self, windows: Arc<Vec<(Arc<str>, Window)>>);
+    /// The link is back after an outage and every channel and pattern subscription is confirmed again: the
+    /// node catches up what only it knows it carries (the channels its pattern subscribers are positioned in).
+    fn on_link_up(&self);
     /// A client of some replica subscribed to `channel` in a namespace with `join_leave`: `member` is its
     /// presence entry as JSON, `client` its id (the same as in `member`).
     fn on_join(&self, channel: &str, client: &str, member: &str);

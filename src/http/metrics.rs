@@ -98,7 +98,7 @@ pub fn render(hub: &Hub) -> String {
             (link.linked || link.reach == Reach::Answering) as i64,
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 36] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 38] = [
         (
             "relayhub_slow_consumer_drops_total",
             "Deliveries dropped because a subscriber's queue was full.",
@@ -113,6 +113,16 @@ pub fn render(hub: &Hub) -> String {
             "relayhub_gaps_unfilled_total",
             "Messages delivered past a gap that history could no longer fill.",
             &s.gaps_unfilled,
+        ),
+        (
+            "relayhub_pattern_catch_ups_truncated_total",
+            "Channels of pattern subscribers a catch-up after a pub/sub outage did not read: past its cap.",
+            &s.pattern_catch_ups_truncated,
+        ),
+        (
+            "relayhub_replies_refused_total",
+            "Subscribe answers, snapshots and replays past a connection's queue bound, handled as its overflow.",
+            &s.replies_refused,
         ),
         (
             "relayhub_slow_consumer_disconnects_total",

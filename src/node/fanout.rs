@@ -12,7 +12,9 @@ use actix::Recipient;
 use crate::core::protocol;
 use crate::core::publication::Publication;
 use crate::engine::{BrokerEventHandler, Window};
-use crate::node::messages::{Announce, CatchUp, CloseAll, Dispatch, ForgetLatest, SessionId};
+use crate::node::messages::{
+    Announce, CatchUp, CloseAll, Dispatch, ForgetLatest, LinkUp, SessionId,
+};
 use crate::transport::frame;
 
 /// Subscriber counts by channel (or pattern).
@@ -23,6 +25,7 @@ pub struct RegistryInbox {
     pub dispatch: Recipient<Dispatch>,
     pub forget: Recipient<ForgetLatest>,
     pub catch_up: Recipient<CatchUp>,
+    pub link_up: Recipient<LinkUp>,
     pub close_all: Recipient<CloseAll>,
     pub announce: Recipient<Announce>,
 }
@@ -188,6 +191,12 @@ impl BrokerEventHandler for Fanout {
     fn on_catch_up(&self, windows: Arc<Vec<(Arc<str>, Window)>>) {
         for registry in self.registries().iter() {
             registry.catch_up.do_send(CatchUp(windows.clone()));
+        }
+    }
+
+    fn on_link_up(&self) {
+        for registry in self.registries().iter() {
+            registry.link_up.do_send(LinkUp);
         }
     }
 

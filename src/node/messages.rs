@@ -87,6 +87,12 @@ pub struct ForgetLatest;
 #[rtype(result = "()")]
 pub struct CatchUp(pub Arc<Vec<(Arc<str>, Window)>>);
 
+/// The pub/sub connection is back after an outage, every subscription confirmed again: the channels only a
+/// registry knows it carries (those its pattern subscribers have positions in) are caught up from history.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct LinkUp;
+
 /// Close every connection with 1001 (graceful shutdown), spread evenly over `over`.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]

@@ -14,15 +14,17 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use crate::core::config::{ChannelPolicy, SlowConsumer};
-use crate::core::position::{self, Admission, PatternPositions, Position, Step, Verdict, admit};
+use crate::core::position::{
+    self, Admission, PatternPositions, PatternStep, Position, Step, Verdict, admit,
+};
 use crate::core::protocol::{self, RequestId, Target, channel_owner, close};
 use crate::core::publication::Publication;
 use crate::engine::{Engine, Window};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
-    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, SessionId, Subscribe,
-    Unsubscribe,
+    Announce, CatchUp, CloseAll, Connect, Disconnect, Dispatch, ForgetLatest, LinkUp, SessionId,
+    Subscribe, Unsubscribe,
 };
 use crate::node::observer::ChannelObserver;
 use crate::stats::Stats;
@@ -140,6 +142,15 @@ struct PatternEntry {
     epoch: u64,
 }
 
+/// Pattern subscribers' messages of one channel held while its history is read, because one of them missed
+/// messages before the newest (a gap): one read per channel, shared by every session that saw the gap.
+struct PatternHold {
+    /// Sessions whose messages of the channel wait for the read (the others keep receiving them).
+    sessions: HashSet<SessionId>,
+    /// The channel's messages since the first gap, in arrival order (at most `HOLD_MAX`).
+    held: Vec<Arc<Publication>>,
+}
+
 /// A channel's epoch for pattern subscribers: known, or being read for the sessions waiting to be told.
 enum EpochLookup {
     Known(Arc<str>),
@@ -172,6 +183,8 @@ pub struct Registry {
     pattern_sent: HashSet<SessionId>,
     /// Pub/sub outages heard of: a history read started before the latest one cannot vouch for the epoch.
     link_downs: u64,
+    /// Channels whose pattern subscribers wait for a history read (a gap), by channel.
+    pattern_holds: HashMap<Arc<str>, PatternHold>,
 }
 
 impl Registry {
@@ -199,6 +212,7 @@ impl Registry {
             slow: Vec::new(),
             pattern_sent: HashSet::new(),
             link_downs: 0,
+            pattern_holds: HashMap::new(),
         }
     }
 
@@ -210,6 +224,7 @@ impl Registry {
             dispatch: addr.clone().recipient(),
             forget: addr.clone().recipient(),
             catch_up: addr.clone().recipient(),
+            link_up: addr.clone().recipient(),
             close_all: addr.clone().recipient(),
             announce: addr.clone().recipient(),
         });
@@ -265,9 +280,49 @@ impl Registry {
         }
     }
 
+    /// Queues a frame a subscribe owes its client: its answer or an `epoch` frame (`channel` `None`), or its
+    /// snapshot or replayed messages. Past the connection's queue bound (pipelined subscribes beyond
+    /// `websocket.mailbox_size`, or a full queue) the frame is not dropped unseen: it is that connection's
+    /// slow-consumer overflow, counted in `replies_refused`. The connection is closed with 1008 (its session
+    /// then leaves the registry), or, where the namespace conflates, the frame waits in a slot (the
+    /// connection's own for answers, the channel's for messages) and the connection closes only when none is
+    /// left.
+    fn owe(
+        stats: &Stats,
+        outbox: &Outbox,
+        mode: SlowConsumer,
+        channel: Option<&Arc<str>>,
+        frame: Bytes,
+    ) {
+        let pushed = match channel {
+            None => outbox.push_reply(frame.clone()),
+            Some(_) => outbox.push(frame.clone()),
+        };
+        if pushed.is_ok() {
+            return;
+        }
+        Stats::add(&stats.replies_refused, 1);
+        let kept = match (mode, channel) {
+            (SlowConsumer::Disconnect, _) => false,
+            (SlowConsumer::Conflate, None) => {
+                outbox.push_or_close(frame);
+                true
+            }
+            (SlowConsumer::Conflate, Some(channel)) => outbox.push_latest(channel, frame).is_ok(),
+        };
+        if !kept {
+            Stats::add(&stats.slow_consumer_drops, 1);
+            if outbox.close_slow_consumer() {
+                Stats::add(&stats.slow_consumer_disconnects, 1);
+            }
+        }
+    }
+
     fn dispatch(&mut self, publication: Arc<Publication>, ctx: &mut Context<Self>) {
         let stats = &self.stats;
         let mut read_history = false;
+        let mut read_pattern_history = false;
+        let mut pattern_overflow = None;
         let frame = publication.wire();
         let channel = &publication.channel;
         let mut delivered = 0u64;
@@ -393,6 +448,17 @@ impl Registry {
             let several = matching.peek().is_some();
             let sent = &mut self.pattern_sent;
             sent.clear();
+            // A read in flight for this channel: the message waits behind it for the sessions that saw the
+            // gap (past `HOLD_MAX` the held ones go out as they are first).
+            let mut hold = self.pattern_holds.get_mut(channel);
+            let mut overflow = Vec::new();
+            if let Some(hold) = &mut hold {
+                if hold.held.len() == HOLD_MAX {
+                    overflow = std::mem::take(&mut hold.held);
+                }
+                hold.held.push(publication.clone());
+            }
+            let mut gapped = Vec::new();
             for (_, entry) in first.into_iter().chain(matching) {
                 let to_channel = (
                     channel,
@@ -417,12 +483,19 @@ impl Registry {
                     if several && !sent.insert(*id) {
                         continue;
                     }
+                    if hold.as_ref().is_some_and(|h| h.sessions.contains(id)) {
+                        continue;
+                    }
                     let Some(session) = sessions.get_mut(id) else {
                         continue;
                     };
-                    match session.positions.admit(&publication, cap) {
+                    match session.positions.admit_live(&publication, cap) {
                         Admission::Drop => {
                             dropped += 1;
+                            continue;
+                        }
+                        Admission::Gap => {
+                            gapped.push(*id);
                             continue;
                         }
                         Admission::Untracked => untracked += 1,
@@ -443,6 +516,29 @@ impl Registry {
             }
             Stats::add(&stats.duplicates_dropped, dropped);
             Stats::add(&stats.pattern_positions_untracked, untracked);
+            if !overflow.is_empty() {
+                // The read is slow: what is held goes out as it is (the gap stays, counted).
+                let ids: Vec<SessionId> = hold
+                    .iter()
+                    .flat_map(|h| h.sessions.iter().copied())
+                    .collect();
+                pattern_overflow = Some((ids, overflow));
+            }
+            if !gapped.is_empty() {
+                match hold {
+                    Some(hold) => hold.sessions.extend(gapped),
+                    None => {
+                        self.pattern_holds.insert(
+                            channel.clone(),
+                            PatternHold {
+                                sessions: gapped.into_iter().collect(),
+                                held: vec![publication.clone()],
+                            },
+                        );
+                        read_pattern_history = true;
+                    }
+                }
+            }
         }
         Stats::add(&stats.messages_delivered, delivered);
         self.metrics.delivered(&publication.channel, delivered);
@@ -456,6 +552,213 @@ impl Registry {
         for (id, restarted) in announce {
             self.announce_epoch(&publication.channel, id, restarted, ctx);
         }
+        if let Some((ids, overflow)) = pattern_overflow {
+            self.fill_patterns(&publication.channel, &ids, &[], &overflow, ctx);
+        }
+        if read_pattern_history {
+            self.read_pattern_history(publication.channel.clone(), ctx);
+        }
+    }
+
+    /// The namespace settings a pattern covering `channel` was subscribed with.
+    fn pattern_policy(&self, channel: &str) -> Option<ChannelPolicy> {
+        self.patterns
+            .iter()
+            .find(|(prefix, _)| channel.starts_with(&***prefix))
+            .and_then(|(_, entry)| entry.policy)
+    }
+
+    /// Reads a channel's history for the pattern subscribers that saw a gap in it; their newer messages of
+    /// the channel wait in its `PatternHold` meanwhile (bounded by `HOLD_MAX`; the read by
+    /// `redis.command_timeout`). Held messages younger than the read wait for one more.
+    fn read_pattern_history(&mut self, channel: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(policy) = self.pattern_policy(&channel) else {
+            self.release_pattern_hold(&channel, &[], ctx);
+            return;
+        };
+        let engine = self.engine.clone();
+        let read = async move {
+            let window = engine.window(&channel, policy).await;
+            (channel, window)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(channel, window), act, ctx| match window {
+                    Ok(window) => {
+                        let history: Vec<Arc<Publication>> =
+                            window.history.iter().rev().cloned().collect();
+                        let Some(hold) = act.pattern_holds.get_mut(&channel) else {
+                            return;
+                        };
+                        let settled =
+                            position::settled(hold.held.iter().map(|p| p.seq), window.seq);
+                        let later = hold.held.split_off(settled);
+                        if later.is_empty() {
+                            act.release_pattern_hold(&channel, &history, ctx);
+                            return;
+                        }
+                        let now = std::mem::replace(&mut hold.held, later);
+                        let ids: Vec<SessionId> = hold.sessions.iter().copied().collect();
+                        act.fill_patterns(&channel, &ids, &history, &now, ctx);
+                        act.read_pattern_history(channel, ctx);
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "reading the history of `{channel}` to fill a pattern subscriber's gap failed: {e}"
+                        );
+                        act.release_pattern_hold(&channel, &[], ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Ends a channel's pattern hold: its sessions get what `history` fills and the held messages.
+    fn release_pattern_hold(
+        &mut self,
+        channel: &Arc<str>,
+        history: &[Arc<Publication>],
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(hold) = self.pattern_holds.remove(channel) else {
+            return;
+        };
+        let ids: Vec<SessionId> = hold.sessions.into_iter().collect();
+        self.fill_patterns(channel, &ids, history, &hold.held, ctx);
+    }
+
+    /// The pattern rule's fill for sessions of this registry: for each one still receiving `channel` through
+    /// a pattern (not through its own exact subscription, which delivers it), history entries (oldest first)
+    /// where it is missing them, merged with the held messages.
+    fn fill_patterns(
+        &mut self,
+        channel: &Arc<str>,
+        ids: &[SessionId],
+        history_oldest_first: &[Arc<Publication>],
+        held: &[Arc<Publication>],
+        ctx: &mut Context<Self>,
+    ) {
+        let mode = self
+            .pattern_policy(channel)
+            .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+        let cap = self.max_pattern_positions;
+        let stats = &self.stats;
+        let mut slow = std::mem::take(&mut self.slow);
+        let (mut delivered, mut replayed, mut unfilled, mut untracked) = (0u64, 0u64, 0u64, 0u64);
+        let mut announce = Vec::new();
+        let exact = self.channels.get(channel);
+        for id in ids {
+            let Some(session) = self.sessions.get_mut(id) else {
+                continue;
+            };
+            if !session.patterns.iter().any(|p| channel.starts_with(&**p))
+                || exact.is_some_and(|e| {
+                    e.active.contains_key(id) || e.pending.iter().any(|w| w.id == *id)
+                })
+            {
+                continue;
+            }
+            let outbox = session.outbox.clone();
+            let wants_epochs = session.wants_epochs;
+            session
+                .positions
+                .fill(channel, history_oldest_first, held, cap, |message, step| {
+                    match step {
+                        PatternStep::Held(Admission::Drop) => return,
+                        PatternStep::Replayed => replayed += 1,
+                        PatternStep::Unfilled => unfilled += 1,
+                        PatternStep::Held(Admission::Untracked) => untracked += 1,
+                        PatternStep::Held(Admission::First) if wants_epochs => {
+                            announce.push((*id, false))
+                        }
+                        PatternStep::Held(Admission::Restarted) if wants_epochs => {
+                            announce.push((*id, true))
+                        }
+                        PatternStep::Held(_) => {}
+                    }
+                    Self::offer(
+                        stats,
+                        &mut slow,
+                        *id,
+                        &outbox,
+                        (&message.channel, mode),
+                        (&message.wire(), message),
+                    );
+                    delivered += 1;
+                });
+        }
+        Stats::add(&stats.messages_replayed, replayed);
+        Stats::add(&stats.gaps_unfilled, unfilled);
+        Stats::add(&stats.pattern_positions_untracked, untracked);
+        self.delivered(channel, delivered, slow);
+        for (id, restarted) in announce {
+            self.announce_epoch(channel, id, restarted, ctx);
+        }
+    }
+
+    /// After a pub/sub outage: reads the history of the channels this registry's pattern subscribers have
+    /// positions in (at most `channels.max_pattern_positions` channels per catch-up; the rest are counted in
+    /// `pattern_catch_ups_truncated`), and gives each subscriber what it missed, through the pattern rule.
+    fn catch_up_patterns(&mut self, ctx: &mut Context<Self>) {
+        use futures_util::StreamExt;
+        let mut wanted: HashMap<Arc<str>, Vec<SessionId>> = HashMap::new();
+        for (id, session) in &self.sessions {
+            if session.patterns.is_empty() {
+                continue;
+            }
+            for channel in session.positions.channels() {
+                wanted.entry(channel.clone()).or_default().push(*id);
+            }
+        }
+        let cap = self.max_pattern_positions;
+        if wanted.len() > cap {
+            Stats::add(
+                &self.stats.pattern_catch_ups_truncated,
+                (wanted.len() - cap) as u64,
+            );
+        }
+        let reads: Vec<(Arc<str>, Vec<SessionId>, ChannelPolicy)> = wanted
+            .into_iter()
+            .filter_map(|(channel, ids)| {
+                let policy = self.pattern_policy(&channel)?;
+                Some((channel, ids, policy))
+            })
+            .take(cap)
+            .collect();
+        if reads.is_empty() {
+            return;
+        }
+        let engine = self.engine.clone();
+        let fut = async move {
+            futures_util::stream::iter(reads)
+                .map(|(channel, ids, policy)| {
+                    let engine = engine.clone();
+                    async move {
+                        let window = engine.window(&channel, policy).await;
+                        (channel, ids, window)
+                    }
+                })
+                .buffered(RECOVERY_READS)
+                .collect::<Vec<_>>()
+                .await
+        };
+        ctx.spawn(fut.into_actor(self).map(|windows, act, ctx| {
+            for (channel, ids, window) in windows {
+                let window = match window {
+                    Ok(window) => window,
+                    Err(e) => {
+                        log::warn!(
+                            "catching up `{channel}` for pattern subscribers after the pub/sub outage failed: {e}"
+                        );
+                        continue;
+                    }
+                };
+                let history: Vec<Arc<Publication>> =
+                    window.history.iter().rev().cloned().collect();
+                // A session whose messages of the channel are held for a gap read gets the catch-up too: the
+                // rule admits only what is above its position, so the held ones follow in order or drop.
+                act.fill_patterns(&channel, &ids, &history, &[], ctx);
+            }
+        }));
     }
 
     /// Reads a channel's history for the messages held (a gap, or a stale epoch); the registry goes on with
@@ -714,9 +1017,16 @@ impl Registry {
             let seq = latest.seq.unwrap_or(0);
             let ack =
                 protocol::positioned_subscribed_frame(&msg.request, &channel, epoch, seq, None);
-            let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+            let mode = entry.policy.slow_consumer;
+            Self::owe(
+                stats,
+                &outbox,
+                mode,
+                None,
+                crate::transport::frame::text(&ack),
+            );
             if let Some(snapshot) = outbox.snapshot_frame(latest) {
-                let _ = outbox.push(snapshot);
+                Self::owe(stats, &outbox, mode, Some(&channel), snapshot);
             }
             entry.active.insert(id, Subscriber { outbox, seq });
             return;
@@ -724,10 +1034,9 @@ impl Registry {
         let acked = entry.awaiting_publish;
         if acked {
             // Acknowledged now; the job's first value follows as the snapshot.
-            let _ = outbox.push_reply(crate::transport::frame::text(&protocol::subscribed_frame(
-                &msg.request,
-                &channel,
-            )));
+            let frame =
+                crate::transport::frame::text(&protocol::subscribed_frame(&msg.request, &channel));
+            Self::owe(stats, &outbox, entry.policy.slow_consumer, None, frame);
         }
         entry.pending.push(Waiting {
             id,
@@ -835,7 +1144,8 @@ impl Registry {
             let awaiting = self.observer.request_fill(&channel, read_at);
             for waiting in &mut entry.pending {
                 if let Some(session) = self.sessions.get(&waiting.id) {
-                    let _ = session.outbox.push_reply(ack(waiting, None));
+                    let mode = entry.policy.slow_consumer;
+                    Self::owe(stats, &session.outbox, mode, None, ack(waiting, None));
                     waiting.acked = true;
                 }
             }
@@ -873,6 +1183,7 @@ impl Registry {
                 (backlog.next(), backlog.collect())
             }
         };
+        let mode = entry.policy.slow_consumer;
         for waiting in std::mem::take(&mut entry.pending) {
             let Some(session) = self.sessions.get(&waiting.id) else {
                 continue;
@@ -887,9 +1198,15 @@ impl Registry {
                 (Some(since), Some(missed)) => {
                     Stats::add(&stats.subscribes_recovered, 1);
                     Stats::add(&stats.messages_replayed, missed.len() as u64);
-                    let _ = outbox.push_reply(ack(&waiting, Some(true)));
+                    Self::owe(stats, outbox, mode, None, ack(&waiting, Some(true)));
                     for message in &missed {
-                        let _ = outbox.push(outbox.message_frame(message));
+                        Self::owe(
+                            stats,
+                            outbox,
+                            mode,
+                            Some(&channel),
+                            outbox.message_frame(message),
+                        );
                     }
                     seq = seq.max(since.seq);
                 }
@@ -897,10 +1214,11 @@ impl Registry {
                     if since.is_some() {
                         Stats::add(&stats.subscribes_unrecovered, 1);
                     }
-                    let _ = outbox.push_reply(ack(&waiting, since.as_ref().map(|_| false)));
+                    let frame = ack(&waiting, since.as_ref().map(|_| false));
+                    Self::owe(stats, outbox, mode, None, frame);
                     if let Some(snapshot) = &snapshot {
                         if let Some(frame) = outbox.snapshot_frame(snapshot) {
-                            let _ = outbox.push(frame);
+                            Self::owe(stats, outbox, mode, Some(&channel), frame);
                         }
                         seq = seq.max(snapshot.seq.unwrap_or(0));
                     }
@@ -908,7 +1226,13 @@ impl Registry {
             }
             for message in &backlog {
                 if admit(&mut seq, message.seq) != Verdict::Drop {
-                    let _ = outbox.push(outbox.message_frame(message));
+                    Self::owe(
+                        stats,
+                        outbox,
+                        mode,
+                        Some(&channel),
+                        outbox.message_frame(message),
+                    );
                 }
             }
             entry.active.insert(
@@ -1011,7 +1335,10 @@ impl Registry {
                 continue;
             };
             if waiting.since.is_none() {
-                let _ = session.outbox.push_reply(waiting.ack);
+                let mode = entry
+                    .policy
+                    .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+                Self::owe(&self.stats, &session.outbox, mode, None, waiting.ack);
                 entry.subscribers.insert(waiting.id, session.outbox.clone());
                 ids.push(waiting.id);
             } else {
@@ -1097,7 +1424,10 @@ impl Registry {
         let cap = self.max_pattern_positions;
         let outbox = session.outbox.clone();
         let mut answers = Vec::with_capacity(windows.len());
-        let mut frames: Vec<Bytes> = Vec::new();
+        let mut frames: Vec<(Arc<str>, Bytes)> = Vec::new();
+        let mode = entry
+            .policy
+            .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
         for ((channel, since), window) in waiting.since.iter().flatten().zip(windows) {
             let window = match window {
                 Ok(window) => window,
@@ -1123,7 +1453,11 @@ impl Registry {
                     Stats::add(&stats.subscribes_recovered, 1);
                     if !exact {
                         Stats::add(&stats.messages_replayed, missed.len() as u64);
-                        frames.extend(missed.iter().map(|m| outbox.message_frame(m)));
+                        frames.extend(
+                            missed
+                                .iter()
+                                .map(|m| (channel.clone(), outbox.message_frame(m))),
+                        );
                         let newest = missed.last().cloned().or(latest);
                         session
                             .positions
@@ -1136,7 +1470,9 @@ impl Registry {
                     if !exact {
                         let mut seq = window.seq;
                         if let Some(snapshot) = &window.latest {
-                            frames.extend(outbox.snapshot_frame(snapshot));
+                            if let Some(frame) = outbox.snapshot_frame(snapshot) {
+                                frames.push((channel.clone(), frame));
+                            }
                             seq = seq.max(snapshot.seq.unwrap_or(0));
                         }
                         session.positions.set(channel, seq, latest, cap);
@@ -1152,10 +1488,16 @@ impl Registry {
         }
         let name = format!("{prefix}*");
         let ack = protocol::pattern_subscribed_frame(&waiting.request, &name, &answers);
-        let _ = outbox.push_reply(crate::transport::frame::text(&ack));
+        Self::owe(
+            stats,
+            &outbox,
+            mode,
+            None,
+            crate::transport::frame::text(&ack),
+        );
         let mut delivered = frames.len() as u64;
-        for frame in frames {
-            let _ = outbox.push(frame);
+        for (channel, frame) in frames {
+            Self::owe(stats, &outbox, mode, Some(&channel), frame);
         }
         let mut announce = Vec::new();
         for message in &backlog {
@@ -1173,9 +1515,10 @@ impl Registry {
                 Admission::Untracked => Stats::add(&stats.pattern_positions_untracked, 1),
                 Admission::First => announce.push((message.channel.clone(), false)),
                 Admission::Restarted => announce.push((message.channel.clone(), true)),
-                Admission::Deliver => {}
+                Admission::Deliver | Admission::Gap => {}
             }
-            let _ = outbox.push(outbox.message_frame(message));
+            let frame = outbox.message_frame(message);
+            Self::owe(stats, &outbox, mode, Some(&message.channel), frame);
             delivered += 1;
         }
         Stats::add(&stats.messages_delivered, delivered);
@@ -1212,9 +1555,11 @@ impl Registry {
         });
         if let Some(epoch) = known {
             if let Some(session) = self.sessions.get(&id) {
-                let _ = session.outbox.push_reply(crate::transport::frame::text(
-                    &protocol::epoch_frame(channel, &epoch),
-                ));
+                let frame = crate::transport::frame::text(&protocol::epoch_frame(channel, &epoch));
+                let mode = self
+                    .pattern_policy(channel)
+                    .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
+                Self::owe(&self.stats, &session.outbox, mode, None, frame);
             }
             return;
         }
@@ -1263,9 +1608,12 @@ impl Registry {
                 return;
             }
             let frame = crate::transport::frame::text(&protocol::epoch_frame(&channel, &epoch));
+            let mode = act
+                .pattern_policy(&channel)
+                .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
             for id in waiting {
                 if let Some(session) = act.sessions.get(&id) {
-                    let _ = session.outbox.push_reply(frame.clone());
+                    Self::owe(&act.stats, &session.outbox, mode, None, frame.clone());
                 }
             }
             act.epochs.insert(channel, EpochLookup::Known(epoch));
@@ -1285,13 +1633,19 @@ impl Registry {
             return;
         }
         let (engine, limit) = (self.engine.clone(), self.max_pattern_snapshots);
-        let fut = async move { engine.latest_matching(&prefix, limit).await };
+        let read = prefix.clone();
+        let fut = async move { engine.latest_matching(&read, limit).await };
         ctx.spawn(fut.into_actor(self).map(move |snapshots, act, ctx| {
             let shown: Vec<_> = snapshots
                 .iter()
                 .filter(|p| channel_owner(&p.channel).is_none())
                 .collect();
             let cap = act.max_pattern_positions;
+            let mode = act
+                .patterns
+                .get(&prefix)
+                .and_then(|entry| entry.policy)
+                .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
             let mut announce = Vec::new();
             for id in ids {
                 let Some(session) = act.sessions.get_mut(&id) else {
@@ -1305,7 +1659,13 @@ impl Registry {
                     let Some(frame) = session.outbox.snapshot_frame(snapshot) else {
                         continue;
                     };
-                    let _ = session.outbox.push(frame);
+                    Self::owe(
+                        &act.stats,
+                        &session.outbox,
+                        mode,
+                        Some(&snapshot.channel),
+                        frame,
+                    );
                     if let Some(seq) = snapshot.seq
                         && session.positions.set(
                             &snapshot.channel,
@@ -1465,6 +1825,14 @@ impl Handler<CatchUp> for Registry {
                 self.apply_window(channel, window, &[], self.link_downs);
             }
         }
+    }
+}
+
+impl Handler<LinkUp> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: LinkUp, ctx: &mut Context<Self>) {
+        self.catch_up_patterns(ctx);
     }
 }
 

@@ -418,6 +418,7 @@ impl Bridge {
                 self.handler.clone(),
                 subscribed,
             ));
+            self.handler.on_link_up();
         }
     }
 
