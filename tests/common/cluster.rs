@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, redis_server_binary, resp_complete};
+use super::{free_port, redis_server_binary};
 
 /// Milliseconds a node may be silent before the cluster counts it as failed (and a replica takes over).
 pub const NODE_TIMEOUT_MS: u64 = 2000;
@@ -344,27 +344,5 @@ fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// One command with a minimal RESP client, the reply rendered as text (small test commands only).
-pub fn command(port: u16, args: &[&str]) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut request = format!("*{}\r\n", args.len());
-    for a in args {
-        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    stream.write_all(request.as_bytes())?;
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if reply.ends_with(b"\r\n") && resp_complete(&reply) {
-            break;
-        }
-    }
-    Ok(String::from_utf8_lossy(&reply).into_owned())
-}
+/// One command to a node, as `redis_command` sends it.
+pub use super::redis_command as command;

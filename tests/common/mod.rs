@@ -373,28 +373,7 @@ impl RedisServer {
 
     /// Runs one command with a minimal RESP client and returns the reply rendered as text.
     pub fn cmd(&self, args: &[&str]) -> std::io::Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut request = format!("*{}\r\n", args.len());
-        for a in args {
-            request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        stream.write_all(request.as_bytes())?;
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 65536];
-        // Read until the reply looks complete (this helper serves only small test commands).
-        loop {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            reply.extend_from_slice(&buf[..n]);
-            if reply.ends_with(b"\r\n") && resp_complete(&reply) {
-                break;
-            }
-        }
-        Ok(String::from_utf8_lossy(&reply).into_owned())
+        redis_command(self.port, args)
     }
 
     /// An async Redis connection from the `redis` crate, for producers in tests.
@@ -405,6 +384,32 @@ impl RedisServer {
             .await
             .expect("redis connection")
     }
+}
+
+/// One command to the Redis on `port` with a minimal RESP client, the reply rendered as text (small test
+/// commands only: it reads until the reply looks complete).
+pub fn redis_command(port: u16, args: &[&str]) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = format!("*{}\r\n", args.len());
+    for a in args {
+        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(request.as_bytes())?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.ends_with(b"\r\n") && resp_complete(&reply) {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
 /// Whether `reply` holds one complete RESP value.
