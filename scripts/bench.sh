@@ -16,15 +16,20 @@
 #   relay-local    redis mode, one replica: 1,000 connections on 100 channels, 500 publishes/s over HTTP
 #   relay-cross    redis mode, two replicas: publishes on A over HTTP, subscribers on B (same load)
 #   redis-publish  redis mode, one replica: the same load published straight to Redis (PUBLISH)
+#   redis-channels redis mode, one replica: 10,000 connections over 1,000 channels, 2,000 raw PUBLISHes/s
+#                  straight to Redis; compare with ref-redis-channels (the tail-latency pair)
 #   cluster-cross  cluster mode, two replicas on a 3-master Redis Cluster: the relay-cross load (publishes on A,
 #                  subscribers on B); compare with relay-cross (one Redis)
 #   soak           1,000 connections over 100 channels, 2,000 publishes/s over HTTP for SOAK_SECONDS (60), twice
 #                  on a fresh hub each: alone, then beside 100 hostile clients (--hostile: stuck readers, 4 GiB
 #                  frame headers, ping floods, subscribe churn, malformed frames); prints both side by side
-#   calibrate      no hub: the kernel's CPU cost of one loopback TCP write and read (the floor per delivery)
+#   calibrate      no hub: the kernel's CPU cost of one loopback TCP write and read (the floor per delivery);
+#                  `calibrate --calibrate-batch 4`: per message when 4 leave in one write
 #   ref-fanout-20, ref-fanout-200, ref-fanout-1000, ref-channels
 #                  the same as fanout-20/-200/-1000 and channels, against `relayhub-bench --serve-reference`
 #                  (a plain single-threaded tokio relay) instead of the hub: a baseline for comparison
+#   ref-redis-channels  the redis-channels load against the reference relay reading the same Redis
+#                  (`--reference-redis`: one PSUBSCRIBE on its one thread)
 #
 # Environment:
 #   RUNS=3              run the scenario N times (a fresh hub each time) and print the median of the key figures
@@ -41,11 +46,11 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 scenario="${1:-}"
-[[ -n "$scenario" ]] || { sed -n '2,35p' "$0"; exit 64; }
+[[ -n "$scenario" ]] || { sed -n '2,44p' "$0"; exit 64; }
 shift
 extra=("$@")
-scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish cluster-cross soak calibrate"
-scenarios+=" ref-fanout-20 ref-fanout-200 ref-fanout-1000 ref-channels "
+scenarios=" smoke fanout-20 fanout-200 fanout-1000 channels idle connect relay-local relay-cross redis-publish redis-channels"
+scenarios+=" cluster-cross soak calibrate ref-fanout-20 ref-fanout-200 ref-fanout-1000 ref-channels ref-redis-channels "
 if [[ "$scenarios" != *" $scenario "* ]]; then
     echo "bench.sh: unknown scenario '$scenario'; one of:$scenarios" >&2
     exit 64
@@ -199,14 +204,16 @@ run_bench() {
     return "$status"
 }
 
-# start_reference PORT: starts `relayhub-bench --serve-reference` pinned like a hub; sets HUB_PID
+# start_reference PORT [FLAGS...]: starts `relayhub-bench --serve-reference` pinned like a hub; sets HUB_PID
 start_reference() {
+    local port="$1"
+    shift
     # exec, as for the hub: $! is the reference relay itself.
-    (RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$BENCH_BIN" --serve-reference "127.0.0.1:$1") \
+    (RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$BENCH_BIN" --serve-reference "127.0.0.1:$port" "$@") \
         >"$OUT/reference.log" 2>&1 &
     HUB_PID=$!
     pids+=("$HUB_PID")
-    wait_port "$1"
+    wait_port "$port"
 }
 
 hub_url() { echo "ws://127.0.0.1:$1/ws"; }
@@ -238,6 +245,18 @@ one_run() {
         ref-channels)
             start_reference "$PORT"
             run_bench ref-channels "$HUB_PID" --url "$(hub_url "$PORT")" \
+                --connections 10000 --channels 1000 --rate 2000 --duration 10 --warmup 2 || status=$?
+            ;;
+        redis-channels | ref-redis-channels)
+            local redis_port=$((PORT + 2)) redis_url
+            redis_url="redis://127.0.0.1:$redis_port"
+            start_redis "$redis_port"
+            if [[ "$scenario" == redis-channels ]]; then
+                start_hub a "$PORT" "$redis_url"
+            else
+                start_reference "$PORT" --reference-redis "$redis_url"
+            fi
+            run_bench "$scenario" "$HUB_PID" --url "$(hub_url "$PORT")" --publish redis --redis-url "$redis_url" \
                 --connections 10000 --channels 1000 --rate 2000 --duration 10 --warmup 2 || status=$?
             ;;
         idle)
@@ -295,7 +314,7 @@ one_run() {
             done
             ;;
         calibrate)
-            "${PIN_HUB[@]}" "$BENCH_BIN" --calibrate | tee "$OUT/calibrate.out" || status=$?
+            "${PIN_HUB[@]}" "$BENCH_BIN" --calibrate "${extra[@]}" | tee "$OUT/calibrate.out" || status=$?
             tail -n 1 "$OUT/calibrate.out" >>"$OUT/$scenario.jsonl"
             ;;
         *) exit 64 ;; # unreachable: checked at the top

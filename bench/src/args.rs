@@ -6,6 +6,8 @@ use std::fmt;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, ValueEnum};
 
+use crate::reference;
+
 /// How published messages reach the hub.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PublishMode {
@@ -179,11 +181,24 @@ pub struct Args {
     /// Measure this machine's cost of one loopback TCP write and read, then exit.
     #[arg(long, help_heading = "Other")]
     pub calibrate: bool,
+    /// With --calibrate: messages per write (a hub with a write delay sends several frames in one `writev`).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64),
+          requires = "calibrate", help_heading = "Other")]
+    pub calibrate_batch: u16,
     /// Run a plain single-threaded tokio relay on ADDR:PORT until SIGTERM/SIGINT instead of a benchmark:
     /// WebSocket subscribe on /ws, POST /api/publish; a baseline to run the same scenarios against
     /// (scripts/bench.sh ref-*), not relayhub.
     #[arg(long, value_name = "ADDR:PORT", help_heading = "Other")]
     pub serve_reference: Option<String>,
+    /// With --serve-reference: the relay also delivers what is published on <prefix>ch:* of this Redis (one
+    /// PSUBSCRIBE on the relay's own thread), as relayhub does with raw PUBLISH.
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "serve_reference",
+        help_heading = "Other"
+    )]
+    pub reference_redis: Option<String>,
 
     /// Hub process to sample (RSS, CPU seconds) over the measured window.
     #[arg(long, value_name = "PID", help_heading = "Reporting")]
@@ -203,10 +218,10 @@ pub struct Args {
 pub enum Mode {
     /// A benchmark run with these (validated) arguments; boxed, it is much larger than the other cases.
     Bench(Box<Args>),
-    /// `--calibrate`.
-    Calibrate,
+    /// `--calibrate`, with this many messages per write.
+    Calibrate(usize),
     /// `--serve-reference ADDR:PORT`: serve the reference relay there.
-    ServeReference(String),
+    ServeReference(reference::Options),
 }
 
 /// Parses the whole command line (program name first). `--help` and bad flags come back as clap errors:
@@ -218,10 +233,19 @@ where
 {
     let mut args = Args::try_parse_from(command_line)?;
     if args.calibrate {
-        return Ok(Mode::Calibrate);
+        return Ok(Mode::Calibrate(usize::from(args.calibrate_batch)));
     }
     if let Some(addr) = args.serve_reference.take() {
-        return Ok(Mode::ServeReference(addr));
+        return Ok(Mode::ServeReference(reference::Options {
+            addr,
+            redis: args
+                .reference_redis
+                .take()
+                .map(|url| reference::RedisInput {
+                    url,
+                    pattern: format!("{}ch:*", args.prefix),
+                }),
+        }));
     }
     args.validate()
         .map_err(|message| Args::command().error(ErrorKind::ValueValidation, message))?;
@@ -362,9 +386,21 @@ mod tests {
         ));
         assert!(matches!(
             parse_line("--serve-reference 127.0.0.1:18080"),
-            Ok(Mode::ServeReference(addr)) if addr == "127.0.0.1:18080"
+            Ok(Mode::ServeReference(options)) if options.addr == "127.0.0.1:18080" && options.redis.is_none()
         ));
-        assert!(matches!(parse_line("--calibrate"), Ok(Mode::Calibrate)));
+        assert!(matches!(parse_line("--calibrate"), Ok(Mode::Calibrate(1))));
+        assert!(matches!(
+            parse_line("--calibrate --calibrate-batch 4"),
+            Ok(Mode::Calibrate(4))
+        ));
+        assert!(rejected("--calibrate --calibrate-batch 0"));
+        assert!(rejected("--calibrate-batch 4"));
+        assert!(rejected("--reference-redis redis://127.0.0.1:1"));
+        assert!(matches!(
+            parse_line("--serve-reference 127.0.0.1:18080 --reference-redis redis://127.0.0.1:1 --prefix p:"),
+            Ok(Mode::ServeReference(options))
+                if options.redis.as_ref().is_some_and(|r| r.url == "redis://127.0.0.1:1" && r.pattern == "p:ch:*")
+        ));
         let Ok(Mode::Bench(args)) = parse_line("--publish redis --header A:1 --header B:2") else {
             panic!("repeated headers must parse");
         };

@@ -1,6 +1,8 @@
 //! `--calibrate`: what this machine's kernel charges for one small loopback TCP write and one read, the floor
 //! under every delivery (a hub writes each frame to each subscriber's socket). No hub is involved: the bench
 //! opens socket pairs to itself and times plain `write`/`read` calls with the thread's own CPU clock.
+//! `--calibrate-batch N` writes N messages per call, as a hub does whose frames coalesce (`write_delay`), and
+//! reports the cost per message: the floor per delivery at that batch size.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,8 +21,11 @@ const MESSAGES: usize = 200_000;
 pub struct Calibration {
     pub pairs: usize,
     pub message_bytes: usize,
+    /// Messages per `write`.
+    pub batch: usize,
     pub messages: usize,
-    /// CPU microseconds per `write` of one message to one socket (includes loopback delivery to the peer).
+    /// CPU microseconds of `write` per message to one socket (includes loopback delivery to the peer), the
+    /// cost of one write divided by `batch`.
     pub write_us: f64,
     /// CPU microseconds per `read` returning one message.
     pub read_us: f64,
@@ -29,7 +34,7 @@ pub struct Calibration {
 }
 
 /// Runs the measurement (about a second of CPU).
-pub fn run() -> io::Result<Calibration> {
+pub fn run(batch: usize) -> io::Result<Calibration> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mut pairs = Vec::with_capacity(PAIRS);
@@ -40,7 +45,7 @@ pub fn run() -> io::Result<Calibration> {
         client.set_nonblocking(true)?;
         pairs.push((server, client));
     }
-    let message = [b'x'; MESSAGE];
+    let message = vec![b'x'; MESSAGE * batch];
     let mut buffer = [0; 4096];
     let (mut write_ns, mut read_ns, mut reads, mut written) = (0, 0, 0usize, 0usize);
     while written < MESSAGES {
@@ -60,7 +65,7 @@ pub fn run() -> io::Result<Calibration> {
             }
         }
         let read = thread_cpu_ns()?;
-        written += PAIRS;
+        written += PAIRS * batch;
         write_ns += wrote - start;
         read_ns += read - wrote;
     }
@@ -68,6 +73,7 @@ pub fn run() -> io::Result<Calibration> {
     Ok(Calibration {
         pairs: PAIRS,
         message_bytes: MESSAGE,
+        batch,
         messages: written,
         write_us,
         // Each drain also pays one read that finds nothing (WouldBlock); it is charged to the messages.

@@ -34,9 +34,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = match args::parse(std::env::args_os()) {
         Ok(Mode::Bench(args)) => args,
-        Ok(Mode::Calibrate) => return calibrate(),
-        Ok(Mode::ServeReference(addr)) => {
-            return match reference::serve(&addr) {
+        Ok(Mode::Calibrate(batch)) => return calibrate(batch),
+        Ok(Mode::ServeReference(options)) => {
+            return match reference::serve(&options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("relayhub-bench: reference relay: {error}");
@@ -73,15 +73,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn calibrate() -> ExitCode {
-    match calibrate::run() {
+fn calibrate(batch: usize) -> ExitCode {
+    match calibrate::run(batch) {
         Ok(floor) => {
             println!(
-                "loopback TCP, {} socket pairs, {}-byte messages: write {:.2} us, read {:.2} us of CPU per message",
-                floor.pairs, floor.message_bytes, floor.write_us, floor.read_us
+                "loopback TCP, {} socket pairs, {}-byte messages, {} per write: write {:.2} us of CPU per message, read {:.2} us per read",
+                floor.pairs, floor.message_bytes, floor.batch, floor.write_us, floor.read_us
             );
             println!(
-                "a hub doing nothing but one write per delivery would reach {:.0} deliveries per CPU-second",
+                "a hub doing nothing but these writes would reach {:.0} deliveries per CPU-second",
                 floor.write_bound_per_cpu_second
             );
             println!("{}", serde_json::json!(floor));

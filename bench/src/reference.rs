@@ -15,6 +15,9 @@
 //! - `POST /api/publish` with the JSON body `{"channel":C,"data":D}` (HTTP/1.1, keep-alive, pipelining allowed)
 //!   sends `{"type":"message","channel":C,"data":D}` to every subscriber of C, `D` copied verbatim, and answers
 //!   `200 {"ok":true}`.
+//! - With `--reference-redis URL`: `PUBLISH <prefix>ch:C D` on that Redis does the same, through one
+//!   PSUBSCRIBE connection driven on the relay's one thread (what relayhub does with raw publishes, minus
+//!   everything relayhub adds: no sequencing, no latest value, no stats).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,8 +43,23 @@ type Registry = Rc<RefCell<HashMap<String, Vec<(u64, UnboundedSender<Message>)>>
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 
-/// Serves on `addr` until SIGTERM or SIGINT.
-pub fn serve(addr: &str) -> Result<(), String> {
+/// What `--serve-reference` serves.
+pub struct Options {
+    pub addr: String,
+    /// Also relay what is published on this Redis.
+    pub redis: Option<RedisInput>,
+}
+
+/// A Redis whose publishes the relay delivers.
+pub struct RedisInput {
+    pub url: String,
+    /// `<prefix>ch:*`: the channel is what follows the `*`.
+    pub pattern: String,
+}
+
+/// Serves on `options.addr` until SIGTERM or SIGINT.
+pub fn serve(options: &Options) -> Result<(), String> {
+    let addr = options.addr.as_str();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,8 +71,16 @@ pub fn serve(addr: &str) -> Result<(), String> {
         let mut term = signal(SignalKind::terminate()).map_err(|error| error.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|error| error.to_string())?;
         log::info!("reference relay listening on {addr} (single thread)");
+        let registry = Registry::default();
+        let redis = async {
+            match &options.redis {
+                Some(input) => redis_input(input, &registry).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = accept_loop(listener) => {}
+            () = accept_loop(listener, registry.clone()) => {}
+            result = redis => return result,
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
@@ -63,8 +89,7 @@ pub fn serve(addr: &str) -> Result<(), String> {
     })
 }
 
-async fn accept_loop(listener: TcpListener) {
-    let registry = Registry::default();
+async fn accept_loop(listener: TcpListener, registry: Registry) {
     let mut next_id = 0u64;
     loop {
         match listener.accept().await {
@@ -261,20 +286,52 @@ fn publish(registry: &Registry, body: &[u8]) -> bool {
     let Ok(request) = serde_json::from_slice::<Publish>(body) else {
         return false;
     };
+    relay(registry, &request.channel, request.data.get());
+    true
+}
+
+/// Sends `data` (JSON text, copied verbatim) to the subscribers of `channel`.
+fn relay(registry: &Registry, channel: &str, data: &str) {
     let registry = registry.borrow();
-    let Some(subscribers) = registry.get(&request.channel) else {
-        return true;
+    let Some(subscribers) = registry.get(channel) else {
+        return;
     };
     // The channel name re-encoded as a JSON string; serializing a string cannot fail.
-    let channel = serde_json::to_string(&request.channel).expect("a string serializes");
+    let channel = serde_json::to_string(channel).expect("a string serializes");
     let frame = Message::text(format!(
-        r#"{{"type":"message","channel":{channel},"data":{}}}"#,
-        request.data.get()
+        r#"{{"type":"message","channel":{channel},"data":{data}}}"#
     ));
     for (_, tx) in subscribers {
         let _ = tx.send(frame.clone());
     }
-    true
+}
+
+// --- Redis -------------------------------------------------------------------------------------------------
+
+/// Relays every message published on `input.pattern` until the connection fails (an error: the run is void).
+async fn redis_input(input: &RedisInput, registry: &Registry) -> Result<(), String> {
+    let client = redis::Client::open(input.url.as_str())
+        .map_err(|error| format!("--reference-redis {}: {error}", input.url))?;
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|error| format!("connecting to Redis at {}: {error}", input.url))?;
+    pubsub
+        .psubscribe(&input.pattern)
+        .await
+        .map_err(|error| format!("PSUBSCRIBE {}: {error}", input.pattern))?;
+    let skip = input.pattern.len() - 1;
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let (Some(channel), Ok(data)) = (
+            message.get_channel_name().get(skip..),
+            std::str::from_utf8(message.get_payload_bytes()),
+        ) else {
+            continue;
+        };
+        relay(registry, channel, data);
+    }
+    Err(format!("the pub/sub connection to {} ended", input.url))
 }
 
 /// The parts of a request head the relay looks at.
@@ -356,7 +413,7 @@ mod tests {
         LocalSet::new().block_on(&runtime, async {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("address");
-            spawn_local(accept_loop(listener));
+            spawn_local(accept_loop(listener, Registry::default()));
 
             let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
                 .await

@@ -27,7 +27,7 @@ use crate::http::stall::Guarded;
 use crate::node::hub::Hub;
 use crate::node::registry::Registry;
 use crate::node::session::{Opening, SessionLimits};
-use crate::transport::{Outbox, Transport};
+use crate::transport::{Coalescer, Outbox, Transport};
 
 /// The path browsers connect to.
 pub const WS_PATH: &str = "/ws";
@@ -129,7 +129,8 @@ pub async fn accept(
     let limits = SessionLimits::new(&hub.config().websocket);
     // A conflated connection keeps at most one pending message per subscription beside its queue.
     let outbox = Outbox::new(limits.mailbox_size, limits.max_queued_bytes)
-        .with_slots(limits.max_subscriptions);
+        .with_slots(limits.max_subscriptions)
+        .with_coalescer(Coalescer::for_this_thread(limits.write_delay));
     let outbox = match &endpoint {
         Some(e) => outbox.with_flavor(e.format == Format::Raw, e.snapshot),
         None => outbox,

@@ -70,7 +70,6 @@ impl SessionLimits {
         TransportLimits {
             max_message_bytes: self.max_message_bytes,
             write_timeout: self.write_timeout,
-            write_delay: self.write_delay,
         }
     }
 }

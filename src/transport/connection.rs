@@ -108,8 +108,6 @@ pub struct TransportLimits {
     pub max_message_bytes: usize,
     /// How long owed bytes may wait for a socket that takes none.
     pub write_timeout: Duration,
-    /// How long the first frame of a batch waits for more before the batch is written (zero: not at all).
-    pub write_delay: Duration,
 }
 
 /// Generic over the socket (`S`): a TCP stream in the server, any other byte stream (TLS, an in-memory
@@ -142,10 +140,6 @@ pub struct Transport<S> {
     progressed: bool,
     /// Bytes read and thrown away since the connection started closing.
     discarded: usize,
-    /// With `write_delay`: the end of the current batch's wait (made once, reset for each batch).
-    batch_timer: Option<Pin<Box<Sleep>>>,
-    /// A batch is waiting for `batch_timer`.
-    batching: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
@@ -168,8 +162,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             stall: None,
             progressed: false,
             discarded: 0,
-            batch_timer: None,
-            batching: false,
         }
     }
 
@@ -349,38 +341,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         Poll::Pending
     }
 
-    /// With `write_delay`, holds a batch back until the delay after its first frame: frames pushed meanwhile
-    /// join it without waking this task (the outbox wakes the writer only when it stops being empty), and the
-    /// batch leaves in one write. A close is never held.
-    fn poll_batch(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let delay = self.limits.write_delay;
-        if delay.is_zero() || self.closing || self.outbox.is_closing() {
-            self.batching = false;
-            return Poll::Ready(());
-        }
-        if !self.batching {
-            if !self.outbox.has_pending() {
-                // Nothing to wait for: `take` parks the writer until the next push.
-                return Poll::Ready(());
-            }
-            self.batching = true;
-            let deadline = Instant::now() + delay;
-            match &mut self.batch_timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.batch_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-        }
-        let timer = self.batch_timer.as_mut().expect("set when batching starts");
-        ready!(timer.as_mut().poll(cx));
-        self.batching = false;
-        Poll::Ready(())
-    }
-
     /// Writes queued frames until the queue is empty (`Ready(Ok)`) or the socket is full (`Pending`).
     fn poll_output(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         loop {
             if self.writing.is_empty() {
-                ready!(self.poll_batch(cx));
                 self.closing |= self.outbox.take(&mut self.writing, cx.waker());
                 if self.writing.is_empty() {
                     return Poll::Ready(Ok(()));

@@ -13,6 +13,7 @@
 //!   written with one vectored `write` per batch ([`connection`]).
 //! - An idle connection holds its session actor, its queue and a socket, and no buffers.
 
+mod coalesce;
 pub(crate) mod connection;
 /// Public for the fuzz targets: it reads bytes straight from strangers' sockets.
 pub mod decoder;
@@ -20,5 +21,6 @@ pub(crate) mod outbox;
 pub(crate) mod sse;
 
 pub(crate) use crate::core::frame;
+pub(crate) use coalesce::Coalescer;
 pub(crate) use connection::{Endpoint, Failure, Transport, TransportLimits};
 pub(crate) use outbox::{Full, Outbox, Pushed};

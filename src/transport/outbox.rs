@@ -27,6 +27,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
+use super::coalesce::Coalescer;
 use crate::core::frame;
 use crate::core::publication::Publication;
 
@@ -68,6 +69,10 @@ struct Queue {
     latest_bytes: usize,
     /// Most slots in `latest`.
     max_slots: usize,
+    /// With `write_delay`: the thread's timer, which wakes the writer instead of the push.
+    coalescer: Option<Arc<Coalescer>>,
+    /// The queue is with `coalescer`, waiting for its tick.
+    deferred: bool,
 }
 
 /// Where [`Outbox::push_latest`] put a frame.
@@ -105,6 +110,8 @@ impl Outbox {
                 latest: HashMap::new(),
                 latest_bytes: 0,
                 max_slots: limit.max(1),
+                coalescer: None,
+                deferred: false,
             })),
             Flavor {
                 raw: false,
@@ -151,6 +158,13 @@ impl Outbox {
         self
     }
 
+    /// The writer is woken by `coalescer`'s tick rather than by the push that makes the queue non-empty
+    /// (`websocket.write_delay`). A close is never held back.
+    pub fn with_coalescer(self, coalescer: Option<Arc<Coalescer>>) -> Outbox {
+        self.lock().coalescer = coalescer;
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A panic elsewhere while holding the lock leaves a queue that is still consistent.
         self.0
@@ -168,7 +182,7 @@ impl Outbox {
         if !queue.fits(&frame) {
             return Err(Full);
         }
-        queue.enqueue(frame);
+        self.enqueue(&mut queue, frame);
         Ok(())
     }
 
@@ -183,7 +197,7 @@ impl Outbox {
         }
         if queue.latest.is_empty() || !queue.latest.contains_key(channel) {
             if queue.fits(&frame) {
-                queue.enqueue(frame);
+                self.enqueue(&mut queue, frame);
                 return Ok(Pushed::Queued);
             }
             if queue.latest.len() >= queue.max_slots {
@@ -213,7 +227,7 @@ impl Outbox {
             return;
         }
         if queue.fits(&frame) {
-            queue.enqueue(frame);
+            self.enqueue(&mut queue, frame);
             return;
         }
         if !queue.latest.is_empty() {
@@ -276,12 +290,6 @@ impl Outbox {
         queue.frames.len() * 2 >= queue.limit || queue.bytes * 2 >= queue.max_bytes
     }
 
-    /// Writer side: whether anything waits to be taken.
-    pub(super) fn has_pending(&self) -> bool {
-        let queue = self.lock();
-        !queue.frames.is_empty() || !queue.latest.is_empty()
-    }
-
     /// Writer side: `n` bytes of the taken frames reached the socket.
     pub(super) fn written(&self, n: usize) {
         let mut queue = self.lock();
@@ -312,6 +320,38 @@ impl Outbox {
         queue.closing
     }
 
+    /// The coalescer's tick ended: the writer takes what is queued.
+    pub(super) fn release(&self) {
+        let mut queue = self.lock();
+        queue.deferred = false;
+        if let Some(waker) = &queue.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Queues `frame` and, when the queue stops being empty, wakes the writer (or has the coalescer wake it
+    /// at its tick).
+    fn enqueue(&self, queue: &mut Queue, frame: Bytes) {
+        queue.bytes += frame.len();
+        queue.frames.push_back(frame);
+        if queue.frames.len() > 1 {
+            return;
+        }
+        // No waker: the writer has not parked yet and takes the queue when it first runs.
+        let Some(waker) = &queue.waker else {
+            return;
+        };
+        match &queue.coalescer {
+            Some(coalescer) => {
+                if !queue.deferred {
+                    queue.deferred = true;
+                    coalescer.defer(self.clone());
+                }
+            }
+            None => waker.wake_by_ref(),
+        }
+    }
+
     /// The connection is gone: drop what is queued and accept nothing more.
     pub(super) fn shut(&self) {
         let mut queue = self.lock();
@@ -330,28 +370,19 @@ impl Queue {
         self.frames.len() < self.limit
             && (self.bytes == 0 || self.bytes + frame.len() <= self.max_bytes)
     }
-
-    fn enqueue(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
-        if self.frames.len() == 1
-            && let Some(waker) = &self.waker
-        {
-            waker.wake_by_ref();
-        }
-    }
 }
 
 /// The close reason sent to a client whose queue overflowed.
 const SLOW_CONSUMER: &str = "slow consumer: messages were not read in time";
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
 
-    struct CountingWaker(AtomicUsize);
+    /// A waker that counts its wake-ups.
+    pub(in crate::transport) struct CountingWaker(pub(in crate::transport) AtomicUsize);
 
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
