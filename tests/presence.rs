@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use common::process::{ConfigFile, start_binary};
+use common::process::{ConfigFile, Process, start_binary};
 use common::upstream::{Mode, Upstream};
 use common::{RedisServer, TestHub, Ws, eventually, get_json, wait_ready};
 
@@ -41,6 +41,43 @@ fn presence_config(redis: Option<&RedisServer>, extra: &str) -> String {
          [namespaces.room]\npresence = true\njoin_leave = true\n\
          [namespaces.quiet]\npresence = true\n"
     )
+}
+
+/// Two ready replicas on a private Redis, configured by [`presence_config`] with `extra`: the binary, which a
+/// test can kill or stop, and an in-process hub.
+struct BinaryAndHub {
+    hub: TestHub,
+    /// The binary (killed with SIGKILL when dropped).
+    binary: Process,
+    /// The binary's address, `host:port`.
+    base: String,
+    /// The binary's config file, kept while it runs.
+    _file: ConfigFile,
+    /// Kept for as long as both replicas run.
+    _redis: RedisServer,
+}
+
+impl BinaryAndHub {
+    async fn start(extra: &str) -> BinaryAndHub {
+        let redis = RedisServer::start();
+        let config = presence_config(Some(&redis), extra);
+        let file = ConfigFile::new(&config);
+        let (binary, base) = start_binary(&file).await;
+        let hub = TestHub::start(&config).await;
+        wait_ready(&hub).await;
+        BinaryAndHub {
+            hub,
+            binary,
+            base,
+            _file: file,
+            _redis: redis,
+        }
+    }
+
+    /// A WebSocket client of the binary.
+    async fn connect_to_binary(&self) -> Ws {
+        Ws::connect(&format!("ws://{}/ws", self.base)).await
+    }
 }
 
 /// Asks for the presence of `channel` over the WebSocket and returns the answer.
@@ -226,25 +263,20 @@ fn common_token_with_channels(sub: &str, channels: &[&str]) -> String {
 
 #[actix_web::test]
 async fn the_members_of_a_killed_replica_leave_presence_within_presence_ttl() {
-    let redis = RedisServer::start();
-    let config = presence_config(Some(&redis), "[channels]\npresence_ttl = \"2s\"\n");
-    let file = ConfigFile::new(&config);
-    let (process, base) = start_binary(&file).await;
-    let hub = TestHub::start(&config).await;
-    wait_ready(&hub).await;
-    let mut here = hub.connect().await;
+    let replicas = BinaryAndHub::start("[channels]\npresence_ttl = \"2s\"\n").await;
+    let mut here = replicas.hub.connect().await;
     here.subscribe("room:k").await;
-    let mut there = Ws::connect(&format!("ws://{base}/ws")).await;
+    let mut there = replicas.connect_to_binary().await;
     there.subscribe("room:k").await;
     let there_id = here.recv_type("join").await["member"]["client"].clone();
-    let stats_url = hub.http("/api/channels/room:k/presence/stats");
+    let stats_url = replicas.hub.http("/api/channels/room:k/presence/stats");
     assert_eq!(get_json(&stats_url).await.1["clients"], 2);
     // Both replicas refresh their members: well past presence_ttl, both are still there.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(get_json(&stats_url).await.1["clients"], 2);
     // SIGKILL: the replica writes no leave, so the expiry removes its member, and whichever script prunes it
     // (the live replica's refresh, or a read) announces its leave.
-    drop(process);
+    drop(replicas.binary);
     eventually(
         Duration::from_secs(6),
         "the killed replica's member is gone",
@@ -253,14 +285,14 @@ async fn the_members_of_a_killed_replica_leave_presence_within_presence_ttl() {
     .await;
     let leave = here.recv_type("leave").await;
     assert_eq!(leave["member"]["client"], there_id, "{leave}");
-    let (_, body) = get_json(&hub.http("/api/channels/room:k/presence")).await;
+    let (_, body) = get_json(&replicas.hub.http("/api/channels/room:k/presence")).await;
     let members = body["members"].as_array().unwrap();
     assert_eq!(members.len(), 1, "{body}");
     assert!(
         members[0]["client"]
             .as_str()
             .unwrap()
-            .starts_with(hub.hub().instance_id()),
+            .starts_with(replicas.hub.hub().instance_id()),
         "{body}"
     );
 }
@@ -397,20 +429,15 @@ async fn the_polling_status_counts_subscribers_on_every_replica_and_auto_stop_wa
 
 #[actix_web::test]
 async fn the_cap_holds_in_redis_and_a_graceful_stop_announces_its_members_leaving() {
-    let redis = RedisServer::start();
-    let config = presence_config(
-        Some(&redis),
+    let mut replicas = BinaryAndHub::start(
         "[server]\ndrain_period = \"0s\"\n[channels]\nmax_presence_members = 3\n",
-    );
-    let file = ConfigFile::new(&config);
-    let (mut process, base) = start_binary(&file).await;
-    let hub = TestHub::start(&config).await;
-    wait_ready(&hub).await;
-    let mut watcher = hub.connect().await;
+    )
+    .await;
+    let mut watcher = replicas.hub.connect().await;
     watcher.subscribe("room:g").await;
     let mut leaving = Vec::new();
     for _ in 0..4 {
-        let mut ws = Ws::connect(&format!("ws://{base}/ws")).await;
+        let mut ws = replicas.connect_to_binary().await;
         ws.subscribe("room:g").await;
         watcher.recv_type("join").await;
         leaving.push(ws);
@@ -419,12 +446,12 @@ async fn the_cap_holds_in_redis_and_a_graceful_stop_announces_its_members_leavin
     let answer = ask_presence(&mut watcher, "room:g").await;
     assert_eq!(answer["members"].as_array().unwrap().len(), 3, "{answer}");
     assert_eq!(answer["truncated"], true, "{answer}");
-    let (_, body) = get_json(&hub.http("/api/channels/room:g/presence")).await;
+    let (_, body) = get_json(&replicas.hub.http("/api/channels/room:g/presence")).await;
     assert_eq!(body["members"].as_array().unwrap().len(), 3, "{body}");
-    let stats_url = hub.http("/api/channels/room:g/presence/stats");
+    let stats_url = replicas.hub.http("/api/channels/room:g/presence/stats");
     assert_eq!(get_json(&stats_url).await.1["clients"], 5);
     // A graceful stop (SIGTERM) closes its clients with 1001 and writes their leaves before it exits.
-    process.stop_gracefully();
+    replicas.binary.stop_gracefully();
     for _ in 0..4 {
         watcher.recv_type("leave").await;
     }
@@ -503,24 +530,19 @@ async fn presence_requests_spend_the_connection_s_request_budget() {
 
 #[actix_web::test]
 async fn a_live_replica_s_refresh_announces_the_leaving_of_a_dead_one_s_members() {
-    let redis = RedisServer::start();
-    let config = presence_config(Some(&redis), "[channels]\npresence_ttl = \"2s\"\n");
-    let file = ConfigFile::new(&config);
-    let (process, base) = start_binary(&file).await;
-    let hub = TestHub::start(&config).await;
-    wait_ready(&hub).await;
-    let mut here = hub.connect().await;
+    let replicas = BinaryAndHub::start("[channels]\npresence_ttl = \"2s\"\n").await;
+    let mut here = replicas.hub.connect().await;
     here.subscribe("room:d").await;
-    let mut there = Ws::connect(&format!("ws://{base}/ws")).await;
+    let mut there = replicas.connect_to_binary().await;
     there.subscribe("room:d").await;
     let there_id = here.recv_type("join").await["member"]["client"].clone();
-    drop(process);
+    drop(replicas.binary);
     // Nobody reads the channel's presence: the live replica's refresh (every third of presence_ttl) prunes
     // the dead member and announces it.
     let leave = here.recv_type("leave").await;
     assert_eq!(leave["member"]["client"], there_id, "{leave}");
     assert_eq!(
-        get_json(&hub.http("/api/channels/room:d/presence/stats"))
+        get_json(&replicas.hub.http("/api/channels/room:d/presence/stats"))
             .await
             .1,
         json!({"clients": 1, "users": 0})

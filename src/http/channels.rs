@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::core::position::Position;
 use crate::core::protocol::{MAX_EPOCH_LEN, Target, validate_channel};
 use crate::core::publication::Publication;
-use crate::engine::Window;
+use crate::engine::{EngineError, Window};
 use crate::http::auth::{bearer_token, may_read, request_identity};
 use crate::http::reply::error_response;
 use crate::node::hub::Hub;
@@ -217,7 +217,7 @@ fn presence_refusal(hub: &Hub, req: &HttpRequest, channel: &str) -> Option<HttpR
     read_refusal(hub, req, channel)
 }
 
-fn unavailable(e: crate::engine::EngineError) -> HttpResponse {
+fn unavailable(e: EngineError) -> HttpResponse {
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
@@ -225,10 +225,32 @@ fn unavailable(e: crate::engine::EngineError) -> HttpResponse {
     )
 }
 
+/// Answers one presence read of `channel`: refused as [`presence_refusal`] says (before anything is read),
+/// unavailable when `read` fails, otherwise what it read, never cached, and counted as a presence query.
+async fn presence_read<T: serde::Serialize>(
+    hub: &Hub,
+    req: &HttpRequest,
+    channel: &str,
+    read: impl AsyncFnOnce() -> Result<T, EngineError>,
+) -> HttpResponse {
+    if let Some(refused) = presence_refusal(hub, req, channel) {
+        return refused;
+    }
+    match read().await {
+        Ok(answer) => {
+            Stats::add(&hub.stats().presence_queries, 1);
+            HttpResponse::Ok()
+                .insert_header(("Cache-Control", "no-store"))
+                .json(answer)
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
 #[derive(serde::Serialize)]
 struct PresenceAnswer<'a> {
     channel: &'a str,
-    members: Vec<&'a RawValue>,
+    members: Vec<Box<RawValue>>,
     /// Present (true) when the channel has more than `channels.max_presence_members` members.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     truncated: bool,
@@ -240,32 +262,25 @@ pub async fn presence(
     req: HttpRequest,
     channel: web::Path<String>,
 ) -> HttpResponse {
-    if let Some(refused) = presence_refusal(&hub, &req, &channel) {
-        return refused;
-    }
     let limit = hub.config().channels.max_presence_members;
-    let page = match hub.engine().presence(&channel, limit).await {
-        Ok(page) => page,
-        Err(e) => return unavailable(e),
-    };
-    let stats = hub.stats();
-    Stats::add(&stats.presence_queries, 1);
-    if page.truncated {
-        Stats::add(&stats.presence_truncated, 1);
-    }
-    // Stored members are JSON the hub wrote itself; one that does not parse is skipped, not passed on.
-    let members = page
-        .members
-        .iter()
-        .filter_map(|m| serde_json::from_str::<&RawValue>(m).ok())
-        .collect();
-    HttpResponse::Ok()
-        .insert_header(("Cache-Control", "no-store"))
-        .json(PresenceAnswer {
+    presence_read(&hub, &req, &channel, async || {
+        let page = hub.engine().presence(&channel, limit).await?;
+        if page.truncated {
+            Stats::add(&hub.stats().presence_truncated, 1);
+        }
+        // Stored members are JSON the hub wrote itself; one that does not parse is skipped, not passed on.
+        let members = page
+            .members
+            .into_iter()
+            .filter_map(|m| RawValue::from_string(m).ok())
+            .collect();
+        Ok(PresenceAnswer {
             channel: &channel,
             members,
             truncated: page.truncated,
         })
+    })
+    .await
 }
 
 /// `GET /api/channels/{channel}/presence/stats`: how many connections and distinct users are members.
@@ -274,16 +289,8 @@ pub async fn presence_stats(
     req: HttpRequest,
     channel: web::Path<String>,
 ) -> HttpResponse {
-    if let Some(refused) = presence_refusal(&hub, &req, &channel) {
-        return refused;
-    }
-    match hub.engine().presence_counts(&channel).await {
-        Ok(counts) => {
-            Stats::add(&hub.stats().presence_queries, 1);
-            HttpResponse::Ok()
-                .insert_header(("Cache-Control", "no-store"))
-                .json(counts)
-        }
-        Err(e) => unavailable(e),
-    }
+    presence_read(&hub, &req, &channel, async || {
+        hub.engine().presence_counts(&channel).await
+    })
+    .await
 }
