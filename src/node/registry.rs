@@ -659,9 +659,12 @@ impl Registry {
             }
             let outbox = session.outbox.clone();
             let wants_epochs = session.wants_epochs;
-            session
-                .positions
-                .fill(channel, history_oldest_first, held, cap, |message, step| {
+            let restarted = session.positions.fill(
+                channel,
+                history_oldest_first,
+                held,
+                cap,
+                |message, step| {
                     match step {
                         PatternStep::Held(Admission::Drop) => return,
                         PatternStep::Replayed => replayed += 1,
@@ -684,7 +687,12 @@ impl Registry {
                         (&message.wire(), message),
                     );
                     delivered += 1;
-                });
+                },
+            );
+            if restarted && wants_epochs {
+                // The history showed the numbering started over: the epoch the client holds is stale.
+                announce.push((*id, true));
+            }
         }
         Stats::add(&stats.messages_replayed, replayed);
         Stats::add(&stats.gaps_unfilled, unfilled);
