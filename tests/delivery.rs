@@ -417,9 +417,8 @@ async fn expect_pattern_sequence(ws: &mut Ws, channel: &str, n: u64, who: &str) 
     }
 }
 
-#[actix_web::test]
-async fn pattern_subscribers_on_another_replica_lose_nothing_across_killed_pubsub_connections() {
-    const MESSAGES: u64 = 1_000;
+/// A private Redis and two ready hubs on it whose `feed` namespace allows patterns.
+async fn two_pattern_hubs() -> (RedisServer, TestHub, TestHub) {
     let redis = RedisServer::start();
     let config = format!(
         "[redis]\nurl = \"{}\"\nrequired = true\n{PATTERNS}",
@@ -428,6 +427,13 @@ async fn pattern_subscribers_on_another_replica_lose_nothing_across_killed_pubsu
     let (a, b) = (TestHub::start(&config).await, TestHub::start(&config).await);
     wait_ready(&a).await;
     wait_ready(&b).await;
+    (redis, a, b)
+}
+
+#[actix_web::test]
+async fn pattern_subscribers_on_another_replica_lose_nothing_across_killed_pubsub_connections() {
+    const MESSAGES: u64 = 1_000;
+    let (redis, a, b) = two_pattern_hubs().await;
     let mut plain = b.connect().await;
     subscribe(&mut plain, "feed:*", None).await;
     let mut resuming = b.connect().await;
@@ -617,6 +623,72 @@ async fn a_pattern_subscriber_is_caught_up_after_its_replicas_pubsub_outage() {
     // The echo-free live path goes on from there.
     hub.publish(channel, json!({"i": 6})).await;
     expect_seqs(&mut ws, channel, 6..=6).await;
+}
+
+/// Reads `n` messages and the one `epoch` frame among or after them: `(seq, data)` per message, and the epoch.
+async fn messages_and_epoch(ws: &mut Ws, n: usize) -> (Vec<(u64, Value)>, Value) {
+    let (mut messages, mut epoch) = (Vec::new(), None);
+    while messages.len() < n || epoch.is_none() {
+        let frame = ws.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => {
+                messages.push((frame["seq"].as_u64().expect("a seq"), frame["data"].clone()))
+            }
+            Some("epoch") if epoch.is_none() => epoch = Some(frame["epoch"].clone()),
+            _ => panic!("unexpected frame: {frame}"),
+        }
+    }
+    (messages, epoch.expect("read above"))
+}
+
+#[actix_web::test]
+async fn a_pattern_catch_up_gives_a_numbering_that_started_over_during_the_outage_from_its_start() {
+    let channel = "feed:restart";
+    let (redis, a, b) = two_pattern_hubs().await;
+    let mut ws = b.connect().await;
+    // With `since`, so the connection is told each channel's epoch, and when its numbering starts over.
+    subscribe(&mut ws, "feed:*", Some(json!({}))).await;
+    publish_range(&a, channel, 1, 5).await;
+    let (given, old_epoch) = messages_and_epoch(&mut ws, 5).await;
+    let expected: Vec<(u64, Value)> = (1..=5).map(|i| (i, json!({ "i": i }))).collect();
+    assert_eq!(given, expected);
+    // The channel's keys are lost (a Redis restarted without persistence) and its numbering starts over
+    // under a new epoch with three messages B's pub/sub connection never delivers: it is killed, and only
+    // the catch-up once it is back can bring them.
+    for kind in ["seq", "epoch", "snap", "cache"] {
+        redis
+            .cmd(&["DEL", &format!("relayhub:{kind}:{channel}")])
+            .unwrap();
+    }
+    for i in 1..=3 {
+        record_without_publishing(&redis, channel, json!({ "again": i })).await;
+    }
+    nothing_else(&mut ws).await;
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    let (given, new_epoch) = messages_and_epoch(&mut ws, 3).await;
+    let expected: Vec<(u64, Value)> = (1..=3).map(|i| (i, json!({ "again": i }))).collect();
+    assert_eq!(given, expected, "the new numbering, from its start, once");
+    assert_ne!(new_epoch, old_epoch, "told the numbering started over");
+    nothing_else(&mut ws).await;
+    let stats = b.stats().await;
+    assert_eq!(
+        (
+            &stats["redis_reconnects"],
+            &stats["messages_replayed"],
+            &stats["gaps_unfilled"]
+        ),
+        (&json!(1), &json!(3), &json!(0)),
+        "{stats}"
+    );
+    // Live delivery goes on from the new numbering.
+    a.publish(channel, json!({ "again": 4 })).await;
+    let next = ws.recv().await;
+    assert_eq!(
+        (&next["type"], &next["seq"], &next["data"]),
+        (&json!("message"), &json!(4), &json!({ "again": 4 })),
+        "{next}"
+    );
+    nothing_else(&mut ws).await;
 }
 
 #[actix_web::test]

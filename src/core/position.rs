@@ -59,6 +59,15 @@ pub fn is_gap(position: u64, seq: Option<u64>) -> bool {
     seq.is_some_and(|seq| position != 0 && seq > position + 1)
 }
 
+/// As [`is_gap`], where `from_start` makes position 0 a real one (a numbering that started over, of which
+/// nothing was given yet: seq 1 is next).
+fn leaves_hole(position: u64, seq: Option<u64>, from_start: bool) -> bool {
+    if from_start && position == 0 {
+        return seq.is_some_and(|seq| seq > 1);
+    }
+    is_gap(position, seq)
+}
+
 /// Whether a message numbered `seq` needs the channel's history read before it goes to subscribers at
 /// `positions`: a gap for any of them, or every one of them (with a known position; at least one) already at
 /// or past it: a copy, or the first message of a numbering that started over under a new epoch (the message
@@ -211,7 +220,7 @@ pub enum Admission {
 /// What [`PatternPositions::fill`] did with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PatternStep {
-    /// A missing message from history, given before the held one that revealed the gap.
+    /// A missing message from history (given before the held one that revealed the gap, or in a catch-up).
     Replayed,
     /// Given although messages before it are missing and history no longer has them.
     Unfilled,
@@ -227,7 +236,9 @@ pub enum PatternStep {
 /// position is told apart by its `ts`: a copy is never younger than the newest message given (it is one of
 /// them), while the first message of a numbering that started over (the sequence expired after the
 /// channel's whole `ttl` without a publish, or Redis lost its data) is. A jump past the next `seq` of a tracked
-/// channel is a gap, filled from the channel's history as for exact subscribers ([`PatternPositions::fill`]).
+/// channel is a gap, filled from the channel's history as for exact subscribers ([`PatternPositions::fill`]),
+/// and a history younger than the position at or below it shows a numbering that started over while the
+/// connection heard nothing (a pub/sub outage): the new numbering is given from its start.
 #[derive(Debug)]
 pub struct PatternPositions<M> {
     channels: HashMap<Arc<str>, Tracked<M>>,
@@ -339,6 +350,12 @@ impl<M: Sequenced> PatternPositions<M> {
     /// message itself through [`PatternPositions::admit`]; with nothing held (a catch-up after an outage),
     /// every history entry above the position. An untracked channel has no position to fill from: its held
     /// messages are admitted as they come. Each message given goes to `give` with what became of it.
+    ///
+    /// When the history shows that the channel's numbering started over since the position (see
+    /// [`PatternPositions::restart_in`]), the position is of the old numbering: the new one is given from its
+    /// start, which history holds from seq 1 (every message `Replayed`) or has lost (the first one given is
+    /// `Unfilled`, as for any gap history cannot fill). Returns whether it started over, so the connection can
+    /// be told the channel's new epoch.
     pub fn fill<'a>(
         &mut self,
         channel: &Arc<str>,
@@ -346,23 +363,62 @@ impl<M: Sequenced> PatternPositions<M> {
         held: &'a [Arc<M>],
         cap: usize,
         mut give: impl FnMut(&'a Arc<M>, PatternStep),
-    ) {
+    ) -> bool {
+        let restart = self.restart_in(channel, history_oldest_first);
+        let history = match restart {
+            Some(start) => {
+                if let Some(tracked) = self.channels.get_mut(channel) {
+                    tracked.seq = 0;
+                    tracked.newest = None;
+                }
+                &history_oldest_first[start..]
+            }
+            None => history_oldest_first,
+        };
+        // After a restart 0 is a position like any other (nothing of the new numbering given yet): a first
+        // message above seq 1 leaves a hole.
+        let from_start = restart.is_some();
         let mut next = 0;
         for message in held {
             if let Some(seq) = message.seq() {
-                next = self.replay_below(channel, history_oldest_first, next, seq, &mut give);
+                next = self.replay_below(channel, history, next, seq, from_start, &mut give);
             }
             let after_replay = self.get(channel);
             let step = match self.admit(message, cap) {
                 Admission::Drop => PatternStep::Held(Admission::Drop),
-                Admission::Deliver if after_replay.is_some_and(|p| is_gap(p, message.seq())) => {
+                Admission::Deliver
+                    if after_replay.is_some_and(|p| leaves_hole(p, message.seq(), from_start)) =>
+                {
                     PatternStep::Unfilled
                 }
                 admission => PatternStep::Held(admission),
             };
             give(message, step);
         }
-        self.replay_below(channel, history_oldest_first, next, u64::MAX, &mut give);
+        self.replay_below(channel, history, next, u64::MAX, from_start, &mut give);
+        restart.is_some()
+    }
+
+    /// Where the numbering that started over begins in `history_oldest_first`, when the history shows that
+    /// the channel's numbering started over since this connection's position: it holds an entry at or below
+    /// the position that is younger (`ts`) than the newest message given, which a copy never is (the test of
+    /// [`PatternPositions::admit`]). The new numbering is what follows the history's last step down in `seq`
+    /// (entries of the old one may be kept before it). A position without its newest message at hand, or a
+    /// history that kept nothing at or below the position, cannot tell.
+    fn restart_in(&self, channel: &str, history_oldest_first: &[Arc<M>]) -> Option<usize> {
+        let tracked = self.channels.get(channel)?;
+        let newest = tracked.newest.as_ref()?.ts()?;
+        let restarted = history_oldest_first.iter().any(|entry| {
+            entry.seq().is_some_and(|seq| seq <= tracked.seq)
+                && entry.ts().is_some_and(|ts| ts > newest)
+        });
+        if !restarted {
+            return None;
+        }
+        let last_step_down = history_oldest_first
+            .windows(2)
+            .rposition(|pair| pair[1].seq() <= pair[0].seq());
+        Some(last_step_down.map_or(0, |i| i + 1))
     }
 
     /// Gives the history entries from index `next` numbered below `below` that are above the channel's
@@ -373,6 +429,7 @@ impl<M: Sequenced> PatternPositions<M> {
         history_oldest_first: &'a [Arc<M>],
         mut next: usize,
         below: u64,
+        from_start: bool,
         give: &mut impl FnMut(&'a Arc<M>, PatternStep),
     ) -> usize {
         while let Some(entry) = history_oldest_first.get(next) {
@@ -390,7 +447,7 @@ impl<M: Sequenced> PatternPositions<M> {
             if seq <= tracked.seq {
                 continue;
             }
-            let step = if is_gap(tracked.seq, Some(seq)) {
+            let step = if leaves_hole(tracked.seq, Some(seq), from_start) {
                 PatternStep::Unfilled
             } else {
                 PatternStep::Replayed
@@ -712,16 +769,9 @@ mod tests {
         history: &[u64],
         held: &[u64],
     ) -> Vec<(u64, PatternStep)> {
-        let history: Vec<_> = history
-            .iter()
-            .map(|s| message("p:a", Some(*s), T1))
-            .collect();
-        let held: Vec<_> = held.iter().map(|s| message("p:a", Some(*s), T2)).collect();
-        let mut given = Vec::new();
-        at.fill(&"p:a".into(), &history, &held, 8, |m, step| {
-            given.push((m.seq.unwrap(), step))
-        });
-        given
+        let history: Vec<_> = history.iter().map(|s| (*s, T1)).collect();
+        let held: Vec<_> = held.iter().map(|s| (*s, T2)).collect();
+        fill_timed(at, &history, &held).0
     }
 
     #[test]
@@ -784,6 +834,108 @@ mod tests {
         assert_eq!(
             fill_pattern(&mut fresh, &[5, 6, 7], &[6, 7]),
             vec![(6, Held(Admission::First)), (7, Held(Admission::Deliver))]
+        );
+    }
+
+    /// Fills `p:a` from `history` and `held`, each `(seq, ts)`: what was given, and whether the numbering
+    /// started over.
+    fn fill_timed(
+        at: &mut PatternPositions<Publication>,
+        history: &[(u64, &str)],
+        held: &[(u64, &str)],
+    ) -> (Vec<(u64, PatternStep)>, bool) {
+        let timed = |list: &[(u64, &str)]| -> Vec<_> {
+            list.iter()
+                .map(|(seq, ts)| message("p:a", Some(*seq), ts))
+                .collect()
+        };
+        let (history, held) = (timed(history), timed(held));
+        let mut given = Vec::new();
+        let restarted = at.fill(&"p:a".into(), &history, &held, 8, |m, step| {
+            given.push((m.seq.unwrap(), step))
+        });
+        (given, restarted)
+    }
+
+    #[test]
+    fn a_catch_up_gives_a_numbering_that_started_over_from_its_start() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        // Numbering started over during the outage: 1..3 of the new one, younger than anything given.
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T2), (3, T3)], &[]),
+            (vec![(1, Replayed), (2, Replayed), (3, Replayed)], true)
+        );
+        assert_eq!(at.get("p:a"), Some(3));
+        // The echo of 3 is a copy, 4 the next one, and the same read again gives nothing twice.
+        assert_eq!(at.admit(&message("p:a", Some(3), T3), 8), Admission::Drop);
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T2), (3, T3)], &[]),
+            (vec![], false)
+        );
+        assert_eq!(
+            at.admit(&message("p:a", Some(4), T3), 8),
+            Admission::Deliver
+        );
+        // A new numbering that has gone past the old position is not taken for the old one's continuation.
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(2), T1), 8);
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T2), (3, T2), (4, T3)], &[]),
+            (
+                vec![(1, Replayed), (2, Replayed), (3, Replayed), (4, Replayed)],
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn a_numbering_that_started_over_whose_start_history_lost_is_counted_unfilled() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        // 1 and 2 of the new numbering are gone (trimmed or expired): never a replay that looks complete.
+        assert_eq!(
+            fill_timed(&mut at, &[(3, T2), (4, T3)], &[]),
+            (vec![(3, Unfilled), (4, Replayed)], true)
+        );
+        // 3 is gone between what history kept of the new numbering and a held message: the held one is the
+        // unfilled one.
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T2)], &[(4, T3)]),
+            (vec![(1, Replayed), (2, Replayed), (4, Unfilled)], true)
+        );
+    }
+
+    #[test]
+    fn a_restart_is_told_from_copies_by_ts_and_from_the_old_numbering_kept_before_it() {
+        use PatternStep::*;
+        // The old numbering still kept in history before the new one: only the new one is given.
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        assert_eq!(
+            fill_timed(&mut at, &[(49, T1), (50, T1), (1, T2), (2, T3)], &[(3, T3)]),
+            (
+                vec![(1, Replayed), (2, Replayed), (3, Held(Admission::Deliver))],
+                true
+            )
+        );
+        // History at or below the position that is not younger: copies of what was given, no restart.
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T2), 8);
+        assert_eq!(
+            fill_timed(&mut at, &[(49, T1), (50, T2), (51, T3)], &[]),
+            (vec![(51, Replayed)], false)
+        );
+        // A position without its newest message at hand (a recovery) cannot tell a restart: nothing is given.
+        let mut at = PatternPositions::<Publication>::default();
+        assert!(at.set(&"p:a".into(), 50, None, 8));
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T3)], &[]),
+            (vec![], false)
         );
     }
 }

@@ -151,6 +151,56 @@ struct PatternHold {
     held: Vec<Arc<Publication>>,
 }
 
+/// What the ordering rule made of one message of a replay (a gap's fill or a catch-up) for one subscriber.
+#[derive(Debug, Clone, Copy)]
+enum Given {
+    /// From history, where the subscriber was missing it.
+    Replayed,
+    /// Given although messages before it are missing and history no longer has them.
+    Unfilled,
+    /// A held message, in order.
+    Delivered,
+    /// Given without a position: the connection already tracks its cap of pattern channels.
+    Untracked,
+    /// A copy of something given already: not delivered.
+    Dropped,
+}
+
+impl From<Step> for Given {
+    fn from(step: Step) -> Given {
+        match step {
+            Step::Dropped => Given::Dropped,
+            Step::Replayed => Given::Replayed,
+            Step::Unfilled => Given::Unfilled,
+            Step::Delivered => Given::Delivered,
+        }
+    }
+}
+
+/// What one replay gave, over all its subscribers: added to the stats once, at its end.
+#[derive(Default)]
+struct ReplayTally {
+    /// Messages offered to subscribers (`messages_delivered`, counted by the caller with its metrics).
+    delivered: u64,
+    /// `messages_replayed`.
+    replayed: u64,
+    /// `gaps_unfilled`.
+    unfilled: u64,
+    /// `pattern_positions_untracked`.
+    untracked: u64,
+    /// `duplicates_dropped`.
+    dropped: u64,
+}
+
+impl ReplayTally {
+    fn count(&self, stats: &Stats) {
+        Stats::add(&stats.messages_replayed, self.replayed);
+        Stats::add(&stats.duplicates_dropped, self.dropped);
+        Stats::add(&stats.gaps_unfilled, self.unfilled);
+        Stats::add(&stats.pattern_positions_untracked, self.untracked);
+    }
+}
+
 /// A channel's epoch for pattern subscribers: known, or being read for the sessions waiting to be told.
 enum EpochLookup {
     Known(Arc<str>),
@@ -643,7 +693,7 @@ impl Registry {
         let cap = self.max_pattern_positions;
         let stats = &self.stats;
         let mut slow = std::mem::take(&mut self.slow);
-        let (mut delivered, mut replayed, mut unfilled, mut untracked) = (0u64, 0u64, 0u64, 0u64);
+        let mut tally = ReplayTally::default();
         let mut announce = Vec::new();
         let exact = self.channels.get(channel);
         for id in ids {
@@ -659,37 +709,36 @@ impl Registry {
             }
             let outbox = session.outbox.clone();
             let wants_epochs = session.wants_epochs;
-            session
-                .positions
-                .fill(channel, history_oldest_first, held, cap, |message, step| {
-                    match step {
-                        PatternStep::Held(Admission::Drop) => return,
-                        PatternStep::Replayed => replayed += 1,
-                        PatternStep::Unfilled => unfilled += 1,
-                        PatternStep::Held(Admission::Untracked) => untracked += 1,
-                        PatternStep::Held(Admission::First) if wants_epochs => {
-                            announce.push((*id, false))
-                        }
-                        PatternStep::Held(Admission::Restarted) if wants_epochs => {
-                            announce.push((*id, true))
-                        }
-                        PatternStep::Held(_) => {}
-                    }
-                    Self::offer(
-                        stats,
-                        &mut slow,
-                        *id,
-                        &outbox,
-                        (&message.channel, mode),
-                        (&message.wire(), message),
-                    );
-                    delivered += 1;
-                });
+            let to = (*id, &outbox, mode);
+            let restarted = Self::deliver_replay(stats, &mut slow, to, &mut tally, |give| {
+                session
+                    .positions
+                    .fill(channel, history_oldest_first, held, cap, |message, step| {
+                        let given = match step {
+                            PatternStep::Held(Admission::Drop) => return,
+                            PatternStep::Replayed => Given::Replayed,
+                            PatternStep::Unfilled => Given::Unfilled,
+                            PatternStep::Held(Admission::Untracked) => Given::Untracked,
+                            PatternStep::Held(Admission::First) if wants_epochs => {
+                                announce.push((*id, false));
+                                Given::Delivered
+                            }
+                            PatternStep::Held(Admission::Restarted) if wants_epochs => {
+                                announce.push((*id, true));
+                                Given::Delivered
+                            }
+                            PatternStep::Held(_) => Given::Delivered,
+                        };
+                        give(message, given);
+                    })
+            });
+            if restarted && wants_epochs {
+                // The history showed the numbering started over: the epoch the client holds is stale.
+                announce.push((*id, true));
+            }
         }
-        Stats::add(&stats.messages_replayed, replayed);
-        Stats::add(&stats.gaps_unfilled, unfilled);
-        Stats::add(&stats.pattern_positions_untracked, untracked);
-        self.delivered(channel, delivered, slow);
+        tally.count(stats);
+        self.delivered(channel, tally.delivered, slow);
         for (id, restarted) in announce {
             self.announce_epoch(channel, id, restarted, ctx);
         }
@@ -864,34 +913,52 @@ impl Registry {
             .filter_map(|p| p.seq.map(|seq| (seq, p)))
             .collect();
         let held: Vec<(Option<u64>, &Arc<Publication>)> = held.iter().map(|p| (p.seq, p)).collect();
-        let (mut delivered, mut replayed, mut dropped, mut unfilled) = (0u64, 0u64, 0u64, 0u64);
+        let mut tally = ReplayTally::default();
         let mode = entry.policy.slow_consumer;
-        for (id, to) in entry.active.iter_mut() {
-            position::fill(&mut to.seq, &history, &held, |message, step| {
-                match step {
-                    Step::Dropped => {
-                        dropped += 1;
-                        return;
-                    }
-                    Step::Replayed => replayed += 1,
-                    Step::Unfilled => unfilled += 1,
-                    Step::Delivered => {}
-                }
-                Self::offer(
-                    stats,
-                    slow,
-                    *id,
-                    &to.outbox,
-                    (&message.channel, mode),
-                    (&message.wire(), message),
-                );
-                delivered += 1;
+        for (id, subscriber) in entry.active.iter_mut() {
+            let to = (*id, &subscriber.outbox, mode);
+            Self::deliver_replay(stats, slow, to, &mut tally, |give| {
+                position::fill(&mut subscriber.seq, &history, &held, |message, step| {
+                    give(message, step.into())
+                })
             });
         }
-        Stats::add(&stats.messages_replayed, replayed);
-        Stats::add(&stats.duplicates_dropped, dropped);
-        Stats::add(&stats.gaps_unfilled, unfilled);
-        delivered
+        tally.count(stats);
+        tally.delivered
+    }
+
+    /// Delivers one subscriber's share of a replay (a gap's fill or a catch-up after an outage): `admit` runs
+    /// the subscriber's kind of ordering rule (exact or pattern positions), handing each message to the sink
+    /// it is given with what became of it; every message not dropped is offered to the subscriber, and
+    /// `tally` counts them all. Returns what `admit` returns.
+    fn deliver_replay<R>(
+        stats: &Stats,
+        slow: &mut Vec<SessionId>,
+        (id, outbox, mode): (SessionId, &Outbox, SlowConsumer),
+        tally: &mut ReplayTally,
+        admit: impl FnOnce(&mut dyn FnMut(&Arc<Publication>, Given)) -> R,
+    ) -> R {
+        admit(&mut |message, given| {
+            match given {
+                Given::Dropped => {
+                    tally.dropped += 1;
+                    return;
+                }
+                Given::Replayed => tally.replayed += 1,
+                Given::Unfilled => tally.unfilled += 1,
+                Given::Untracked => tally.untracked += 1,
+                Given::Delivered => {}
+            }
+            Self::offer(
+                stats,
+                slow,
+                id,
+                outbox,
+                (&message.channel, mode),
+                (&message.wire(), message),
+            );
+            tally.delivered += 1;
+        })
     }
 
     /// A subscriber whose queue is full: it has stopped reading. It loses its subscriptions and is told to
