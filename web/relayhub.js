@@ -47,6 +47,10 @@ export const DEFAULTS = Object.freeze({
  * which also bounds the `since` map a pattern subscribe may send.
  */
 const MAX_PATTERN_POSITIONS = 256;
+/** What the position rule makes of a value: deliver it, drop it as a copy, or deliver it as the first of a new numbering. */
+const PASS = 1;
+const DROP = 0;
+const RESTART = 2;
 
 /** What a channel name may look like (the server rejects anything else with `invalid_channel`). */
 const CHANNEL_RE = /^[A-Za-z0-9_.:@#-]{1,200}$/;
@@ -997,9 +1001,12 @@ export class RelayHub {
   _deliver(channel, data, meta) {
     if (typeof channel !== "string") return;
     const sub = this._subs.get(channel);
-    if (sub && sub.prefix === null && this._admit(sub, meta.seq, meta.snapshot)) {
-      sub.last = { data, meta };
-      for (const fn of [...sub.handlers]) safeCall(fn, data, meta);
+    const admitted = sub && sub.prefix === null ? this._admit(sub, meta) : DROP;
+    if (admitted !== DROP) {
+      // A numbering that started over is new data, never a replay of what the client had.
+      const given = admitted === RESTART ? { ...meta, recovered: false } : meta;
+      sub.last = { data, meta: given };
+      for (const fn of [...sub.handlers]) safeCall(fn, data, given);
     }
     if (this._patternCount === 0) return;
     for (const p of this._subs.values()) {
@@ -1043,20 +1050,30 @@ export class RelayHub {
 
   /**
    * The position rule: a message with a seq at or below the channel's position was delivered already (a
-   * replay overlapping the REST fallback, a resent copy) and is dropped; above it, it is delivered and the
-   * position moves to it. Values without seq always pass and leave the position where it is. A snapshot is
-   * the starting value of a fresh position (it comes right after the position was set), so it passes and
-   * only moves the position forward.
+   * replay overlapping the REST fallback, a resent copy) and is dropped (DROP); above it, it is delivered and
+   * the position moves to it (PASS). Values without seq always pass and leave the position where it is. A
+   * snapshot is the starting value of a fresh position (it comes right after the position was set), so it
+   * passes and only moves the position forward. As on the hub, a value at or below the position that is
+   * younger (`ts`) than the newest one given is no copy: the channel's numbering started over (Redis lost its
+   * data), so it passes (RESTART) and the position starts again from it, with no epoch to resume from.
    */
-  _admit(sub, seq, snapshot) {
-    if (typeof seq !== "number") return true;
+  _admit(sub, meta) {
+    const seq = meta.seq;
+    if (typeof seq !== "number") return PASS;
+    const ts = typeof meta.ts === "string" ? meta.ts : null;
     if (sub.pos === null) {
-      sub.pos = { epoch: null, seq };
-      return true;
+      sub.pos = { epoch: null, seq, ts };
+      return PASS;
     }
-    if (seq <= sub.pos.seq && !snapshot) return false;
+    if (seq <= sub.pos.seq && !meta.snapshot) {
+      if (ts === null || sub.pos.ts == null || ts <= sub.pos.ts) return DROP;
+      sub.pos = { epoch: null, seq, ts };
+      sub.replayUntil = 0;
+      return RESTART;
+    }
     sub.pos.seq = Math.max(sub.pos.seq, seq);
-    return true;
+    if (ts !== null && (sub.pos.ts == null || ts > sub.pos.ts)) sub.pos.ts = ts;
+    return PASS;
   }
 
   // --- heartbeat ---------------------------------------------------------------------------------------------

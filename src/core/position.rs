@@ -212,8 +212,9 @@ pub enum Admission {
     Drop,
     /// Deliver it without a position: the connection already tracks its cap of channels.
     Untracked,
-    /// Not delivered yet: the connection misses messages between its position and this one, which the
-    /// channel's history may still hold (only from [`PatternPositions::admit_live`]; the position stays).
+    /// Not delivered yet: the connection misses messages between its position and this one (or the first
+    /// ones of a numbering that started over), which the channel's history may still hold (only from
+    /// [`PatternPositions::admit_live`]; the position stays).
     Gap,
 }
 
@@ -300,6 +301,11 @@ impl<M: Sequenced> PatternPositions<M> {
             };
             if !younger {
                 return Admission::Drop;
+            }
+            if hold_gaps && seq > 1 {
+                // A numbering that started over, whose start this connection missed: held like any gap, the
+                // history read gives the new numbering from its start (see `fill`).
+                return Admission::Gap;
             }
             // A numbering that started over: the position follows it, and the epoch the client holds is stale.
             tracked.seq = seq;
@@ -887,6 +893,31 @@ mod tests {
                 vec![(1, Replayed), (2, Replayed), (3, Replayed), (4, Replayed)],
                 true
             )
+        );
+    }
+
+    #[test]
+    fn a_live_restart_past_its_start_is_held_and_filled_from_the_new_numbering_s_start() {
+        use PatternStep::*;
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        // 3 of a new numbering arrives live, 1 and 2 never came: held for a history read, position kept.
+        let three = message("p:a", Some(3), T3);
+        assert_eq!(at.admit_live(&three, 8), Admission::Gap);
+        assert_eq!(at.get("p:a"), Some(50));
+        assert_eq!(
+            fill_timed(&mut at, &[(1, T2), (2, T2), (3, T3)], &[(3, T3)]),
+            (
+                vec![(1, Replayed), (2, Replayed), (3, Held(Admission::Deliver))],
+                true
+            )
+        );
+        // The first of a new numbering, live, is delivered at once as before.
+        let mut at = PatternPositions::<Publication>::default();
+        at.admit(&message("p:a", Some(50), T1), 8);
+        assert_eq!(
+            at.admit_live(&message("p:a", Some(1), T2), 8),
+            Admission::Restarted
         );
     }
 

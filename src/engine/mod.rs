@@ -54,6 +54,14 @@ impl Engine {
         }
     }
 
+    /// Runs the backend's listener (the pubsub-bridge actor) on the calling worker thread unless one already
+    /// does; memory mode has none.
+    pub fn run_listener_here(&self) {
+        if let Engine::Redis(r) = self {
+            r.run_listener_here();
+        }
+    }
+
     /// Whether the pub/sub link to a shared backend is live (`pubsub_active`; memory has no link: false).
     pub fn link_active(&self) -> bool {
         match self {

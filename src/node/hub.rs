@@ -181,8 +181,10 @@ impl Hub {
         self.inner.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts a registry on the calling (worker) thread and adds it to the fan-out list.
+    /// Starts a registry on the calling (worker) thread and adds it to the fan-out list; the first worker
+    /// also runs the engine's listener (see `Engine::run_listener_here`).
     pub fn start_registry(&self, observer: Arc<dyn ChannelObserver>) -> Addr<Registry> {
+        self.inner.engine.run_listener_here();
         Registry::new(
             self.inner.engine.clone(),
             self.inner.fanout.clone(),

@@ -20,13 +20,17 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::outbox::Outbox;
+/// What waits for a tick: a connection's queue, whose writer the tick wakes.
+pub trait Waiting: Send + Sync {
+    /// The tick ended: wake the writer.
+    fn release(&self);
+}
 
 /// The write timer of one worker thread.
 pub struct Coalescer {
     delay: Duration,
     /// Queues waiting for the end of the current tick.
-    waiting: Mutex<Vec<Outbox>>,
+    waiting: Mutex<Vec<Arc<dyn Waiting>>>,
     /// Starts a tick when the first queue of one is handed over.
     start: Notify,
 }
@@ -62,12 +66,18 @@ impl Coalescer {
 
     /// Holds `outbox`'s writer back until the end of the current tick (starting one if none runs). The
     /// outbox calls this at most once per tick.
-    pub(super) fn defer(&self, outbox: Outbox) {
+    pub(super) fn defer(&self, queue: Arc<dyn Waiting>) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         if waiting.is_empty() {
             self.start.notify_one();
         }
-        waiting.push(outbox);
+        waiting.push(queue);
+    }
+
+    /// Queues waiting for the current tick (tests).
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.lock().unwrap().len()
     }
 
     async fn run(self: Arc<Self>) {
@@ -82,71 +92,9 @@ impl Coalescer {
             );
             // Outside the list's lock: each release takes its queue's lock, and a push holding a queue's
             // lock may be waiting for the list's.
-            for outbox in due.drain(..) {
-                outbox.release();
+            for queue in due.drain(..) {
+                queue.release();
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Waker;
-
-    use bytes::Bytes;
-
-    use crate::transport::outbox::tests::CountingWaker;
-
-    fn parked(coalescer: &Arc<Coalescer>) -> (Outbox, Arc<CountingWaker>) {
-        let outbox = Outbox::new(16, 1 << 20).with_coalescer(Some(coalescer.clone()));
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let mut taken = VecDeque::new();
-        outbox.take(&mut taken, &Waker::from(counter.clone()));
-        (outbox, counter)
-    }
-
-    #[test]
-    fn pushes_wake_no_writer_until_the_tick_then_each_once() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&runtime, async {
-            let delay = Duration::from_millis(20);
-            assert!(Coalescer::for_this_thread(Duration::ZERO).is_none());
-            let coalescer = Coalescer::for_this_thread(delay).unwrap();
-            assert!(Arc::ptr_eq(
-                &coalescer,
-                &Coalescer::for_this_thread(delay).unwrap()
-            ));
-            let (a, a_wakes) = parked(&coalescer);
-            let (b, b_wakes) = parked(&coalescer);
-            for _ in 0..3 {
-                a.push(Bytes::from_static(b"a")).unwrap();
-            }
-            b.push(Bytes::from_static(b"b")).unwrap();
-            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 0, "held until the tick");
-            assert_eq!(coalescer.waiting.lock().unwrap().len(), 2, "once per queue");
-            tokio::time::sleep(delay * 3).await;
-            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 1);
-            assert_eq!(b_wakes.0.load(Ordering::SeqCst), 1);
-
-            // Taken and written: the next frame waits for the next tick.
-            let mut taken = VecDeque::new();
-            a.take(&mut taken, &Waker::from(a_wakes.clone()));
-            assert_eq!(taken.len(), 3);
-            a.push(Bytes::from_static(b"a")).unwrap();
-            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 1);
-            tokio::time::sleep(delay * 3).await;
-            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 2);
-
-            // A close is never held back.
-            b.take(&mut VecDeque::new(), &Waker::from(b_wakes.clone()));
-            assert!(b.close(1000, "bye"));
-            assert_eq!(b_wakes.0.load(Ordering::SeqCst), 2);
-        });
     }
 }

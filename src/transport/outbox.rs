@@ -27,7 +27,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
-use super::coalesce::Coalescer;
+use super::coalesce::{Coalescer, Waiting};
 use crate::core::frame;
 use crate::core::publication::Publication;
 
@@ -320,15 +320,6 @@ impl Outbox {
         queue.closing
     }
 
-    /// The coalescer's tick ended: the writer takes what is queued.
-    pub(super) fn release(&self) {
-        let mut queue = self.lock();
-        queue.deferred = false;
-        if let Some(waker) = &queue.waker {
-            waker.wake_by_ref();
-        }
-    }
-
     /// Queues `frame` and, when the queue stops being empty, wakes the writer (or has the coalescer wake it
     /// at its tick).
     fn enqueue(&self, queue: &mut Queue, frame: Bytes) {
@@ -345,7 +336,7 @@ impl Outbox {
             Some(coalescer) => {
                 if !queue.deferred {
                     queue.deferred = true;
-                    coalescer.defer(self.clone());
+                    coalescer.defer(self.0.clone());
                 }
             }
             None => waker.wake_by_ref(),
@@ -364,6 +355,17 @@ impl Outbox {
     }
 }
 
+/// The coalescer's tick ended: the writer takes what is queued.
+impl Waiting for Mutex<Queue> {
+    fn release(&self) {
+        let mut queue = self.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.deferred = false;
+        if let Some(waker) = &queue.waker {
+            waker.wake_by_ref();
+        }
+    }
+}
+
 impl Queue {
     /// Whether `frame` may join the queue (one frame always fits an empty queue, however large).
     fn fits(&self, frame: &Bytes) -> bool {
@@ -376,13 +378,14 @@ impl Queue {
 const SLOW_CONSUMER: &str = "slow consumer: messages were not read in time";
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
+    use std::time::Duration;
 
     /// A waker that counts its wake-ups.
-    pub(in crate::transport) struct CountingWaker(pub(in crate::transport) AtomicUsize);
+    struct CountingWaker(AtomicUsize);
 
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
@@ -494,5 +497,55 @@ pub(super) mod tests {
         assert!(!outbox.backlogged(), "4 of 10 bytes");
         assert_eq!(outbox.push(Bytes::from_static(b"toolong")), Err(Full));
         assert_eq!(outbox.push(Bytes::from_static(b"fits12")), Ok(()));
+    }
+
+    fn parked(coalescer: &Arc<Coalescer>) -> (Outbox, Arc<CountingWaker>) {
+        let outbox = Outbox::new(16, 1 << 20).with_coalescer(Some(coalescer.clone()));
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let mut taken = VecDeque::new();
+        outbox.take(&mut taken, &Waker::from(counter.clone()));
+        (outbox, counter)
+    }
+
+    #[test]
+    fn with_a_coalescer_pushes_wake_no_writer_until_the_tick_then_each_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let delay = Duration::from_millis(20);
+            assert!(Coalescer::for_this_thread(Duration::ZERO).is_none());
+            let coalescer = Coalescer::for_this_thread(delay).unwrap();
+            assert!(Arc::ptr_eq(
+                &coalescer,
+                &Coalescer::for_this_thread(delay).unwrap()
+            ));
+            let (a, a_wakes) = parked(&coalescer);
+            let (b, b_wakes) = parked(&coalescer);
+            for _ in 0..3 {
+                a.push(Bytes::from_static(b"a")).unwrap();
+            }
+            b.push(Bytes::from_static(b"b")).unwrap();
+            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 0, "held until the tick");
+            assert_eq!(coalescer.waiting(), 2, "once per queue");
+            tokio::time::sleep(delay * 3).await;
+            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 1);
+            assert_eq!(b_wakes.0.load(Ordering::SeqCst), 1);
+
+            // Taken and written: the next frame waits for the next tick.
+            let mut taken = VecDeque::new();
+            a.take(&mut taken, &Waker::from(a_wakes.clone()));
+            assert_eq!(taken.len(), 3);
+            a.push(Bytes::from_static(b"a")).unwrap();
+            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 1);
+            tokio::time::sleep(delay * 3).await;
+            assert_eq!(a_wakes.0.load(Ordering::SeqCst), 2);
+
+            // A close is never held back.
+            b.take(&mut VecDeque::new(), &Waker::from(b_wakes.clone()));
+            assert!(b.close(1000, "bye"));
+            assert_eq!(b_wakes.0.load(Ordering::SeqCst), 2);
+        });
     }
 }

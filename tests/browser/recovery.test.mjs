@@ -80,6 +80,14 @@ async function publishRange(hub, channel, from, to) {
   for (let n = from; n <= to; n++) await hub.publish(channel, { n });
 }
 
+/** A private redis-server, started before the tests of the `describe` this is called in and stopped after. */
+function privateRedis() {
+  const redis = new RedisServer();
+  before(() => redis.start());
+  after(() => redis.stop());
+  return redis;
+}
+
 async function waitForCount(got, count, what) {
   await waitFor(() => got.length >= count, { timeout: 20_000, message: `${count} values (${what})` });
 }
@@ -93,14 +101,7 @@ after(async () => {
 });
 
 describe("relayhub.js recovers what it missed while its hub restarted", () => {
-  let redis;
-
-  before(async () => {
-    redis = new RedisServer();
-    await redis.start();
-  });
-
-  after(() => redis?.stop());
+  const redis = privateRedis();
 
   test("1. Redis mode: messages published through another hub during the outage arrive once, in order, recovered", LONG, async () => {
     const a = await startHub({ redisUrl: redis.url, instanceId: "rec-a", extra: HISTORY });
@@ -280,6 +281,43 @@ describe("relayhub.js recovers what it missed while its hub restarted", () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual(rows(got, 5), [[102, 3, false, false, "socket"]]);
     assert.equal(gaps.length, 1);
+    client.close();
+  });
+});
+
+describe("relayhub.js and a channel whose numbering starts over", () => {
+  const redis = privateRedis();
+
+  test("Redis restarts without its data under a connected client: the new numbering is delivered, not dropped as copies", LONG, async () => {
+    const hub = await startHub({ redisUrl: redis.url, instanceId: "renumber", extra: HISTORY });
+    const channel = uniqueChannel("renumber");
+    const { client, got, gaps } = await recordingClient(hub, channel, { ...QUICK, fallback: false });
+    await publishRange(hub, channel, 1, 5);
+    await waitForCount(got, 5, "before Redis restarts");
+    const before = (await hub.stats()).redis_reconnects;
+
+    const exited = new Promise((resolve) => redis.proc.once("exit", resolve));
+    redis.proc.kill("SIGKILL");
+    await exited;
+    await redis.start();
+    await waitFor(
+      async () => {
+        const stats = await hub.stats();
+        return stats.redis_reconnects > before && stats.pubsub_active;
+      },
+      { timeout: 20_000, message: "the hub's pub/sub link back on the empty Redis" },
+    );
+    // Numbered 1, 2, 3 again: below the client's position (6), but younger than anything it was given.
+    await publishRange(hub, channel, 6, 8);
+    await waitForCount(got, 8, "the new numbering's messages");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(
+      rows(got, 5),
+      [6, 7, 8].map((n) => [n, n - 5, false, false, "socket"]),
+      "each once, in order, none taken for a copy",
+    );
+    assert.equal(client.status, "open");
+    assert.deepEqual(gaps, []);
     client.close();
   });
 });

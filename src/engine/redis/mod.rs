@@ -13,9 +13,10 @@ pub mod presence;
 pub mod pubsub;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::dev::channel::{self, AddressReceiver};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
@@ -41,12 +42,17 @@ struct Shared {
     store: Arc<RedisStore>,
     link: Arc<Link>,
     bridge: Addr<Bridge>,
+    /// The bridge, until a worker thread runs it ([`RedisEngine::run_listener_here`]).
+    unstarted_bridge: Mutex<Option<(AddressReceiver<Bridge>, Bridge)>>,
     jobs: RedisJobs,
     presence: RedisPresence,
     handler: Arc<dyn BrokerEventHandler>,
     /// Pattern snapshot look-ups allowed to run at once (`channels.max_concurrent_pattern_scans`).
     pattern_scans: tokio::sync::Semaphore,
 }
+
+/// The bridge's mailbox bound for senders that wait (`do_send`, which every sender here uses, does not).
+const BRIDGE_MAILBOX: usize = 16;
 
 /// How often Redis is asked for a PING while the pub/sub link is down. One probe per replica, whatever the
 /// number of `/ready` requests: a balancer (or a stranger) polling it costs Redis nothing.
@@ -91,7 +97,11 @@ impl RedisEngine {
         let store = Arc::new(RedisStore::connect(&config.redis).await?);
         let client = pubsub::PubSubClient::new(&config.redis)?;
         let link = Arc::new(Link::default());
-        let bridge = Bridge::new(BridgeParts {
+        // The bridge gets its address now and runs later, on the first worker thread (see
+        // `run_listener_here`); what is sent to it meanwhile waits in its mailbox.
+        let (sender, receiver) = channel::channel(BRIDGE_MAILBOX);
+        let bridge = Addr::new(sender);
+        let unstarted = Bridge::new(BridgeParts {
             config: config.clone(),
             stats: stats.clone(),
             store: store.clone(),
@@ -100,8 +110,7 @@ impl RedisEngine {
             client,
             routes,
             instance_id: instance_id.to_string(),
-        })
-        .start();
+        });
         let pattern_scans =
             tokio::sync::Semaphore::new(config.channels.max_concurrent_pattern_scans);
         let cluster = config.redis.is_cluster();
@@ -111,6 +120,7 @@ impl RedisEngine {
             store,
             link,
             bridge,
+            unstarted_bridge: Mutex::new(Some((receiver, unstarted))),
             jobs: RedisJobs::new(instance_id),
             presence: RedisPresence::new(cluster),
             handler,
@@ -118,6 +128,22 @@ impl RedisEngine {
         });
         actix::spawn(probe_while_unlinked(Arc::downgrade(&shared)));
         Ok(RedisEngine { shared })
+    }
+
+    /// Starts the pubsub-bridge actor on the calling thread, if it is not running yet. Called by every worker
+    /// thread as it starts, so the bridge runs on the first one: a message from Redis then reaches that
+    /// worker's subscribers without a hop to another thread (with one worker, the usual deployment of one
+    /// replica per core, none at all), as a single-threaded relay would deliver it.
+    pub fn run_listener_here(&self) {
+        let unstarted = self
+            .shared
+            .unstarted_bridge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((receiver, bridge)) = unstarted {
+            Context::with_receiver(receiver).run(bridge);
+        }
     }
 
     /// The link's state and, while it is down, whether Redis still answers commands.
