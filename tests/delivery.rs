@@ -295,6 +295,16 @@ async fn record_without_publishing(redis: &RedisServer, channel: &str, data: Val
         .expect("the publish script runs");
 }
 
+/// Deletes a channel's numbering, epoch, history and latest value, as a Redis restarted without persistence
+/// would have lost them.
+fn lose_channel_keys(redis: &RedisServer, channel: &str) {
+    for kind in ["seq", "epoch", "snap", "cache"] {
+        redis
+            .cmd(&["DEL", &format!("relayhub:{kind}:{channel}")])
+            .unwrap();
+    }
+}
+
 /// A private Redis, one hub on it, and a client subscribed to `channel` that was given `n` messages: the
 /// subscription's `subscribed` answer comes back too.
 async fn subscribed_through_redis(channel: &str, n: u64) -> (RedisServer, TestHub, Ws, Value) {
@@ -325,6 +335,39 @@ async fn a_sequence_that_starts_over_under_a_new_epoch_is_delivered() {
     let mut ws = hub.connect().await;
     let again = subscribe(&mut ws, channel, None).await;
     assert_ne!(again["epoch"], ack["epoch"], "{again}");
+}
+
+#[actix_web::test]
+async fn a_catch_up_of_a_numbering_that_started_over_and_lost_its_start_counts_the_loss() {
+    let channel = "feed:restart";
+    let (redis, hub, mut ws, _) = subscribed_through_redis(channel, 5).await;
+    // The channel's keys are lost and its numbering starts over with five messages the hub's pub/sub
+    // connection never delivers; history keeps only the newest three of them.
+    lose_channel_keys(&redis, channel);
+    for i in 1..=5 {
+        record_without_publishing(&redis, channel, json!({ "again": i })).await;
+    }
+    redis
+        .cmd(&["LTRIM", &format!("relayhub:snap:{channel}"), "0", "2"])
+        .unwrap();
+    nothing_else(&mut ws).await;
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    for i in 3..=5 {
+        let frame = ws.recv().await;
+        assert_eq!(
+            (&frame["type"], &frame["seq"], &frame["data"]),
+            (&json!("message"), &json!(i), &json!({ "again": i })),
+            "{frame}"
+        );
+    }
+    nothing_else(&mut ws).await;
+    // What history held of the new numbering was given; its lost start (1 and 2) is counted once.
+    let stats = hub.stats().await;
+    assert_eq!(
+        (&stats["messages_replayed"], &stats["gaps_unfilled"]),
+        (&json!(2), &json!(1)),
+        "{stats}"
+    );
 }
 
 #[actix_web::test]
@@ -655,11 +698,7 @@ async fn a_pattern_catch_up_gives_a_numbering_that_started_over_during_the_outag
     // The channel's keys are lost (a Redis restarted without persistence) and its numbering starts over
     // under a new epoch with three messages B's pub/sub connection never delivers: it is killed, and only
     // the catch-up once it is back can bring them.
-    for kind in ["seq", "epoch", "snap", "cache"] {
-        redis
-            .cmd(&["DEL", &format!("relayhub:{kind}:{channel}")])
-            .unwrap();
-    }
+    lose_channel_keys(&redis, channel);
     for i in 1..=3 {
         record_without_publishing(&redis, channel, json!({ "again": i })).await;
     }

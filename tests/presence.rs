@@ -18,18 +18,25 @@ use common::{RedisServer, TestHub, Ws, eventually, get_json, wait_ready};
 
 const SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
 
-fn token(sub: &str, info: Value) -> String {
+/// A token for `sub` with these extra claims, valid for an hour.
+fn signed(sub: &str, mut claims: Value) -> String {
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
+    claims["sub"] = json!(sub);
+    claims["exp"] = json!(exp);
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "info": info}),
+        &claims,
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("sign a test token")
+}
+
+fn token(sub: &str, info: Value) -> String {
+    signed(sub, json!({ "info": info }))
 }
 
 fn presence_config(redis: Option<&RedisServer>, extra: &str) -> String {
@@ -248,17 +255,7 @@ async fn private_channels_need_the_read_rules_for_presence() {
 }
 
 fn common_token_with_channels(sub: &str, channels: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "channels": channels}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign a test token")
+    signed(sub, json!({ "channels": channels }))
 }
 
 #[actix_web::test]
@@ -326,6 +323,17 @@ async fn memory_mode_caps_presence_answers_and_announces_joins() {
     assert_eq!(stats["presence_truncated"], 2, "{stats}");
     assert_eq!(stats["presence_joins"], 5, "{stats}");
     assert_eq!(stats["presence_leaves"], 1, "{stats}");
+    // Who is here changes by the second: no cache may keep either answer.
+    for path in ["presence", "presence/stats"] {
+        let url = hub.http(&format!("/api/channels/room:m/{path}"));
+        let reply = common::request("GET", &url, &[], None).await;
+        let cache = reply.headers.iter().find(|(k, _)| k == "cache-control");
+        assert_eq!(
+            (reply.status, cache.map(|(_, v)| v.as_str())),
+            (200, Some("no-store")),
+            "{path}"
+        );
+    }
 }
 
 async fn job_subscribers(hub: &TestHub) -> Option<(String, u64, Option<String>)> {

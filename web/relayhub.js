@@ -4,11 +4,11 @@
 // no dependencies and no build step.
 //
 // Layout of this file:
-//   constants and functions    defaults, channel-name check, URL derivation, backoff
+//   constants and functions    defaults, channel-name check, URL derivation, backoff, advance (the position rule)
 //   class RelayHub             public API (subscribe, publish, on, close, connect, status, latency)
 //     connection               _open, _onOpen, _onFrame, _onSubscribed, _onClose, _scheduleReconnect
 //     outgoing                 _enqueue, _resubscribeAndFlush, _send
-//     delivery                 _deliver, _admit (the position rule)
+//     delivery                 _deliver, _admit, _admitPattern
 //     heartbeat                _tick, _sendPing, _onPong
 //     token                    _openWithToken, _sendAuth, _scheduleRefresh, _refreshToken
 //     SSE fallback             _startSse, _openSse, _onSseEvent, _closeSse
@@ -51,6 +51,34 @@ const MAX_PATTERN_POSITIONS = 256;
 const PASS = 1;
 const DROP = 0;
 const RESTART = 2;
+
+/** A value's `ts`, when it has one. */
+function tsOf(meta) {
+  return typeof meta.ts === "string" ? meta.ts : null;
+}
+
+/**
+ * The position rule on one channel's position `pos` (`{seq, ts}`, moved in place) for a value with a seq: at
+ * or below the position it was delivered already (a replay overlapping the REST fallback, a resent copy) and
+ * is dropped (DROP); above it, it is delivered and the position moves to it (PASS). A snapshot is the
+ * starting value of a fresh position (it comes right after the position was set), so it passes and only
+ * moves the position forward. As on the hub, a value at or below the position that is younger (`ts`) than
+ * the newest one given is no copy: the channel's numbering started over (Redis lost its data), so it passes
+ * (RESTART) and the position starts again from it.
+ */
+function advance(pos, meta) {
+  const seq = meta.seq;
+  const ts = tsOf(meta);
+  if (seq <= pos.seq && !meta.snapshot) {
+    if (ts === null || pos.ts == null || ts <= pos.ts) return DROP;
+    pos.seq = seq;
+    pos.ts = ts;
+    return RESTART;
+  }
+  pos.seq = Math.max(pos.seq, seq);
+  if (ts !== null && (pos.ts == null || ts > pos.ts)) pos.ts = ts;
+  return PASS;
+}
 
 /** What a channel name may look like (the server rejects anything else with `invalid_channel`). */
 const CHANNEL_RE = /^[A-Za-z0-9_.:@#-]{1,200}$/;
@@ -1022,58 +1050,39 @@ export class RelayHub {
   }
 
   /**
-   * The position rule for a pattern, per concrete channel: as {@link _admit}, on the channel's entry in the
+   * The position rule for a pattern, per concrete channel (see {@link advance}), on the channel's entry in the
    * pattern's `positions` (created on its first value, while fewer than MAX_PATTERN_POSITIONS are kept; past
-   * that the channel's values pass unchecked). As on the hub, a value at or below the position that is younger
-   * (`ts`) than the newest one given is the start of a numbering that started over, not a copy.
+   * that the channel's values pass unchecked).
    */
   _admitPattern(p, channel, meta) {
     if (typeof meta.seq !== "number") return true;
     const at = p.positions.get(channel);
-    const ts = typeof meta.ts === "string" ? meta.ts : null;
     if (at === undefined) {
       if (p.positions.size < MAX_PATTERN_POSITIONS) {
-        p.positions.set(channel, { epoch: null, seq: meta.seq, ts, replayUntil: 0 });
+        p.positions.set(channel, { epoch: null, seq: meta.seq, ts: tsOf(meta), replayUntil: 0 });
       }
       return true;
     }
-    if (meta.seq <= at.seq && !meta.snapshot) {
-      if (ts === null || at.ts == null || ts <= at.ts) return false;
-      at.seq = meta.seq;
-      at.ts = ts;
-      return true;
-    }
-    at.seq = Math.max(at.seq, meta.seq);
-    if (ts !== null && (at.ts == null || ts > at.ts)) at.ts = ts;
-    return true;
+    return advance(at, meta) !== DROP;
   }
 
   /**
-   * The position rule: a message with a seq at or below the channel's position was delivered already (a
-   * replay overlapping the REST fallback, a resent copy) and is dropped (DROP); above it, it is delivered and
-   * the position moves to it (PASS). Values without seq always pass and leave the position where it is. A
-   * snapshot is the starting value of a fresh position (it comes right after the position was set), so it
-   * passes and only moves the position forward. As on the hub, a value at or below the position that is
-   * younger (`ts`) than the newest one given is no copy: the channel's numbering started over (Redis lost its
-   * data), so it passes (RESTART) and the position starts again from it, with no epoch to resume from.
+   * The position rule for an exact channel (see {@link advance}). Values without seq always pass and leave the
+   * position where it is. The first value with one starts the position. A numbering that started over
+   * (RESTART) leaves no epoch to resume from until the hub names one.
    */
   _admit(sub, meta) {
-    const seq = meta.seq;
-    if (typeof seq !== "number") return PASS;
-    const ts = typeof meta.ts === "string" ? meta.ts : null;
+    if (typeof meta.seq !== "number") return PASS;
     if (sub.pos === null) {
-      sub.pos = { epoch: null, seq, ts };
+      sub.pos = { epoch: null, seq: meta.seq, ts: tsOf(meta) };
       return PASS;
     }
-    if (seq <= sub.pos.seq && !meta.snapshot) {
-      if (ts === null || sub.pos.ts == null || ts <= sub.pos.ts) return DROP;
-      sub.pos = { epoch: null, seq, ts };
+    const admitted = advance(sub.pos, meta);
+    if (admitted === RESTART) {
+      sub.pos.epoch = null;
       sub.replayUntil = 0;
-      return RESTART;
     }
-    sub.pos.seq = Math.max(sub.pos.seq, seq);
-    if (ts !== null && (sub.pos.ts == null || ts > sub.pos.ts)) sub.pos.ts = ts;
-    return PASS;
+    return admitted;
   }
 
   // --- heartbeat ---------------------------------------------------------------------------------------------

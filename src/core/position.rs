@@ -123,32 +123,57 @@ pub enum Step {
 /// message, the history entries between the position and it (oldest first, as `(seq, item)`), then the held
 /// message itself, everything through [`admit`]. With nothing held (a catch-up after an outage), every history
 /// entry above the position. Each message goes to `give` with what became of it.
+///
+/// `from_start`: the channel's numbering started over (a new epoch) and `position` is 0 of the new one, so
+/// seq 1 is next and a first message above it leaves a hole (`Unfilled`) rather than starting the position.
 pub fn fill<'a, T>(
     position: &mut u64,
     history_oldest_first: &'a [(u64, T)],
     held: &'a [(Option<u64>, T)],
+    from_start: bool,
     mut give: impl FnMut(&'a T, Step),
 ) {
     let mut next = 0;
     for (seq, item) in held {
         if let Some(seq) = seq {
-            next = replay_below(position, history_oldest_first, next, *seq, &mut give);
+            next = replay_below(
+                position,
+                history_oldest_first,
+                (next, *seq),
+                from_start,
+                &mut give,
+            );
         }
-        match admit(position, *seq) {
+        match admit_from(position, *seq, from_start) {
             Verdict::Drop => give(item, Step::Dropped),
             Verdict::Deliver => give(item, Step::Delivered),
             Verdict::Gap { .. } => give(item, Step::Unfilled),
         }
     }
-    replay_below(position, history_oldest_first, next, u64::MAX, &mut give);
+    replay_below(
+        position,
+        history_oldest_first,
+        (next, u64::MAX),
+        from_start,
+        &mut give,
+    );
+}
+
+/// [`admit`], where `from_start` makes position 0 a real one (see [`leaves_hole`]).
+fn admit_from(position: &mut u64, seq: Option<u64>, from_start: bool) -> Verdict {
+    if from_start && *position == 0 && leaves_hole(0, seq, true) {
+        admit(position, seq);
+        return Verdict::Gap { after: 0 };
+    }
+    admit(position, seq)
 }
 
 /// Gives the history entries from index `next` numbered below `below`; returns the index of the first one left.
 fn replay_below<'a, T>(
     position: &mut u64,
     history_oldest_first: &'a [(u64, T)],
-    mut next: usize,
-    below: u64,
+    (mut next, below): (usize, u64),
+    from_start: bool,
     give: &mut impl FnMut(&'a T, Step),
 ) -> usize {
     while let Some((seq, item)) = history_oldest_first.get(next) {
@@ -156,7 +181,7 @@ fn replay_below<'a, T>(
             break;
         }
         next += 1;
-        match admit(position, Some(*seq)) {
+        match admit_from(position, Some(*seq), from_start) {
             Verdict::Drop => {}
             Verdict::Deliver => give(item, Step::Replayed),
             Verdict::Gap { .. } => give(item, Step::Unfilled),
@@ -539,14 +564,48 @@ mod tests {
     }
 
     fn run_fill(start: u64, history: &[u64], held: &[Option<u64>]) -> (Vec<(u64, Step)>, u64) {
+        run_fill_from(start, history, held, false)
+    }
+
+    fn run_fill_from(
+        start: u64,
+        history: &[u64],
+        held: &[Option<u64>],
+        from_start: bool,
+    ) -> (Vec<(u64, Step)>, u64) {
         let history: Vec<(u64, u64)> = history.iter().map(|s| (*s, *s)).collect();
         let held: Vec<(Option<u64>, u64)> = held.iter().map(|s| (*s, s.unwrap_or(0))).collect();
         let mut position = start;
         let mut given = Vec::new();
-        fill(&mut position, &history, &held, |item, step| {
+        fill(&mut position, &history, &held, from_start, |item, step| {
             given.push((*item, step))
         });
         (given, position)
+    }
+
+    #[test]
+    fn a_numbering_that_started_over_is_given_from_seq_1_or_its_lost_start_is_unfilled() {
+        use Step::*;
+        // History kept the new numbering from its start: all of it, replayed.
+        assert_eq!(
+            run_fill_from(0, &[1, 2, 3], &[], true),
+            (vec![(1, Replayed), (2, Replayed), (3, Replayed)], 3)
+        );
+        // History lost 1 and 2: the first one given is past a hole.
+        assert_eq!(
+            run_fill_from(0, &[3, 4], &[Some(5)], true),
+            (vec![(3, Unfilled), (4, Replayed), (5, Delivered)], 5)
+        );
+        // Nothing in history, a held message past the start: unfilled too.
+        assert_eq!(
+            run_fill_from(0, &[], &[Some(4)], true),
+            (vec![(4, Unfilled)], 4)
+        );
+        // Without a restart, position 0 is "nothing seen yet": no hole to count.
+        assert_eq!(
+            run_fill_from(0, &[3, 4], &[], false),
+            (vec![(3, Replayed), (4, Replayed)], 4)
+        );
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct Window {
 }
 
 impl Window {
+    /// The history oldest first, the order replays and fills give it in.
+    pub fn oldest_first(&self) -> Vec<Arc<Publication>> {
+        self.history.iter().rev().cloned().collect()
+    }
+
     /// The messages after `since`, oldest first, when the history still holds every one of them.
     pub fn replay_after(
         &self,

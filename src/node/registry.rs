@@ -19,7 +19,7 @@ use crate::core::position::{
 };
 use crate::core::protocol::{self, RequestId, Target, channel_owner, close};
 use crate::core::publication::Publication;
-use crate::engine::{Engine, Window};
+use crate::engine::{Engine, EngineError, Window};
 use crate::metrics::Metrics;
 use crate::node::fanout::{Fanout, RegistryInbox};
 use crate::node::messages::{
@@ -444,7 +444,7 @@ impl Registry {
                     if held.len() == HOLD_MAX {
                         // The read is slow: what is held goes out as it is, holding starts over.
                         let held = std::mem::take(held);
-                        delivered += Self::fill(stats, &mut slow, entry, &[], &held);
+                        delivered += Self::fill(stats, &mut slow, entry, (&[], false), &held);
                     }
                     entry.held.get_or_insert_default().push(publication.clone());
                 }
@@ -626,17 +626,10 @@ impl Registry {
             self.release_pattern_hold(&channel, &[], ctx);
             return;
         };
-        let engine = self.engine.clone();
-        let read = async move {
-            let window = engine.window(&channel, policy).await;
-            (channel, window)
-        };
-        ctx.spawn(
-            read.into_actor(self)
-                .map(move |(channel, window), act, ctx| match window {
+        self.spawn_window_read(channel, policy, ctx, |channel, window, act, ctx| {
+            match window {
                     Ok(window) => {
-                        let history: Vec<Arc<Publication>> =
-                            window.history.iter().rev().cloned().collect();
+                        let history = window.oldest_first();
                         let Some(hold) = act.pattern_holds.get_mut(&channel) else {
                             return;
                         };
@@ -658,7 +651,28 @@ impl Registry {
                         );
                         act.release_pattern_hold(&channel, &[], ctx);
                     }
-                }),
+            }
+        });
+    }
+
+    /// Reads a channel's window (its epoch, newest seq and history) off the actor, then hands it to `then` on
+    /// the actor: the registry goes on with its other work while the engine answers.
+    fn spawn_window_read(
+        &mut self,
+        channel: Arc<str>,
+        policy: ChannelPolicy,
+        ctx: &mut Context<Self>,
+        then: impl FnOnce(Arc<str>, Result<Window, EngineError>, &mut Self, &mut Context<Self>)
+        + 'static,
+    ) {
+        let engine = self.engine.clone();
+        let read = async move {
+            let window = engine.window(&channel, policy).await;
+            (channel, window)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(channel, window), act, ctx| then(channel, window, act, ctx)),
         );
     }
 
@@ -801,8 +815,7 @@ impl Registry {
                         continue;
                     }
                 };
-                let history: Vec<Arc<Publication>> =
-                    window.history.iter().rev().cloned().collect();
+                let history = window.oldest_first();
                 // A session whose messages of the channel are held for a gap read gets the catch-up too: the
                 // rule admits only what is above its position, so the held ones follow in order or drop.
                 act.fill_patterns(&channel, &ids, &history, &[], ctx);
@@ -818,47 +831,35 @@ impl Registry {
             return;
         };
         let (epoch, policy, link_downs) = (entry.epoch, entry.policy, self.link_downs);
-        let engine = self.engine.clone();
-        let read = async move {
-            let window = engine.window(&channel, policy).await;
-            (channel, window)
-        };
-        ctx.spawn(
-            read.into_actor(self)
-                .map(move |(channel, window), act, ctx| {
-                    let Some(entry) = act.channels.get_mut(&channel) else {
-                        return;
-                    };
-                    if entry.epoch != epoch {
-                        return;
+        self.spawn_window_read(channel, policy, ctx, move |channel, window, act, ctx| {
+            let Some(entry) = act.channels.get_mut(&channel) else {
+                return;
+            };
+            if entry.epoch != epoch {
+                return;
+            }
+            let mut held = entry.held.take().unwrap_or_default();
+            match window {
+                Ok(window) => {
+                    let later =
+                        held.split_off(position::settled(held.iter().map(|p| p.seq), window.seq));
+                    act.apply_window(&channel, &window, &held, link_downs);
+                    if !later.is_empty()
+                        && let Some(entry) = act.channels.get_mut(&channel)
+                    {
+                        // Younger than the read: they wait, in order, for one more.
+                        entry.held = Some(later);
+                        act.read_history(channel, ctx);
                     }
-                    let mut held = entry.held.take().unwrap_or_default();
-                    match window {
-                        Ok(window) => {
-                            let later = held.split_off(position::settled(
-                                held.iter().map(|p| p.seq),
-                                window.seq,
-                            ));
-                            act.apply_window(&channel, &window, &held, link_downs);
-                            if !later.is_empty()
-                                && let Some(entry) = act.channels.get_mut(&channel)
-                            {
-                                // Younger than the read: they wait, in order, for one more.
-                                entry.held = Some(later);
-                                act.read_history(channel, ctx);
-                            }
-                        }
-                        Err(e) => {
-                            log::warn!(
-                                "reading the history of `{channel}` to fill a gap failed: {e}"
-                            );
-                            let mut slow = std::mem::take(&mut act.slow);
-                            let delivered = Self::fill(&act.stats, &mut slow, entry, &[], &held);
-                            act.delivered(&channel, delivered, slow);
-                        }
-                    }
-                }),
-        );
+                }
+                Err(e) => {
+                    log::warn!("reading the history of `{channel}` to fill a gap failed: {e}");
+                    let mut slow = std::mem::take(&mut act.slow);
+                    let delivered = Self::fill(&act.stats, &mut slow, entry, (&[], false), &held);
+                    act.delivered(&channel, delivered, slow);
+                }
+            }
+        });
     }
 
     /// A channel's history as read after a gap, a pub/sub outage or both: each active subscriber gets what it
@@ -875,7 +876,8 @@ impl Registry {
             return;
         };
         let known = entry.history_epoch.replace(window.epoch.clone());
-        if known.is_some_and(|known| known != window.epoch) {
+        let restarted = known.is_some_and(|known| known != window.epoch);
+        if restarted {
             for subscriber in entry.active.values_mut() {
                 subscriber.seq = 0;
             }
@@ -883,9 +885,9 @@ impl Registry {
         if link_downs == self.link_downs {
             entry.epoch_stale = false;
         }
-        let history: Vec<Arc<Publication>> = window.history.iter().rev().cloned().collect();
+        let history = window.oldest_first();
         let mut slow = std::mem::take(&mut self.slow);
-        let delivered = Self::fill(&self.stats, &mut slow, entry, &history, held);
+        let delivered = Self::fill(&self.stats, &mut slow, entry, (&history, restarted), held);
         self.delivered(channel, delivered, slow);
     }
 
@@ -900,12 +902,14 @@ impl Registry {
     }
 
     /// The ordering rule's fill for every active subscriber of a channel: history entries (oldest first)
-    /// where each subscriber is missing them, merged with the held messages. Returns the frames given.
+    /// where each subscriber is missing them, merged with the held messages. `restarted`: the history is of a
+    /// numbering that started over (a new epoch), whose start, when history lost it, counts as unfilled.
+    /// Returns the frames given.
     fn fill(
         stats: &Stats,
         slow: &mut Vec<SessionId>,
         entry: &mut ChannelEntry,
-        history_oldest_first: &[Arc<Publication>],
+        (history_oldest_first, restarted): (&[Arc<Publication>], bool),
         held: &[Arc<Publication>],
     ) -> u64 {
         let history: Vec<(u64, &Arc<Publication>)> = history_oldest_first
@@ -918,9 +922,13 @@ impl Registry {
         for (id, subscriber) in entry.active.iter_mut() {
             let to = (*id, &subscriber.outbox, mode);
             Self::deliver_replay(stats, slow, to, &mut tally, |give| {
-                position::fill(&mut subscriber.seq, &history, &held, |message, step| {
-                    give(message, step.into())
-                })
+                position::fill(
+                    &mut subscriber.seq,
+                    &history,
+                    &held,
+                    restarted,
+                    |message, step| give(message, step.into()),
+                )
             });
         }
         tally.count(stats);
@@ -1465,7 +1473,7 @@ impl Registry {
         &mut self,
         prefix: Arc<str>,
         (waiting, read): (PatternWaiting, u64),
-        windows: Vec<Result<Window, crate::engine::EngineError>>,
+        windows: Vec<Result<Window, EngineError>>,
         ctx: &mut Context<Self>,
     ) {
         let Some(entry) = self.patterns.get_mut(&prefix) else {
@@ -1650,41 +1658,44 @@ impl Registry {
         }
         self.epochs
             .insert(channel.clone(), EpochLookup::Reading(vec![id]));
-        let (engine, link_downs, channel) = (self.engine.clone(), self.link_downs, channel.clone());
-        let read = async move {
-            let window = engine.window(&channel, policy).await;
-            (channel, window)
-        };
-        ctx.spawn(read.into_actor(self).map(move |(channel, window), act, ctx| {
-            let Some(EpochLookup::Reading(waiting)) = act.epochs.remove(&channel) else {
-                return;
-            };
-            let epoch = match window {
-                Ok(window) if !window.epoch.is_empty() => window.epoch,
-                Ok(_) => return,
-                Err(e) => {
-                    log::warn!("reading the epoch of `{channel}` for pattern subscribers failed: {e}");
+        let link_downs = self.link_downs;
+        self.spawn_window_read(
+            channel.clone(),
+            policy,
+            ctx,
+            move |channel, window, act, ctx| {
+                let Some(EpochLookup::Reading(waiting)) = act.epochs.remove(&channel) else {
+                    return;
+                };
+                let epoch = match window {
+                    Ok(window) if !window.epoch.is_empty() => window.epoch,
+                    Ok(_) => return,
+                    Err(e) => {
+                        log::warn!(
+                            "reading the epoch of `{channel}` for pattern subscribers failed: {e}"
+                        );
+                        return;
+                    }
+                };
+                if link_downs != act.link_downs {
+                    // The link dropped meanwhile: the epoch read may predate a restart; read it again.
+                    for id in waiting {
+                        act.announce_epoch(&channel, id, false, ctx);
+                    }
                     return;
                 }
-            };
-            if link_downs != act.link_downs {
-                // The link dropped meanwhile: the epoch read may predate a restart; read it again.
+                let frame = crate::transport::frame::text(&protocol::epoch_frame(&channel, &epoch));
+                let mode = act
+                    .pattern_policy(&channel)
+                    .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
                 for id in waiting {
-                    act.announce_epoch(&channel, id, false, ctx);
+                    if let Some(session) = act.sessions.get(&id) {
+                        Self::owe(&act.stats, &session.outbox, mode, None, frame.clone());
+                    }
                 }
-                return;
-            }
-            let frame = crate::transport::frame::text(&protocol::epoch_frame(&channel, &epoch));
-            let mode = act
-                .pattern_policy(&channel)
-                .map_or(SlowConsumer::Disconnect, |p| p.slow_consumer);
-            for id in waiting {
-                if let Some(session) = act.sessions.get(&id) {
-                    Self::owe(&act.stats, &session.outbox, mode, None, frame.clone());
-                }
-            }
-            act.epochs.insert(channel, EpochLookup::Known(epoch));
-        }));
+                act.epochs.insert(channel, EpochLookup::Known(epoch));
+            },
+        );
     }
 
     /// Sends the latest values of channels matching a pattern (bounded by configuration) to new subscribers:
