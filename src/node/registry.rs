@@ -626,33 +626,33 @@ impl Registry {
             self.release_pattern_hold(&channel, &[], ctx);
             return;
         };
-        self.spawn_window_read(channel, policy, ctx, |channel, window, act, ctx| {
-            match window {
-                    Ok(window) => {
-                        let history = window.oldest_first();
-                        let Some(hold) = act.pattern_holds.get_mut(&channel) else {
-                            return;
-                        };
-                        let settled =
-                            position::settled(hold.held.iter().map(|p| p.seq), window.seq);
-                        let later = hold.held.split_off(settled);
-                        if later.is_empty() {
-                            act.release_pattern_hold(&channel, &history, ctx);
-                            return;
-                        }
-                        let now = std::mem::replace(&mut hold.held, later);
-                        let ids: Vec<SessionId> = hold.sessions.iter().copied().collect();
-                        act.fill_patterns(&channel, &ids, &history, &now, ctx);
-                        act.read_pattern_history(channel, ctx);
+        self.spawn_window_read(
+            channel,
+            policy,
+            ctx,
+            |channel, window, act, ctx| match window {
+                Ok(window) => {
+                    let history = window.oldest_first();
+                    let Some(hold) = act.pattern_holds.get_mut(&channel) else {
+                        return;
+                    };
+                    let settled = position::settled(hold.held.iter().map(|p| p.seq), window.seq);
+                    let later = hold.held.split_off(settled);
+                    if later.is_empty() {
+                        act.release_pattern_hold(&channel, &history, ctx);
+                        return;
                     }
-                    Err(e) => {
-                        log::warn!(
-                            "reading the history of `{channel}` to fill a pattern subscriber's gap failed: {e}"
-                        );
-                        act.release_pattern_hold(&channel, &[], ctx);
-                    }
-            }
-        });
+                    let now = std::mem::replace(&mut hold.held, later);
+                    let ids: Vec<SessionId> = hold.sessions.iter().copied().collect();
+                    act.fill_patterns(&channel, &ids, &history, &now, ctx);
+                    act.read_pattern_history(channel, ctx);
+                }
+                Err(e) => {
+                    log::warn!("reading the history of `{channel}` for a pattern gap failed: {e}");
+                    act.release_pattern_hold(&channel, &[], ctx);
+                }
+            },
+        );
     }
 
     /// Reads a channel's window (its epoch, newest seq and history) off the actor, then hands it to `then` on
