@@ -734,6 +734,58 @@ async fn the_queue_is_bounded_in_bytes_as_well_as_frames() {
 }
 
 #[actix_web::test]
+async fn a_conflating_reader_past_its_bound_still_gets_every_subscribe_answer() {
+    let _turn = MEMORY.lock().await;
+    const CHANNELS: usize = 100;
+    let hub = TestHub::start(
+        "[websocket]\nmailbox_size = 32\nmax_queued_bytes = 65536\nwrite_timeout = \"60s\"\n[namespaces.quotes]\nslow_consumer = \"conflate\"\n",
+    )
+    .await;
+    // Every channel holds a 100 KB value: the snapshots alone are 10 MB, far past any socket buffer and the
+    // queue's bound.
+    let names: Vec<String> = (0..CHANNELS).map(|c| format!("quotes:a{c}")).collect();
+    let pad = "v".repeat(100_000);
+    for name in &names {
+        let data = json!({"pad": pad}).to_string();
+        hub.hub().publish(name, &data).await.unwrap();
+    }
+    // All subscribes arrive at once, before the client reads anything.
+    let subscribes: Vec<u8> = names
+        .iter()
+        .enumerate()
+        .flat_map(|(id, name)| {
+            let frame = json!({"op": "subscribe", "channel": name, "id": id});
+            client_frame(true, TEXT, frame.to_string().as_bytes(), true)
+        })
+        .collect();
+    let mut reader = connect_tiny_window(hub.addr, &subscribes).await;
+    let stats = stats_until(&hub, Duration::from_secs(5), |s| {
+        s["subscriptions"] == CHANNELS as u64
+    })
+    .await;
+    assert_eq!(stats["subscriptions"], CHANNELS as u64, "{stats}");
+    assert_eq!(stats["slow_consumer_disconnects"], 0, "{stats}");
+    // It reads: one answer per subscribe (ids in order), and each channel's value.
+    let (mut answered, mut values) = (Vec::new(), std::collections::HashSet::new());
+    while answered.len() < CHANNELS || values.len() < CHANNELS {
+        let frame = reader.recv_json().await;
+        match frame["type"].as_str() {
+            Some("subscribed") => answered.push(frame["id"].as_u64().expect("an id")),
+            Some("snapshot") | Some("message") => {
+                values.insert(frame["channel"].as_str().unwrap().to_string());
+            }
+            _ => panic!("unexpected frame: {frame}"),
+        }
+    }
+    // Answers follow the order the channels' reads finish in, not the order of the requests.
+    answered.sort_unstable();
+    assert_eq!(answered, (0..CHANNELS as u64).collect::<Vec<_>>());
+    let stats = hub.stats().await;
+    assert_eq!(stats["slow_consumer_disconnects"], 0, "{stats}");
+    assert!(stats["replies_refused"].as_u64() > Some(0), "{stats}");
+}
+
+#[actix_web::test]
 async fn a_conflating_reader_that_stops_reading_is_kept_bounded_and_gets_the_newest_values() {
     let _turn = MEMORY.lock().await;
     const CHANNELS: usize = 20;

@@ -354,10 +354,7 @@ impl Registry {
         Stats::add(&stats.replies_refused, 1);
         let kept = match (mode, channel) {
             (SlowConsumer::Disconnect, _) => false,
-            (SlowConsumer::Conflate, None) => {
-                outbox.push_or_close(frame);
-                true
-            }
+            (SlowConsumer::Conflate, None) => outbox.push_owed(frame).is_ok(),
             (SlowConsumer::Conflate, Some(channel)) => outbox.push_latest(channel, frame).is_ok(),
         };
         if !kept {

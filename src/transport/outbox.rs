@@ -15,7 +15,8 @@
 //! bound, each channel keeps only its newest pending frame in a slot beside the queue, replaced by every newer
 //! one, and the writer takes the slots behind the queued frames. There is at most one slot per channel and
 //! at most [`Outbox::with_slots`] of them (the connection's subscription bound), so what such a connection
-//! holds is bounded by its subscriptions, however much is published.
+//! holds is bounded by its subscriptions, however much is published. What it owes its client (answers, pings)
+//! is never conflated: past the bound it is still queued, in order, within a second, equal bound.
 //!
 //! Below the bound there is a high-water mark at half of it: past that the transport stops reading the
 //! client's requests until the queue drains, so a client that pipelines requests and reads its answers is
@@ -85,10 +86,6 @@ pub enum Pushed {
     /// In its channel's slot, in place of an older frame that will never be sent.
     Replaced,
 }
-
-/// The slot of frames the connection owes itself (a heartbeat ping) while it is conflated: no channel is
-/// named with the empty string.
-const OWN_SLOT: &str = "";
 
 /// The queue is full: the client has stopped reading.
 #[derive(Debug, PartialEq, Eq)]
@@ -175,11 +172,16 @@ impl Outbox {
     /// Queues an encoded frame. Frames offered after a close are dropped without error (the connection is on
     /// its way out and its registry hears of it separately).
     pub fn push(&self, frame: Bytes) -> Result<(), Full> {
+        self.push_if(frame, Queue::fits)
+    }
+
+    /// Queues `frame` when `fits` lets it in (dropped without error after a close).
+    fn push_if(&self, frame: Bytes, fits: impl Fn(&Queue, &Bytes) -> bool) -> Result<(), Full> {
         let mut queue = self.lock();
         if queue.closing {
             return Ok(());
         }
-        if !queue.fits(&frame) {
+        if !fits(&queue, &frame) {
             return Err(Full);
         }
         self.enqueue(&mut queue, frame);
@@ -218,27 +220,32 @@ impl Outbox {
     }
 
     /// Queues a frame the connection itself owes the client (an answer, a pong, a heartbeat ping); a full
-    /// queue closes the connection as a slow consumer, unless the connection is being conflated: then the
-    /// frame waits in a slot of its own (newest wins). While the queue is past its high-water mark the
-    /// connection reads no requests, so what lands there is the heartbeat's ping.
+    /// queue closes the connection as a slow consumer, unless the connection is being conflated (a channel
+    /// waits in a slot): then the frame is queued past the bound, as [`Outbox::push_owed`] does.
     pub fn push_or_close(&self, frame: Bytes) {
         let mut queue = self.lock();
         if queue.closing {
             return;
         }
-        if queue.fits(&frame) {
+        if queue.fits(&frame) || (!queue.latest.is_empty() && queue.fits_owed(&frame)) {
             self.enqueue(&mut queue, frame);
-            return;
-        }
-        if !queue.latest.is_empty() {
-            queue.latest_bytes += frame.len();
-            if let Some(old) = queue.latest.insert(Arc::from(OWN_SLOT), frame) {
-                queue.latest_bytes -= old.len();
-            }
             return;
         }
         drop(queue);
         self.close_slow_consumer();
+    }
+
+    /// Queues a frame owed to a client of a conflating namespace (a subscribe answer, an `epoch` frame) that
+    /// found the queue at its bound. Answers are never conflated: each one is queued, in order (so a channel's
+    /// answer still comes before its snapshot, which may wait in a slot), past the bound by at most the
+    /// number of slots in frames and once more the byte bound in bytes. They are few: past the high-water mark
+    /// the connection reads no requests. Beyond that, `Full` (the caller closes the connection). None on a
+    /// raw connection.
+    pub fn push_owed(&self, frame: Bytes) -> Result<(), Full> {
+        if self.1.raw {
+            return Ok(());
+        }
+        self.push_if(frame, Queue::fits_owed)
     }
 
     /// Queues a text frame built from `json` (a protocol reply), as [`Outbox::push_or_close`]; none on a raw
@@ -372,6 +379,13 @@ impl Queue {
         self.frames.len() < self.limit
             && (self.bytes == 0 || self.bytes + frame.len() <= self.max_bytes)
     }
+
+    /// Whether an owed frame may join the queue past its bound ([`Outbox::push_owed`]): at most `max_slots`
+    /// frames and `max_bytes` bytes beyond it.
+    fn fits_owed(&self, frame: &Bytes) -> bool {
+        self.frames.len() < self.limit + self.max_slots
+            && self.bytes + frame.len() <= 2 * self.max_bytes
+    }
 }
 
 /// The close reason sent to a client whose queue overflowed.
@@ -463,15 +477,36 @@ mod tests {
     }
 
     #[test]
-    fn a_conflated_connection_keeps_its_heartbeat_instead_of_closing() {
-        let outbox = Outbox::new(1, 1 << 20);
+    fn a_conflated_connection_queues_what_it_owes_in_order_within_a_second_bound() {
+        let outbox = Outbox::new(2, 1 << 20).with_slots(2);
         let a: Arc<str> = "a".into();
-        outbox.push_latest(&a, Bytes::from_static(b"a1")).unwrap();
-        outbox.push_latest(&a, Bytes::from_static(b"a2")).unwrap();
-        outbox.push_or_close(frame::ping());
-        outbox.push_or_close(frame::ping());
+        let f = |s: &'static str| Bytes::from_static(s.as_bytes());
+        outbox.push_latest(&a, f("a1")).unwrap();
+        outbox.push_latest(&a, f("a2")).unwrap();
+        assert_eq!(outbox.push_latest(&a, f("a3")), Ok(Pushed::Pending));
+        // Past the bound: answers are queued, in order, and never replace one another.
+        assert_eq!(outbox.push_owed(f("ack1")), Ok(()));
+        outbox.push_or_close(f("pong"));
         assert!(!outbox.is_closing());
-        // Not conflated: a full queue still closes.
+        // The second bound (two more frames): the next one is refused, and an own frame closes.
+        assert_eq!(outbox.push_owed(f("ack2")), Err(Full));
+        assert!(!outbox.is_closing());
+        let waker: Waker = Arc::new(CountingWaker(AtomicUsize::new(0))).into();
+        let mut taken = VecDeque::new();
+        outbox.take(&mut taken, &waker);
+        assert_eq!(
+            taken.into_iter().collect::<Vec<_>>(),
+            [f("a1"), f("a2"), f("ack1"), f("pong"), f("a3")],
+            "answers after what was queued before them, the slot behind"
+        );
+        outbox.push_latest(&a, f("a4")).unwrap();
+        outbox.push_latest(&a, f("a5")).unwrap();
+        outbox.push_latest(&a, f("a6")).unwrap();
+        outbox.push_or_close(f("ping"));
+        outbox.push_or_close(f("ping"));
+        outbox.push_or_close(f("ping"));
+        assert!(outbox.is_closing(), "past the second bound");
+        // Not conflated: a full queue closes at once.
         let plain = Outbox::new(1, 1 << 20);
         plain.push_or_close(frame::ping());
         plain.push_or_close(frame::ping());
