@@ -109,6 +109,13 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+port_free() { # port_free PORT: fails, naming it, when something already listens there
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        echo "bench.sh: port $1 is already in use (another benchmark or test?); choose others with PORT=" >&2
+        exit 1
+    fi
+}
+
 wait_port() { # wait_port PORT: until something listens (10 s)
     local i
     for i in $(seq 1 200); do
@@ -122,6 +129,7 @@ wait_port() { # wait_port PORT: until something listens (10 s)
 # start_redis PORT: a private, non-persistent redis-server
 start_redis() {
     command -v redis-server >/dev/null || { echo "bench.sh: redis-server is not installed" >&2; exit 1; }
+    port_free "$1"
     (exec redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no --daemonize no) \
         >"$OUT/redis-$1.log" 2>&1 &
     pids+=($!)
@@ -133,6 +141,7 @@ start_cluster() {
     command -v redis-cli >/dev/null || { echo "bench.sh: redis-cli is not installed" >&2; exit 1; }
     local port nodes=()
     for port in "$@"; do
+        port_free "$port"
         mkdir -p "$OUT/cluster-$port"
         (cd "$OUT/cluster-$port" && rm -f nodes.conf && exec redis-server --port "$port" --cluster-port "$((port + 10))" \
             --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf --save "" --appendonly no) \
@@ -177,6 +186,7 @@ required = $required
 [demo]
 enabled = false
 EOF
+    port_free "$port"
     # exec: $! is then the hub itself (taskset execs it too), so --server-pid and kill reach the right process.
     # The config file says everything: the script's own PORT (and any HOST/REDIS_URL a caller exported) would
     # override it, since the hub honours those variables.
@@ -185,6 +195,11 @@ EOF
     HUB_PID=$!
     pids+=("$HUB_PID")
     wait_port "$port"
+    if ! kill -0 "$HUB_PID" 2>/dev/null; then
+        echo "bench.sh: the hub exited at start; its log ($OUT/hub-$name.log):" >&2
+        cat "$OUT/hub-$name.log" >&2
+        exit 1
+    fi
 }
 
 # run_bench LABEL SERVER_PID FLAGS...: runs the bench pinned; keeps its JSON line in $OUT/<scenario>.jsonl
@@ -208,6 +223,7 @@ run_bench() {
 start_reference() {
     local port="$1"
     shift
+    port_free "$port"
     # exec, as for the hub: $! is the reference relay itself.
     (RUST_LOG="${HUB_LOG:-warn}" exec "${PIN_HUB[@]}" "$BENCH_BIN" --serve-reference "127.0.0.1:$port" "$@") \
         >"$OUT/reference.log" 2>&1 &

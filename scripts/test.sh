@@ -56,8 +56,18 @@ step "cargo build" cargo build --workspace --bins
 step "cargo test" cargo test --workspace --no-fail-fast
 step "client types" bash scripts/test-types.sh
 step "browser tests" env RELAYHUB_BIN="$target_dir/debug/relayhub" bash scripts/test-browser.sh
+# The smoke run's hub gets a port nothing listens on (bench.sh's default, 18080, may be taken, for example by
+# another run of these tests).
+free_port() {
+    local port
+    for _ in $(seq 1 50); do
+        port=$((20000 + RANDOM % 10000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return 0; }
+    done
+    echo 18080
+}
 step "load generator smoke run" env RELAYHUB_BIN="$target_dir/debug/relayhub" \
-    BENCH_BIN="$target_dir/debug/relayhub-bench" bash scripts/bench.sh smoke
+    BENCH_BIN="$target_dir/debug/relayhub-bench" PORT="$(free_port)" bash scripts/bench.sh smoke
 
 # Totals over every runner: cargo's "test result:" lines and node's "# pass / # fail".
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
